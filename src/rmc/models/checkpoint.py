@@ -1,0 +1,69 @@
+"""Model checkpoints: weights as safetensors plus a JSON of metadata beside them (never pickle)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rmc.errors import RMCError
+from rmc.io import load_tensors, read_json, save_tensors, sha256_file, write_json
+from rmc.models.registry import build_model
+
+
+@dataclass
+class ModelInfo:
+    """What is needed to rebuild a model, and where it came from."""
+    arch: str                      # "small_cnn", "resnet18" or "pkg.mod:factory"
+    num_classes: int
+    input_shape: tuple[int, int, int]   # C, H, W
+    mean: list[float] | None = None     # normalisation inside built-in models
+    std: list[float] | None = None
+    dataset: str = ""
+    adversarial: bool = False
+    test_accuracy: float | None = None
+    seed: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""               # hash of the weights file; filled in on save
+
+
+def meta_path(weights: str | Path) -> Path:
+    return Path(weights).with_suffix(".json")
+
+
+def save_checkpoint(model: nn.Module, info: ModelInfo, weights: str | Path) -> ModelInfo:
+    """Write `<weights>` (.safetensors) and `<weights minus suffix>.json`; return the info with its hash."""
+    weights = Path(weights)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_tensors(weights, state)
+    info.sha256 = sha256_file(weights)
+    write_json(meta_path(weights), asdict(info))
+    return info
+
+
+def load_checkpoint(weights: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelInfo]:
+    """Rebuild the model described by the JSON beside `weights` and load the weights (strictly)."""
+    weights = Path(weights)
+    if not weights.exists():
+        raise RMCError(f"model weights not found: {weights}; train one with `rmc train`")
+    meta = read_json(meta_path(weights), "model metadata")
+    try:
+        meta["input_shape"] = tuple(meta["input_shape"])
+        info = ModelInfo(**meta)
+    except (TypeError, KeyError) as e:
+        raise RMCError(f"model metadata {meta_path(weights)} is malformed ({e}); re-create it with `rmc train`") from None
+    actual = sha256_file(weights)
+    if info.sha256 and info.sha256 != actual:
+        raise RMCError(f"{weights} does not match its metadata (hash differs); the pair was mixed up or edited")
+    info.sha256 = actual
+    model = build_model(info.arch, info.num_classes, info.input_shape[0], info.mean, info.std)
+    state = load_tensors(weights, "model weights")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise RMCError(f"weights {weights} do not fit architecture {info.arch!r}: {first}") from None
+    return model.to(device).eval(), info

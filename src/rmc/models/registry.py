@@ -1,0 +1,43 @@
+"""Build models by name: the built-in architectures or a user factory given as `package.module:factory`."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Sequence
+
+from torch import nn
+
+from rmc.errors import RMCError
+from rmc.models.resnet import ResNet18
+from rmc.models.small_cnn import SmallCNN
+
+BUILTIN = {"small_cnn": SmallCNN, "resnet18": ResNet18}
+
+
+def build_model(arch: str, num_classes: int, in_channels: int,
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Module:
+    """A fresh model taking images in [0, 1] and returning logits.
+
+    A user factory `pkg.mod:fn` is called as `fn(num_classes=..., in_channels=...)`; it must put its own
+    normalisation inside the model.
+    """
+    if arch in BUILTIN:
+        kwargs = {}
+        if mean is not None:
+            kwargs = {"mean": tuple(mean), "std": tuple(std)}
+        return BUILTIN[arch](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if ":" not in arch:
+        raise RMCError(f"unknown architecture {arch!r}; use one of {sorted(BUILTIN)} or 'package.module:factory'")
+    module_name, _, fn_name = arch.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RMCError(f"cannot import module {module_name!r} for architecture {arch!r} ({e}); "
+                       "check it is installed or on PYTHONPATH") from None
+    factory = getattr(module, fn_name, None)
+    if not callable(factory):
+        raise RMCError(f"{module_name!r} has no callable {fn_name!r}; name a function returning an nn.Module")
+    model = factory(num_classes=num_classes, in_channels=in_channels)
+    if not isinstance(model, nn.Module):
+        raise RMCError(f"factory {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
