@@ -1,0 +1,54 @@
+"""The `rmc` command: a thin layer over the library. Each sub-command lives in rmc/commands/<name>.py and
+defines `add_arguments(parser)` and `main(args) -> int`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from rmc.errors import RMCError
+
+# sub-command -> one-line help
+COMMANDS = {
+    "run": "the main job: train -> augment -> features -> attack -> evaluate -> visualize into a run directory",
+    "train": "train a model (standard or PGD adversarial training); writes safetensors + JSON metadata",
+    "attack": "write evaluation sets (clean, FGSM, PGD) made against a static model",
+    "augment": "build the augmented dataset D' (clean + PGD copies), resumable",
+    "features": "hidden features of D' and evaluation sets from one layer of the static model",
+    "layers": "list the layer names a model offers for feature extraction",
+    "evaluate": "run RMC and the baselines over evaluation sets and print the table",
+    "visualize": "PNG grid of test inputs beside their nearest neighbours in D'",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmc", description="Runtime Masking and Cleansing, evaluated honestly.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text in COMMANDS.items():
+        try:
+            module = importlib.import_module(f"rmc.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"rmc.commands.{name}":
+                raise
+            continue   # command not built yet
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._main(args) or 0)
+    except RMCError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished work is saved; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
