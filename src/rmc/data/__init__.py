@@ -40,7 +40,7 @@ def load_dataset(name: str | DatasetName, split: str = "train", root: str | Path
         return load_cifar10(split, root)
     if name is DatasetName.IMAGEFOLDER:
         from rmc.data.imagefolder import load_imagefolder
-        return load_imagefolder(split, root, image_size or 224)
+        return load_imagefolder(split, root, 224 if image_size is None else image_size)
     from rmc.data.digits import load_digits
     return load_digits(split)
 

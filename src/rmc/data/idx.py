@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ def read_idx(path: Path, expect_dims: int) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise RMCError(f"cannot read {path} ({e}); the file is corrupt: download it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPE or raw[3] != expect_dims:
         raise RMCError(f"{path} is not an IDX file with {expect_dims} dimension(s) of uint8 "
