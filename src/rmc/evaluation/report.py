@@ -1,0 +1,87 @@
+"""The original's table: rows = defenses, columns = clean and each attack (accuracy / targeted success rate),
+with N and a 95% confidence interval; written as JSON (one metadata file per result) and Markdown."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rmc.evaluation.stats import Rate
+
+ROW_LABELS = {"undefended": "None", "deepnn": "DeepNN", "webnn": "WebNN", "rmc": "RMC"}
+
+
+def row_label(base: str, defense: str) -> str:
+    if base == "standard":
+        return ROW_LABELS.get(defense, defense)
+    prefix = "Adv. trained" if base == "adversarial" else base
+    return prefix if defense == "undefended" else f"{prefix} + {ROW_LABELS.get(defense, defense)}"
+
+
+@dataclass
+class Cell:
+    accuracy: Rate
+    success: Rate | None = None     # targeted attacks: fraction predicted as the attacker's target
+
+    def text(self) -> str:
+        return str(self.accuracy) if self.success is None else f"{self.accuracy} / {100 * self.success.value:.1f}"
+
+    def to_dict(self) -> dict:
+        d = {"accuracy": self.accuracy.to_dict()}
+        if self.success is not None:
+            d["attack_success"] = self.success.to_dict()
+        return d
+
+
+def cell_from_records(records: list[dict]) -> Cell:
+    acc = Rate(sum(r["pred"] == r["label"] for r in records), len(records))
+    if records and "target" in records[0]:
+        return Cell(acc, Rate(sum(r["pred"] == r["target"] for r in records), len(records)))
+    return Cell(acc)
+
+
+@dataclass
+class Table:
+    columns: list[str]                                       # evaluation set names
+    column_notes: dict[str, str] = field(default_factory=dict)   # e.g. "transfer", "defense-aware"
+    rows: dict[str, dict[str, Cell]] = field(default_factory=dict)
+
+    @classmethod
+    def from_results(cls, results: dict, notes: dict[str, str] | None = None) -> "Table":
+        columns: list[str] = []
+        rows: dict[str, dict[str, Cell]] = {}
+        for base, sets in results.items():
+            for set_name, defenses in sets.items():
+                if set_name not in columns:
+                    columns.append(set_name)
+                for defense, records in defenses.items():
+                    rows.setdefault(row_label(base, defense), {})[set_name] = cell_from_records(records)
+        return cls(columns, notes or {}, rows)
+
+    def header(self) -> list[str]:
+        return ["defense"] + [f"{c} ({self.column_notes[c]})" if c in self.column_notes else c for c in self.columns]
+
+    def cells(self) -> list[list[str]]:
+        return [[label] + [r[c].text() if c in r else "-" for c in self.columns] for label, r in self.rows.items()]
+
+    def n_line(self) -> str:
+        ns = sorted({cell.accuracy.n for r in self.rows.values() for cell in r.values()})
+        return "N per column: " + ", ".join(str(n) for n in ns)
+
+    def markdown(self) -> str:
+        head = self.header()
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.cells()]
+        legend = ("Accuracy % [95% Wilson CI]; targeted columns: accuracy / attack success rate %. "
+                  + self.n_line() + ".")
+        return "\n".join(lines) + "\n\n" + legend + "\n"
+
+    def plain(self) -> str:
+        grid = [self.header()] + self.cells()
+        widths = [max(len(r[i]) for r in grid) for i in range(len(grid[0]))]
+        fmt = lambda r: "  ".join(s.ljust(w) for s, w in zip(r, widths))  # noqa: E731
+        lines = [fmt(grid[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in grid[1:]]
+        return "\n".join(lines) + "\n" + self.n_line() + "; accuracy % [95% CI]; targeted: accuracy / success %\n"
+
+    def to_dict(self) -> dict:
+        return {"columns": self.columns, "column_notes": self.column_notes,
+                "rows": {label: {c: cell.to_dict() for c, cell in r.items()} for label, r in self.rows.items()}}

@@ -1,0 +1,134 @@
+"""Run the defenses over evaluation sets: undefended, DeepNN, WebNN and RMC, from one neighbour search.
+
+Each (base model, evaluation set) pair is a stream that starts from the static weights; online RMC carries its
+adapted weights along that stream. Results are written per example as they are produced (see records.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from rmc.core import RMC, Bank, Mode, RMCConfig
+from rmc.errors import RMCError
+from rmc.evaluation.records import RecordStream
+from rmc.io import write_json
+from rmc.knn import NeighbourIndex, vote
+from rmc.models import extract_features
+
+BASELINES = ("undefended", "deepnn", "webnn")
+
+
+@dataclass
+class BaseModel:
+    """A static model RMC is put in front of, with what identifies it."""
+    name: str                   # "standard" or "adversarial" (row labels in the report)
+    model: nn.Module
+    sha256: str
+    layer: str                  # feature layer of the neighbour search
+    features: np.ndarray        # D' features from that layer of this model (N x d, float32)
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def set_digest(eval_set) -> str:
+    return _digest(eval_set.images.numpy().tobytes(), eval_set.labels.numpy().tobytes(), eval_set.name)
+
+
+class NeighbourSearch:
+    """The two indexes of one base model: all of D' (RMC, WebNN) and its clean part (DeepNN)."""
+
+    def __init__(self, features: np.ndarray, bank: Bank):
+        self.all = NeighbourIndex(features)
+        clean = np.flatnonzero(bank.copy.numpy() == 0)
+        if len(clean) == 0:
+            raise RMCError("D' has no clean examples; DeepNN needs the clean training set in the store")
+        self.clean = NeighbourIndex(features[clean], ids=clean)
+
+
+def baseline_predictions(base: BaseModel, bank: Bank, search: NeighbourSearch, x: torch.Tensor,
+                         feats: np.ndarray, k: int, num_classes: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Predictions of the static model, DeepNN and WebNN, and the K nearest D' rows (reused by RMC)."""
+    with torch.no_grad():
+        static = base.model(x).argmax(1).numpy()
+    labels = bank.labels.numpy()
+    rows = search.all.search(feats, k)[1]
+    clean_rows = search.clean.search(feats, min(k, search.clean.size))[1]
+    return {"undefended": static, "webnn": vote(labels[rows], num_classes),
+            "deepnn": vote(labels[clean_rows], num_classes)}, rows
+
+
+def evaluate_set(base: BaseModel, bank: Bank, search: NeighbourSearch, eval_set, cfg: RMCConfig, out_dir: Path,
+                 num_classes: int, n: int | None = None, rmc: RMC | None = None, progress: bool = True) -> dict:
+    """All defenses on one evaluation set; returns {defense: list of per-example records}."""
+    x_all, y_all = eval_set.images[:n], eval_set.labels[:n]
+    t_all = eval_set.targets[:n] if eval_set.targets is not None else None
+    folder = out_dir / base.name / eval_set.name
+    feats = extract_features(base.model, base.layer, x_all).numpy()
+    preds, rows = baseline_predictions(base, bank, search, x_all, feats, cfg.k, num_classes)
+    fp = _digest(base.sha256, base.layer, asdict(cfg), set_digest(eval_set), len(bank), n)
+
+    def record(i, pred, **extra):
+        r = {"index": i, "label": int(y_all[i]), "pred": int(pred), **extra}
+        if t_all is not None:
+            r["target"] = int(t_all[i])
+        return r
+
+    out = {name: [record(i, p[i]) for i in range(len(x_all))] for name, p in preds.items()}
+    write_json(folder / "baselines.json", {"fingerprint": fp, **out})
+    if rmc is None:
+        return out
+
+    stream = RecordStream(folder, "rmc", fp)
+    rmc.reset()
+    if cfg.mode is Mode.ONLINE:
+        state = stream.load_state()
+        if state is not None:
+            rmc.load_state_dict(state)
+    stream.rewrite()
+    hits = sum(r["pred"] == r["label"] for r in stream.records)
+    bar = tqdm(total=len(x_all), initial=len(stream), desc=f"RMC {base.name}/{eval_set.name}", unit="input",
+               disable=not progress, dynamic_ncols=True)
+    for i in range(len(stream), len(x_all)):
+        t0 = time.perf_counter()
+        res = rmc.step(x_all[i:i + 1], feats[i:i + 1], key=(eval_set.name, i), rows=rows[i])
+        rec = record(i, res.prediction, adapt_epochs=res.adapt_epochs, calib_epochs=res.calib_epochs,
+                     seconds=round(time.perf_counter() - t0, 4))
+        stream.append(rec, rmc.state_dict() if cfg.mode is Mode.ONLINE else None)
+        hits += res.prediction == rec["label"]
+        bar.update(1)
+        bar.set_postfix(acc=f"{hits / len(stream):.3f}", epochs=res.adapt_epochs)
+    bar.close()
+    out["rmc"] = stream.records
+    return out
+
+
+def evaluate(bases: Sequence[BaseModel], bank: Bank, eval_sets: Sequence, cfg: RMCConfig, out_dir: str | Path,
+             num_classes: int, n: int | None = None, with_rmc: bool = True, progress: bool = True) -> dict:
+    """{base name: {set name: {defense: records}}} for every base model and evaluation set."""
+    out_dir = Path(out_dir)
+    results: dict = {}
+    for base in bases:
+        if len(base.features) != len(bank):
+            raise RMCError(f"{base.name}: {len(base.features)} feature rows but D' has {len(bank)} examples; "
+                           "the features belong to another store: re-run `rmc features`")
+        search = NeighbourSearch(base.features, bank)
+        rmc = RMC(base.model, bank, search.all, cfg, base.layer) if with_rmc else None
+        results[base.name] = {}
+        for s in eval_sets:
+            results[base.name][s.name] = evaluate_set(base, bank, search, s, cfg, out_dir, num_classes, n, rmc, progress)
+    return results

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from rmc.core import Bank
+from rmc.data import load_dataset
+from rmc.models import build_model, extract_features
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(digits):
+    """A small CNN trained for a few hundred steps on sklearn's 8x8 digits (about 1 s)."""
+    train, _ = digits
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 1)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    x, y = train.float_images(), train.labels
+    for step in range(150):
+        idx = torch.randint(0, len(x), (64,))
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_bank(digits, tiny_trained):
+    """D' for the digits: clean copy plus a noisy copy, with its block3 features."""
+    train, _ = digits
+    gen = torch.Generator().manual_seed(1)
+    noisy = (train.images.float() + torch.randint(-20, 21, train.images.shape, generator=gen)).clamp(0, 255).byte()
+    images = torch.cat([train.images, noisy])
+    bank = Bank(images, torch.cat([train.labels, train.labels]),
+                torch.cat([torch.zeros(len(train)), torch.ones(len(train))]).long(), ["clean", "noisy"])
+    feats = extract_features(tiny_trained, "block3", images).numpy()
+    return bank, feats

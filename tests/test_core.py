@@ -1,0 +1,154 @@
+"""The RMC core on problems small enough that the right answer is known."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rmc.core import RMC, Mode, RMCConfig, Scope, collect_params, configure_model, fine_tune, split_neighbours
+from rmc.errors import RMCError
+from rmc.knn import NeighbourIndex
+
+
+def test_split_takes_validation_from_the_closest_20_percent():
+    gen = torch.Generator().manual_seed(0)
+    train, val = split_neighbours(100, 0.2, 0.25, gen)
+    assert len(val) == 5 and len(train) == 95
+    assert val.max() < 20                                     # validation only among the 20 closest
+    assert sorted(torch.cat([train, val]).tolist()) == list(range(100))   # a partition
+    assert set(range(20, 100)) <= set(train.tolist())         # all farther neighbours train
+    other = split_neighbours(100, 0.2, 0.25, torch.Generator().manual_seed(1))[1]
+    draws = {tuple(split_neighbours(100, 0.2, 0.25, torch.Generator().manual_seed(s))[1].tolist()) for s in range(10)}
+    assert len(draws) > 1 and other.max() < 20               # random, yet always from the closest part
+
+
+class _Linear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def _fit(y_val_flip: bool, patience=3, max_epochs=30):
+    torch.manual_seed(0)
+    model = _Linear()
+    x = torch.randn(64, 2)
+    y = (x[:, 0] > 0).long()
+    yv = 1 - y[:16] if y_val_flip else y[:16]
+    cfg = RMCConfig(k=64, lr=0.05, batch_size=16, max_epochs=max_epochs, patience=patience)
+    return fine_tune(model, list(model.parameters()), x, y, x[:16], yv, cfg, torch.Generator().manual_seed(0))
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement():
+    # Validation labels are the opposite of the training labels: training makes validation loss rise from
+    # the first epoch on, so the best epoch is 1 and training stops after exactly 1 + patience epochs.
+    res = _fit(y_val_flip=True, patience=3)
+    assert res.epochs == 4 and res.stopped_early
+
+
+def test_no_early_stop_while_validation_improves():
+    res = _fit(y_val_flip=False, patience=3, max_epochs=12)
+    assert res.epochs == 12 and not res.stopped_early
+
+
+def _rmc(model, bank, feats, **kw):
+    cfg = RMCConfig(**{"k": 64, "lr": 1e-3, "max_epochs": 3, "patience": 2, "batch_size": 32, **kw})
+    return RMC(model, bank, NeighbourIndex(feats), cfg, "block3")
+
+
+def test_configure_model_freezes_batchnorm_statistics(tiny_trained):
+    model = configure_model(__import__("copy").deepcopy(tiny_trained), Scope.BN)
+    assert not model.training
+    bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][0]
+    before = bn.running_mean.clone()
+    model(torch.rand(8, 1, 8, 8))
+    assert torch.equal(before, bn.running_mean)
+    assert all(p.requires_grad == any(p is q for q in collect_params(model, "bn")) for p in model.parameters())
+
+
+def test_episodic_leaves_static_weights_untouched_online_drifts(tiny_trained, tiny_bank, digits):
+    bank, feats = tiny_bank
+    static = {k: v.clone() for k, v in tiny_trained.state_dict().items()}
+    test = digits[1]
+    x = test.float_images()[:3]
+    q = feats[:3] * 0 + __import__("rmc.models", fromlist=["x"]).extract_features(tiny_trained, "block3", x).numpy()
+
+    epi = _rmc(tiny_trained, bank, feats, mode=Mode.EPISODIC)
+    epi.step(x[:1], q[:1])
+    assert any(not torch.equal(v, static[k]) for k, v in epi.model.state_dict().items())   # it did adapt ...
+    epi.reset()
+    assert all(torch.equal(v, static[k]) for k, v in epi.model.state_dict().items())
+    a = [epi.step(x[i:i + 1], q[i:i + 1], key=i).logits for i in range(3)]
+    b = [_rmc(tiny_trained, bank, feats, mode=Mode.EPISODIC).step(x[i:i + 1], q[i:i + 1], key=i).logits for i in range(3)]
+    assert a == b                     # ... but every input starts from the static weights, whatever came before
+
+    onl = _rmc(tiny_trained, bank, feats, mode=Mode.ONLINE)
+    c = [onl.step(x[i:i + 1], q[i:i + 1], key=i).logits for i in range(3)]
+    assert c[0] != a[0] or c[1:] != a[1:]    # online carries weights (and calibrates): results differ
+    assert any(not torch.equal(v, static[k]) for k, v in onl.model.state_dict().items())
+    assert all(torch.equal(v, static[k]) for k, v in tiny_trained.state_dict().items())   # caller's model intact
+
+
+def test_same_seed_same_predictions_other_seed_differs(tiny_trained, tiny_bank, digits):
+    bank, feats = tiny_bank
+    x = digits[1].float_images()[:4]
+    from rmc.models import extract_features
+    q = extract_features(tiny_trained, "block3", x).numpy()
+    run = lambda seed: [_rmc(tiny_trained, bank, feats, seed=seed).step(x[i:i + 1], q[i:i + 1]).logits  # noqa: E731
+                        for i in range(1)] + [r.logits for r in _stream(tiny_trained, bank, feats, x, q, seed)]
+    assert run(0) == run(0)
+    assert run(0) != run(1)
+
+
+def _stream(model, bank, feats, x, q, seed):
+    r = _rmc(model, bank, feats, seed=seed)
+    return [r.step(x[i:i + 1], q[i:i + 1]) for i in range(len(x))]
+
+
+def test_state_save_restore_is_exact(tiny_trained, tiny_bank, digits):
+    bank, feats = tiny_bank
+    from rmc.models import extract_features
+    x = digits[1].float_images()[:3]
+    q = extract_features(tiny_trained, "block3", x).numpy()
+    r = _rmc(tiny_trained, bank, feats)
+    r.step(x[:1], q[:1], key=0)
+    saved = r.state_dict()
+    first = r.step(x[1:2], q[1:2], key=1).logits
+    r.load_state_dict(saved)
+    assert r.step(x[1:2], q[1:2], key=1).logits == first
+
+
+@pytest.mark.parametrize("bad", [{"k": 0}, {"lr": -1.0}, {"patience": 1.5}, {"mode": "sometimes"},
+                                 {"scope": "weights"}, {"closest_fraction": 1.2}, {"val_fraction": 0},
+                                 {"batch_size": "128"}])
+def test_bad_config_values_are_refused(bad):
+    with pytest.raises(RMCError) as e:
+        RMCConfig(**bad)
+    assert "\n" not in str(e.value)
+
+
+def test_k_larger_than_dprime_is_refused(tiny_trained, tiny_bank):
+    bank, feats = tiny_bank
+    with pytest.raises(RMCError, match="exceeds"):
+        _rmc(tiny_trained, bank, feats, k=len(bank) + 1)
+
+
+def test_rmc_recovers_from_a_corrupted_static_model(digits, tiny_bank, tiny_trained):
+    """Adaptation must matter: a static model whose last layer was scrambled predicts badly; RMC, fine-tuning on
+    correctly labelled neighbours, recovers most of the accuracy on test digits."""
+    import copy
+    from rmc.models import extract_features
+    bank, feats = tiny_bank
+    test = digits[1]
+    x, y = test.float_images()[:20], test.labels[:20]
+    q = extract_features(tiny_trained, "block3", x).numpy()
+    broken = copy.deepcopy(tiny_trained)
+    with torch.no_grad():
+        broken.fc.weight.copy_(broken.fc.weight[torch.randperm(10, generator=torch.Generator().manual_seed(0))])
+    static_acc = (broken(x).argmax(1) == y).float().mean().item()
+    r = _rmc(broken, bank, feats, mode=Mode.EPISODIC, scope=Scope.ALL, lr=1e-2, max_epochs=10, patience=3, k=128)
+    preds = torch.tensor([r.step(x[i:i + 1], q[i:i + 1], key=i).prediction for i in range(len(x))])
+    rmc_acc = (preds == y).float().mean().item()
+    assert static_acc < 0.5 and rmc_acc >= 0.8, (static_acc, rmc_acc)
