@@ -68,8 +68,8 @@ def baseline_predictions(base: BaseModel, bank: Bank, search: NeighbourSearch, x
     labels = bank.labels.numpy()
     rows = search.all.search(feats, k)[1]
     clean_rows = search.clean.search(feats, min(k, search.clean.size))[1]
-    return {"undefended": static, "webnn": vote(labels[rows], num_classes),
-            "deepnn": vote(labels[clean_rows], num_classes)}, rows
+    return {"undefended": static, "deepnn": vote(labels[clean_rows], num_classes),
+            "webnn": vote(labels[rows], num_classes)}, rows
 
 
 def evaluate_set(base: BaseModel, bank: Bank, search: NeighbourSearch, eval_set, cfg: RMCConfig, out_dir: Path,

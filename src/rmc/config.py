@@ -1,0 +1,228 @@
+"""The configuration of `rmc run`: one YAML file, every hyperparameter defined once (in the dataclasses below
+and in those of training, store and core), each with a comment saying what it does.
+
+`rmc run --print-config` writes the defaults as YAML with those comments, read from the source itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rmc.core import RMCConfig
+from rmc.errors import RMCError
+from rmc.store import AugmentConfig
+from rmc.training import TrainConfig
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"   # fashion-mnist (embedded default) | mnist | cifar10 | imagefolder | digits
+    data_dir: str | None = None      # directory holding the data set; None: fashion-mnist's Debian package path
+    image_size: int | None = None    # imagefolder only: resize + centre-crop to this size
+
+
+@dataclass
+class ModelConfig:
+    layer: str | None = None         # hidden layer for the neighbour search; None: the architecture's default
+    adversarial_base: bool = False   # also train a PGD adversarially trained base model; evaluate it alone and + RMC
+
+
+@dataclass
+class AttackConfig:
+    n: int = 100                     # test inputs per evaluation set (the same inputs in every column)
+    fgsm_eps: list[float] = field(default_factory=list)   # FGSM sets, one per eps
+    pgd: list[list[float]] = field(default_factory=lambda: [[10, 0.1], [10, 0.2]])   # PGD sets: [steps, eps] pairs
+    pgd_step_size: float | None = None   # PGD step size; None: 2.5 * eps / steps (Madry et al.)
+    targeted: bool = True            # also a targeted copy of each PGD set (random wrong class, fixed by the seed)
+    seed: int = 0                    # picks the test inputs, random starts and targets
+
+
+@dataclass
+class VisualizeConfig:
+    inputs: int = 6                  # test inputs shown per evaluation set
+    neighbours: int = 8              # nearest D' examples shown beside each input
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    rmc: RMCConfig = field(default_factory=RMCConfig)
+    visualize: VisualizeConfig = field(default_factory=VisualizeConfig)
+
+
+# `rmc run`'s defaults fit the embedded Fashion-MNIST into <= 15 minutes on 2 CPU cores. Each entry says which
+# of the original's values it reduces; `--preset paper` puts the original's values back.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {
+        "train.epochs": 4,
+        "augment.steps": [10, 30],          # original 10/30/100: PGD-100 over 60k images is too slow for 2 cores
+        "augment.train_subset": 20000,       # original: the whole training set (|D'| = 3 x 20k = 60k here)
+        "rmc.k": 512,                        # original 2048
+        "rmc.max_epochs": 4,                 # original 100 (early stopping usually ends sooner at lr 1e-5 ... )
+        "rmc.lr": 1e-4,                      # original 1e-5: with 4 epochs 1e-5 barely moves the weights
+        "rmc.calib_k": 256,                  # original: K
+    },
+    "paper": {
+        "augment.steps": [10, 30, 100],
+        "augment.train_subset": None,
+        "rmc.k": 2048,
+        "rmc.lr": 1e-5,
+        "rmc.batch_size": 128,
+        "rmc.max_epochs": 100,
+        "rmc.patience": 5,
+        "rmc.calib_k": None,
+        "attack.n": 1000,
+    },
+}
+
+
+def _comments(cls) -> dict[str, str]:
+    """`name -> comment` from the `name: type = default  # comment` lines of a dataclass's source."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^=]+=.*?#\s*(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def _coerce(value: Any, default: Any, hint: Any, where: str) -> Any:
+    """Accept YAML's spellings (1e-5 is a string in YAML 1.1) and reject wrong types with a clear line."""
+    if value is None:
+        return None
+    target = type(default) if default is not None else None
+    if target is None:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        target = typing.get_origin(args[0]) or args[0] if args else None
+    try:
+        if target is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if target in (int, float):
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value) if isinstance(value, str) else value
+            if target is int:
+                if not isinstance(number, int) and not float(number).is_integer():
+                    raise ValueError
+                return int(number)
+            return float(number)
+        if target in (list, tuple):
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            return list(value) if target is list else tuple(value)
+        if target is str or isinstance(default, str):
+            return str(getattr(value, "value", value))
+    except (TypeError, ValueError):
+        kind = getattr(target, "__name__", str(target))
+        raise RMCError(f"config {where} = {value!r} is not a valid {kind}") from None
+    return value
+
+
+def _build(cls, values: dict, where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise RMCError(f"unknown config key {where}.{unknown[0]}; known keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in values:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            if not isinstance(values[name], dict):
+                raise RMCError(f"config {where}.{name} must be a section (mapping), got {values[name]!r}")
+            kwargs[name] = _build(type(default), values[name], f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(values[name], default, hints[name], f"{where}.{name}")
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise RMCError(f"config key {dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value` (value in YAML syntax) from --set."""
+    if "=" not in text:
+        raise RMCError(f"--set {text!r}: write section.key=value, e.g. --set rmc.k=256")
+    key, _, raw = text.partition("=")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise RMCError(f"--set {text!r}: the value is not valid YAML") from None
+
+
+def load_config(path: str | Path | None = None, preset: str = "default",
+                overrides: list[tuple[str, Any]] | None = None) -> RunConfig:
+    """Defaults, then the preset, then the YAML file, then command-line overrides (later wins)."""
+    if preset not in PRESETS:
+        raise RMCError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    tree: dict = {}
+    for key, value in PRESETS[preset].items():
+        _set(tree, key, value)
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise RMCError(f"config file not found: {path}; `rmc run --print-config > {path.name}` writes one")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0]
+            raise RMCError(f"config {path} is not valid YAML ({first})") from None
+        if not isinstance(loaded, dict):
+            raise RMCError(f"config {path} must be a mapping of sections (data, train, rmc, ...)")
+        for section, values in loaded.items():
+            if not isinstance(values, dict):
+                raise RMCError(f"config {path}: section {section!r} must be a mapping")
+            for key, value in values.items():
+                _set(tree, f"{section}.{key}", value)
+    for key, value in overrides or []:
+        _set(tree, key, value)
+    return _build(RunConfig, tree, "config")
+
+
+def to_dict(cfg) -> dict:
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return getattr(v, "value", v)   # enums as their strings
+    return plain(cfg)
+
+
+def documented_yaml(cfg: RunConfig) -> str:
+    """The config as YAML, every key followed by the comment from its definition."""
+    lines = ["# rmc run configuration. Every key, its value and what it does. CLI: --set section.key=value"]
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        notes = _comments(type(section))
+        lines.append(f"\n{f.name}:")
+        for key, value in to_dict(section).items():
+            dumped = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"  {key}: {dumped}" + (f"   # {notes[key]}" if key in notes else ""))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,160 @@
+"""`rmc run`: train -> augment -> features -> attack -> evaluate -> visualize, into one run directory.
+
+Every stage reuses what an earlier (possibly interrupted) run with the same settings left behind, and refuses
+artifacts made with other settings, so re-running the same command resumes. Layout of a run directory:
+
+    config.yaml                      the resolved configuration
+    models/<base>.safetensors/.json  base models ("standard", and "adversarial" if enabled)
+    dprime/                          the augmented dataset D' (memory-mapped .npy + manifest.json)
+    features/<base>-dprime.npy/.json D' features from each base model's feature layer
+    evalsets/<base>/                 evaluation sets made against each base model (transfer attacks)
+    results/<base>/<set>/            per-example results (resumable)
+    results.json, results.md         the table and its metadata
+    neighbours.png                   test inputs beside their nearest neighbours in D'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from rmc.config import RunConfig, documented_yaml, to_dict
+from rmc.core import Bank
+from rmc.data import load_dataset
+from rmc.errors import RMCError
+from rmc.evalsets import AttackSpec, load_eval_sets, make_eval_sets, save_eval_sets
+from rmc.evaluation.report import Table
+from rmc.evaluation.runner import BaseModel, evaluate
+from rmc.featurestore import compute_features, load_features, make_provenance, save_features, store_source
+from rmc.io import read_json, write_json, write_text
+from rmc.models import default_layer, load_checkpoint, save_checkpoint
+from rmc.models.checkpoint import meta_path
+from rmc.store import build_augmented
+from rmc.training import train_model
+
+
+class StageTimer:
+    """Logs what each stage did and how long it took (kept in results.json)."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log, self.stages = log, []
+
+    def __call__(self, name: str, fn: Callable, *args, **kwargs):
+        self.log(f"[{name}] ...")
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        seconds = time.perf_counter() - t0
+        self.stages.append({"stage": name, "seconds": round(seconds, 1)})
+        self.log(f"[{name}] done in {seconds:.0f} s")
+        return out
+
+
+def ensure_model(path: Path, train, test, cfg, log):
+    """Load the base model at `path` if it was trained with `cfg`; else train and save it."""
+    want = to_dict(cfg)
+    if path.exists() and meta_path(path).exists():
+        meta = read_json(meta_path(path), "model metadata")
+        if meta.get("config") != want:
+            raise RMCError(f"{path} was trained with other settings; use a new --out or delete {path.parent}")
+        model, info = load_checkpoint(path, cfg.device)
+        log(f"  reusing {path} (test accuracy {info.test_accuracy:.4f})")
+        return model, info
+    model, info = train_model(train, test, cfg)
+    info.config = want
+    info = save_checkpoint(model, info, path)
+    log(f"  {path}: clean test accuracy {info.test_accuracy:.4f}")
+    return model, info
+
+
+def ensure_features(model, info, layer: str, store, path: Path):
+    source = store_source(store)
+    if path.exists():
+        try:
+            return load_features(path, info.sha256, layer, source)[0].numpy()
+        except RMCError:
+            pass   # made with another model / layer / store: recompute below (the file is replaced atomically)
+    feats = compute_features(model, info, layer, store.images, progress=True, desc=f"features {path.stem}")
+    save_features(path, feats, make_provenance(info, layer, source, feats))
+    return feats.numpy()
+
+
+def attack_specs(cfg) -> list[AttackSpec]:
+    specs = [AttackSpec("clean")] + [AttackSpec("fgsm", eps=float(e)) for e in cfg.fgsm_eps]
+    for pair in cfg.pgd:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise RMCError(f"attack.pgd entries are [steps, eps] pairs, got {pair!r}")
+        steps, eps = int(pair[0]), float(pair[1])
+        for targeted in (False, True) if cfg.targeted else (False,):
+            specs.append(AttackSpec("pgd", eps=eps, steps=steps, step_size=cfg.pgd_step_size, targeted=targeted))
+    return specs
+
+
+def ensure_eval_sets(model, info, test, cfg, folder: Path):
+    specs = attack_specs(cfg)
+    names = [s.resolved().name for s in specs]
+    if (folder / "index.json").exists():
+        sets = load_eval_sets(folder, model_sha256=info.sha256)
+        if [s.name for s in sets] == names and all(s.attack.get("n") == cfg.n and s.attack.get("seed") == cfg.seed
+                                                   for s in sets):
+            return sets
+        raise RMCError(f"{folder} holds other evaluation sets than this config asks for; use a new --out or delete it")
+    sets = make_eval_sets(model, info, test, cfg.n, specs, seed=cfg.seed)
+    save_eval_sets(folder, sets)
+    return sets
+
+
+def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = print,
+                 with_rmc: bool = True) -> Table:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "config.yaml"
+    if saved.exists() and yaml.safe_load(saved.read_text()) != to_dict(cfg):
+        raise RMCError(f"{out} holds a run with another configuration ({saved}); use a new --out to start a "
+                       "new run, or the same settings to resume it")
+    write_text(saved, documented_yaml(cfg))
+    timer = StageTimer(log)
+    t_start = time.perf_counter()
+    train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size)
+    test = load_dataset(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.image_size)
+    if cfg.data.dataset == "digits":
+        cfg.rmc.calib_flip = False   # a flipped digit is another (or no) digit
+
+    base_cfgs = {"standard": dataclasses.replace(cfg.train, adversarial=False)}
+    if cfg.model.adversarial_base:
+        base_cfgs["adversarial"] = dataclasses.replace(cfg.train, adversarial=True)
+    models = {name: timer(f"train {name}", ensure_model, out / "models" / f"{name}.safetensors", train, test, c, log)
+              for name, c in base_cfgs.items()}
+
+    std_model, std_info = models["standard"]
+    store = timer("augment", build_augmented, std_model, std_info, train, out / "dprime", cfg.augment)
+    log(f"  D' = {len(store)} images: {', '.join(store.copy_names)}")
+    bank = Bank(store.images, store.labels, store.copy, store.copy_names)
+
+    results, notes = {}, {}
+    for name, (model, info) in models.items():
+        layer = cfg.model.layer or default_layer(model)
+        feats = timer(f"features {name}", ensure_features, model, info, layer, store,
+                      out / "features" / f"{name}-dprime.npy")
+        sets = timer(f"attack {name}", ensure_eval_sets, model, info, test, cfg.attack, out / "evalsets" / name)
+        base = BaseModel(name, model, info.sha256, layer, feats)
+        res = timer(f"evaluate {name}", evaluate, [base], bank, sets, cfg.rmc, out / "results",
+                    info.num_classes, with_rmc=with_rmc)
+        results.update(res)
+        notes.update({s.name: "transfer" if s.attack["kind"] != "clean" else "clean" for s in sets})
+        if name == "standard":
+            from rmc.visualize import neighbour_grid
+            timer("visualize", neighbour_grid, base, bank, sets, out / "neighbours.png", cfg.visualize,
+                  class_names=train.classes)
+
+    table = Table.from_results(results, notes)
+    meta = {"config": to_dict(cfg), "models": {n: dataclasses.asdict(i) for n, (_, i) in models.items()},
+            "store": {"path": str(store.path), "fingerprint": store.fingerprint, "size": len(store),
+                      "copies": store.copy_names}, "stages": timer.stages,
+            "seconds_total": round(time.perf_counter() - t_start, 1), "table": table.to_dict()}
+    write_json(out / "results.json", meta)
+    write_text(out / "results.md", table.markdown())
+    return table
