@@ -6,6 +6,11 @@ from rmc.data import load_dataset
 from rmc.models import build_model, extract_features
 
 
+# One thread: the tests' tiny convolutions are dominated by threading overhead, and several test processes
+# may share the two cores.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     torch.manual_seed(0)

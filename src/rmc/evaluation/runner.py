@@ -21,6 +21,7 @@ from tqdm import tqdm
 from rmc.core import RMC, Bank, Mode, RMCConfig
 from rmc.errors import RMCError
 from rmc.evaluation.records import RecordStream
+from rmc.featurestore import evalset_source
 from rmc.io import write_json
 from rmc.knn import NeighbourIndex, vote
 from rmc.models import extract_features
@@ -43,10 +44,6 @@ def _digest(*parts) -> str:
     for p in parts:
         h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
-
-
-def set_digest(eval_set) -> str:
-    return _digest(eval_set.images.numpy().tobytes(), eval_set.labels.numpy().tobytes(), eval_set.name)
 
 
 class NeighbourSearch:
@@ -80,7 +77,7 @@ def evaluate_set(base: BaseModel, bank: Bank, search: NeighbourSearch, eval_set,
     folder = out_dir / base.name / eval_set.name
     feats = extract_features(base.model, base.layer, x_all).numpy()
     preds, rows = baseline_predictions(base, bank, search, x_all, feats, cfg.k, num_classes)
-    fp = _digest(base.sha256, base.layer, asdict(cfg), set_digest(eval_set), len(bank), n)
+    fp = _digest(base.sha256, base.layer, asdict(cfg), evalset_source(eval_set), len(bank), n)
 
     def record(i, pred, **extra):
         r = {"index": i, "label": int(y_all[i]), "pred": int(pred), **extra}

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import argparse
+import time
+
+from rmc.data import load_dataset
+from rmc.errors import RMCError
+from rmc.evalsets import parse_number
+from rmc.models import load_checkpoint
+from rmc.store import AugmentConfig, build_augmented
+from rmc.training import resolve_device
+
+_D = AugmentConfig()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="static model written by `rmc train` (.safetensors)")
+    p.add_argument("--dataset", help="data set (default: the one the model was trained on)")
+    p.add_argument("--data-dir", help="directory holding the data set (default: its standard location)")
+    p.add_argument("--out", required=True, help="store directory to write (built in <out>.partial, then renamed)")
+    p.add_argument("--steps", type=int, nargs="+", default=list(_D.steps), metavar="N",
+                   help="PGD steps of each adversarial copy, one copy per number (default: %(default)s)")
+    p.add_argument("--eps", default=str(_D.eps), help="L-inf radius, e.g. 0.1 or 16/255 (default: %(default)s)")
+    p.add_argument("--step-size", default=str(_D.step_size), help="PGD step, e.g. 0.01 (default: %(default)s)")
+    p.add_argument("--no-random-start", action="store_true", help="start PGD at the clean image")
+    p.add_argument("--seed", type=int, default=_D.seed, help="random starts and subset (default: %(default)s)")
+    p.add_argument("--chunk-size", type=int, default=_D.chunk_size,
+                   help="images per unit of work; resuming restarts at most one chunk (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=_D.batch_size, help="PGD batch size (default: %(default)s)")
+    p.add_argument("--train-subset", type=int, default=None, help="use this many seeded-random training images only")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(args) -> int:
+    config = AugmentConfig(steps=tuple(args.steps), eps=parse_number(args.eps, "--eps"),
+                           step_size=parse_number(args.step_size, "--step-size"),
+                           random_start=not args.no_random_start, seed=args.seed, chunk_size=args.chunk_size,
+                           batch_size=args.batch_size, train_subset=args.train_subset).validate()
+    model, info = load_checkpoint(args.model, resolve_device(args.device))
+    dataset = args.dataset or info.dataset
+    if not dataset:
+        raise RMCError(f"{args.model} does not record its data set; pass --dataset")
+    train = load_dataset(dataset, "train", args.data_dir)
+    started = time.perf_counter()
+    store = build_augmented(model, info, train, args.out, config, progress=not args.quiet)
+    seconds = time.perf_counter() - started
+    size = sum(f.stat().st_size for f in store.path.iterdir() if f.is_file())
+    counts = ", ".join(f"{k} {v}" for k, v in store.manifest["counts"].items())
+    print(f"D' of {len(store)} images ({counts}) in {store.path}: {size / 2**20:.1f} MiB, "
+          f"{seconds:.0f} s, fingerprint {store.fingerprint[:12]}")
+    return 0

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import argparse
+
+from rmc.config import VisualizeConfig
+from rmc.core import Bank
+from rmc.evalsets import load_eval_sets
+from rmc.evaluation.runner import BaseModel
+from rmc.featurestore import load_features, store_source
+from rmc.models import default_layer, load_checkpoint
+from rmc.store import open_store
+from rmc.visualize import neighbour_grid
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="static model (.safetensors)")
+    p.add_argument("--store", required=True, help="augmented dataset D'")
+    p.add_argument("--features", required=True, help="D' features of this model (`rmc features`)")
+    p.add_argument("--evalsets", required=True, help="evaluation sets (`rmc attack`)")
+    p.add_argument("--sets", nargs="+", help="sets to show (default: the first two, clean first)")
+    p.add_argument("--layer", help="feature layer (default: the model's)")
+    p.add_argument("--inputs", type=int, default=VisualizeConfig.inputs, help="inputs per set (default: %(default)s)")
+    p.add_argument("--neighbours", type=int, default=VisualizeConfig.neighbours,
+                   help="neighbours per input (default: %(default)s)")
+    p.add_argument("--out", default="neighbours.png", help="PNG to write (default: %(default)s)")
+
+
+def main(args) -> int:
+    from rmc.checks import check_positive
+    check_positive(args.inputs, "--inputs", integer=True)
+    check_positive(args.neighbours, "--neighbours", integer=True)
+    store = open_store(args.store)
+    model, info = load_checkpoint(args.model)
+    layer = args.layer or default_layer(model)
+    feats = load_features(args.features, info.sha256, layer, store_source(store))[0].numpy()
+    sets = load_eval_sets(args.evalsets, args.sets)
+    from rmc.data.idx import FASHION_CLASSES
+    names = FASHION_CLASSES if "fashion" in info.dataset else []
+    path = neighbour_grid(BaseModel("standard", model, info.sha256, layer, feats),
+                          Bank(store.images, store.labels, store.copy, store.copy_names), sets, args.out,
+                          VisualizeConfig(args.inputs, args.neighbours), class_names=names,
+                          max_sets=len(sets) if args.sets else 2)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,562 @@
+"""The augmented dataset D': the clean training set plus one untargeted L-inf PGD copy per configured step count,
+every copy labelled with the TRUE label (RMC step 1).
+
+On-disk layout of a finished store `<out>/`:
+
+    manifest.json      provenance (model hash, data hash, attack settings, seed, counts, content hashes)
+    images.npy         uint8  N x C x H x W, copy-major: rows [i*n, (i+1)*n) hold copy i (0 = clean)
+    labels.npy         int64  N   true labels
+    copy.npy           int16  N   0 = clean, i = i-th PGD copy
+    source_index.npy   int64  N   index of the example in the training set
+    progress.json      the chunks finished (all of them, in a finished store)
+
+It is built in `<out>.partial/` and renamed to `<out>` when the last chunk is written. The work is split into chunks
+(`chunk_size` images of one copy); each chunk's randomness comes from its own generator seeded by (seed, copy,
+chunk index), so chunks can run in any order, on any worker, and a killed build resumes to byte-identical output.
+
+Ray-style backends: `StoreWriter.prepare` (driver) -> `writer.pending()` -> `run_chunk` (anywhere; no file I/O) ->
+`writer.write_chunk` (driver) -> `writer.finalize()`. `build_augmented` is that loop run in-process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+import rmc
+from rmc.attacks.gradient import check_attack_settings, pgd
+from rmc.checks import check_positive
+from rmc.data.base import ImageDataset
+from rmc.errors import RMCError
+from rmc.io import atomic_path, read_json, sha256_file, write_json
+from rmc.models.checkpoint import ModelInfo
+
+FORMAT_VERSION = 1
+KIND = "rmc-augmented-dataset"
+STORAGE_DTYPE = "uint8"
+FILES = {"images": "images.npy", "labels": "labels.npy", "copy": "copy.npy", "source_index": "source_index.npy"}
+DTYPES = {"images": np.uint8, "labels": np.int64, "copy": np.int16, "source_index": np.int64}
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+# Keys of the manifest that do not describe the requested work (filled in when the store is finished).
+_NOT_SETTINGS = ("content", "rmc_version")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """How D' is made. Every field is recorded in the manifest; resuming requires the same values."""
+    steps: tuple[int, ...] = (10, 30, 100)   # PGD step count of each adversarial copy (the original: 10, 30, 100)
+    eps: float = 0.1                          # L-inf radius in [0, 1] pixel units (original, ImageNet: 16/255)
+    step_size: float = 0.01                   # PGD step size in [0, 1] pixel units (original: 0.01)
+    random_start: bool = True                 # uniform start in the eps-ball, as the original
+    seed: int = 0                             # seeds the random starts and the training subset
+    chunk_size: int = 2048                    # images of one copy per unit of work / resume granularity
+    batch_size: int = 512                     # PGD batch inside a chunk (changes the random stream, so recorded)
+    train_subset: int | None = None           # use only the first n of a seeded permutation of the training set
+
+    def __post_init__(self):
+        object.__setattr__(self, "steps", tuple(self.steps))
+
+    def validate(self) -> "AugmentConfig":
+        steps = tuple(self.steps)
+        if not steps:
+            raise RMCError("no PGD copies requested; give at least one step count (e.g. --steps 10 30 100)")
+        for s in steps:
+            check_positive(s, "PGD steps of each copy", integer=True)
+        check_attack_settings(self.eps, self.step_size, 1)
+        if _levels(self.eps) < 1:
+            raise RMCError(f"eps {self.eps:g} is below one 8-bit level (1/255): the perturbation cannot be stored "
+                           "in uint8 images; use eps >= 1/255")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise RMCError(f"seed must be an integer >= 0, got {self.seed!r}")
+        check_positive(self.chunk_size, "chunk size", integer=True)
+        check_positive(self.batch_size, "batch size", integer=True)
+        if self.train_subset is not None:
+            check_positive(self.train_subset, "train subset", integer=True)
+        return self
+
+    @property
+    def copy_names(self) -> list[str]:
+        return copy_names(self.steps)
+
+
+def copy_names(steps) -> list[str]:
+    """["clean", "pgd10", "pgd30", ...]; a step count used twice gets numbered names (pgd40_1, pgd40_2)."""
+    steps = list(steps)
+    names = ["clean"]
+    for i, s in enumerate(steps):
+        if steps.count(s) > 1:
+            names.append(f"pgd{s}_{steps[:i + 1].count(s)}")
+        else:
+            names.append(f"pgd{s}")
+    return names
+
+
+def _levels(eps: float) -> int:
+    # Largest whole number of 8-bit levels within eps; the epsilon guards 8/255 * 255 = 7.9999999.
+    return int(math.floor(eps * 255 + 1e-6))
+
+
+def quantize_within_eps(adv: torch.Tensor, clean: torch.Tensor, eps: float) -> torch.Tensor:
+    """Round adversarial images (float, [0, 1]) to the nearest 1/255 and re-project onto the eps-ball of the
+    clean uint8 images; returns uint8.
+
+    Why: D' is stored as 8-bit images, as the original stored PNGs (4x smaller than float32). Rounding alone can
+    move a pixel up to half a level past eps, so the result is clipped again to the whole levels inside eps:
+    every stored adversarial example is still a valid eps-bounded perturbation of its clean image.
+    """
+    r = _levels(eps)
+    c = clean.to(adv.device, torch.float32)
+    q = torch.round(adv.float() * 255)
+    q = torch.maximum(torch.minimum(q, c + r), c - r).clamp_(0, 255)
+    return q.to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """One unit of work: rows [row_start, row_start + stop - start) of the store, made from positions
+    [start, stop) of the (subset of the) training set, as copy `copy` with `steps` PGD steps (0 = clean)."""
+    index: int        # position in chunk_tasks(); what progress.json records
+    copy: int
+    chunk: int        # chunk number within its copy
+    start: int
+    stop: int
+    row_start: int
+    steps: int
+    seed: int         # seed of this chunk's own torch.Generator
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def chunk_seed(seed: int, copy: int, chunk: int) -> int:
+    """A 63-bit seed that depends only on (seed, copy, chunk): chunks are independent of order and of each other."""
+    digest = hashlib.sha256(f"rmc-augment:{seed}:{copy}:{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def chunk_tasks(n: int, config: AugmentConfig) -> list[ChunkTask]:
+    """All chunks of a store over `n` training examples, clean copy first."""
+    tasks = []
+    for copy, steps in enumerate((0, *config.steps)):
+        for chunk, start in enumerate(range(0, n, config.chunk_size)):
+            stop = min(start + config.chunk_size, n)
+            tasks.append(ChunkTask(len(tasks), copy, chunk, start, stop, copy * n + start, steps,
+                                   chunk_seed(config.seed, copy, chunk)))
+    return tasks
+
+
+def run_chunk(model: nn.Module, task: ChunkTask, images: torch.Tensor, labels: torch.Tensor,
+              config: AugmentConfig) -> torch.Tensor:
+    """The uint8 images of one chunk. `images` (uint8) and `labels` are the chunk's slice of the training set.
+
+    No file I/O and no shared state: a worker holding the static model can run it. The model is used in eval mode
+    (batch-norm running statistics untouched) and its parameters are not changed.
+    """
+    if len(images) != len(task) or len(labels) != len(task):
+        raise ValueError(f"chunk {task.index} needs {len(task)} images and labels, got {len(images)}/{len(labels)}")
+    if task.steps == 0:
+        return images.clone()
+    device = next(model.parameters()).device
+    x = images.to(device).float().div_(255)
+    y = labels.to(device)
+    # The generator lives on the CPU (pgd draws the random start there), so results do not depend on the device's RNG.
+    gen = torch.Generator().manual_seed(task.seed)
+    was_training = model.training
+    model.eval()
+    try:
+        adv = pgd(model, x, y, config.eps, config.step_size, task.steps, random_start=config.random_start,
+                  generator=gen, batch_size=config.batch_size)
+    finally:
+        model.train(was_training)
+    return quantize_within_eps(adv, images, config.eps).cpu()
+
+
+# ---------------------------------------------------------------- manifest
+
+def dataset_sha256(data: ImageDataset) -> str:
+    """Content hash of a data set (images and labels): the same name with other files is another data set."""
+    h = hashlib.sha256()
+    h.update(json.dumps([list(data.images.shape), str(data.images.dtype)]).encode())
+    h.update(data.images.contiguous().numpy().tobytes())
+    h.update(data.labels.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def select_subset(n: int, config: AugmentConfig) -> torch.Tensor:
+    """Training-set indices used: all, or the first `train_subset` of a seeded permutation (kept in data order)."""
+    if config.train_subset is None:
+        return torch.arange(n, dtype=torch.int64)
+    if config.train_subset > n:
+        raise RMCError(f"train subset {config.train_subset} is larger than the training set ({n} examples); "
+                       "lower --train-subset or leave it out")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
+    return perm[:config.train_subset].sort().values
+
+
+def make_manifest(model_info: ModelInfo, train: ImageDataset, n: int, config: AugmentConfig) -> dict[str, Any]:
+    names = config.copy_names
+    return {
+        "kind": KIND,
+        "format_version": FORMAT_VERSION,
+        "storage_dtype": STORAGE_DTYPE,
+        "rmc_version": rmc.__version__,
+        "model": {"sha256": model_info.sha256, "arch": model_info.arch, "num_classes": model_info.num_classes,
+                  "input_shape": list(model_info.input_shape), "adversarial": model_info.adversarial,
+                  "dataset": model_info.dataset},
+        "dataset": {"name": train.name, "split": "train", "size": len(train), "sha256": dataset_sha256(train),
+                    "classes": list(train.classes)},
+        "attack": {"method": "pgd", "norm": "linf", "targeted": False, "labels": "true",
+                   "steps": list(config.steps), "eps": config.eps, "step_size": config.step_size,
+                   "random_start": config.random_start, "batch_size": config.batch_size},
+        "seed": config.seed,
+        "train_subset": config.train_subset,
+        "chunk_size": config.chunk_size,
+        "copy_names": names,
+        "counts": {name: n for name in names},
+        "total": n * len(names),
+        "shape": [n * len(names), *train.images.shape[1:]],
+        "layout": "copy-major: rows [i*n, (i+1)*n) hold copy i; copy 0 is clean",
+        "files": dict(FILES),
+    }
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def settings_differences(existing: dict, requested: dict) -> list[str]:
+    """'key: existing X, requested Y' for every setting that differs (content hashes and version ignored)."""
+    a = _flat({k: v for k, v in existing.items() if k not in _NOT_SETTINGS})
+    b = _flat({k: v for k, v in requested.items() if k not in _NOT_SETTINGS})
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+            if key.endswith("sha256"):
+                va, vb = str(va)[:12], str(vb)[:12]
+            diffs.append(f"{key}: existing {va}, requested {vb}")
+    return diffs
+
+
+def fingerprint_of(manifest: dict) -> str:
+    """Hash of the manifest content (which, for a finished store, includes the hashes of its files)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def partial_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:   # a file object, so numpy does not append ".npy" to the temporary name
+            np.save(f, arr)
+
+
+def _check_manifest(manifest: Any, where: Path) -> dict:
+    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
+        raise RMCError(f"{where} is not an augmented-dataset manifest; point to a directory written by `rmc augment`")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise RMCError(f"{where} has format version {manifest.get('format_version')!r}, this rmc reads "
+                       f"{FORMAT_VERSION}; rebuild the store with `rmc augment`")
+    missing = [k for k in ("copy_names", "counts", "total", "shape", "files", "model", "dataset", "attack")
+               if k not in manifest]
+    if missing:
+        raise RMCError(f"{where} lacks {missing}; the manifest is damaged: delete the store and re-run `rmc augment`")
+    return manifest
+
+
+def _refuse_if_different(existing: dict, requested: dict, where: Path) -> None:
+    diffs = settings_differences(existing, requested)
+    if diffs:
+        raise RMCError(f"{where} was built with other settings ({'; '.join(diffs)}); "
+                       f"use a new --out or delete {where}")
+
+
+# ---------------------------------------------------------------- writing
+
+class StoreWriter:
+    """Driver side of a build: owns `<out>.partial/`, writes finished chunks and renames the store into place."""
+
+    def __init__(self, out: Path, manifest: dict, subset: torch.Tensor, tasks: list[ChunkTask], done: set[int],
+                 images: np.memmap | None):
+        self.out, self.partial = out, partial_path(out)
+        self.manifest, self.subset, self.tasks, self.done = manifest, subset, tasks, done
+        self.images = images   # None when the store is already complete
+
+    @property
+    def complete(self) -> bool:
+        return self.images is None
+
+    @classmethod
+    def prepare(cls, model_info: ModelInfo, train: ImageDataset, out_dir: str | Path,
+                config: AugmentConfig) -> "StoreWriter":
+        """Create `<out>.partial/`, or re-open it (same settings only), or recognise a finished `<out>`."""
+        config.validate()
+        _check_model_and_data(model_info, train)
+        out = Path(out_dir)
+        partial = partial_path(out)
+        subset = select_subset(len(train), config)
+        manifest = make_manifest(model_info, train, len(subset), config)
+        tasks = chunk_tasks(len(subset), config)
+        if out.exists() and not out.is_dir():
+            raise RMCError(f"--out {out} is a file; name a directory")
+        if out.exists() and (out / MANIFEST).exists():
+            existing = _check_manifest(read_json(out / MANIFEST, "store manifest"), out / MANIFEST)
+            _refuse_if_different(existing, manifest, out)
+            return cls(out, existing, subset, tasks, {t.index for t in tasks}, None)
+        if out.exists() and any(out.iterdir()):
+            raise RMCError(f"--out {out} exists and is not an augmented dataset; use a new --out or delete it")
+        if (partial / MANIFEST).exists():
+            existing = _check_manifest(read_json(partial / MANIFEST, "store manifest"), partial / MANIFEST)
+            _refuse_if_different(existing, manifest, partial)
+            images = _open_partial_images(partial, manifest)
+            done = _read_progress(partial, len(tasks))
+            return cls(out, existing, subset, tasks, done, images)
+        # Fresh start (or a start killed before its manifest was written: everything is rewritten).
+        partial.mkdir(parents=True, exist_ok=True)
+        n = len(subset)
+        k = len(manifest["copy_names"])
+        _save_npy(partial / FILES["labels"], np.tile(train.labels[subset].numpy().astype(np.int64), k))
+        _save_npy(partial / FILES["copy"], np.repeat(np.arange(k, dtype=np.int16), n))
+        _save_npy(partial / FILES["source_index"], np.tile(subset.numpy().astype(np.int64), k))
+        images = np.lib.format.open_memmap(partial / FILES["images"], mode="w+", dtype=np.uint8,
+                                           shape=tuple(manifest["shape"]))
+        images.flush()
+        write_json(partial / MANIFEST, manifest)   # last: its presence marks a usable partial store
+        return cls(out, manifest, subset, tasks, set(), images)
+
+    def pending(self) -> list[ChunkTask]:
+        return [t for t in self.tasks if t.index not in self.done]
+
+    def chunk_inputs(self, train: ImageDataset, task: ChunkTask) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.subset[task.start:task.stop]
+        return train.images[idx], train.labels[idx]
+
+    def write_chunk(self, task: ChunkTask, data: torch.Tensor) -> None:
+        """Write one chunk's images, flush them to disk, then record the chunk as finished (in that order)."""
+        if self.complete:
+            raise RuntimeError("store is already complete")
+        expect = (len(task), *self.manifest["shape"][1:])
+        if data.dtype != torch.uint8 or tuple(data.shape) != expect:
+            raise ValueError(f"chunk {task.index}: expected uint8 {expect}, got {data.dtype} {tuple(data.shape)}")
+        self.images[task.row_start:task.row_start + len(task)] = data.numpy()
+        self.images.flush()
+        self.done.add(task.index)
+        write_json(self.partial / PROGRESS, {"done": sorted(self.done), "total": len(self.tasks)})
+
+    def finalize(self) -> "AugmentedStore":
+        """Hash the files into the manifest and rename `<out>.partial` to `<out>`."""
+        if not self.complete:
+            missing = len(self.pending())
+            if missing:
+                raise RuntimeError(f"{missing} chunks are not written yet")
+            self.images.flush()
+            del self.images
+            self.images = None
+            content = {name: sha256_file(self.partial / fname) for name, fname in FILES.items()}
+            self.manifest = {**self.manifest, "content": content}
+            write_json(self.partial / MANIFEST, self.manifest)
+            if self.out.exists():
+                self.out.rmdir()   # an empty directory the user made; anything else was refused in prepare()
+            os.replace(self.partial, self.out)
+        return open_store(self.out)
+
+
+def _check_model_and_data(info: ModelInfo, train: ImageDataset) -> None:
+    if tuple(info.input_shape) != tuple(train.input_shape):
+        raise RMCError(f"the model takes C x H x W = {tuple(info.input_shape)} but the training set "
+                       f"{train.name or ''} has {tuple(train.input_shape)}; use the model trained on this data set")
+    if len(train) and int(train.labels.max()) >= info.num_classes:
+        raise RMCError(f"the training set has class {int(train.labels.max())} but the model has "
+                       f"{info.num_classes} classes; use the model trained on this data set")
+    if info.dataset and train.name and info.dataset != train.name:
+        raise RMCError(f"the model was trained on {info.dataset!r} but the training set is {train.name!r}; "
+                       "D' must be made from the static model's own training set")
+    if not info.sha256:
+        raise RMCError("the model has no weights hash (ModelInfo.sha256); load it with load_checkpoint "
+                       "or save it with save_checkpoint first")
+
+
+def _open_partial_images(partial: Path, manifest: dict) -> np.memmap:
+    for fname in FILES.values():
+        if not (partial / fname).exists():
+            raise RMCError(f"partial store {partial} is missing {fname}; delete {partial} and re-run `rmc augment`")
+    try:
+        images = np.lib.format.open_memmap(partial / FILES["images"], mode="r+")
+    except (ValueError, OSError) as e:
+        raise RMCError(f"partial store {partial}: cannot open {FILES['images']} ({e}); "
+                       f"delete {partial} and re-run `rmc augment`") from None
+    if images.dtype != np.uint8 or list(images.shape) != list(manifest["shape"]):
+        raise RMCError(f"partial store {partial}: {FILES['images']} is {images.dtype} {list(images.shape)}, "
+                       f"expected uint8 {manifest['shape']}; delete {partial} and re-run `rmc augment`")
+    return images
+
+
+def _read_progress(partial: Path, total: int) -> set[int]:
+    if not (partial / PROGRESS).exists():
+        return set()
+    progress = read_json(partial / PROGRESS, "store progress")
+    done = progress.get("done") if isinstance(progress, dict) else None
+    if not isinstance(done, list) or not all(isinstance(i, int) and 0 <= i < total for i in done):
+        raise RMCError(f"{partial / PROGRESS} is damaged; delete {partial} and re-run `rmc augment`")
+    return set(done)
+
+
+def build_augmented(model: nn.Module, model_info: ModelInfo, train: ImageDataset, out_dir: str | Path,
+                    config: AugmentConfig = AugmentConfig(), progress: bool = True,
+                    on_chunk: Callable[[ChunkTask], None] | None = None) -> "AugmentedStore":
+    """Build (or resume, or find finished) the augmented dataset D' of `train` against `model` in `out_dir`.
+
+    `model_info` is the model's checkpoint metadata (its sha256 is recorded). `on_chunk(task)` is called after each
+    chunk is safely on disk. Killed at any point, the same call resumes from the last finished chunk.
+    """
+    writer = StoreWriter.prepare(model_info, train, out_dir, config)
+    if not writer.complete:
+        from tqdm.auto import tqdm
+        n_done = sum(len(t) for t in writer.tasks if t.index in writer.done)
+        total = sum(len(t) for t in writer.tasks)
+        names = writer.manifest["copy_names"]
+        with tqdm(total=total, initial=n_done, unit="img", desc="augment", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for task in writer.pending():
+                bar.set_postfix_str(f"{names[task.copy]} chunk {task.chunk}")
+                x, y = writer.chunk_inputs(train, task)
+                writer.write_chunk(task, run_chunk(model, task, x, y, config))
+                bar.update(len(task))
+                if on_chunk is not None:
+                    on_chunk(task)
+    return writer.finalize()
+
+
+# ---------------------------------------------------------------- reading
+
+class AugmentedStore:
+    """A finished D' on disk. `images` is a uint8 N x C x H x W tensor backed by a memory map (never read whole);
+    `labels` (int64, true labels), `copy` (int16), `source_index` (int64) are small and loaded."""
+
+    def __init__(self, path: Path, manifest: dict, images: np.memmap, labels: torch.Tensor, copy: torch.Tensor,
+                 source_index: torch.Tensor):
+        self.path = path
+        self.images_memmap = images   # the numpy view, for code that wants numpy (shares memory with `images`)
+        self.manifest = manifest
+        self.fingerprint = fingerprint_of(manifest)
+        self.images = torch.from_numpy(images)
+        self.labels = labels
+        self.copy = copy
+        self.source_index = source_index
+        self.copy_names: list[str] = list(manifest["copy_names"])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __repr__(self) -> str:
+        return (f"AugmentedStore({str(self.path)!r}, {len(self)} images, copies {self.copy_names}, "
+                f"fingerprint {self.fingerprint[:12]})")
+
+    @property
+    def model_sha256(self) -> str:
+        return self.manifest["model"]["sha256"]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["model"]["num_classes"])
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.manifest["shape"][1:])
+
+    def copy_rows(self, name: str) -> slice:
+        """Rows of one copy (copies are contiguous: copy-major layout)."""
+        if name not in self.copy_names:
+            raise RMCError(f"store has no copy {name!r}; it has {self.copy_names}")
+        n = self.manifest["counts"][name]
+        i = self.copy_names.index(name)
+        return slice(i * n, (i + 1) * n)
+
+    def float_images(self, index) -> torch.Tensor:
+        """Images at `index` as float32 in [0, 1] (reads only those rows)."""
+        return self.images[index].float().div_(255)
+
+    def verify(self) -> None:
+        """Re-hash the files against the manifest (reads everything once)."""
+        content = self.manifest.get("content", {})
+        for name, fname in FILES.items():
+            if sha256_file(self.path / fname) != content.get(name):
+                raise RMCError(f"{self.path / fname} does not match its manifest hash; the store was modified: "
+                               "delete it and re-run `rmc augment`")
+
+
+def open_store(path: str | Path) -> AugmentedStore:
+    """Open a finished store read-only (memory-mapped); clear RMCError for missing, partial or damaged stores."""
+    path = Path(path)
+    if not (path / MANIFEST).exists():
+        partial = partial_path(path)
+        if (partial / MANIFEST).exists():
+            total = len(chunk_tasks_from_manifest(read_json(partial / MANIFEST, "store manifest")))
+            done = len(_read_progress(partial, total)) if total else 0
+            raise RMCError(f"store {path} is not finished ({partial} holds {done} of {total} chunks); re-run "
+                           "`rmc augment` with the same settings to finish it")
+        if path.is_dir():
+            raise RMCError(f"{path} has no {MANIFEST}; it is not an augmented dataset (build one with `rmc augment`)")
+        raise RMCError(f"augmented dataset not found: {path}; build it with `rmc augment`")
+    manifest = _check_manifest(read_json(path / MANIFEST, "store manifest"), path / MANIFEST)
+    arrays = {}
+    for name, fname in FILES.items():
+        f = path / fname
+        if not f.exists():
+            raise RMCError(f"store {path} is missing {fname}; delete the store and re-run `rmc augment`")
+        try:
+            # 'c' (copy-on-write) keeps the images on disk yet gives torch a writable buffer: an accidental
+            # in-place write changes private pages only, never the store (and 'r' would crash such a write).
+            arrays[name] = np.load(f, mmap_mode="c" if name == "images" else None, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise RMCError(f"store {path}: {fname} is not a readable .npy file ({e}); delete the store and re-run "
+                           "`rmc augment`") from None
+    total = manifest["total"]
+    for name, arr in arrays.items():
+        want_shape = manifest["shape"] if name == "images" else [total]
+        if arr.dtype != DTYPES[name] or list(arr.shape) != list(want_shape):
+            raise RMCError(f"store {path}: {FILES[name]} is {arr.dtype} {list(arr.shape)}, expected "
+                           f"{np.dtype(DTYPES[name])} {want_shape}; delete the store and re-run `rmc augment`")
+    return AugmentedStore(path, manifest, arrays["images"], *(torch.from_numpy(arrays[k])
+                                                              for k in ("labels", "copy", "source_index")))
+
+
+def chunk_tasks_from_manifest(manifest: Any) -> list[ChunkTask]:
+    try:
+        config = config_from_manifest(manifest)
+        n = manifest["counts"]["clean"]
+    except (KeyError, TypeError):
+        return []
+    return chunk_tasks(n, config)
+
+
+def config_from_manifest(manifest: dict) -> AugmentConfig:
+    """The AugmentConfig a store was built with (to rebuild or extend it elsewhere)."""
+    a = manifest["attack"]
+    return AugmentConfig(steps=tuple(a["steps"]), eps=a["eps"], step_size=a["step_size"],
+                         random_start=a["random_start"], seed=manifest["seed"], chunk_size=manifest["chunk_size"],
+                         batch_size=a["batch_size"], train_subset=manifest["train_subset"])
+
+
+__all__ = ["AugmentConfig", "AugmentedStore", "ChunkTask", "StoreWriter", "build_augmented", "chunk_seed",
+           "chunk_tasks", "config_from_manifest", "copy_names", "fingerprint_of", "open_store", "partial_path",
+           "quantize_within_eps", "run_chunk"]
