@@ -211,6 +211,7 @@ class StepResult:
     neighbours: np.ndarray       # D' rows of the K neighbours, closest first
     adapt_epochs: int
     calib_epochs: int
+    adapted_state: dict[str, torch.Tensor] | None = None   # weights that made the prediction (if asked for)
 
 
 class RMC:
@@ -270,11 +271,12 @@ class RMC:
         return self.model(x)
 
     def step(self, x: torch.Tensor, features: torch.Tensor | np.ndarray, key=None,
-             rows: np.ndarray | None = None) -> StepResult:
+             rows: np.ndarray | None = None, keep_adapted: bool = False) -> StepResult:
         """Classify one input `x` (1 x C x H x W, [0, 1]) whose static-model features are `features`.
 
         `key` identifies the input for its randomness (default: the running count), so results do not
         depend on what ran before in episodic mode and are reproducible in online mode.
+        `keep_adapted` returns a copy of the adapted weights (before calibration): defense-aware attacks use it.
         """
         key = self.steps_done if key is None else key
         gen = generator(self.cfg.seed, "step", key)
@@ -284,8 +286,9 @@ class RMC:
             rows = self.neighbours(features)[0]
         fit = self.adapt(rows, gen)
         logits = self.predict(x)[0]
+        adapted = self.state_dict() if keep_adapted else None
         calib = 0
         if self.cfg.mode is Mode.ONLINE and self.cfg.calibrate:
             calib = self.calibrate(gen).epochs
         self.steps_done += 1
-        return StepResult(int(logits.argmax()), logits.tolist(), rows, fit.epochs, calib)
+        return StepResult(int(logits.argmax()), logits.tolist(), rows, fit.epochs, calib, adapted)
