@@ -69,6 +69,11 @@ def baseline_predictions(base: BaseModel, bank: Bank, search: NeighbourSearch, x
             "webnn": vote(labels[rows], num_classes)}, rows
 
 
+def stream_fingerprint(base: BaseModel, bank: Bank, eval_set, cfg: RMCConfig, n: int | None) -> str:
+    """What the RMC records of one (base, set) stream depend on; a record stream refuses to resume under another."""
+    return _digest(base.sha256, base.layer, asdict(cfg), evalset_source(eval_set), len(bank), n)
+
+
 def evaluate_set(base: BaseModel, bank: Bank, search: NeighbourSearch, eval_set, cfg: RMCConfig, out_dir: Path,
                  num_classes: int, n: int | None = None, rmc: RMC | None = None, progress: bool = True) -> dict:
     """All defenses on one evaluation set; returns {defense: list of per-example records}."""
@@ -77,7 +82,7 @@ def evaluate_set(base: BaseModel, bank: Bank, search: NeighbourSearch, eval_set,
     folder = out_dir / base.name / eval_set.name
     feats = extract_features(base.model, base.layer, x_all).numpy()
     preds, rows = baseline_predictions(base, bank, search, x_all, feats, cfg.k, num_classes)
-    fp = _digest(base.sha256, base.layer, asdict(cfg), evalset_source(eval_set), len(bank), n)
+    fp = stream_fingerprint(base, bank, eval_set, cfg, n)
 
     def record(i, pred, **extra):
         r = {"index": i, "label": int(y_all[i]), "pred": int(pred), **extra}
