@@ -21,7 +21,9 @@ class Rate:
         p, n = self.value, self.n
         centre = (p + z * z / (2 * n)) / (1 + z * z / n)
         half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return max(0.0, centre - half), min(1.0, centre + half)
+        lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+        # the interval always contains the estimate (rounding can push a bound past 0% or 100%)
+        return min(lo, p), max(hi, p)
 
     def to_dict(self) -> dict:
         lo, hi = self.interval()

@@ -1,0 +1,126 @@
+"""Evaluation: the table, resume after an interruption, and the configuration's error messages."""
+
+import json
+
+import pytest
+import torch
+
+from rmc.cli import main as cli
+from rmc.config import documented_yaml, load_config
+from rmc.core import RMC, Mode, RMCConfig
+from rmc.errors import RMCError
+from rmc.evalsets import AttackSpec, make_eval_sets
+from rmc.evaluation.report import Table
+from rmc.evaluation.runner import BaseModel, evaluate
+from rmc.models import ModelInfo
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_trained, tiny_bank, digits):
+    bank, feats = tiny_bank
+    info = ModelInfo("small_cnn", 10, (1, 8, 8), sha256="t" * 64, dataset="digits")
+    sets = make_eval_sets(tiny_trained, info, digits[1], 6,
+                          [AttackSpec("clean"), AttackSpec("pgd", eps=0.1, steps=3, targeted=True)], seed=0)
+    return BaseModel("standard", tiny_trained, info.sha256, "block3", feats), bank, sets
+
+
+def _cfg(mode):
+    return RMCConfig(k=32, lr=1e-3, max_epochs=2, batch_size=16, calib_k=32, mode=mode, calib_flip=False)
+
+
+@pytest.mark.parametrize("mode", [Mode.ONLINE, Mode.EPISODIC])
+def test_interrupted_evaluation_resumes_to_the_same_table(setup, tmp_path, monkeypatch, mode):
+    base, bank, sets = setup
+    full = evaluate([base], bank, sets, _cfg(mode), tmp_path / "a", 10, progress=False)
+
+    calls = {"n": 0}
+    real_step = RMC.step
+
+    def dying_step(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 8:          # mid-way through the second set
+            raise KeyboardInterrupt
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(RMC, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate([base], bank, sets, _cfg(mode), tmp_path / "b", 10, progress=False)
+    monkeypatch.setattr(RMC, "step", real_step)
+    done = sum(1 for _ in (tmp_path / "b" / "standard" / sets[1].name / "rmc.jsonl").open())
+    assert done == 1                 # one example of the second set was saved before the kill
+    resumed = evaluate([base], bank, sets, _cfg(mode), tmp_path / "b", 10, progress=False)
+    assert Table.from_results(resumed).to_dict() == Table.from_results(full).to_dict()
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
+    for s in sets:
+        assert strip(resumed["standard"][s.name]["rmc"]) == strip(full["standard"][s.name]["rmc"])
+
+
+def test_resume_refuses_results_made_with_other_settings(setup, tmp_path):
+    base, bank, sets = setup
+    evaluate([base], bank, sets[:1], _cfg(Mode.EPISODIC), tmp_path, 10, n=2, progress=False)
+    other = RMCConfig(**{**_cfg(Mode.EPISODIC).__dict__, "lr": 5e-4})
+    with pytest.raises(RMCError, match="other settings"):
+        evaluate([base], bank, sets[:1], other, tmp_path, 10, n=2, progress=False)
+
+
+def test_table_has_baselines_rmc_ci_and_targeted_success(setup, tmp_path):
+    base, bank, sets = setup
+    res = evaluate([base], bank, sets, _cfg(Mode.EPISODIC), tmp_path, 10, progress=False)
+    table = Table.from_results(res, {"clean": "clean"})
+    assert list(table.rows) == ["None", "DeepNN", "WebNN", "RMC"]
+    d = table.to_dict()
+    clean = d["rows"]["None"]["clean"]["accuracy"]
+    static = (base.model(sets[0].images).argmax(1) == sets[0].labels).sum().item()
+    assert clean["hits"] == static and clean["n"] == 6
+    assert clean["ci95"][0] <= clean["value"] <= clean["ci95"][1]
+    assert "attack_success" in d["rows"]["RMC"][sets[1].name]
+    md = table.markdown()
+    assert "| None |" in md and "N per column: 6" in md
+
+
+def test_config_rejects_bad_values_with_one_line(tmp_path):
+    for overrides, needle in [([("rmc.k", -3)], "rmc.k"), ([("rmc.lr", "fast")], "rmc.lr"),
+                              ([("rmc.kk", 3)], "unknown config key"), ([("rmc.mode", "sometimes")], "mode"),
+                              ([("augment.eps", 2.0)], "eps"), ([("train.epochs", 0)], "epochs")]:
+        with pytest.raises(RMCError) as e:
+            load_config(overrides=overrides)
+        assert needle in str(e.value) and "\n" not in str(e.value)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rmc:\n  k: [unclosed\n")
+    with pytest.raises(RMCError, match="not valid YAML"):
+        load_config(bad)
+    assert cli(["run", "--set", "rmc.batch_size=0", "--out", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()       # nothing written for a refused config
+
+
+def test_config_file_preset_and_overrides_compose(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rmc:\n  k: 100\n  lr: 1e-4\n")     # YAML 1.1 reads 1e-4 as a string: accepted as a number
+    cfg = load_config(path, "paper", [("rmc.k", 64)])
+    assert cfg.rmc.k == 64 and cfg.rmc.lr == 1e-4 and cfg.rmc.max_epochs == 100 and cfg.augment.steps == (10, 30, 100)
+    text = documented_yaml(cfg)
+    assert "k: 64   # neighbours of each test input" in text
+    assert load_config(_write(tmp_path, text)).rmc.k == 64     # the printed config loads back
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "printed.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.slow
+def test_rmc_run_end_to_end_on_digits_and_resume(tmp_path, capsys):
+    args = ["run", "--out", str(tmp_path / "run"), "--set", "data.dataset=digits", "--set", "train.epochs=3",
+            "--set", "augment.train_subset=300", "--set", "augment.steps=[3]", "--set", "attack.n=8",
+            "--set", "attack.pgd=[[5, 0.15]]", "--set", "rmc.k=32", "--set", "rmc.calib_k=32",
+            "--set", "rmc.max_epochs=2", "--set", "visualize.inputs=2"]
+    assert cli(args) == 0
+    out = capsys.readouterr().out
+    assert "RMC" in out and "pgd5-eps0.15" in out
+    meta = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert meta["table"]["rows"]["RMC"]["clean"]["accuracy"]["n"] == 8
+    assert (tmp_path / "run" / "neighbours.png").stat().st_size > 1000
+    assert cli(args) == 0                                  # a second run reuses every stage
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["table"] == meta["table"]
+    assert cli(args[:-2] + ["--set", "rmc.k=16"]) == 2      # same --out, other config: refused
