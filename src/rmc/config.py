@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from rmc.attacks.adaptive import AdaptiveConfig
 from rmc.core import RMCConfig
 from rmc.errors import RMCError
 from rmc.store import AugmentConfig
@@ -59,6 +60,7 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     rmc: RMCConfig = field(default_factory=RMCConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)   # the attack rows (transfer / defense-aware)
     visualize: VisualizeConfig = field(default_factory=VisualizeConfig)
 
 
@@ -73,6 +75,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rmc.max_epochs": 3,                 # original 100 (early stopping with patience 5 rarely ends sooner)
         "rmc.lr": 1e-3,                      # original 1e-5, which moves the weights too little in 3 epochs
         "rmc.calib_k": 128,                  # original: K
+        "adaptive.n": 20,                    # attack rows on the first 20 inputs (defense-aware: ~5 s per input here)
+        "adaptive.rounds": 5,                # Chen et al. 10; most inputs fall by round 2-3 (the table states R, N)
     },
     "paper": {
         "augment.steps": [10, 30, 100],
@@ -84,6 +88,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rmc.patience": 5,
         "rmc.calib_k": None,
         "attack.n": 1000,
+        "adaptive.attacks": ["fpa", "gmsa-avg", "gmsa-min"],
+        "adaptive.autoattack": True,
+        "adaptive.rounds": 10,
+        "adaptive.steps": 40,
+        "adaptive.n": None,
     },
 }
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import time
+import warnings
+from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
@@ -34,6 +38,9 @@ class Scope(str, Enum):
     BN = "bn"       # only batch-norm affine parameters
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass
 class RMCConfig:
     k: int = 2048                  # neighbours of each test input in D' (original: 2048 ImageNet, 1024 CIFAR-10)
@@ -52,6 +59,9 @@ class RMCConfig:
     calib_flip: bool = True        # allow horizontal flips in that augmentation (off for digits)
     scope: Scope = Scope.ALL       # which parameters are fine-tuned
     seed: int = 0                  # all randomness (splits, batch order, calibration samples) derives from it
+    precision: str = "fp32"        # fine-tuning arithmetic: fp32, or bf16 (bfloat16 autocast of forward/backward; weights, Adam, validation, prediction stay fp32)
+    fast_path: bool = True         # fine-tune through an equivalent rewritten graph (batch-norm folded into convolutions, channels-last): same function, faster
+    cache_head_inputs: bool = True # scope head: train the head on its inputs computed once (the stored neighbour features when the head starts with global pooling)
 
     def __post_init__(self):
         try:
@@ -61,6 +71,11 @@ class RMCConfig:
         for name in ("k", "batch_size", "max_epochs", "patience"):
             check_positive(getattr(self, name), f"rmc.{name}", integer=True)
         check_positive(self.lr, "rmc.lr")
+        if self.precision not in PRECISIONS:
+            raise RMCError(f"rmc.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("fast_path", "cache_head_inputs"):
+            if not isinstance(getattr(self, name), bool):
+                raise RMCError(f"rmc.{name} must be true or false, got {getattr(self, name)!r}")
         if self.calib_k is not None:
             check_positive(self.calib_k, "rmc.calib_k", integer=True)
         for name in ("closest_fraction", "val_fraction", "calib_holdout"):
@@ -161,38 +176,125 @@ def random_shift_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 2, flip:
     padded = F.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    rows = dy[:, None] + torch.arange(h)                      # n x h
+    cols = dx[:, None] + torch.arange(w)                      # n x w
     if flip:
         mirrored = torch.rand(n, generator=gen) < 0.5
-        cols = torch.where(mirrored[:, None, None, None], cols.flip(-1), cols)
-    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+        cols = torch.where(mirrored[:, None], cols.flip(-1), cols)
+    # One gather over the flattened padded images (the same result as indexing rows and columns separately).
+    idx = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+    return padded.reshape(n, c, -1).gather(2, idx).view(n, c, h, w)
+
+
+class PhaseTimer:
+    """Wall-clock seconds spent per phase of RMC's per-input work (set `RMC.timer = PhaseTimer()` to collect).
+
+    Phases: search, gather (D' rows to tensors), state (reset / weight copies), data (batch indexing,
+    augmentation), forward, backward, optimizer, validation, predict, other (the rest of a step).
+    `forward`, `backward`, `validation` and `predict` are the network's passes; everything else is overhead.
+    """
+    PASSES = ("forward", "backward", "validation", "predict")
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.steps = 0
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] += seconds
+
+    def phase(self, name: str):
+        return _Phase(self, name)
+
+    def passes(self) -> float:
+        return sum(self.seconds.get(p, 0.0) for p in self.PASSES)
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def summary(self) -> dict[str, float]:
+        return dict(sorted(self.seconds.items(), key=lambda kv: -kv[1]))
+
+
+class _Phase:
+    __slots__ = ("timer", "name", "t0")
+
+    def __init__(self, timer: PhaseTimer, name: str):
+        self.timer, self.name = timer, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timer.add(self.name, time.perf_counter() - self.t0)
+
+
+def _phase(timer: PhaseTimer | None, name: str):
+    return nullcontext() if timer is None else timer.phase(name)
+
+
+def make_optimizer(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """Adam; the fused kernel (one pass over all parameters) where the parameters allow it."""
+    if params and all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params) \
+            and len({p.device for p in params}) == 1:
+        try:
+            return torch.optim.Adam(params, lr=lr, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return torch.optim.Adam(params, lr=lr)
+
+
+def autocast_context(precision: str, device: torch.device | str = "cpu"):
+    """bfloat16 autocast for precision 'bf16' (matrix products in bf16, accumulation and weights in fp32)."""
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def fine_tune(model: nn.Module, params: list[nn.Parameter], x_train: torch.Tensor, y_train: torch.Tensor,
               x_val: torch.Tensor, y_val: torch.Tensor, cfg: RMCConfig, gen: torch.Generator,
-              augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None) -> FitResult:
-    """Adam on (x_train, y_train) with early stopping on the validation loss (one forward pass per epoch)."""
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+              augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+              forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              timer: PhaseTimer | None = None) -> FitResult:
+    """Adam on (x_train, y_train) with early stopping on the validation loss (one forward pass per epoch).
+
+    The data are tensors already: each batch is one index into them, nothing is rebuilt per epoch. `forward`
+    (default: `model`) is what computes the logits, e.g. `rmc.fastpath.fast_forward(model)` sharing its parameters;
+    `augment` maps a batch (and the generator) to the network's input. `timer` collects time per phase.
+    """
+    forward = model if forward is None else forward
+    for p in params:
+        p.grad = None
+    opt = make_optimizer(params, cfg.lr)
+    device = x_train.device
+    amp = autocast_context(getattr(cfg, "precision", "fp32"), device)
     best, wait, best_state, epoch = float("inf"), 0, None, 0
     n = len(x_train)
     for epoch in range(1, cfg.max_epochs + 1):
-        order = torch.randperm(n, generator=gen)
+        with _phase(timer, "data"):
+            order = torch.randperm(n, generator=gen)
         for start in range(0, n, cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            xb = x_train[idx]
-            if augment is not None:
-                xb = augment(xb, gen)
-            loss = F.cross_entropy(model(xb), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            val_loss = F.cross_entropy(model(x_val), y_val).item()
+            with _phase(timer, "data"):
+                idx = order[start:start + cfg.batch_size]
+                xb = x_train[idx.to(device)] if device.type != "cpu" else x_train[idx]
+                if augment is not None:
+                    xb = augment(xb, gen)
+                yb = y_train[idx.to(y_train.device)]
+            with _phase(timer, "forward"):
+                with amp:
+                    loss = F.cross_entropy(forward(xb), yb)
+            with _phase(timer, "backward"):
+                loss.backward()
+            with _phase(timer, "optimizer"):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        with _phase(timer, "validation"):
+            with torch.no_grad():
+                val_loss = F.cross_entropy(forward(x_val), y_val).item()
         if val_loss < best:
             best, wait = val_loss, 0
             if cfg.restore_best:
-                best_state = [p.detach().clone() for p in params]
+                with _phase(timer, "state"):
+                    best_state = [p.detach().clone() for p in params]
         else:
             wait += 1
             if wait >= cfg.patience:
@@ -219,6 +321,11 @@ class RMC:
 
     `step(x, features)` classifies one input: neighbours -> split -> fine-tune -> predict -> (online) calibrate.
     `state_dict()` / `load_state_dict()` save and restore the online state exactly (the adapted weights).
+
+    Speed: fine-tuning runs through `rmc.fastpath.fast_forward` (same function, same parameters) when
+    `config.fast_path`; with scope 'head' and `config.cache_head_inputs` the head trains on its inputs computed once
+    per adaptation (the stored neighbour features themselves when the head starts with global pooling).
+    Set `rmc.timer = PhaseTimer()` to see where the time goes.
     """
 
     def __init__(self, model: nn.Module, bank: Bank, index: NeighbourIndex, config: RMCConfig,
@@ -227,11 +334,24 @@ class RMC:
             raise RMCError(f"rmc.k = {config.k} exceeds |D'| = {len(bank)}; lower k")
         self.cfg = config
         self.bank, self.index = bank, index
+        self.feature_layer = feature_layer
         # RMC adapts its own copy: the caller's static model stays untouched (baselines, attacks use it).
         self.model = configure_model(copy.deepcopy(model), config.scope, feature_layer)
         self.params = collect_params(self.model, config.scope, feature_layer)
         self.static_state = copy.deepcopy(self.state_dict())
         self.steps_done = 0
+        self.timer: PhaseTimer | None = None
+        self.device = next(iter(self.model.parameters())).device
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = self.model
+        self._head: _HeadCache | None = None
+        if config.fast_path or (config.scope is Scope.HEAD and config.cache_head_inputs):
+            rows = np.unique(np.linspace(0, len(bank) - 1, min(8, len(bank))).astype(np.int64))
+            sample = bank.gather(rows)[0].to(self.device)
+            if config.fast_path:
+                from rmc.fastpath import fast_forward
+                self._forward = fast_forward(self.model, sample)
+            if config.scope is Scope.HEAD and config.cache_head_inputs:
+                self._head = _HeadCache.build(self.model, feature_layer, index, rows, sample, config.fast_path)
 
     # -- online state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -246,29 +366,63 @@ class RMC:
 
     # -- the per-input loop -----------------------------------------------------------------------------
     def neighbours(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
-        return self.index.search(features, self.cfg.k)[1]
+        with _phase(self.timer, "search"):
+            return self.index.search(features, self.cfg.k)[1]
+
+    def _gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        with _phase(self.timer, "gather"):
+            x, y = self.bank.gather(rows)
+            return x.to(self.device), y.to(self.device)
 
     def adapt(self, rows: np.ndarray, gen: torch.Generator) -> FitResult:
         """Fine-tune on the neighbours `rows` (closest first) with the 20% / 75-25 validation split."""
-        x, y = self.bank.gather(rows)
+        head = self._head
+        if head is not None and head.stored:
+            with _phase(self.timer, "gather"):      # the head's inputs are the stored features: no images needed
+                h = head.from_stored(rows).to(self.device)
+                y = self.bank.labels[torch.from_numpy(np.asarray(rows))].to(self.device)
+            train, val = split_neighbours(len(rows), self.cfg.closest_fraction, self.cfg.val_fraction, gen)
+            return fine_tune(head.head, self.params, h[train], y[train], h[val], y[val], self.cfg, gen,
+                             timer=self.timer)
+        x, y = self._gather(rows)
         train, val = split_neighbours(len(rows), self.cfg.closest_fraction, self.cfg.val_fraction, gen)
-        return fine_tune(self.model, self.params, x[train], y[train], x[val], y[val], self.cfg, gen)
+        if head is not None:
+            with _phase(self.timer, "forward"):
+                h = head.inputs(x)
+            return fine_tune(head.head, self.params, h[train], y[train], h[val], y[val], self.cfg, gen,
+                             timer=self.timer)
+        return fine_tune(self.model, self.params, x[train], y[train], x[val], y[val], self.cfg, gen,
+                         forward=self._forward, timer=self.timer)
 
     def calibrate(self, gen: torch.Generator) -> FitResult:
         """Pull the drifting online model back: fine-tune on random D' examples, 12.5% held out."""
         k = self.cfg.calib_k or self.cfg.k
         rows = torch.randperm(len(self.bank), generator=gen)[:k].numpy()
-        x, y = self.bank.gather(rows)
+        x, y = self._gather(rows)
         n_val = max(1, int(round(k * self.cfg.calib_holdout)))
         augment = None
         if self.cfg.calib_augment:
             flip = self.cfg.calib_flip
             augment = lambda xb, g: random_shift_flip(xb, g, flip=flip)  # noqa: E731
-        return fine_tune(self.model, self.params, x[n_val:], y[n_val:], x[:n_val], y[:n_val], self.cfg, gen, augment)
+        head = self._head
+        if head is None:
+            return fine_tune(self.model, self.params, x[n_val:], y[n_val:], x[:n_val], y[:n_val], self.cfg, gen,
+                             augment, forward=self._forward, timer=self.timer)
+        # Head only: the frozen backbone maps (augmented) images to the head's inputs, without gradients.
+        with _phase(self.timer, "forward"):
+            h_val = head.inputs(x[:n_val])
+            h_train = None if augment is not None else head.inputs(x[n_val:])
+        if augment is None:
+            return fine_tune(head.head, self.params, h_train, y[n_val:], h_val, y[:n_val], self.cfg, gen,
+                             timer=self.timer)
+        through = lambda xb, g: head.inputs(augment(xb, g))  # noqa: E731
+        return fine_tune(head.head, self.params, x[n_val:], y[n_val:], h_val, y[:n_val], self.cfg, gen, through,
+                         timer=self.timer)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        with _phase(self.timer, "predict"):
+            return self.model(x.to(self.device))
 
     def step(self, x: torch.Tensor, features: torch.Tensor | np.ndarray, key=None,
              rows: np.ndarray | None = None, keep_adapted: bool = False) -> StepResult:
@@ -278,17 +432,73 @@ class RMC:
         depend on what ran before in episodic mode and are reproducible in online mode.
         `keep_adapted` returns a copy of the adapted weights (before calibration): defense-aware attacks use it.
         """
+        t0 = time.perf_counter()
+        before = self.timer.total() if self.timer is not None else 0.0
         key = self.steps_done if key is None else key
         gen = generator(self.cfg.seed, "step", key)
         if self.cfg.mode is Mode.EPISODIC:
-            self.reset()
+            with _phase(self.timer, "state"):
+                self.reset()
         if rows is None:
             rows = self.neighbours(features)[0]
         fit = self.adapt(rows, gen)
         logits = self.predict(x)[0]
-        adapted = self.state_dict() if keep_adapted else None
+        adapted = None
+        if keep_adapted:
+            with _phase(self.timer, "state"):
+                adapted = self.state_dict()
         calib = 0
         if self.cfg.mode is Mode.ONLINE and self.cfg.calibrate:
             calib = self.calibrate(gen).epochs
         self.steps_done += 1
+        if self.timer is not None:
+            self.timer.add("other", max(0.0, time.perf_counter() - t0 - (self.timer.total() - before)))
+            self.timer.steps += 1
         return StepResult(int(logits.argmax()), logits.tolist(), rows, fit.epochs, calib, adapted)
+
+
+class _HeadCache:
+    """Scope 'head': the frozen backbone and the trainable head of the model, and where the head's inputs come from."""
+
+    def __init__(self, split, backbone: nn.Module, index, stored: bool):
+        self.head, self.split, self.backbone, self.index, self.stored = split.head, split, backbone, index, stored
+
+    @torch.no_grad()
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's inputs for images `x` (one forward pass of the frozen backbone)."""
+        return self.backbone(x)
+
+    def from_stored(self, rows: np.ndarray) -> torch.Tensor:
+        """The head's inputs from the stored (static-model) features of D' rows."""
+        return self.split.head_input(torch.from_numpy(self.index.vectors(rows)))
+
+    @classmethod
+    def build(cls, model: nn.Module, layer: str | None, index, rows: np.ndarray, sample: torch.Tensor,
+              fast: bool) -> "_HeadCache | None":
+        from rmc.fastpath import fast_forward, split_at
+        split = split_at(model, layer) if layer is not None else None
+        if split is None:
+            warnings.warn(f"rmc: cannot cut the model after {layer!r} (skip connection or untraceable); scope 'head' "
+                          "runs the whole network every batch")
+            return None
+        with torch.no_grad():
+            h = split.backbone(sample)
+            want = model(sample)
+            if not torch.allclose(split.head(h), want, rtol=1e-4, atol=1e-5):
+                warnings.warn("rmc: the model cut at its feature layer does not reproduce it; scope 'head' runs the "
+                              "whole network every batch")
+                return None
+            stored = False
+            vectors = getattr(index, "vectors", None)
+            if vectors is not None and (split.pooled_input or h.dim() == 2):
+                # The stored features must be this backbone's (pooled) output, e.g. not another model's.
+                pooled = h.mean((2, 3)) if h.dim() == 4 else h
+                try:
+                    v = torch.from_numpy(np.asarray(vectors(rows))).to(pooled)
+                except RMCError:
+                    v = None
+                if v is not None and v.shape == pooled.shape:
+                    scale = pooled.abs().max().item() + 1e-12
+                    stored = bool((v - pooled).abs().max().item() <= 1e-3 * scale)
+        backbone = fast_forward(split.backbone, sample) if fast else split.backbone
+        return cls(split, backbone, index, stored)

@@ -16,11 +16,31 @@ class IndexKind(str, Enum):
     IVF = "ivf"     # inverted lists: approximate, for very large D'
 
 
+# Candidates fetched beyond k for the exact re-ranking. FAISS's flat search computes |x|^2 + |q|^2 - 2 x.q in
+# float32 BLAS, whose rounding can swap neighbours whose distances differ by ~1e-6 relative; re-ranking the best
+# k + REFINE_MARGIN candidates with directly computed distances makes the result independent of that rounding.
+REFINE_MARGIN = 32
+QUERY_CHUNK = 64       # queries per FAISS call / re-ranking block (bounds the temporary memory to ~20 MB)
+
+
+def exact_sq_distances(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances sum((v - q)^2) in float32, row by row: the definition, evaluated directly."""
+    diff = vectors - query
+    return (diff * diff).sum(-1)
+
+
 class NeighbourIndex:
-    """Euclidean k-NN over a fixed set of vectors. `ids` maps index rows back to rows of D' (for sub-indexes)."""
+    """Euclidean k-NN over a fixed set of vectors. `ids` maps index rows back to rows of D' (for sub-indexes).
+
+    The vectors are stored once, inside FAISS (`flat`: exact, `ivf`: approximate, `nprobe` of `nlist` lists
+    searched). With `refine` (default) the k + REFINE_MARGIN best candidates are re-ranked by directly computed
+    float32 distances, ties broken by the lower row: the neighbours are exactly those of the textbook definition
+    (for `ivf`, among the candidates the probed lists hold).
+    """
 
     def __init__(self, features: np.ndarray | torch.Tensor, kind: IndexKind | str = IndexKind.FLAT,
-                 ids: np.ndarray | None = None, nlist: int = 1024, nprobe: int = 16, seed: int = 0):
+                 ids: np.ndarray | None = None, nlist: int = 1024, nprobe: int = 16, seed: int = 0,
+                 refine: bool = True):
         x = features.numpy() if isinstance(features, torch.Tensor) else features
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or len(x) == 0:
@@ -29,9 +49,17 @@ class NeighbourIndex:
             raise RMCError("features contain NaN or infinite values; re-run `rmc features`")
         self.dim, self.size = x.shape[1], x.shape[0]
         self.ids = np.arange(self.size) if ids is None else np.asarray(ids)
-        kind = IndexKind(kind)
-        if kind is IndexKind.FLAT:
+        if len(self.ids) != self.size:
+            raise RMCError(f"{len(self.ids)} ids for {self.size} feature rows")
+        self._identity = ids is None or bool(np.array_equal(self.ids, np.arange(self.size)))
+        self._id_order = None if self._identity else np.argsort(self.ids, kind="stable")
+        self.kind, self.refine = IndexKind(kind), refine
+        self._max_norm = float(np.einsum("ij,ij->i", x, x).max())   # no N x d temporary
+        if self.kind is IndexKind.FLAT:
             self.index = faiss.IndexFlatL2(self.dim)
+            self.index.add(x)
+            # The index's own storage, viewed (not copied): the vectors live in memory once.
+            self._vectors = faiss.rev_swig_ptr(self.index.get_xb(), self.size * self.dim).reshape(self.size, self.dim)
         else:
             nlist = max(1, min(nlist, self.size // 39))   # FAISS wants >= 39 training points per list
             quantizer = faiss.IndexFlatL2(self.dim)
@@ -40,7 +68,21 @@ class NeighbourIndex:
             self.index.train(x)
             self.index.nprobe = min(nprobe, nlist)
             self._quantizer = quantizer   # keep it alive: FAISS does not own it
-        self.index.add(x)
+            self.index.add(x)
+            # IVF keeps vectors in per-list order; re-ranking reads them from the caller's matrix (not copied when
+            # it is already float32 and contiguous, e.g. a memory-mapped feature file).
+            self._vectors = x
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The stored vectors of the given D' rows (float32, len(rows) x d)."""
+        rows = np.asarray(rows)
+        if self._identity:
+            return self._vectors[rows]
+        pos = np.searchsorted(self.ids, rows, sorter=self._id_order)
+        pos = self._id_order[np.minimum(pos, self.size - 1)]
+        if not np.array_equal(self.ids[pos], rows):
+            raise RMCError("rows asked for are not in this index")
+        return self._vectors[pos]
 
     def search(self, queries: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(distances, D' rows) of the k nearest, closest first; distances are Euclidean (not squared)."""
@@ -51,8 +93,43 @@ class NeighbourIndex:
                            "use features from the same model layer")
         if not 0 < k <= self.size:
             raise RMCError(f"k = {k} neighbours asked but the index holds {self.size} examples; lower k")
-        d2, rows = self.index.search(q, k)
-        return np.sqrt(np.maximum(d2, 0)), self.ids[rows]
+        dist = np.empty((len(q), k), dtype=np.float32)
+        rows = np.empty((len(q), k), dtype=np.int64)
+        for start in range(0, len(q), QUERY_CHUNK):
+            block = q[start:start + QUERY_CHUNK]
+            d2, pos = self._search_block(block, k)
+            dist[start:start + len(block)] = np.sqrt(np.maximum(d2, 0))
+            rows[start:start + len(block)] = pos
+        return dist, self.ids[rows]
+
+    def _search_block(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self.refine:
+            return self.index.search(q, k)
+        out_d, out_p = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
+        qnorm = (q * q).sum(1)
+        todo, margin = np.arange(len(q)), REFINE_MARGIN
+        while len(todo):
+            kk = min(self.size, k + margin)
+            approx, cand = self.index.search(q[todo], kk)
+            valid = cand >= 0                                      # IVF may return fewer than kk (-1 padded)
+            if (valid.sum(1) < k).any():
+                raise RMCError(f"the approximate index found fewer than k = {k} neighbours for some queries; "
+                               "raise nprobe or use the flat index")
+            exact = exact_sq_distances(self._vectors[np.where(valid, cand, 0)], q[todo][:, None, :])
+            exact[~valid] = np.inf
+            order = np.lexsort((np.where(valid, cand, np.iinfo(np.int64).max), exact), axis=-1)[:, :k]
+            d_k = np.take_along_axis(exact, order, 1)
+            p_k = np.take_along_axis(cand, order, 1)
+            # The k found must lie safely inside the candidate list: the k-th exact distance has to be below the
+            # last candidate's approximate distance by more than that approximation's rounding error.
+            unsafe = np.zeros(len(todo), bool)
+            if self.kind is IndexKind.FLAT and kk < self.size:
+                slack = 1e-5 * (qnorm[todo] + self._max_norm)
+                unsafe = d_k[:, -1] > approx[:, -1] - slack
+            done = todo[~unsafe]
+            out_d[done], out_p[done] = d_k[~unsafe], p_k[~unsafe]
+            todo, margin = todo[unsafe], margin * 4
+        return out_d, out_p
 
 
 def vote(neighbour_labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -28,7 +28,7 @@ from rmc.data import load_dataset
 from rmc.errors import RMCError
 from rmc.evalsets import AttackSpec, load_eval_sets, make_eval_sets, save_eval_sets
 from rmc.evaluation.report import Table
-from rmc.evaluation.runner import BaseModel, evaluate
+from rmc.evaluation.runner import BaseModel, evaluate, online_streams
 from rmc.featurestore import compute_features, load_features, make_provenance, save_features, store_source
 from rmc.io import read_json, write_json, write_text
 from rmc.models import default_layer, load_checkpoint, save_checkpoint
@@ -108,7 +108,17 @@ def ensure_eval_sets(model, info, test, cfg, folder: Path):
 
 
 def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = print,
-                 with_rmc: bool = True) -> Table:
+                 with_rmc: bool = True, ray: str | None = None, workers: int | None = None,
+                 shards: int = 1) -> Table:
+    """`ray` ("local" or a cluster address): augmentation chunks and RMC's per-input work run as Ray tasks (one Ray
+    session for the whole run); `shards`: independent online streams per test stream (see rmc.distributed)."""
+    if ray is not None:
+        from rmc import distributed
+        if not distributed.is_connected():
+            t0 = time.perf_counter()
+            with distributed.session(ray, workers) as slots:
+                log(f"[ray] {slots} workers ready in {time.perf_counter() - t0:.1f} s ({ray})")
+                return run_pipeline(cfg, out, log, with_rmc, ray, workers, shards)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.yaml"
@@ -130,11 +140,17 @@ def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = p
               for name, c in base_cfgs.items()}
 
     std_model, std_info = models["standard"]
-    store = timer("augment", build_augmented, std_model, std_info, train, out / "dprime", cfg.augment)
+    if ray is None:
+        store = timer("augment", build_augmented, std_model, std_info, train, out / "dprime", cfg.augment)
+    else:
+        from rmc.distributed import build_augmented_distributed
+        store = timer("augment", build_augmented_distributed, std_model, std_info, train, out / "dprime",
+                      cfg.augment, ray=ray, workers=workers)
     log(f"  D' = {len(store)} images: {', '.join(store.copy_names)}")
     bank = Bank(store.images, store.labels, store.copy, store.copy_names)
 
     results, notes = {}, {}
+    attack_rows = {}   # base -> the attack rows (transfer / defense-aware), rmc.evaluation.adaptive
     for name, (model, info) in models.items():
         layer = cfg.model.layer or default_layer(model)
         feats = timer(f"features {name}", ensure_features, model, info, layer, store,
@@ -142,8 +158,12 @@ def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = p
         sets = timer(f"attack {name}", ensure_eval_sets, model, info, test, cfg.attack, out / "evalsets" / name)
         base = BaseModel(name, model, info.sha256, layer, feats)
         res = timer(f"evaluate {name}", evaluate, [base], bank, sets, cfg.rmc, out / "results",
-                    info.num_classes, with_rmc=with_rmc)
+                    info.num_classes, with_rmc=with_rmc, ray=ray, workers=workers, shards=shards)
         results.update(res)
+        from rmc.evaluation.adaptive import evaluate_attacks, wants_attack_rows
+        if with_rmc and wants_attack_rows(cfg.adaptive):
+            attack_rows[name] = timer(f"attack rows {name}", evaluate_attacks, base, bank, sets, cfg.rmc, cfg.adaptive,
+                                      out / "results", info.num_classes, res[name].get("clean"), log=log)
         notes.update({s.name: "transfer" if s.attack["kind"] != "clean" else "clean" for s in sets})
         if name == "standard":
             from rmc.visualize import neighbour_grid
@@ -151,10 +171,14 @@ def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = p
                   class_names=train.classes)
 
     table = Table.from_results(results, notes)
+    if attack_rows:
+        from rmc.evaluation.adaptive import attack_table
+        table.appendix.append(attack_table(attack_rows))
     meta = {"config": to_dict(cfg), "models": {n: dataclasses.asdict(i) for n, (_, i) in models.items()},
             "store": {"path": str(store.path), "fingerprint": store.fingerprint, "size": len(store),
                       "copies": store.copy_names}, "stages": timer.stages,
-            "seconds_total": round(time.perf_counter() - t_start, 1), "table": table.to_dict()}
+            "seconds_total": round(time.perf_counter() - t_start, 1), "table": table.to_dict(),
+            "online_streams": online_streams(cfg.rmc, shards), "ray": ray, "workers": workers}
     write_json(out / "results.json", meta)
     write_text(out / "results.md", table.markdown())
     return table

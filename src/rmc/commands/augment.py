@@ -10,6 +10,21 @@ from rmc.models import load_checkpoint
 from rmc.store import AugmentConfig, build_augmented
 from rmc.training import resolve_device
 
+
+def add_ray_arguments(p: argparse.ArgumentParser, shards: bool = False) -> None:
+    """--ray [ADDRESS] and --workers (shared by augment, evaluate and run); evaluate/run also take --shards."""
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the work as Ray tasks: --ray alone starts a local Ray on this machine; --ray ADDRESS "
+                        "joins a cluster (auto, HOST:6379 or ray://HOST:10001). Needs pip install 'rmc[ray]'")
+    p.add_argument("--workers", type=int, default=None,
+                   help="with --ray: at most this many tasks at a time (a local Ray gets this many CPUs; "
+                        "default: all CPUs)")
+    if shards:
+        p.add_argument("--shards", type=int, default=1, metavar="S",
+                       help="online RMC: cut each test stream into S independent streams, each with its own "
+                            "adapted state (run in parallel with --ray). Online results depend on S; S is recorded "
+                            "in the results. Episodic mode ignores it (default: %(default)s)")
+
 _D = AugmentConfig()
 
 
@@ -30,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-subset", type=int, default=None, help="use this many seeded-random training images only")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_ray_arguments(p)
 
 
 def main(args) -> int:
@@ -43,7 +59,12 @@ def main(args) -> int:
         raise RMCError(f"{args.model} does not record its data set; pass --dataset")
     train = load_dataset(dataset, "train", args.data_dir)
     started = time.perf_counter()
-    store = build_augmented(model, info, train, args.out, config, progress=not args.quiet)
+    if args.ray is not None:
+        from rmc.distributed import build_augmented_distributed
+        store = build_augmented_distributed(model, info, train, args.out, config, progress=not args.quiet,
+                                            ray=args.ray, workers=args.workers)
+    else:
+        store = build_augmented(model, info, train, args.out, config, progress=not args.quiet)
     seconds = time.perf_counter() - started
     size = sum(f.stat().st_size for f in store.path.iterdir() if f.is_file())
     counts = ", ".join(f"{k} {v}" for k, v in store.manifest["counts"].items())

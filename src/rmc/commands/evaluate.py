@@ -4,16 +4,50 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from rmc.commands.augment import add_ray_arguments
 from rmc.config import load_config, parse_override, to_dict
 from rmc.core import Bank
 from rmc.evalsets import load_eval_sets
 from rmc.evaluation.report import Table
-from rmc.evaluation.runner import BaseModel, evaluate
+from rmc.evaluation.runner import BaseModel, evaluate, online_streams
 from rmc.featurestore import load_features, store_source
 from rmc.io import write_json, write_text
 from rmc.models import default_layer, load_checkpoint
 from rmc.pipeline import ensure_features
 from rmc.store import open_store
+
+
+def add_attack_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the attack rows (shared with `rmc run`); they override the config's `adaptive` section."""
+    g = p.add_argument_group("attack rows", "transfer PGD (always), transfer AutoAttack and the defense-aware "
+                             "attacks FPA / GMSA-AVG / GMSA-MIN against RMC; the config's adaptive section")
+    g.add_argument("--attacks", nargs="+", metavar="ATTACK",
+                   choices=["fpa", "gmsa-avg", "gmsa-min", "autoattack", "none"],
+                   help="rows beside transfer PGD: fpa gmsa-avg gmsa-min autoattack, or none (default: gmsa-min)")
+    g.add_argument("--rounds", type=int, help="rounds per input of the defense-aware attacks (adaptive.rounds)")
+    g.add_argument("--attack-n", type=int, help="inputs in the attack rows (adaptive.n; default: all)")
+    g.add_argument("--attack-eps", help="L-inf eps of the attack rows, e.g. 0.1 or 8/255 (adaptive.eps)")
+    g.add_argument("--no-attack-rows", action="store_true", help="skip the attack rows")
+
+
+def attack_overrides(args) -> list[tuple[str, object]]:
+    from rmc.errors import RMCError
+    from rmc.evalsets import parse_number
+    out: list[tuple[str, object]] = []
+    if args.attacks:
+        if "none" in args.attacks and len(args.attacks) > 1:
+            raise RMCError("--attacks none means no rows beside transfer PGD; do not combine it with other attacks")
+        out += [("adaptive.attacks", [a for a in args.attacks if a not in ("none", "autoattack")]),
+                ("adaptive.autoattack", "autoattack" in args.attacks)]
+    if args.rounds is not None:
+        out.append(("adaptive.rounds", args.rounds))
+    if args.attack_n is not None:
+        out.append(("adaptive.n", args.attack_n))
+    if args.attack_eps is not None:
+        out.append(("adaptive.eps", parse_number(args.attack_eps, "--attack-eps")))
+    if args.no_attack_rows:
+        out += [("adaptive.attacks", []), ("adaptive.autoattack", False), ("adaptive.transfer_pgd", False)]
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,10 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, help="evaluate only the first N inputs of each set")
     p.add_argument("--mode", choices=["online", "episodic"], help="RMC mode")
     p.add_argument("--no-rmc", action="store_true", help="baselines only (fast)")
+    add_ray_arguments(p, shards=True)
+    add_attack_arguments(p)
 
 
 def main(args) -> int:
     overrides = [parse_override(s) for s in args.set] + ([("rmc.mode", args.mode)] if args.mode else [])
+    overrides += attack_overrides(args)
     cfg = load_config(args.config, args.preset, overrides)
     store = open_store(args.store)
     model, info = load_checkpoint(args.model)
@@ -48,11 +85,22 @@ def main(args) -> int:
     base = BaseModel(args.name, model, info.sha256, layer, feats)
     bank = Bank(store.images, store.labels, store.copy, store.copy_names)
     results = evaluate([base], bank, sets, cfg.rmc, out / "results", info.num_classes, n=args.n,
-                       with_rmc=not args.no_rmc)
+                       with_rmc=not args.no_rmc, ray=args.ray, workers=args.workers, shards=args.shards)
     notes = {s.name: "clean" if s.attack.get("kind") == "clean" else "transfer" for s in sets}
     table = Table.from_results(results, notes)
-    write_json(out / "results.json", {"rmc": to_dict(cfg.rmc), "model": dataclasses.asdict(info),
-                                      "store": store.fingerprint, "layer": layer, "table": table.to_dict()})
+    from rmc.evaluation.adaptive import attack_table, evaluate_attacks, wants_attack_rows
+    if not args.no_rmc and wants_attack_rows(cfg.adaptive):
+        acfg = cfg.adaptive
+        if args.n is not None and (acfg.n is None or acfg.n > args.n):
+            acfg = dataclasses.replace(acfg, n=args.n)   # the attack rows never use more inputs than the others
+        rows = evaluate_attacks(base, bank, sets, cfg.rmc, acfg, out / "results", info.num_classes,
+                                results[args.name].get("clean"))
+        table.appendix.append(attack_table({args.name: rows}))
+    write_json(out / "results.json", {"rmc": to_dict(cfg.rmc), "adaptive": to_dict(cfg.adaptive),
+                                      "model": dataclasses.asdict(info),
+                                      "store": store.fingerprint, "layer": layer, "table": table.to_dict(),
+                                      "online_streams": online_streams(cfg.rmc, args.shards),
+                                      "ray": args.ray, "workers": args.workers})
     write_text(out / "results.md", table.markdown())
     print(table.plain())
     print(f"results: {out}/results.md, {out}/results.json")

@@ -3,6 +3,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rmc.commands.augment import add_ray_arguments
+from rmc.commands.evaluate import add_attack_arguments, attack_overrides
 from rmc.config import documented_yaml, load_config, parse_override
 from rmc.pipeline import run_pipeline
 
@@ -14,29 +16,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/default", help="run directory (re-run the same command to resume)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config entry, e.g. --set rmc.k=256 (repeatable)")
-    p.add_argument("--seed", type=int, help="set every seed of the run (train, augment, attack, rmc)")
+    p.add_argument("--seed", type=int, help="set every seed of the run (train, augment, attack, rmc, adaptive)")
     p.add_argument("--n", type=int, help="test inputs per evaluation set (attack.n)")
     p.add_argument("--mode", choices=["online", "episodic"], help="RMC mode (rmc.mode)")
     p.add_argument("--adversarial-base", action="store_true",
                    help="also train an adversarially trained base model; evaluate it alone and with RMC")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
+    add_ray_arguments(p, shards=True)
+    add_attack_arguments(p)
 
 
 def main(args) -> int:
     overrides = [parse_override(s) for s in args.set]
     if args.seed is not None:
-        overrides += [(f"{section}.seed", args.seed) for section in ("train", "augment", "attack", "rmc")]
+        overrides += [(f"{section}.seed", args.seed) for section in ("train", "augment", "attack", "rmc", "adaptive")]
     if args.n is not None:
         overrides.append(("attack.n", args.n))
     if args.mode:
         overrides.append(("rmc.mode", args.mode))
     if args.adversarial_base:
         overrides.append(("model.adversarial_base", True))
+    overrides += attack_overrides(args)
     cfg = load_config(args.config, args.preset, overrides)
     if args.print_config:
         sys.stdout.write(documented_yaml(cfg))
         return 0
-    table = run_pipeline(cfg, args.out)
+    table = run_pipeline(cfg, args.out, ray=args.ray, workers=args.workers, shards=args.shards)
     print()
     print(table.plain())
     print(f"results: {args.out}/results.md, {args.out}/results.json; neighbours: {args.out}/neighbours.png")

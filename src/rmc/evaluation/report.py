@@ -44,6 +44,10 @@ class Table:
     columns: list[str]                                       # evaluation set names
     column_notes: dict[str, str] = field(default_factory=dict)   # e.g. "transfer", "defense-aware"
     rows: dict[str, dict[str, Cell]] = field(default_factory=dict)
+    corner: str = "defense"                                  # heading of the row-label column
+    notes: list[str] = field(default_factory=list)           # lines printed under the table
+    title: str = ""                                          # printed above the table, if given
+    appendix: list["Table"] = field(default_factory=list)    # further tables printed after this one (attack rows)
 
     @classmethod
     def from_results(cls, results: dict, notes: dict[str, str] | None = None) -> "Table":
@@ -58,7 +62,7 @@ class Table:
         return cls(columns, notes or {}, rows)
 
     def header(self) -> list[str]:
-        return ["defense"] + [f"{c} ({self.column_notes[c]})" if c in self.column_notes else c for c in self.columns]
+        return [self.corner] + [f"{c} ({self.column_notes[c]})" if c in self.column_notes else c for c in self.columns]
 
     def cells(self) -> list[list[str]]:
         return [[label] + [r[c].text() if c in r else "-" for c in self.columns] for label, r in self.rows.items()]
@@ -69,19 +73,25 @@ class Table:
 
     def markdown(self) -> str:
         head = self.header()
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines = [f"### {self.title}", ""] if self.title else []
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(row) + " |" for row in self.cells()]
         legend = ("Accuracy % [95% Wilson CI]; targeted columns: accuracy / attack success rate %. "
                   + self.n_line() + ".")
-        return "\n".join(lines) + "\n\n" + legend + "\n"
+        return ("\n".join(lines) + "\n\n" + legend + "\n" + "".join(f"\n{note}\n" for note in self.notes)
+                + "".join("\n" + t.markdown() for t in self.appendix))
 
     def plain(self) -> str:
         grid = [self.header()] + self.cells()
         widths = [max(len(r[i]) for r in grid) for i in range(len(grid[0]))]
         fmt = lambda r: "  ".join(s.ljust(w) for s, w in zip(r, widths))  # noqa: E731
-        lines = [fmt(grid[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in grid[1:]]
-        return "\n".join(lines) + "\n" + self.n_line() + "; accuracy % [95% CI]; targeted: accuracy / success %\n"
+        lines = ([self.title] if self.title else []) + [fmt(grid[0]), "  ".join("-" * w for w in widths)]
+        lines += [fmt(r) for r in grid[1:]]
+        return ("\n".join(lines) + "\n" + self.n_line() + "; accuracy % [95% CI]; targeted: accuracy / success %\n"
+                + "".join(f"{note}\n" for note in self.notes) + "".join("\n" + t.plain() for t in self.appendix))
 
     def to_dict(self) -> dict:
-        return {"columns": self.columns, "column_notes": self.column_notes,
-                "rows": {label: {c: cell.to_dict() for c, cell in r.items()} for label, r in self.rows.items()}}
+        return {"title": self.title, "columns": self.columns, "column_notes": self.column_notes, "corner": self.corner,
+                "notes": self.notes,
+                "rows": {label: {c: cell.to_dict() for c, cell in r.items()} for label, r in self.rows.items()},
+                "appendix": [t.to_dict() for t in self.appendix]}

@@ -119,9 +119,24 @@ def evaluate_set(base: BaseModel, bank: Bank, search: NeighbourSearch, eval_set,
     return out
 
 
+def online_streams(cfg: RMCConfig, shards: int = 1) -> int | None:
+    """S, the number of independent online streams each test stream was cut into (what results.json records:
+    online results depend on it); None in episodic mode, where sharding does not change results."""
+    return shards if cfg.mode is Mode.ONLINE else None
+
+
 def evaluate(bases: Sequence[BaseModel], bank: Bank, eval_sets: Sequence, cfg: RMCConfig, out_dir: str | Path,
-             num_classes: int, n: int | None = None, with_rmc: bool = True, progress: bool = True) -> dict:
-    """{base name: {set name: {defense: records}}} for every base model and evaluation set."""
+             num_classes: int, n: int | None = None, with_rmc: bool = True, progress: bool = True,
+             ray: str | None = None, workers: int | None = None, shards: int = 1) -> dict:
+    """{base name: {set name: {defense: records}}} for every base model and evaluation set.
+
+    `ray` ("local" or a cluster address) shards RMC's work over Ray; `shards` > 1 cuts each online stream into that
+    many independent streams (with or without Ray; see rmc.distributed). Otherwise everything runs here, in order.
+    """
+    if ray is not None or shards != 1:
+        from rmc.distributed import evaluate_distributed
+        return evaluate_distributed(bases, bank, eval_sets, cfg, out_dir, num_classes, n=n, with_rmc=with_rmc,
+                                    progress=progress, ray=ray, workers=workers, shards=shards)
     out_dir = Path(out_dir)
     results: dict = {}
     for base in bases:

@@ -1,0 +1,372 @@
+"""rmc against the naive reference (benchmarks/reference.py), side by side in one process.
+
+    python benchmarks/bench.py            # quick: a few minutes on 2 cores
+    python benchmarks/bench.py --full     # the figures of benchmarks/README.md (~30-40 minutes on 2 shared cores)
+
+Same model, D', test inputs, K, epochs and seed for both. Timings alternate between the implementations input by
+input (the order rotating), so load from other processes falls on both alike. Sections (--sections):
+
+  matmul   the machine's matrix-product FLOP/s (fp32, bf16), measured here, now
+  search   neighbour search over |D'| = 240,000: reference loop vs FAISS (exact; IVF with recall)
+  latency  online RMC, full adaptation, default-run settings: per-input latency, accuracy, agreement, profile, FLOP/s
+  scopes   adaptation scope all / head / bn on the default run: latency and accuracy
+  threads  rmc with 1 vs 2 intra-op threads
+  batched  episodic: B inputs at once vs one at a time (throughput, agreement)
+  memory   peak resident memory of rmc evaluating against the 240k D' (a separate process)
+
+Results are printed and written to <workdir>/bench-results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (DEFAULT_WORKDIR, get_dprime, get_model, log, make_bank, peak_rss_mb,  # noqa: E402
+                    subset_rows, test_inputs)
+from reference import NaiveRMC, naive_knn  # noqa: E402
+
+from rmc.attacks import pgd  # noqa: E402
+from rmc.batched import BatchedEpisodic  # noqa: E402
+from rmc.core import RMC, PhaseTimer, RMCConfig  # noqa: E402
+from rmc.knn import NeighbourIndex  # noqa: E402
+
+LAYER = "block3"
+# src/rmc/config.py PRESETS["default"]: k 512, max_epochs 4, lr 1e-4, calib_k 256 (batch 128, patience 5, online).
+DEFAULT_RUN = dict(k=512, max_epochs=4, lr=1e-4, calib_k=256, batch_size=128, patience=5, mode="online")
+DEFAULT_RUN_DPRIME = 20_000      # the default run's D': 20k training images x (clean + 2 PGD copies) = 60k
+
+SIZES = {  # quick / full
+    "search_ref_queries": (8, 40), "search_queries": (1000, 1000),
+    "latency_inputs": (10, 200), "scope_inputs": (12, 100), "thread_inputs": (4, 12),
+    "batched_rounds": (1, 2), "memory_steps": (10, 30),
+}
+
+
+def timed(fn, *args, **kw):
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t0
+
+
+def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> float:
+    """Best-of-`reps` FLOP/s of an n x n x n matrix product (the machine's attainable peak for this dtype)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def section_matmul(args, out):
+    peaks = {"fp32": matmul_flops(torch.float32), "bf16": matmul_flops(torch.bfloat16)}
+    out["matmul_flops"] = {k: max(v, out.get("matmul_flops", {}).get(k, 0)) for k, v in peaks.items()}
+    log(f"[matmul] {args.threads} thread(s): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
+
+
+# ------------------------------------------------------------------------------------------------ search
+def section_search(args, out, feats, q_all):
+    nref, nq = SIZES["search_ref_queries"][args.full], SIZES["search_queries"][args.full]
+    k = DEFAULT_RUN["k"]
+    idx, t_build = timed(NeighbourIndex, feats)
+    ref_rows, t_ref, t_one, t_batch = [], [], [], []
+    per_round = max(1, nref // 4)
+    got_rows = None
+    for r in range(0, nref, per_round):
+        qs = q_all[r:r + per_round]
+        for q in qs:                                              # the reference: one query at a time
+            rows, dt = timed(naive_knn, feats, q, k)
+            ref_rows.append(rows)
+            t_ref.append(dt)
+        for q in qs:                                              # rmc, one query at a time (as RMC.step)
+            t_one.append(timed(idx.search, q[None], k)[1])
+        (_, rows_b), dt = timed(idx.search, q_all[:nq], k)        # rmc, all test inputs at once (as the runner)
+        t_batch.append(dt / nq)
+        got_rows = rows_b
+    ref_rows = np.stack(ref_rows)
+    identical = int((got_rows[:nref] == ref_rows).all(1).sum())
+    same_sets = int(sum(set(a) == set(b) for a, b in zip(got_rows[:nref], ref_rows)))
+    res = {"dprime": len(feats), "dim": feats.shape[1], "k": k, "ref_queries": nref, "batch_queries": nq,
+           "ref_s_per_query": statistics.mean(t_ref), "flat_single_s_per_query": statistics.mean(t_one),
+           "flat_batched_s_per_query": statistics.mean(t_batch), "flat_build_s": t_build,
+           "identical_ordered": identical, "identical_sets": same_sets}
+    res["speedup_batched"] = res["ref_s_per_query"] / res["flat_batched_s_per_query"]
+    res["speedup_single"] = res["ref_s_per_query"] / res["flat_single_s_per_query"]
+    # Approximate: IVF, recall of the exact K neighbours.
+    exact = got_rows
+    for nprobe in (16, 64):
+        ivf, t_b = timed(NeighbourIndex, feats, "ivf", nlist=1024, nprobe=nprobe)
+        (_, rows_i), dt = timed(ivf.search, q_all[:nq], k)
+        recall = float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(rows_i, exact)]))
+        res[f"ivf_nprobe{nprobe}"] = {"build_s": t_b, "s_per_query": dt / nq, "recall_at_k": recall,
+                                      "speedup_vs_ref": res["ref_s_per_query"] / (dt / nq)}
+        del ivf
+    out["search"] = res
+    log(f"[search] |D'| = {len(feats):,}, K = {k}: reference {res['ref_s_per_query'] * 1e3:.1f} ms/query; "
+        f"FAISS flat {res['flat_batched_s_per_query'] * 1e3:.3f} ms/query batched ({res['speedup_batched']:.0f}x), "
+        f"{res['flat_single_s_per_query'] * 1e3:.2f} ms one at a time ({res['speedup_single']:.1f}x); "
+        f"identical neighbours (ordered) {identical}/{nref}, sets {same_sets}/{nref}")
+    for nprobe in (16, 64):
+        r = res[f"ivf_nprobe{nprobe}"]
+        log(f"[search] IVF nlist 1024 nprobe {nprobe}: {r['s_per_query'] * 1e3:.3f} ms/query "
+            f"({r['speedup_vs_ref']:.0f}x), recall@K {r['recall_at_k']:.4f}, build {r['build_s']:.1f} s")
+
+
+# ------------------------------------------------------------------------------------------------ latency
+def step_flops(rmc: RMC, x, feats) -> float:
+    """FLOPs of one full RMC step (adaptation, prediction, calibration), counted on a copy of `rmc`."""
+    r = copy.copy(rmc)
+    r.model = copy.deepcopy(rmc.model)
+    names = {id(p) for p in rmc.params}
+    r.params = [p for (n, p), (_, q) in zip(r.model.named_parameters(), rmc.model.named_parameters()) if id(q) in names]
+    r._head = None
+    from rmc.fastpath import fast_forward
+    r._forward = fast_forward(r.model) if rmc._forward is not rmc.model else r.model
+    r.timer = None
+    with FlopCounterMode(display=False) as fc:
+        r.step(x, feats, key=("flops", 0))
+    return float(fc.get_total_flops())
+
+
+def run_interleaved(impls: dict, x, y, feats, n: int, label: str) -> dict:
+    """Each implementation steps through the same n inputs; per input the order rotates. Returns per-impl stats."""
+    names = list(impls)
+    times = {k: [] for k in names}
+    preds = {k: [] for k in names}
+    t_start = time.perf_counter()
+    for i in range(n):
+        order = names[i % len(names):] + names[:i % len(names)]
+        for k in order:
+            p, dt = timed(impls[k], x[i:i + 1], feats[i:i + 1], i)
+            times[k].append(dt)
+            preds[k].append(p)
+        if (i + 1) % max(1, n // 10) == 0:
+            msg = ", ".join(f"{k} {statistics.mean(times[k]):.2f}s" for k in names)
+            log(f"  [{label}] {i + 1}/{n} inputs ({time.perf_counter() - t_start:.0f} s): {msg}")
+    yy = y[:n].numpy()
+    return {k: {"s_per_input": statistics.mean(times[k]), "median_s": statistics.median(times[k]),
+                "accuracy": float((np.array(preds[k]) == yy).mean()), "preds": [int(p) for p in preds[k]]}
+            for k in names}
+
+
+def rmc_impl(rmc: RMC):
+    return lambda x, f, i: rmc.step(x, f, key=i).prediction
+
+
+def section_latency(args, out, model, bank60, feats60, x, y, q):
+    n = args.n_latency or SIZES["latency_inputs"][args.full]
+    cfg = RMCConfig(**DEFAULT_RUN)
+    index = NeighbourIndex(feats60)
+    images, labels = bank60.images.numpy(), bank60.labels.numpy()
+    ref = NaiveRMC(model, images, labels, feats60, cfg, seed=0)
+    variants = {"rmc-fp32": RMC(model, bank60, index, cfg, LAYER),
+                "rmc-bf16": RMC(model, bank60, index, RMCConfig(**DEFAULT_RUN, precision="bf16"), LAYER)}
+    if args.full:
+        variants["rmc-fp32-plain"] = RMC(model, bank60, index, RMCConfig(**DEFAULT_RUN, fast_path=False), LAYER)
+    for r in variants.values():
+        r.timer = PhaseTimer()
+    impls = {"reference": lambda xi, fi, i: ref.step(xi, fi), **{k: rmc_impl(r) for k, r in variants.items()}}
+    log(f"[latency] online RMC, default-run settings {DEFAULT_RUN}, |D'| = {len(bank60):,}, {n} inputs ...")
+    res = run_interleaved(impls, x, y, q, n, "latency")
+    peak = out.get("matmul_flops", {})
+    for k, r in variants.items():
+        t = r.timer
+        flops = step_flops(r, x[:1], q[:1])
+        passes, total = t.passes() / t.steps, t.total() / t.steps
+        res[k]["profile_s_per_input"] = {p: s / t.steps for p, s in t.summary().items()}
+        res[k]["outside_passes_fraction"] = 1 - passes / total
+        res[k]["flops_per_input"] = flops
+        res[k]["flops_per_s_in_passes"] = flops / passes
+        res[k]["flops_per_s_overall"] = flops / res[k]["s_per_input"]
+        dtype = "bf16" if "bf16" in k else "fp32"
+        if peak:
+            res[k]["fraction_of_matmul_peak"] = res[k]["flops_per_s_overall"] / peak[dtype]
+            res[k]["fraction_of_fp32_matmul_peak"] = res[k]["flops_per_s_overall"] / peak["fp32"]
+            res[k]["peak_dtype"] = dtype
+        res[k]["speedup_vs_reference"] = res["reference"]["s_per_input"] / res[k]["s_per_input"]
+        res[k]["agreement_with_reference"] = float(np.mean(np.array(res[k]["preds"]) == np.array(res["reference"]["preds"])))
+    out["latency"] = {"inputs": n, "dprime": len(bank60), "settings": DEFAULT_RUN, "threads": args.threads, **res}
+    log(f"[latency] reference {res['reference']['s_per_input']:.3f} s/input, accuracy {res['reference']['accuracy']:.3f}")
+    for k in variants:
+        r = res[k]
+        frac = f", {r['fraction_of_matmul_peak'] * 100:.0f}% of the {r['peak_dtype']} matmul peak" if peak else ""
+        log(f"[latency] {k}: {r['s_per_input']:.3f} s/input ({r['speedup_vs_reference']:.2f}x faster), accuracy "
+            f"{r['accuracy']:.3f}, same class as reference {r['agreement_with_reference'] * 100:.1f}%; outside forward/"
+            f"backward {r['outside_passes_fraction'] * 100:.1f}%; {r['flops_per_input'] / 1e9:.1f} GFLOP/input at "
+            f"{r['flops_per_s_overall'] / 1e9:.1f} GFLOP/s{frac}")
+        prof = ", ".join(f"{p} {s * 1e3:.1f}" for p, s in r["profile_s_per_input"].items())
+        log(f"[latency] {k} profile (ms/input): {prof}")
+
+
+# ------------------------------------------------------------------------------------------------ scopes
+def section_scopes(args, out, model, bank60, feats60, x, y, q, x_adv, q_adv):
+    n = args.n_scopes or SIZES["scope_inputs"][args.full]
+    index = NeighbourIndex(feats60)
+    res = {}
+    for name, xs, qs in (("clean", x, q), ("pgd10", x_adv, q_adv)):
+        variants = {s: RMC(model, bank60, index, RMCConfig(**DEFAULT_RUN, scope=s), LAYER) for s in ("all", "head", "bn")}
+        variants["head-uncached"] = RMC(model, bank60, index, RMCConfig(**DEFAULT_RUN, scope="head",
+                                                                          cache_head_inputs=False), LAYER)
+        log(f"[scopes] {name}: scope all / head / bn (+ head without cached inputs), {n} inputs ...")
+        r = run_interleaved({k: rmc_impl(v) for k, v in variants.items()}, xs, y, qs, n, f"scopes {name}")
+        with torch.no_grad():
+            static = float((model(xs[:n]).argmax(1) == y[:n]).float().mean())
+        res[name] = {"static_accuracy": static, **{k: {kk: vv for kk, vv in v.items() if kk != "preds"}
+                                                    for k, v in r.items()}}
+        log(f"[scopes] {name}: static model accuracy {static:.3f}; " + "; ".join(
+            f"{k} {v['s_per_input']:.3f} s/input acc {v['accuracy']:.3f}" for k, v in r.items()))
+    out["scopes"] = {"inputs": n, **res}
+
+
+# ------------------------------------------------------------------------------------------------ threads
+def section_threads(args, out, model, bank60, feats60, x, y, q):
+    n = SIZES["thread_inputs"][args.full]
+    index = NeighbourIndex(feats60)
+    res = {}
+    for prec in ("fp32", "bf16"):
+        r = RMC(model, bank60, index, RMCConfig(**DEFAULT_RUN, precision=prec), LAYER)
+        r2 = RMC(model, bank60, index, RMCConfig(**DEFAULT_RUN, precision=prec), LAYER)
+        times = {1: [], 2: []}
+        for i in range(n):
+            for t, rr in ((1, r), (2, r2)) if i % 2 == 0 else ((2, r2), (1, r)):
+                torch.set_num_threads(t)
+                faiss.omp_set_num_threads(t)
+                times[t].append(timed(rr.step, x[i:i + 1], q[i:i + 1], i)[1])
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
+        res[prec] = {f"{t}_threads_s_per_input": statistics.mean(v) for t, v in times.items()}
+        log(f"[threads] rmc {prec}: 1 thread {res[prec]['1_threads_s_per_input']:.3f} s/input, 2 threads "
+            f"{res[prec]['2_threads_s_per_input']:.3f} s/input ({n} inputs, interleaved)")
+    out["threads"] = {"inputs": n, **res}
+
+
+# ------------------------------------------------------------------------------------------------ batched
+def section_batched(args, out, model, bank60, feats60, x, y, q):
+    b, rounds = args.batch, SIZES["batched_rounds"][args.full]
+    index = NeighbourIndex(feats60)
+    cfg = RMCConfig(**{**DEFAULT_RUN, "mode": "episodic"})
+    one = RMC(model, bank60, index, cfg, LAYER)
+    batched = BatchedEpisodic(RMC(model, bank60, index, cfg, LAYER), backend="threads", intra_op_threads=1)
+    vm = BatchedEpisodic(RMC(model, bank60, index, cfg, LAYER), backend="vmap")
+    keys = list(range(b))
+    timings = {"one_at_a_time_1thread": [], "one_at_a_time_2threads": [], "batched_threads": [], "batched_vmap": []}
+    preds = {}
+
+    def one_at_a_time(threads):
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+        try:
+            return [one.step(x[i:i + 1], q[i:i + 1], key=i).prediction for i in range(b)]
+        finally:
+            torch.set_num_threads(args.threads)
+            faiss.omp_set_num_threads(args.threads)
+
+    jobs = {"one_at_a_time_1thread": lambda: one_at_a_time(1),
+            "one_at_a_time_2threads": lambda: one_at_a_time(2),
+            "batched_threads": lambda: [r.prediction for r in batched.run(x[:b], q[:b], keys)],
+            "batched_vmap": lambda: [r.prediction for r in vm.run(x[:b], q[:b], keys)]}
+    log(f"[batched] episodic, B = {b}, {rounds} round(s), default-run settings ...")
+    for rnd in range(rounds):
+        names = list(jobs)
+        names = names[rnd % len(names):] + names[:rnd % len(names)]
+        for k in names:
+            p, dt = timed(jobs[k])
+            timings[k].append(dt)
+            preds[k] = p
+            log(f"  [batched] {k}: {b / dt:.2f} inputs/s")
+    res = {k: {"inputs_per_s": b / statistics.mean(v)} for k, v in timings.items()}
+    base = max(res["one_at_a_time_1thread"]["inputs_per_s"], res["one_at_a_time_2threads"]["inputs_per_s"])
+    for k in res:
+        res[k]["vs_best_one_at_a_time"] = res[k]["inputs_per_s"] / base
+        res[k]["same_predictions_as_one_at_a_time"] = float(np.mean(np.array(preds[k]) == np.array(preds["one_at_a_time_1thread"])))
+    out["batched"] = {"B": b, "rounds": rounds, **res}
+    log("[batched] " + "; ".join(f"{k} {v['inputs_per_s']:.2f} inputs/s ({v['vs_best_one_at_a_time']:.2f}x best "
+                                 f"one-at-a-time, same predictions {v['same_predictions_as_one_at_a_time'] * 100:.0f}%)"
+                                 for k, v in res.items()))
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def section_memory(args, out):
+    steps = SIZES["memory_steps"][args.full]
+    cmd = [sys.executable, str(Path(__file__).with_name("memory.py")), "--workdir", str(args.workdir),
+           "--steps", str(steps), "--threads", str(args.threads)]
+    log(f"[memory] {' '.join(cmd[1:])}")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        log(proc.stderr[-2000:])
+        raise SystemExit("memory benchmark failed")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["memory"] = res
+    log(f"[memory] {res}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="the README's sizes (>= 200 inputs for accuracy)")
+    ap.add_argument("--threads", type=int, default=1, help="torch and FAISS threads (default 1)")
+    ap.add_argument("--sections", default="matmul,search,latency,scopes,threads,batched,memory")
+    ap.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR))
+    ap.add_argument("--n-latency", type=int, default=None)
+    ap.add_argument("--n-scopes", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=16)
+    args = ap.parse_args(argv)
+    args.full = int(args.full)
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    sections = args.sections.split(",")
+    t0 = time.perf_counter()
+    out: dict = {"threads": args.threads, "torch": torch.__version__, "faiss": faiss.__version__,
+                 "full": bool(args.full), "sections": sections}
+
+    model, _ = get_model(args.workdir)
+    images, labels, copies, feats = get_dprime(args.workdir, model, LAYER)
+    n_train = len(images) // 4
+    n_test = max(SIZES["search_queries"][1], SIZES["latency_inputs"][1])
+    x, y, q = test_inputs(n_test, model, LAYER)
+    if "matmul" in sections:
+        section_matmul(args, out)
+    if "search" in sections:
+        section_search(args, out, np.ascontiguousarray(feats), q)
+    rows60 = subset_rows(n_train, DEFAULT_RUN_DPRIME, 3)
+    bank60 = make_bank(np.ascontiguousarray(images[rows60]), labels[rows60], copies[rows60])
+    feats60 = np.ascontiguousarray(feats[rows60])
+    if "latency" in sections:
+        section_latency(args, out, model, bank60, feats60, x, y, q)
+    if "scopes" in sections:
+        n = args.n_scopes or SIZES["scope_inputs"][args.full]
+        x_adv = pgd(model, x[:n], y[:n], 0.1, 0.025, 10, generator=torch.Generator().manual_seed(0))
+        from rmc.models import extract_features
+        q_adv = extract_features(model, LAYER, x_adv).numpy()
+        section_scopes(args, out, model, bank60, feats60, x, y, q, x_adv, q_adv)
+    if "threads" in sections:
+        section_threads(args, out, model, bank60, feats60, x, y, q)
+    if "batched" in sections:
+        section_batched(args, out, model, bank60, feats60, x, y, q)
+    if "matmul" in sections:
+        section_matmul(args, out)      # again at the end: the peak is the better of the two
+    if "memory" in sections:
+        section_memory(args, out)
+    out["bench_peak_rss_mb"] = peak_rss_mb()
+    out["seconds"] = time.perf_counter() - t0
+    path = args.workdir / ("bench-results-full.json" if args.full else "bench-results.json")
+    path.write_text(json.dumps(out, indent=1, default=float))
+    log(f"done in {out['seconds']:.0f} s; results in {path}")
+
+
+if __name__ == "__main__":
+    main()

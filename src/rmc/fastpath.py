@@ -1,0 +1,336 @@
+"""A faster forward pass of the same network for RMC's fine-tuning (same parameters, same function).
+
+`fast_forward(model)` rewrites the model's graph (torch.fx) into an equivalent one that is cheaper to train on a CPU:
+
+- **Convolution + batch-norm in inference mode** become one convolution whose weight and bias are computed from the
+  live parameters on every call (w * gamma / sqrt(var + eps), beta - mean * gamma / sqrt(var + eps)). Gradients reach
+  the convolution weight and the batch-norm affine parameters by the chain rule, exactly as before; the per-pixel
+  batch-norm pass and its backward disappear. When only the batch-norm parameters train (scope 'bn') folding would
+  make the backward compute a convolution weight gradient it otherwise skips, so that case runs unfused.
+- **ReLU then max-pooling** become max-pooling then ReLU (equal: both are monotone), so the ReLU touches 4x fewer values.
+- **ReLU then global average pooling** become one operation whose backward is a single masked broadcast.
+- Images go through in channels-last layout, the layout oneDNN's convolutions are fastest with.
+
+The returned module shares every parameter and buffer with `model` (nothing is copied), so optimising `model`'s
+parameters through it and reading `model.state_dict()` afterwards just works. It is checked against `model` on a
+sample input when built; any model the rewrite cannot handle (untraceable code, a mismatch) gets `model` itself back.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+_RELU_FUNCS = (F.relu, torch.relu, torch.relu_)
+
+
+class FoldedConvBN(nn.Module):
+    """conv -> batch-norm (inference mode) as one convolution with folded weights; shares both modules."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.conv, self.bn = conv, bn
+
+    def _foldable(self) -> bool:
+        bn = self.bn
+        if bn.training or bn.running_mean is None or bn.running_var is None:
+            return False
+        bn_trains = any(p.requires_grad for p in bn.parameters())
+        # Folding turns gradients of gamma into a convolution weight gradient: only worth it when that gradient is
+        # computed anyway (the convolution trains too) or nothing trains at all.
+        return self.conv.weight.requires_grad or not bn_trains
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self.conv, self.bn
+        if not self._foldable():
+            return bn(conv(x))
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = bn.weight * scale
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        if conv.bias is not None:
+            shift = shift + conv.bias * scale
+        weight = conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1)))
+        return conv2d_channels_last(conv, x, weight, shift)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _stem_eligible(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """A convolution with a tiny reduction (C_in x kh x kw <= 32, e.g. the first layer on grey or RGB images):
+    oneDNN runs it slowly and, with one input channel, returns a channels-first map. As a matrix product over
+    image patches it is cheaper and lands in channels-last directly."""
+    kh, kw = conv.kernel_size
+    return (x.dim() == 4 and not x.requires_grad and conv.groups == 1 and _pair(conv.dilation) == (1, 1)
+            and not isinstance(conv.padding, str) and conv.in_channels * kh * kw <= 32)
+
+
+def _patches(x: torch.Tensor, kernel, stride, padding, dtype: torch.dtype,
+             ones: bool) -> tuple[torch.Tensor, int, int]:
+    """im2col: (N * H_out * W_out) x (C * kh * kw [+ 1]) in the order of a convolution weight's flattening, with a
+    trailing column of ones when `ones` (so the bias rides along in the same matrix product, forward and backward)."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    n, c = x.shape[:2]
+    p = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    win = p.unfold(2, kh, sh).unfold(3, kw, sw)             # N, C, Ho, Wo, kh, kw
+    ho, wo = win.shape[2], win.shape[3]
+    k = c * kh * kw
+    cols = torch.empty(n, ho, wo, k + int(ones), dtype=dtype)
+    cols[..., :k].view(n, ho, wo, c, kh, kw).copy_(win.permute(0, 2, 3, 1, 4, 5))
+    if ones:
+        cols[..., k] = 1
+    return cols.view(n * ho * wo, k + int(ones)), ho, wo
+
+
+class _PatchConv(torch.autograd.Function):
+    """Convolution as patches @ weight^T, output channels-last; the input needs no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, kernel, stride, padding):
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        cols, ho, wo = _patches(x, kernel, stride, padding, dtype, bias is not None)
+        w2 = weight.reshape(weight.shape[0], -1)
+        if bias is not None:
+            w2 = torch.cat([w2, bias[:, None]], 1)
+        out = cols @ w2.to(dtype).t()
+        ctx.save_for_backward(cols)
+        ctx.meta = (weight.shape, weight.dtype, bias is not None)
+        return out.view(x.shape[0], ho, wo, -1).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (cols,) = ctx.saved_tensors
+        wshape, wdtype, has_bias = ctx.meta
+        g2 = grad.permute(0, 2, 3, 1).reshape(-1, wshape[0])   # a view when grad is channels-last
+        gw_all = (cols.t() @ g2.to(cols.dtype)).t().to(wdtype)  # C_out x (K [+ 1])
+        k = gw_all.shape[1] - int(has_bias)
+        gw = gw_all[:, :k].reshape(wshape) if ctx.needs_input_grad[1] else None
+        gb = gw_all[:, k].contiguous() if has_bias and ctx.needs_input_grad[2] else None
+        return None, gw, gb, None, None, None
+
+
+def conv2d_channels_last(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    """`conv`'s convolution with the given weight and bias, returning a channels-last map."""
+    if _stem_eligible(conv, x):
+        return _PatchConv.apply(x, weight, bias, conv.kernel_size, conv.stride, _pair(conv.padding))
+    if x.dim() == 4:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    return conv._conv_forward(x, weight, bias)
+
+
+class _ReluGlobalAvgPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        out = torch.relu(x)
+        ctx.save_for_backward(out)
+        return out.mean((2, 3), keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        scaled = (grad / (out.shape[2] * out.shape[3])).to(out.dtype)
+        return torch.ops.aten.threshold_backward(scaled.expand_as(out), out, 0)
+
+
+def relu_global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """relu(x) averaged over the spatial dimensions (N x C x 1 x 1), with a one-pass backward."""
+    return _ReluGlobalAvgPool.apply(x)
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCS and len(node.args) == 1 and not node.kwargs.get("inplace", False)
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_") and len(node.args) == 1
+    return False
+
+
+def _module(gm: fx.GraphModule, node: fx.Node, cls) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    m = gm.get_submodule(node.target)
+    return m if isinstance(m, cls) else None
+
+
+def _global_pool(m: nn.Module | None) -> bool:
+    return isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))
+
+
+def rewrite(model: nn.Module) -> fx.GraphModule:
+    """The rewritten graph (raises if the model cannot be traced)."""
+    gm = fx.symbolic_trace(model)
+    graph = gm.graph
+    n_fold = 0
+    for node in list(graph.nodes):
+        bn = _module(gm, node, nn.BatchNorm2d)
+        if bn is None or len(node.args) != 1 or node.kwargs:
+            continue
+        src = node.args[0]
+        conv = _module(gm, src, nn.Conv2d) if isinstance(src, fx.Node) else None
+        if conv is None or len(src.users) != 1 or conv.padding_mode != "zeros" or bn.num_features != conv.out_channels:
+            continue
+        name = f"_rmc_folded_{n_fold}"
+        n_fold += 1
+        gm.add_submodule(name, FoldedConvBN(conv, bn))
+        with graph.inserting_after(node):
+            fused = graph.call_module(name, src.args, src.kwargs)
+        node.replace_all_uses_with(fused)
+        graph.erase_node(node)
+        graph.erase_node(src)
+    for node in list(graph.nodes):
+        if not _is_relu(gm, node) or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        src = node.args[0]
+        if not isinstance(src, fx.Node):
+            continue
+        if _module(gm, user, nn.MaxPool2d) is not None and len(user.args) == 1 and not user.kwargs:
+            if gm.get_submodule(user.target).return_indices:
+                continue
+            with graph.inserting_before(user):
+                pooled = graph.call_module(user.target, (src,))
+                relu = graph.call_function(F.relu, (pooled,))
+            user.replace_all_uses_with(relu)
+            graph.erase_node(user)
+            graph.erase_node(node)
+        elif _global_pool(_module(gm, user, nn.AdaptiveAvgPool2d)) and len(user.args) == 1 and not user.kwargs:
+            with graph.inserting_before(user):
+                fused = graph.call_function(relu_global_avg_pool, (src,))
+            user.replace_all_uses_with(fused)
+            graph.erase_node(user)
+            graph.erase_node(node)
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            with graph.inserting_after(node):
+                cl = graph.call_function(to_channels_last, (node,))
+            node.replace_all_uses_with(cl, delete_user_cb=lambda u: u is not cl)
+            break
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def fast_forward(model: nn.Module, sample: torch.Tensor | None = None, rtol: float = 1e-4) -> nn.Module:
+    """An equivalent, faster module sharing `model`'s parameters; `model` itself when the rewrite does not apply.
+
+    `sample` (a few inputs) checks the rewrite: its outputs must match `model`'s (relative error <= rtol).
+    """
+    try:
+        fast = rewrite(model)
+    except Exception as e:   # untraceable Python control flow and the like: the plain model still works
+        warnings.warn(f"rmc: fast path unavailable for {type(model).__name__} ({type(e).__name__}: {e}); "
+                      "fine-tuning runs the model as it is")
+        return model
+    if sample is not None:
+        with torch.no_grad():
+            want, got = model(sample), fast(sample)
+        err = (want - got).abs().max().item()
+        scale = max(want.abs().max().item(), 1.0)
+        if not torch.isfinite(got).all() or err > rtol * scale:
+            warnings.warn(f"rmc: fast path of {type(model).__name__} differs from the model (max error {err:.3g}); "
+                          "fine-tuning runs the model as it is")
+            return model
+    return fast
+
+
+__all__ = ["FoldedConvBN", "fast_forward", "relu_global_avg_pool", "rewrite"]
+
+
+# ---------------------------------------------------------------- splitting a model at its feature layer
+
+class _LeafAt(fx.Tracer):
+    def __init__(self, layer: str):
+        super().__init__()
+        self.layer = layer
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname == self.layer or super().is_leaf_module(m, qualname)
+
+
+class HeadSplit:
+    """`model` cut after `layer`: backbone(x) is that layer's output, head(h) the rest, head(backbone(x)) = model(x).
+
+    `pooled_input`: the head begins with global average pooling, so it gives the same result on the pooled features
+    (N x C, reshaped to N x C x 1 x 1) as on the full map, and the stored neighbour features can stand in for it.
+    Both parts share `model`'s parameters.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, pooled_input: bool):
+        self.backbone, self.head, self.pooled_input = backbone, head, pooled_input
+
+    def head_input(self, features: torch.Tensor) -> torch.Tensor:
+        """The head's input from stored (pooled) features."""
+        return features[:, :, None, None] if self.pooled_input else features
+
+
+def split_at(model: nn.Module, layer: str) -> HeadSplit | None:
+    """The model split after `layer`, or None when the rest of the network also reads earlier values (a skip
+    connection around the layer), the layer runs more than once, or the model cannot be traced."""
+    try:
+        graph = _LeafAt(layer).trace(model)
+    except Exception:
+        return None
+    gm = fx.GraphModule(model, graph)
+    cut = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
+    if len(cut) != 1:
+        return None
+    cut = cut[0]
+    before, seen = set(), False
+    for node in graph.nodes:
+        if node is cut:
+            seen = True
+        elif not seen:
+            before.add(node)
+    # The head may use the cut, constants and parameters, never another value computed before the cut.
+    for node in graph.nodes:
+        if node in before or node is cut:
+            continue
+        for arg in node.all_input_nodes:
+            if arg in before and arg.op != "get_attr":
+                return None
+
+    back = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        if node in before or node is cut:
+            env[node] = back.node_copy(node, lambda a: env[a])
+    back.output(env[cut])
+    head = fx.Graph()
+    env = {}
+
+    def arg(a: fx.Node) -> fx.Node:
+        if a not in env:                       # a parameter or buffer read before the cut: read it here too
+            env[a] = head.node_copy(a)
+        return env[a]
+
+    for node in graph.nodes:
+        if node is cut:
+            env[node] = head.placeholder("h")
+        elif node not in before:
+            env[node] = head.node_copy(node, arg)
+    head_gm = fx.GraphModule(gm, head)
+    users = list(cut.users)
+    pooled = False
+    if len(users) == 1:
+        u = users[0]
+        if u.op == "call_module":
+            pooled = _global_pool(gm.get_submodule(u.target))
+        elif u.op == "call_function" and u.target is F.adaptive_avg_pool2d:
+            size = u.args[1] if len(u.args) > 1 else u.kwargs.get("output_size")
+            pooled = size in (1, (1, 1), [1, 1])
+    return HeadSplit(fx.GraphModule(gm, back), head_gm, pooled)

@@ -1,0 +1,294 @@
+"""Defense-aware attacks (FPA, GMSA-AVG, GMSA-MIN) on RMC, the AutoAttack wrapper, and the attack rows."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rmc.attacks.adaptive import (AdaptedModels, AdaptiveConfig, attack_input, attack_stream, commit, ensemble_loss,
+                                  initial_candidates, restore_state, save_state, trial)
+from rmc.attacks.autoattack import autoattack
+from rmc.config import load_config
+from rmc.core import RMC, Mode, RMCConfig
+from rmc.errors import RMCError
+from rmc.evalsets import EvalSet
+from rmc.evaluation import adaptive as ev
+from rmc.evaluation.runner import BaseModel
+from rmc.knn import NeighbourIndex
+from rmc.models import extract_features
+
+
+@pytest.fixture(scope="module")
+def broken(tiny_trained):
+    """The static model with its last layer zeroed: it predicts class 0 for everything and its loss has zero
+    gradient with respect to the input, so PGD against it (the transfer attack) is only its random start. Its
+    features are intact, so RMC, which fine-tunes all layers on correctly labelled neighbours, recovers."""
+    model = copy.deepcopy(tiny_trained)
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.bias.zero_()
+    return model.eval()
+
+
+def _rmc(model, bank, feats, **kw):
+    cfg = RMCConfig(**{"k": 128, "lr": 1e-2, "max_epochs": 10, "patience": 3, "batch_size": 32, "calib_k": 96,
+                       "calib_flip": False, **kw})
+    return RMC(model, bank, NeighbourIndex(feats), cfg, "block3")
+
+
+def _states_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _score(model, bank, feats, images, keys, **kw):
+    """Predictions of a fresh RMC run over `images` in order."""
+    r = _rmc(model, bank, feats, **kw)
+    q = extract_features(model, "block3", images).numpy()
+    return torch.tensor([r.step(images[i:i + 1], q[i:i + 1], key=keys[i]).prediction for i in range(len(images))])
+
+
+@pytest.mark.parametrize("mode", ["online", "episodic"])
+def test_trial_then_commit_is_exactly_one_rmc_step(tiny_trained, tiny_bank, digits, mode):
+    # The attack's rounds skip calibration and finish only the chosen one; that must equal RMC.step bit for bit.
+    bank, feats = tiny_bank
+    x = digits[1].float_images()[:2]
+    q = extract_features(tiny_trained, "block3", x).numpy()
+    a, b = _rmc(tiny_trained, bank, feats, mode=mode), _rmc(tiny_trained, bank, feats, mode=mode)
+    for i in range(2):
+        res = a.step(x[i:i + 1], q[i:i + 1], key=("s", i), keep_adapted=True)
+        t = trial(b, x[i:i + 1], q[i:i + 1], ("s", i))
+        assert t.logits.tolist() == res.logits and _states_equal(t.adapted, res.adapted_state)
+        calib = commit(b, t)
+        assert calib == res.calib_epochs and b.steps_done == a.steps_done
+        assert _states_equal(a.state_dict(), b.state_dict())
+    assert mode == "episodic" or calib > 0
+
+
+def test_state_save_restore_is_exact(tiny_trained, tiny_bank, digits):
+    bank, feats = tiny_bank
+    x = digits[1].float_images()[:2]
+    q = extract_features(tiny_trained, "block3", x).numpy()
+    r = _rmc(tiny_trained, bank, feats)
+    r.step(x[:1], q[:1], key=0)                     # a drifted online state, not the static one
+    before = {k: v.clone() for k, v in r.model.state_dict().items()}
+    snap = save_state(r)
+    r.step(x[1:], q[1:], key=1)
+    assert not _states_equal(before, r.model.state_dict()) and r.steps_done == 2
+    restore_state(r, snap)
+    assert _states_equal(before, r.model.state_dict()) and r.steps_done == 1
+    snap.state[next(iter(snap.state))].add_(1.0)   # the snapshot is a copy, not a view of the live weights
+    assert _states_equal(before, r.model.state_dict())
+
+
+def test_attack_input_leaves_rmc_as_if_it_had_seen_only_the_chosen_candidate(broken, tiny_bank, digits):
+    """Every round is undone exactly: after the attack, RMC's state is what one step on the chosen candidate
+    from the saved state gives, and its verdict during the attack is the one a fresh run reproduces."""
+    bank, feats = tiny_bank
+    test = digits[1]
+    x, y = test.float_images()[:4], test.labels[:4]
+    acfg = AdaptiveConfig(rounds=3, steps=5, eps=0.5)
+    attacked, replay = _rmc(broken, bank, feats), _rmc(broken, bank, feats)
+    chosen_rounds = []
+    for i in range(len(x)):
+        res = attack_input(attacked, broken, "block3", x[i:i + 1], int(y[i]), "gmsa-min", acfg, key=i)
+        chosen_rounds.append(res.chosen_round)
+        q = extract_features(broken, "block3", res.x_adv).numpy()
+        step = replay.step(res.x_adv, q, key=i)
+        assert step.logits == res.logits and step.prediction == res.prediction
+        assert _states_equal(attacked.state_dict(), replay.state_dict())
+        assert attacked.steps_done == replay.steps_done == i + 1
+        assert (res.x_adv - x[i:i + 1]).abs().max() <= 0.5 + 1e-6 and 0 <= res.x_adv.min() <= res.x_adv.max() <= 1
+        assert len(res.rounds) == 3 or res.rounds[-1].margin < 0       # stops early only on success
+    assert max(chosen_rounds) > 1     # later rounds (run after restores) were chosen, so the check above bites
+
+
+@pytest.fixture(scope="module")
+def transfer_case(broken, tiny_bank, digits):
+    """16 test digits, the transfer PGD set against the broken static model, and RMC's accuracy on it."""
+    bank, feats = tiny_bank
+    test = digits[1]
+    x, y = test.float_images()[:16], test.labels[:16]
+    acfg = AdaptiveConfig(rounds=3, steps=10, eps=0.3)
+    keys = list(range(len(x)))
+    transfer = initial_candidates(broken, x, y, acfg)
+    assert (broken(x).argmax(1) == y).float().mean() < 0.2                          # the static model is broken
+    assert (_score(broken, bank, feats, x, keys, mode="episodic") == y).float().mean() >= 0.9   # RMC recovers
+    transfer_acc = (_score(broken, bank, feats, transfer, keys, mode="episodic") == y).float().mean().item()
+    return x, y, keys, acfg, transfer_acc
+
+
+@pytest.mark.parametrize("kind", ["fpa", "gmsa-avg", "gmsa-min"])
+def test_defense_aware_attacks_beat_the_transfer_attack(broken, tiny_bank, transfer_case, kind):
+    """Transfer PGD against the broken static model has no gradient to follow, so RMC (which recovers) stays
+    accurate on it; the defense-aware attacks follow the adapted models' gradients and must do much better."""
+    bank, feats = tiny_bank
+    x, y, keys, acfg, transfer_acc = transfer_case
+    res = attack_stream(_rmc(broken, bank, feats, mode="episodic"), broken, "block3", x, y, kind, acfg, keys)
+    rescored = _score(broken, bank, feats, res.images, keys, mode="episodic")
+    assert rescored.tolist() == res.predictions          # the fresh run confirms the attack's verdicts
+    attack_acc = (rescored == y).float().mean().item()
+    assert transfer_acc >= 0.8 and attack_acc <= transfer_acc - 0.5, (transfer_acc, attack_acc)
+    assert (res.images - x).abs().max() <= 0.3 + 1e-6
+
+
+def test_cross_entropy_gradient_vanishes_on_an_overconfident_adapted_model_margin_does_not(broken, tiny_bank, digits):
+    # Why the default loss is the margin: fine-tuning on neighbours that all share a label makes the adapted
+    # network so confident that the cross-entropy's input gradient underflows to zero, and PGD stalls.
+    bank, feats = tiny_bank
+    x = digits[1].float_images()[:1]
+    y = digits[1].labels[:1]
+    r = _rmc(broken, bank, feats, mode="episodic")
+    t = trial(r, x, extract_features(broken, "block3", x).numpy(), 0)
+    assert int(t.logits.argmax()) == int(y)
+    model = AdaptedModels(r.model, [t.adapted])
+    grads = {}
+    for loss in ("ce", "margin"):
+        xg = x.clone().requires_grad_(True)
+        (grads[loss],) = torch.autograd.grad(ensemble_loss("fpa", loss)(model(xg), y).sum(), xg)
+    assert grads["ce"].abs().max() == 0 and grads["margin"].abs().max() > 0
+
+
+def test_ensemble_losses_and_functional_models(tiny_trained):
+    logits = torch.tensor([[[4.0, 0.0], [0.0, 4.0]]])     # 1 input, 2 models: one right, one wrong (label 0)
+    y = torch.tensor([0])
+    ce = torch.nn.functional.cross_entropy(logits[0], torch.tensor([0, 0]), reduction="none")
+    assert torch.allclose(ensemble_loss("gmsa-avg", "ce")(logits, y), ce.mean())
+    assert torch.allclose(ensemble_loss("gmsa-min", "ce")(logits, y), ce.min())   # min: the model hardest to fool
+    assert torch.allclose(ensemble_loss("fpa", "ce")(logits[:, :1], y), ce[:1])
+    margins = torch.tensor([-4.0, 4.0])                   # best other logit minus the true one, per model
+    assert torch.allclose(ensemble_loss("gmsa-avg", "margin")(logits, y), margins.mean())
+    assert torch.allclose(ensemble_loss("gmsa-min", "margin")(logits, y), margins.min())
+    other = copy.deepcopy(tiny_trained)
+    with torch.no_grad():
+        other.fc.bias.add_(1.0)
+    states = [tiny_trained.state_dict(), other.state_dict()]
+    x = torch.rand(3, 1, 8, 8)
+    out = AdaptedModels(copy.deepcopy(tiny_trained), states)(x)
+    assert out.shape == (3, 2, 10)
+    assert torch.allclose(out[:, 0], tiny_trained(x), atol=1e-6) and torch.allclose(out[:, 1], other(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"attacks": ["cw"]}, "unknown defense-aware attack"), ({"attacks": ["fpa", "fpa"]}, "repeats"),
+    ({"rounds": 0}, "adaptive.rounds"), ({"steps": 2.5}, "adaptive.steps"), ({"eps": 8}, "larger than"),
+    ({"eps": -0.1}, "adaptive.eps"), ({"step_size": 0}, "adaptive.step_size"), ({"n": 0}, "adaptive.n"),
+    ({"seed": -1}, "adaptive.seed"), ({"loss": "dlr"}, "adaptive.loss")])
+def test_bad_attack_settings_are_refused_in_one_line(bad, match):
+    with pytest.raises(RMCError, match=match) as e:
+        AdaptiveConfig(**bad)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_settings_from_config_and_calls(tiny_trained, tiny_bank):
+    with pytest.raises(RMCError, match="unknown defense-aware attack 'bpda'"):
+        load_config(overrides=[("adaptive.attacks", ["bpda"])])
+    with pytest.raises(RMCError, match=r"unknown config key .*adaptive\.round;"):
+        load_config(overrides=[("adaptive.round", 3)])
+    assert load_config(overrides=[("adaptive.attacks", "fpa")]).adaptive.attacks == ["fpa"]
+    bank, feats = tiny_bank
+    r = _rmc(tiny_trained, bank, feats)
+    with pytest.raises(RMCError, match="unknown defense-aware attack 'gmsa'"):
+        attack_input(r, tiny_trained, "block3", torch.rand(1, 1, 8, 8), 0, "gmsa", AdaptiveConfig(), key=0)
+    with pytest.raises(RMCError, match="one input"):
+        attack_input(r, tiny_trained, "block3", torch.rand(2, 1, 8, 8), 0, "fpa", AdaptiveConfig(), key=0)
+    with pytest.raises(RMCError, match="larger than"):
+        autoattack(tiny_trained, torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), eps=3, n_classes=10)
+
+
+def test_autoattack_runs_and_beats_nothing_less_than_pgd(tiny_trained, digits):
+    test = digits[1]
+    x, y = test.float_images()[:8], test.labels[:8]
+    adv = autoattack(tiny_trained, x, y, eps=0.3, n_classes=10, seed=0)
+    assert adv.shape == x.shape and (adv - x).abs().max() <= 0.3 + 1e-6 and 0 <= adv.min() <= adv.max() <= 1
+    with torch.no_grad():
+        assert (tiny_trained(x).argmax(1) == y).float().mean() >= 0.75
+        assert (tiny_trained(adv).argmax(1) == y).float().mean() <= 0.125
+
+
+# -- the attack rows of the report ---------------------------------------------------------------------------
+def _base_and_sets(model, feats, digits, n):
+    test = digits[1]
+    x, y = test.float_images()[:n], test.labels[:n]
+    clean = EvalSet("clean", x, y, None, torch.arange(n), {"kind": "clean", "dataset": "digits", "n": n, "seed": 0,
+                                                           "source_model_sha256": "b" * 64})
+    return BaseModel("standard", model, "b" * 64, "block3", feats), [clean]
+
+
+def test_attack_rows_resume_after_interruption_and_fill_the_table(broken, tiny_bank, digits, tmp_path, monkeypatch):
+    bank, feats = tiny_bank
+    base, sets = _base_and_sets(broken, feats, digits, 5)
+    cfg = _rmc(broken, bank, feats).cfg                       # online
+    acfg = AdaptiveConfig(attacks=["fpa"], rounds=2, steps=5, eps=0.5)
+    full = ev.evaluate_attacks(base, bank, sets, cfg, acfg, tmp_path / "a", 10, progress=False, log=lambda s: None)
+
+    calls = {"n": 0}
+    real = ev.attack_input
+
+    def dies_after_three(*a, **k):
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(ev, "attack_input", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate_attacks(base, bank, sets, cfg, acfg, tmp_path / "b", 10, progress=False, log=lambda s: None)
+    stream = tmp_path / "b" / "standard" / "fpa-r2-margin-pgd5-eps0.5" / "attack.jsonl"
+    assert len(stream.read_text().splitlines()) == 3
+    monkeypatch.setattr(ev, "attack_input", real)
+    resumed = ev.evaluate_attacks(base, bank, sets, cfg, acfg, tmp_path / "b", 10, progress=False, log=lambda s: None)
+
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
+    for a, b in zip(full, resumed):
+        assert a.label == b.label and a.kind == b.kind
+        assert {d: strip(r) for d, r in a.records.items()} == {d: strip(r) for d, r in b.records.items()}
+    assert [r.kind for r in full] == ["transfer", "defense-aware", "worst case"]
+    fpa = full[1]
+    assert fpa.info["rescore_agrees"] == 5 and set(fpa.records) == {"rmc"}   # a defense-aware row: RMC only
+    attack_log = [json.loads(line) for line in stream.read_text().splitlines()]
+    assert [r["index"] for r in attack_log] == list(range(5)) and all(r["rounds"] in (1, 2) for r in attack_log)
+
+    worst = full[-1].records["rmc"]
+    for row in full[:-1]:
+        for w, r in zip(worst, row.records["rmc"]):
+            assert not (r["pred"] != r["label"] and w["pred"] == w["label"])   # worst case is never better
+    table = ev.attack_table({"standard": full})
+    text = table.markdown()
+    assert "[transfer]" in text and "[defense-aware]" in text and "[worst case]" in text
+    assert "dynamic defense" in text and "RobustBench" in text
+    assert table.columns == ["None", "RMC"]
+    assert table.rows[f"{fpa.label} [defense-aware]"].keys() == {"RMC"}
+
+
+def test_worst_case_counts_an_input_only_if_every_row_gets_it_right():
+    rec = lambda preds: [{"index": i, "label": 1, "pred": p} for i, p in enumerate(preds)]  # noqa: E731
+    rows = [ev.AttackRow("a", "a", "transfer", {"rmc": rec([1, 1, 0]), "undefended": rec([0, 1, 1])}),
+            ev.AttackRow("b", "b", "defense-aware", {"rmc": rec([1, 2, 1])})]
+    w = ev.worst_case(rows, {"rmc": rec([1, 1, 1, 1]), "undefended": rec([1, 1, 3, 1])}, 3)
+    assert [r["pred"] for r in w.records["rmc"]] == [1, 2, 0]
+    assert [r["pred"] for r in w.records["undefended"]] == [0, 1, 3]
+    assert w.kind == "worst case" and "clean" in w.label
+
+
+def test_cli_flags_set_the_adaptive_section():
+    from rmc.cli import build_parser
+    from rmc.commands.evaluate import attack_overrides
+    parser = build_parser()
+    common = ["run", "--out", "x"]
+    args = parser.parse_args(common + ["--attacks", "fpa", "autoattack", "--rounds", "3", "--attack-eps", "8/255",
+                                       "--attack-n", "7"])
+    a = load_config(overrides=attack_overrides(args)).adaptive
+    assert (a.attacks, a.autoattack, a.transfer_pgd, a.rounds, a.n) == (["fpa"], True, True, 3, 7)
+    assert a.eps == pytest.approx(8 / 255)
+    a = load_config(overrides=attack_overrides(parser.parse_args(common + ["--attacks", "none"]))).adaptive
+    assert a.attacks == [] and not a.autoattack and a.transfer_pgd
+    a = load_config(overrides=attack_overrides(parser.parse_args(common + ["--no-attack-rows"]))).adaptive
+    assert not ev.wants_attack_rows(a)
+    with pytest.raises(RMCError, match="--attacks none"):
+        attack_overrides(parser.parse_args(common + ["--attacks", "none", "fpa"]))
+    with pytest.raises(RMCError, match="--attack-eps"):
+        attack_overrides(parser.parse_args(common + ["--attack-eps", "eight"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(common + ["--attacks", "bpda"])
