@@ -103,16 +103,17 @@ def test_bad_fgsm_eps_raises(digits_model):
 def test_pgd_matches_torchattacks_on_fashion_mnist():
     torchattacks = pytest.importorskip("torchattacks")
     train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
-    cfg = TrainConfig(epochs=1, batch_size=256, train_subset=12000, seed=0)
+    cfg = TrainConfig(epochs=1, batch_size=256, train_subset=20000, seed=0)
     model, info = train_model(train, test, cfg, progress=False)
     assert info.test_accuracy > 0.75
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:500]
     x, y = test.float_images()[idx], test.labels[idx]
-    eps, step, steps = 0.1, 0.01, 10
-    ours = pgd(model, x, y, eps, step, steps, random_start=False)
-    theirs = torchattacks.PGD(model, eps=eps, alpha=step, steps=steps, random_start=False)(x, y)
-    acc_ours, acc_theirs = accuracy(model, ours, y), accuracy(model, theirs, y)
-    assert (theirs - x).abs().max() <= eps + 1e-6
-    # Same algorithm: robust accuracies agree within one point (sum vs mean loss only changes rounding).
-    assert abs(acc_ours - acc_theirs) <= 0.01, (acc_ours, acc_theirs)
-    assert acc_ours < info.test_accuracy - 0.3
+    # eps 0.1 is the budget used elsewhere; 0.03 leaves robust accuracy mid-range, where a difference shows.
+    for eps, step in ((0.1, 0.01), (0.03, 0.003)):
+        ours = pgd(model, x, y, eps, step, 10, random_start=False)
+        theirs = torchattacks.PGD(model, eps=eps, alpha=step, steps=10, random_start=False)(x, y)
+        acc_ours, acc_theirs = accuracy(model, ours, y), accuracy(model, theirs, y)
+        assert (theirs - x).abs().max() <= eps + 1e-6
+        # Same algorithm: robust accuracies agree within one point (sum vs mean loss only changes rounding).
+        assert abs(acc_ours - acc_theirs) <= 0.01, (eps, acc_ours, acc_theirs)
+        assert acc_ours < info.test_accuracy - 0.2

@@ -12,12 +12,12 @@ ray = pytest.importorskip("ray")
 
 from rmc import distributed  # noqa: E402
 from rmc.cli import main as cli_main  # noqa: E402
-from rmc.core import Bank, Mode, RMCConfig  # noqa: E402
+from rmc.core import RMCConfig  # noqa: E402
 from rmc.distributed import build_augmented_distributed, evaluate_distributed  # noqa: E402
 from rmc.evalsets import EvalSet, save_eval_sets  # noqa: E402
 from rmc.evaluation.runner import BaseModel, evaluate  # noqa: E402
 from rmc.models import ModelInfo, save_checkpoint  # noqa: E402
-from rmc.store import AugmentConfig, build_augmented, open_store  # noqa: E402
+from rmc.store import AugmentConfig, build_augmented  # noqa: E402
 
 pytestmark = pytest.mark.slow   # starts Ray once (~10 s) and runs a few dozen RMC steps on 2 workers
 

@@ -48,7 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_ray_arguments(p)
 
 
+def check_ray_arguments(args) -> None:
+    if getattr(args, "workers", None) is not None and args.ray is None:
+        raise RMCError("--workers only applies with --ray (add --ray to run on a local Ray)")
+
+
 def main(args) -> int:
+    check_ray_arguments(args)
     config = AugmentConfig(steps=tuple(args.steps), eps=parse_number(args.eps, "--eps"),
                            step_size=parse_number(args.step_size, "--step-size"),
                            random_start=not args.no_random_start, seed=args.seed, chunk_size=args.chunk_size,

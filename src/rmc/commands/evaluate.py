@@ -4,7 +4,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from rmc.commands.augment import add_ray_arguments
+from rmc.commands.augment import add_ray_arguments, check_ray_arguments
 from rmc.config import load_config, parse_override, to_dict
 from rmc.core import Bank
 from rmc.evalsets import load_eval_sets
@@ -70,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    check_ray_arguments(args)
     overrides = [parse_override(s) for s in args.set] + ([("rmc.mode", args.mode)] if args.mode else [])
     overrides += attack_overrides(args)
     cfg = load_config(args.config, args.preset, overrides)

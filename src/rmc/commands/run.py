@@ -3,7 +3,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rmc.commands.augment import add_ray_arguments
+from rmc.commands.augment import add_ray_arguments, check_ray_arguments
 from rmc.commands.evaluate import add_attack_arguments, attack_overrides
 from rmc.config import documented_yaml, load_config, parse_override
 from rmc.pipeline import run_pipeline
@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    check_ray_arguments(args)
     overrides = [parse_override(s) for s in args.set]
     if args.seed is not None:
         overrides += [(f"{section}.seed", args.seed) for section in ("train", "augment", "attack", "rmc", "adaptive")]
