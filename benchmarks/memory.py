@@ -2,7 +2,7 @@
 
 Opens D' as the pipeline does (images memory-mapped uint8, features memory-mapped float32), builds the exact FAISS
 index, searches all test inputs at once, then runs online RMC (default-run settings) on `--steps` inputs. Prints one
-JSON line: resident memory (MB) after each stage and the peak (ru_maxrss), with the sizes of the files involved.
+JSON line: resident memory (MB) after each stage and the peak (VmHWM), with the sizes of the files involved.
 """
 
 from __future__ import annotations
@@ -16,12 +16,21 @@ import numpy as np
 import torch
 
 
-def rss_mb() -> float:
+def _status(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_mb() -> float:
+    return _status("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    """This process's resident high-water mark (VmHWM; unlike ru_maxrss it does not inherit the parent's peak)."""
+    return _status("VmHWM")
 
 
 def main():
@@ -34,30 +43,36 @@ def main():
     import faiss
     faiss.omp_set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import get_model, make_bank, peak_rss_mb, test_inputs
+    from common import get_model, make_bank, test_inputs
 
     from rmc.core import RMC, RMCConfig
     from rmc.knn import NeighbourIndex
     stages = {"start": rss_mb()}
+    peaks = {}
     model, _ = get_model(args.workdir)
     images = np.load(args.workdir / "images.npy", mmap_mode="c")
     labels, copies = np.load(args.workdir / "labels.npy"), np.load(args.workdir / "copy.npy")
     feats = np.load(args.workdir / "features.npy", mmap_mode="c")
     bank = make_bank(images, labels, copies)
     stages["opened"] = rss_mb()
+    peaks["opened"] = peak_rss_mb()
     index = NeighbourIndex(feats)
     stages["index"] = rss_mb()
+    peaks["index"] = peak_rss_mb()
     del feats                       # the index holds the only copy the search needs
     stages["index_features_unmapped"] = rss_mb()
+    peaks["index_features_unmapped"] = peak_rss_mb()
     x, y, q = test_inputs(max(args.steps, 100), model, "block3")
     rows = index.search(q, 512)[1]
     stages["searched"] = rss_mb()
+    peaks["searched"] = peak_rss_mb()
     rmc = RMC(model, bank, index, RMCConfig(k=512, max_epochs=4, lr=1e-4, calib_k=256), "block3")
     for i in range(args.steps):
         rmc.step(x[i:i + 1], q[i:i + 1], key=i, rows=rows[i])
     stages["after_steps"] = rss_mb()
+    peaks["after_steps"] = peak_rss_mb()
     out = {"dprime": len(images), "steps": args.steps, "rss_mb": {k: round(v, 1) for k, v in stages.items()},
-           "peak_rss_mb": round(peak_rss_mb(), 1),
+           "peak_rss_mb": round(peak_rss_mb(), 1), "peak_after_mb": {k: round(v, 1) for k, v in peaks.items()},
            "images_file_mb": round(images.nbytes / 2 ** 20, 1), "features_mb": round(len(images) * 128 * 4 / 2 ** 20, 1)}
     print(json.dumps(out))
 

@@ -18,6 +18,8 @@ Same hyperparameters as `rmc.core.RMCConfig`; its own random draws (so the two d
 from __future__ import annotations
 
 import copy
+import time
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -81,6 +83,21 @@ class NaiveRMC:
         self.images, self.labels, self.features, self.cfg = images, labels, features, cfg
         self.rng = np.random.default_rng(seed)
         self.per_feature = per_feature_search
+        self.seconds: dict[str, float] = defaultdict(float)   # search, data, train (forward+backward+Adam), validation
+        self.steps = 0
+
+    def _timed_batches(self, loader):
+        """The loader's batches, the time spent producing them counted as 'data'."""
+        it = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                self.seconds["data"] += time.perf_counter() - t0
+                return
+            self.seconds["data"] += time.perf_counter() - t0
+            yield batch
 
     def fit(self, x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, augment: bool) -> int:
         cfg = self.cfg
@@ -90,16 +107,20 @@ class NaiveRMC:
             g = torch.Generator().manual_seed(int(self.rng.integers(2 ** 62)))
             train = DataLoader(ExampleDataset(x, y, augment, cfg.calib_flip, self.rng), batch_size=cfg.batch_size,
                                shuffle=True, generator=g)
-            for xb, yb in train:
+            for xb, yb in self._timed_batches(train):
+                t0 = time.perf_counter()
                 loss = F.cross_entropy(self.model(xb), yb)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                self.seconds["train"] += time.perf_counter() - t0
             total, count = 0.0, 0
             with torch.no_grad():
-                for xb, yb in DataLoader(ExampleDataset(xv, yv), batch_size=cfg.batch_size):
+                for xb, yb in self._timed_batches(DataLoader(ExampleDataset(xv, yv), batch_size=cfg.batch_size)):
+                    t0 = time.perf_counter()
                     total += F.cross_entropy(self.model(xb), yb, reduction="sum").item()
                     count += len(yb)
+                    self.seconds["validation"] += time.perf_counter() - t0
             val = total / count
             if val < best:
                 best, wait = val, 0
@@ -113,7 +134,10 @@ class NaiveRMC:
         cfg = self.cfg
         if cfg.mode is Mode.EPISODIC:
             self.model.load_state_dict(self.static)
+        t0 = time.perf_counter()
         rows = naive_knn(self.features, query, cfg.k, per_feature=self.per_feature)
+        self.seconds["search"] += time.perf_counter() - t0
+        self.steps += 1
         images, labels = np.asarray(self.images[rows]), np.asarray(self.labels[rows])   # host copies
         n_close = max(2, int(round(cfg.k * cfg.closest_fraction)))
         n_val = max(1, int(round(n_close * cfg.val_fraction)))

@@ -75,7 +75,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rmc.max_epochs": 3,                 # original 100 (early stopping with patience 5 rarely ends sooner)
         "rmc.lr": 1e-3,                      # original 1e-5, which moves the weights too little in 3 epochs
         "rmc.calib_k": 128,                  # original: K
-        "adaptive.n": 20,                    # attack rows on the first 20 inputs (defense-aware: ~5 s per input here)
+        "adaptive.n": 20,                    # attack rows on the first 20 inputs (GMSA-MIN: ~1-3 s per input here)
         "adaptive.rounds": 5,                # Chen et al. 10; most inputs fall by round 2-3 (the table states R, N)
     },
     "paper": {

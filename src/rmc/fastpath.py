@@ -10,6 +10,8 @@
 - **ReLU then max-pooling** become max-pooling then ReLU (equal: both are monotone), so the ReLU touches 4x fewer values.
 - **ReLU then global average pooling** become one operation whose backward is a single masked broadcast.
 - Images go through in channels-last layout, the layout oneDNN's convolutions are fastest with.
+- A first convolution with a tiny reduction (C_in x kh x kw <= 32) runs on the CPU as a matrix product over image
+  patches (`_PatchConv`), bias included as a column of ones; its weight gradient is one more matrix product.
 
 The returned module shares every parameter and buffer with `model` (nothing is copied), so optimising `model`'s
 parameters through it and reading `model.state_dict()` afterwards just works. It is checked against `model` on a
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-_RELU_FUNCS = (F.relu, torch.relu, torch.relu_)
+_RELU_FUNCS = (F.relu, torch.relu)
 
 
 class FoldedConvBN(nn.Module):
@@ -64,11 +66,12 @@ def _pair(v) -> tuple[int, int]:
 
 
 def _stem_eligible(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """A convolution with a tiny reduction (C_in x kh x kw <= 32, e.g. the first layer on grey or RGB images):
-    oneDNN runs it slowly and, with one input channel, returns a channels-first map. As a matrix product over
-    image patches it is cheaper and lands in channels-last directly."""
+    """A convolution with a tiny reduction (C_in x kh x kw <= 32, e.g. the first layer on grey or RGB images), on the
+    CPU: oneDNN runs it slowly and, with one input channel, returns a channels-first map (which makes the next
+    max-pooling 6x slower). As a matrix product over image patches it is cheaper and lands in channels-last."""
     kh, kw = conv.kernel_size
-    return (x.dim() == 4 and not x.requires_grad and conv.groups == 1 and _pair(conv.dilation) == (1, 1)
+    return (x.dim() == 4 and x.device.type == "cpu" and not x.requires_grad and conv.groups == 1
+            and _pair(conv.dilation) == (1, 1)
             and not isinstance(conv.padding, str) and conv.in_channels * kh * kw <= 32)
 
 
@@ -155,7 +158,7 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _RELU_FUNCS and len(node.args) == 1 and not node.kwargs.get("inplace", False)
     if node.op == "call_method":
-        return node.target in ("relu", "relu_") and len(node.args) == 1
+        return node.target == "relu" and len(node.args) == 1
     return False
 
 
@@ -196,7 +199,7 @@ def rewrite(model: nn.Module) -> fx.GraphModule:
             continue
         user = next(iter(node.users))
         src = node.args[0]
-        if not isinstance(src, fx.Node):
+        if not isinstance(src, fx.Node) or len(src.users) != 1:   # an in-place ReLU changes what others read
             continue
         if _module(gm, user, nn.MaxPool2d) is not None and len(user.args) == 1 and not user.kwargs:
             if gm.get_submodule(user.target).return_indices:

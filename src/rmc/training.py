@@ -130,6 +130,8 @@ def train_model(train: ImageDataset, test: ImageDataset, config: TrainConfig | N
     if config.train_subset is not None and config.train_subset < len(x_train):
         keep = torch.randperm(len(x_train), generator=gen)[:config.train_subset]
         x_train, y_train = x_train[keep], y_train[keep]
+    if len(x_train) < 2:
+        raise RMCError(f"training needs at least 2 images, got {len(x_train)}; raise --train-subset")
 
     # Initialise under a forked RNG so the caller's global random state is neither used nor changed.
     with torch.random.fork_rng(devices=[]):
@@ -152,9 +154,12 @@ def train_model(train: ImageDataset, test: ImageDataset, config: TrainConfig | N
         order = torch.randperm(len(x_train), generator=gen)
         total_loss, correct, seen = 0.0, 0, 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                   disable=not progress, leave=False, file=sys.stderr)
+                   disable=not progress, leave=False, file=sys.stderr,
+                   mininterval=0.5 if sys.stderr.isatty() else 30)   # redirected logs: few lines
         for b in bar:
             idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+            if len(idx) < 2:
+                continue   # a trailing batch of one breaks batch norm in training mode
             xb, yb = x_train[idx], y_train[idx]
             if config.augment:
                 xb = _augment(xb, gen)
@@ -164,7 +169,6 @@ def train_model(train: ImageDataset, test: ImageDataset, config: TrainConfig | N
                 model.eval()
                 xb = pgd(model, xb, yb, config.adv_eps, config.adv_step_size, config.adv_steps,
                          random_start=True, generator=gen, batch_size=len(xb))
-                model.train()
             model.train()
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
@@ -175,7 +179,7 @@ def train_model(train: ImageDataset, test: ImageDataset, config: TrainConfig | N
             total_loss += loss.item() * len(yb)
             correct += (logits.argmax(1) == yb).sum().item()
             seen += len(yb)
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
         bar.close()
         test_acc = accuracy(model, x_test, y_test)
         log(f"epoch {epoch + 1}/{config.epochs}: loss {total_loss / seen:.4f}, train acc {correct / seen:.4f}"
@@ -183,7 +187,6 @@ def train_model(train: ImageDataset, test: ImageDataset, config: TrainConfig | N
             f"{time.perf_counter() - epoch_start:.1f} s")
     elapsed = time.perf_counter() - started
     model.eval()
-    test_acc = accuracy(model, x_test, y_test)
     log(f"done in {elapsed:.1f} s: clean test accuracy {test_acc:.4f}")
     info = ModelInfo(
         arch=config.arch, num_classes=num_classes, input_shape=tuple(train.input_shape),

@@ -77,6 +77,10 @@ def main(args) -> int:
     store = open_store(args.store)
     model, info = load_checkpoint(args.model)
     sets = load_eval_sets(args.evalsets, args.sets)
+    from rmc.evaluation.adaptive import attack_table, clean_set, evaluate_attacks, wants_attack_rows
+    attack_rows = not args.no_rmc and wants_attack_rows(cfg.adaptive)
+    if attack_rows:
+        clean_set(sets)   # refuse now, not after the long evaluation, if the attack rows cannot run
     layer = args.layer or default_layer(model)
     out = Path(args.out)
     if args.features:
@@ -89,8 +93,7 @@ def main(args) -> int:
                        with_rmc=not args.no_rmc, ray=args.ray, workers=args.workers, shards=args.shards)
     notes = {s.name: "clean" if s.attack.get("kind") == "clean" else "transfer" for s in sets}
     table = Table.from_results(results, notes)
-    from rmc.evaluation.adaptive import attack_table, evaluate_attacks, wants_attack_rows
-    if not args.no_rmc and wants_attack_rows(cfg.adaptive):
+    if attack_rows:
         acfg = cfg.adaptive
         if args.n is not None and (acfg.n is None or acfg.n > args.n):
             acfg = dataclasses.replace(acfg, n=args.n)   # the attack rows never use more inputs than the others

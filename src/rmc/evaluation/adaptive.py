@@ -73,12 +73,13 @@ def row_labels(acfg: AdaptiveConfig, n: int) -> dict[str, str]:
     return labels
 
 
-def _clean_set(sets: Sequence[EvalSet]) -> EvalSet:
+def clean_set(sets: Sequence[EvalSet]) -> EvalSet:
+    """The clean evaluation set among `sets` (the attack rows start from its inputs)."""
     for s in sets:
         if s.attack.get("kind") == "clean":
             return s
     raise RMCError("the attack rows start from the clean test inputs, but no clean evaluation set was given; "
-                   "include the 'clean' set (rmc attack writes it)")
+                   "include the 'clean' set (in --sets), or skip the attack rows with --no-attack-rows")
 
 
 def _attack_meta(clean: EvalSet, base: BaseModel, n: int, **attack) -> dict:
@@ -144,7 +145,7 @@ def evaluate_attacks(base: BaseModel, bank: Bank, sets: Sequence[EvalSet], cfg: 
     `clean_records` ({"undefended": ..., "rmc": ...} from the clean set's evaluation), if given, joins the worst
     case: an unperturbed input lies in every eps-ball, so a clean mistake is a successful attack."""
     out_dir = Path(out_dir)
-    clean = _clean_set(sets)
+    clean = clean_set(sets)
     n = len(clean) if acfg.n is None else min(acfg.n, len(clean))   # the row labels state N
     if clean_records is not None and any(len(r) < n for r in clean_records.values()):
         raise RMCError(f"the clean results cover fewer than the {n} inputs of the attack rows; "
@@ -243,8 +244,8 @@ NOTES = [
     "then re-scored by a fresh RMC run. Worst case: an input counts as correct only if every row (and the clean "
     "input) is classified correctly.",
     "AutoAttack's own check flags RMC as a dynamic defense (its forward pass fine-tunes the network), and "
-    "RobustBench does not list defenses with an optimisation loop in the forward pass: the AutoAttack row is a "
-    "transfer attack on the static model, not an AutoAttack evaluation of RMC.",
+    "RobustBench does not list defenses with an optimisation loop in the forward pass: AutoAttack is run only "
+    "against the static model (a transfer row); it is not an AutoAttack evaluation of RMC.",
     "Defense-aware rows use the defense's own random keys (seed_known) unless labelled otherwise; a row with "
     "fewer rounds or inputs than the defaults (10 rounds, every input) is a weaker attack: its accuracy is an "
     "upper bound.",
