@@ -189,9 +189,10 @@ def random_shift_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 2, flip:
 class PhaseTimer:
     """Wall-clock seconds spent per phase of RMC's per-input work (set `RMC.timer = PhaseTimer()` to collect).
 
-    Phases: search, gather (D' rows to tensors), state (reset / weight copies), data (batch indexing,
-    augmentation), forward, backward, optimizer, validation, predict, other (the rest of a step).
-    `forward`, `backward`, `validation` and `predict` are the network's passes; everything else is overhead.
+    Phases: search, gather (D' rows to tensors), state (reset / weight copies), data (batch indexing and
+    augmentation; with scope 'head' and augmented calibration also the frozen backbone's forward pass), forward,
+    backward, optimizer, validation, predict, other (the rest of a step). `forward`, `backward`, `validation` and
+    `predict` are the network's passes; everything else is overhead.
     """
     PASSES = ("forward", "backward", "validation", "predict")
 

@@ -48,7 +48,7 @@ class FoldedConvBN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self.conv, self.bn
         if not self._foldable():
-            return bn(conv(x))
+            return bn(conv2d_channels_last(conv, x, conv.weight, conv.bias))
         scale = torch.rsqrt(bn.running_var + bn.eps)
         if bn.weight is not None:
             scale = bn.weight * scale
