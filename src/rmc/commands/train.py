@@ -16,15 +16,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=DatasetName.FASHION_MNIST.value, help="data set name (default: %(default)s)")
     p.add_argument("--data-dir", help="directory holding the data set (default: its standard location)")
     p.add_argument("--out", required=True, help="weights file to write (.safetensors; metadata goes beside as .json)")
-    p.add_argument("--arch", default=_D["arch"], help="small_cnn, resnet18 or package.module:factory (default: %(default)s)")
+    p.add_argument("--arch", default=_D["arch"],
+                   help="small_cnn, resnet18 or package.module:factory (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=_D["epochs"], help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=_D["batch_size"], help="default: %(default)s")
-    p.add_argument("--lr", type=float, default=_D["lr"], help="peak one-cycle learning rate of Adam (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=_D["lr"],
+                   help="peak one-cycle learning rate of Adam (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=_D["weight_decay"], help="default: %(default)s")
     p.add_argument("--augment", action="store_true", help="random flips and 2-pixel shifts")
     p.add_argument("--seed", type=int, default=_D["seed"], help="default: %(default)s")
     p.add_argument("--adversarial", action="store_true", help="Madry-style PGD adversarial training")
-    p.add_argument("--adv-eps", default=str(_D["adv_eps"]), help="PGD training eps, e.g. 0.1 or 8/255 (default: %(default)s)")
+    p.add_argument("--adv-eps", default=str(_D["adv_eps"]),
+                   help="PGD training eps, e.g. 0.1 or 8/255 (default: %(default)s)")
     p.add_argument("--adv-step-size", default=str(_D["adv_step_size"]), help="PGD training step (default: %(default)s)")
     p.add_argument("--adv-steps", type=int, default=_D["adv_steps"], help="PGD training steps (default: %(default)s)")
     p.add_argument("--train-subset", type=int, default=None, help="train on this many seeded-random images only")
