@@ -117,3 +117,13 @@ def test_pgd_matches_torchattacks_on_fashion_mnist():
         # Same algorithm: robust accuracies agree within one point (sum vs mean loss only changes rounding).
         assert abs(acc_ours - acc_theirs) <= 0.01, (eps, acc_ours, acc_theirs)
         assert acc_ours < info.test_accuracy - 0.2
+
+
+@pytest.mark.parametrize("bad, needle", [(lambda x: x * 255, "divide by 255"), (lambda x: x.fill_(float("nan")), "NaN"),
+                                         (lambda x: x[0], "N x C x H x W")])
+def test_pgd_refuses_bad_images(bad, needle):
+    from rmc.models import build_model
+    model = build_model("small_cnn", 10, 1).eval()
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.raises(RMCError, match=needle):
+        pgd(model, bad(x.clone()), torch.zeros(2, dtype=torch.long), 0.1, 0.01, 2)

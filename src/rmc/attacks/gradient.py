@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rmc.checks import check_positive
+from rmc.checks import check_images, check_positive
 from rmc.errors import RMCError
 
 # A loss for PGD: (logits, labels) -> per-example loss (N,), which the attacker ascends.
@@ -51,6 +51,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_siz
     The model's parameters and mode are not touched (callers put it in eval mode); only input gradients are taken.
     """
     check_attack_settings(eps, step_size, steps)
+    x = check_images(x, "attack inputs")
     out = torch.empty_like(x)
     device = x.device
     for start in range(0, len(x), batch_size):
