@@ -20,13 +20,21 @@ Results are printed and written to <workdir>/bench-results.json.
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__":
+    # Before numpy / FAISS load their OpenBLAS: on AVX-512 AMD CPUs use its AVX-512 kernels (this machine's
+    # environment sets OPENBLAS_CORETYPE=Haswell, AVX2). RMC_BENCH_KEEP_OPENBLAS=1 keeps the environment's choice.
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    from rmc.cpu import configure_openblas
+    configure_openblas(force=not os.environ.get("RMC_BENCH_KEEP_OPENBLAS"))
+
 import argparse
 import copy
 import json
-import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -355,15 +363,25 @@ def main(argv=None):
     ap.add_argument("--n-latency", type=int, default=None)
     ap.add_argument("--n-scopes", type=int, default=None)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--tuned-malloc", action="store_true",
+                    help="keep freed memory in glibc's heap (no page faults on re-allocation); helps the reference most")
     args = ap.parse_args(argv)
+    if args.tuned_malloc:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 << 20)    # M_MMAP_THRESHOLD: blocks up to 256 MB from the heap, not fresh mmaps
+        libc.mallopt(-1, 1 << 30)      # M_TRIM_THRESHOLD: do not hand freed heap memory back to the kernel
     args.full = int(args.full)
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     sections = args.sections.split(",")
+    log(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}, {args.threads} thread(s), load average "
+        f"{os.getloadavg()[0]:.2f}")
     t0 = time.perf_counter()
     out: dict = {"threads": args.threads, "torch": torch.__version__, "faiss": faiss.__version__,
                  "full": bool(args.full), "sections": sections, "cpus": os.cpu_count(),
-                 "loadavg_start": os.getloadavg()}
+                 "loadavg_start": os.getloadavg(), "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+                 "tuned_malloc": args.tuned_malloc}
 
     model, _ = get_model(args.workdir)
     images, labels, copies, feats = get_dprime(args.workdir, model, LAYER)
@@ -398,7 +416,8 @@ def main(argv=None):
     out["bench_peak_rss_mb"] = peak_rss_mb()
     out["loadavg_end"] = os.getloadavg()
     out["seconds"] = time.perf_counter() - t0
-    path = args.workdir / ("bench-results-full.json" if args.full else "bench-results.json")
+    path = args.workdir / ("bench-results" + ("-full" if args.full else "") + ("-malloc" if args.tuned_malloc else "")
+                           + ".json")
     path.write_text(json.dumps(out, indent=1, default=float))
     log(f"done in {out['seconds']:.0f} s; results in {path}")
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 from enum import Enum
 
-import faiss
-import numpy as np
-import torch
+from rmc.cpu import configure_openblas
+
+if "faiss" not in sys.modules:
+    # FAISS's own OpenBLAS reads this when it loads: on AVX-512 AMD CPUs ask for its AVX-512 kernels (see rmc.cpu).
+    configure_openblas()
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from rmc.errors import RMCError
 

@@ -1,0 +1,48 @@
+"""CPU facts that decide how numeric libraries should be configured (imports nothing heavy)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _cpuinfo() -> dict[str, str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read(65536).split("\n\n", 1)[0]
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+
+
+def openblas_coretype_for_avx512() -> str | None:
+    """'SKYLAKEX' on AMD CPUs with AVX-512 (Zen 4, Zen 5) on Linux, else None.
+
+    OpenBLAS 0.3.15 (bundled with faiss-cpu) does not recognise Zen 5 and falls back to its generic SSE3 'Prescott'
+    kernels; `OPENBLAS_CORETYPE=Haswell` gives AVX2 kernels; the CPU can run the AVX-512 'SkylakeX' ones, which make
+    FAISS's flat search ~1.6x faster than Haswell here (~3x faster than Prescott).
+    """
+    if sys.platform != "linux":
+        return None
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    family = info.get("cpu family", "0")
+    if info.get("vendor_id") == "AuthenticAMD" and family.isdigit() and int(family) >= 25 and \
+            {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= flags:
+        return "SKYLAKEX"
+    return None
+
+
+def configure_openblas(force: bool = False) -> str | None:
+    """Set OPENBLAS_CORETYPE for OpenBLAS copies not loaded yet (FAISS's is loaded by `import faiss`).
+
+    Leaves a value the user set alone unless `force`. Returns the value set, or None when nothing was changed.
+    """
+    want = openblas_coretype_for_avx512()
+    if want is None or (not force and "OPENBLAS_CORETYPE" in os.environ):
+        return None
+    os.environ["OPENBLAS_CORETYPE"] = want
+    return want
+
+
+__all__ = ["configure_openblas", "openblas_coretype_for_avx512"]
