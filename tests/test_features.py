@@ -16,14 +16,6 @@ from rmc.store import AugmentConfig, build_augmented
 CFG = AugmentConfig(steps=(2,), eps=0.1, step_size=0.02, chunk_size=64, batch_size=64, train_subset=100)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, digits):
     root = tmp_path_factory.mktemp("feat")

@@ -18,15 +18,6 @@ CFG = AugmentConfig(steps=(2, 3), eps=0.1, step_size=0.02, seed=0, chunk_size=48
 FILES = ["copy.npy", "images.npy", "labels.npy", "manifest.json", "progress.json", "source_index.npy"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two intra-op threads on a loaded 2-core machine are far slower than one for these tiny convolutions.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory, digits):
     torch.manual_seed(0)
