@@ -124,3 +124,8 @@ def test_rmc_run_end_to_end_on_digits_and_resume(tmp_path, capsys):
     assert cli(args) == 0                                  # a second run reuses every stage
     assert json.loads((tmp_path / "run" / "results.json").read_text())["table"] == meta["table"]
     assert cli(args[:-2] + ["--set", "rmc.k=16"]) == 2      # same --out, other config: refused
+
+
+def test_threads_flag_is_checked():
+    assert cli(["--threads", "0", "layers", "--arch", "small_cnn"]) == 2
+    assert cli(["--threads", "1", "layers", "--arch", "small_cnn"]) == 0 and torch.get_num_threads() == 1
