@@ -45,4 +45,24 @@ def configure_openblas(force: bool = False) -> str | None:
     return want
 
 
-__all__ = ["configure_openblas", "openblas_coretype_for_avx512"]
+
+
+
+def tune_malloc(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Opt-in: make glibc keep freed blocks for reuse instead of returning them to the kernel.
+
+    With glibc's defaults every large tensor freed and allocated again (activations, gradients: each training step)
+    is a fresh memory map whose pages fault in one by one; on the benchmark machine that costs the plain PyTorch
+    training loop ~35% and RMC's ~5% (benchmarks/README.md). Process-wide; call it once at start-up, or set
+    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment instead. Returns False where unavailable.
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(mmap_threshold))) and bool(libc.mallopt(-1, int(trim_threshold)))
+    except (OSError, AttributeError):
+        return False
+
+__all__ = ["configure_openblas", "openblas_coretype_for_avx512", "tune_malloc"]
