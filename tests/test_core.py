@@ -1,6 +1,5 @@
 """The RMC core on problems small enough that the right answer is known."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

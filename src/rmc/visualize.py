@@ -11,7 +11,6 @@ import matplotlib
 
 matplotlib.use("Agg")   # files only; no screen on these machines
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from rmc.core import Bank  # noqa: E402
