@@ -1,5 +1,7 @@
 """The RMC core on problems small enough that the right answer is known."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -7,6 +9,7 @@ from torch import nn
 from rmc.core import RMC, Mode, RMCConfig, Scope, collect_params, configure_model, fine_tune, split_neighbours
 from rmc.errors import RMCError
 from rmc.knn import NeighbourIndex
+from rmc.models import extract_features
 
 
 def test_split_takes_validation_from_the_closest_20_percent():
@@ -58,7 +61,7 @@ def _rmc(model, bank, feats, **kw):
 
 
 def test_configure_model_freezes_batchnorm_statistics(tiny_trained):
-    model = configure_model(__import__("copy").deepcopy(tiny_trained), Scope.BN)
+    model = configure_model(copy.deepcopy(tiny_trained), Scope.BN)
     assert not model.training
     bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][0]
     before = bn.running_mean.clone()
@@ -72,7 +75,7 @@ def test_episodic_leaves_static_weights_untouched_online_drifts(tiny_trained, ti
     static = {k: v.clone() for k, v in tiny_trained.state_dict().items()}
     test = digits[1]
     x = test.float_images()[:3]
-    q = feats[:3] * 0 + __import__("rmc.models", fromlist=["x"]).extract_features(tiny_trained, "block3", x).numpy()
+    q = extract_features(tiny_trained, "block3", x).numpy()
 
     epi = _rmc(tiny_trained, bank, feats, mode=Mode.EPISODIC)
     epi.step(x[:1], q[:1])
@@ -93,7 +96,6 @@ def test_episodic_leaves_static_weights_untouched_online_drifts(tiny_trained, ti
 def test_same_seed_same_predictions_other_seed_differs(tiny_trained, tiny_bank, digits):
     bank, feats = tiny_bank
     x = digits[1].float_images()[:4]
-    from rmc.models import extract_features
     q = extract_features(tiny_trained, "block3", x).numpy()
     run = lambda seed: [_rmc(tiny_trained, bank, feats, seed=seed).step(x[i:i + 1], q[i:i + 1]).logits  # noqa: E731
                         for i in range(1)] + [r.logits for r in _stream(tiny_trained, bank, feats, x, q, seed)]
@@ -108,7 +110,6 @@ def _stream(model, bank, feats, x, q, seed):
 
 def test_state_save_restore_is_exact(tiny_trained, tiny_bank, digits):
     bank, feats = tiny_bank
-    from rmc.models import extract_features
     x = digits[1].float_images()[:3]
     q = extract_features(tiny_trained, "block3", x).numpy()
     r = _rmc(tiny_trained, bank, feats)
@@ -137,8 +138,6 @@ def test_k_larger_than_dprime_is_refused(tiny_trained, tiny_bank):
 def test_rmc_recovers_from_a_corrupted_static_model(digits, tiny_bank, tiny_trained):
     """Adaptation must matter: a static model whose last layer was scrambled predicts badly; RMC, fine-tuning on
     correctly labelled neighbours, recovers most of the accuracy on test digits."""
-    import copy
-    from rmc.models import extract_features
     bank, feats = tiny_bank
     test = digits[1]
     x, y = test.float_images()[:20], test.labels[:20]
