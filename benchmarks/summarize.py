@@ -71,6 +71,8 @@ def main(path):
         out.append(f"| episodic, B = {b['B']} ({b['rounds']} rounds) | inputs / s | vs best one-at-a-time | same predictions |")
         out.append("|---|---|---|---|")
         for k in ("one_at_a_time_1thread", "one_at_a_time_2threads", "batched_threads", "batched_vmap"):
+            if k not in b:
+                continue
             v = b[k]
             out.append(f"| {k} | {v['inputs_per_s']:.2f} | {v['vs_best_one_at_a_time']:.2f}x | "
                        f"{v['same_predictions_as_one_at_a_time'] * 100:.0f}% |")

@@ -82,10 +82,7 @@ class BatchedEpisodic:
         r.timer = None
         r._forward, r._head = r.model, None
         if self.rmc._forward is not self.rmc.model or self.rmc._head is not None:
-            rebuilt = RMC.__new__(RMC)
-            rebuilt.__dict__.update(r.__dict__)
-            _rebuild_fast_parts(rebuilt, self.rmc)
-            r = rebuilt
+            _rebuild_fast_parts(r, self.rmc)
         return r
 
     def _run_threads(self, x: torch.Tensor, rows: np.ndarray, keys: list) -> list[StepResult]:
