@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from rmc.batched import BatchedEpisodic
 from rmc.core import RMC, RMCConfig
