@@ -4,11 +4,10 @@ import argparse
 import sys
 import time
 
-from rmc.data import load_dataset
+from rmc.commands import model_and_split
 from rmc.errors import RMCError
 from rmc.evalsets import AttackSpec, make_eval_sets, parse_number, save_eval_sets
-from rmc.models import load_checkpoint
-from rmc.training import predict, resolve_device
+from rmc.training import predict
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,16 +46,12 @@ def main(args) -> int:
     if args.batch_size <= 0:
         raise RMCError(f"--batch-size must be > 0, got {args.batch_size}")
     specs = attack_specs(args)   # validate settings before loading anything
-    model, info = load_checkpoint(args.model, resolve_device(args.device))
-    dataset = args.dataset or info.dataset
-    if not dataset:
-        raise RMCError(f"{args.model} does not record its data set; pass --dataset")
-    test = load_dataset(dataset, "test", args.data_dir)
+    model, info, test = model_and_split(args, "test")
     started = time.perf_counter()
     sets = make_eval_sets(model, info, test, args.n, specs, seed=args.seed, batch_size=args.batch_size,
                           progress=lambda name: print(f"making {name} ...", file=sys.stderr, flush=True))
     save_eval_sets(args.out, sets)
-    print(f"{len(sets)} sets of {args.n} {dataset} test inputs against {args.model} "
+    print(f"{len(sets)} sets of {args.n} {test.name} test inputs against {args.model} "
           f"({time.perf_counter() - started:.0f} s), written to {args.out}")
     print(f"{'set':36s} {'accuracy':>9s} {'target hit':>10s}")
     for s in sets:

@@ -3,12 +3,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from rmc.data import load_dataset
+from rmc.commands import model_and_split
 from rmc.errors import RMCError
 from rmc.evalsets import parse_number
-from rmc.models import load_checkpoint
 from rmc.store import AugmentConfig, build_augmented
-from rmc.training import resolve_device
 
 
 def add_ray_arguments(p: argparse.ArgumentParser, shards: bool = False) -> None:
@@ -59,11 +57,7 @@ def main(args) -> int:
                            step_size=parse_number(args.step_size, "--step-size"),
                            random_start=not args.no_random_start, seed=args.seed, chunk_size=args.chunk_size,
                            batch_size=args.batch_size, train_subset=args.train_subset).validate()
-    model, info = load_checkpoint(args.model, resolve_device(args.device))
-    dataset = args.dataset or info.dataset
-    if not dataset:
-        raise RMCError(f"{args.model} does not record its data set; pass --dataset")
-    train = load_dataset(dataset, "train", args.data_dir)
+    model, info, train = model_and_split(args, "train")
     started = time.perf_counter()
     if args.ray is not None:
         from rmc.distributed import build_augmented_distributed
