@@ -99,10 +99,10 @@ class Bank:
         """Float images in [0, 1] and labels of the given rows (one sorted read from a memory map)."""
         rows = np.asarray(rows)
         order = np.argsort(rows, kind="stable")
-        images = self.images[rows[order]] if isinstance(self.images, np.ndarray) else self.images[torch.from_numpy(rows[order])]
-        images = torch.as_tensor(np.asarray(images) if isinstance(images, np.ndarray) else images)
-        inverse = torch.from_numpy(np.argsort(order, kind="stable"))
-        x = images[inverse]
+        ascending = rows[order]
+        if not isinstance(self.images, np.ndarray):
+            ascending = torch.from_numpy(ascending)
+        x = torch.as_tensor(self.images[ascending])[torch.from_numpy(np.argsort(order, kind="stable"))]
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         return x, self.labels[torch.from_numpy(rows)]
 
