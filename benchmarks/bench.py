@@ -44,8 +44,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DEFAULT_WORKDIR, get_dprime, get_model, log, make_bank, peak_rss_mb,  # noqa: E402
-                    subset_rows, test_inputs)
+from common import (DEFAULT_RUN, DEFAULT_RUN_DPRIME, DEFAULT_WORKDIR, LAYER, get_dprime, get_model, log,  # noqa: E402
+                    make_bank, peak_rss_mb, run_cfg, subset_rows, test_inputs)
 from reference import NaiveRMC, naive_knn  # noqa: E402
 
 from rmc.attacks import pgd  # noqa: E402
@@ -53,16 +53,17 @@ from rmc.batched import BatchedEpisodic  # noqa: E402
 from rmc.core import RMC, PhaseTimer, RMCConfig  # noqa: E402
 from rmc.knn import NeighbourIndex  # noqa: E402
 
-LAYER = "block3"
-# src/rmc/config.py PRESETS["default"]: k 512, max_epochs 4, lr 1e-4, calib_k 256 (batch 128, patience 5, online).
-DEFAULT_RUN = dict(k=512, max_epochs=4, lr=1e-4, calib_k=256, batch_size=128, patience=5, mode="online")
-DEFAULT_RUN_DPRIME = 20_000      # the default run's D': 20k training images x (clean + 2 PGD copies) = 60k
-
 SIZES = {  # quick / full
     "search_ref_queries": (8, 40), "search_queries": (1000, 1000),
     "latency_inputs": (8, 200), "ablation_inputs": (3, 16), "scope_inputs": (6, 60), "thread_inputs": (1, 6),
     "batched_rounds": (1, 2), "memory_steps": (10, 40),
 }
+
+
+def settings_text() -> str:
+    """The default run's RMC settings that differ from RMCConfig's (the original's) values."""
+    original = RMCConfig()
+    return ", ".join(f"{k} {v}" for k, v in DEFAULT_RUN.items() if getattr(original, k) != v)
 
 
 def timed(fn, *args, **kw):
@@ -194,16 +195,16 @@ def rmc_impl(rmc: RMC):
 
 def section_latency(args, out, model, bank60, feats60, x, y, q):
     n = args.n_latency or SIZES["latency_inputs"][args.full]
-    cfg = RMCConfig(**DEFAULT_RUN)
+    cfg = run_cfg()
     index = NeighbourIndex(feats60)
     images, labels = bank60.images.numpy(), bank60.labels.numpy()
     ref = NaiveRMC(model, images, labels, feats60, cfg, seed=0)
     variants = {"rmc-fp32": RMC(model, bank60, index, cfg, LAYER),
-                "rmc-bf16": RMC(model, bank60, index, RMCConfig(**DEFAULT_RUN, precision="bf16"), LAYER)}
+                "rmc-bf16": RMC(model, bank60, index, run_cfg(precision="bf16"), LAYER)}
     for r in variants.values():
         r.timer = PhaseTimer()
     impls = {"reference": lambda xi, fi, i: ref.step(xi, fi), **{k: rmc_impl(r) for k, r in variants.items()}}
-    log(f"[latency] online RMC, default-run settings {DEFAULT_RUN}, |D'| = {len(bank60):,}, {n} inputs ...")
+    log(f"[latency] online RMC, default-run settings ({settings_text()}), |D'| = {len(bank60):,}, {n} inputs ...")
     res = run_interleaved(impls, x, y, q, n, "latency")
     peak = out.get("matmul_flops", {})
     for k, r in variants.items():
@@ -241,8 +242,8 @@ def section_latency(args, out, model, bank60, feats60, x, y, q):
 def section_ablation(args, out, model, bank60, feats60, x, y, q):
     n = SIZES["ablation_inputs"][args.full]
     index = NeighbourIndex(feats60)
-    variants = {"fast-path": RMC(model, bank60, index, RMCConfig(**DEFAULT_RUN), LAYER),
-                "plain-model": RMC(model, bank60, index, RMCConfig(**DEFAULT_RUN, fast_path=False), LAYER)}
+    variants = {"fast-path": RMC(model, bank60, index, run_cfg(), LAYER),
+                "plain-model": RMC(model, bank60, index, run_cfg(fast_path=False), LAYER)}
     log(f"[ablation] rmc fp32 with / without the fast path, {n} inputs ...")
     r = run_interleaved({k: rmc_impl(v) for k, v in variants.items()}, x, y, q, n, "ablation")
     out["ablation"] = {"inputs": n, **{k: {kk: vv for kk, vv in v.items() if kk != "preds"} for k, v in r.items()},
@@ -256,8 +257,8 @@ def section_scopes(args, out, model, bank60, feats60, x, y, q, x_adv, q_adv):
     index = NeighbourIndex(feats60)
     res = {}
     for name, xs, qs in (("clean", x, q), ("pgd10", x_adv, q_adv)):
-        variants = {s: RMC(model, bank60, index, RMCConfig(**DEFAULT_RUN, scope=s), LAYER) for s in ("all", "head", "bn")}
-        variants["head-uncached"] = RMC(model, bank60, index, RMCConfig(**DEFAULT_RUN, scope="head",
+        variants = {s: RMC(model, bank60, index, run_cfg(scope=s), LAYER) for s in ("all", "head", "bn")}
+        variants["head-uncached"] = RMC(model, bank60, index, run_cfg(scope="head",
                                                                           cache_head_inputs=False), LAYER)
         log(f"[scopes] {name}: scope all / head / bn (+ head without cached inputs), {n} inputs ...")
         r = run_interleaved({k: rmc_impl(v) for k, v in variants.items()}, xs, y, qs, n, f"scopes {name}")
@@ -276,8 +277,8 @@ def section_threads(args, out, model, bank60, feats60, x, y, q):
     index = NeighbourIndex(feats60)
     res = {}
     for prec in ("fp32", "bf16"):
-        r = RMC(model, bank60, index, RMCConfig(**DEFAULT_RUN, precision=prec), LAYER)
-        r2 = RMC(model, bank60, index, RMCConfig(**DEFAULT_RUN, precision=prec), LAYER)
+        r = RMC(model, bank60, index, run_cfg(precision=prec), LAYER)
+        r2 = RMC(model, bank60, index, run_cfg(precision=prec), LAYER)
         times = {1: [], 2: []}
         for i in range(n):
             for t, rr in ((1, r), (2, r2)) if i % 2 == 0 else ((2, r2), (1, r)):
@@ -296,7 +297,7 @@ def section_threads(args, out, model, bank60, feats60, x, y, q):
 def section_batched(args, out, model, bank60, feats60, x, y, q):
     b, rounds = args.batch, SIZES["batched_rounds"][args.full]
     index = NeighbourIndex(feats60)
-    cfg = RMCConfig(**{**DEFAULT_RUN, "mode": "episodic"})
+    cfg = run_cfg(mode="episodic")
     one = RMC(model, bank60, index, cfg, LAYER)
     batched = BatchedEpisodic(RMC(model, bank60, index, cfg, LAYER), backend="threads", intra_op_threads=1)
     vm = BatchedEpisodic(RMC(model, bank60, index, cfg, LAYER), backend="vmap")
@@ -317,10 +318,10 @@ def section_batched(args, out, model, bank60, feats60, x, y, q):
             "one_at_a_time_2threads": lambda: one_at_a_time(2),
             "batched_threads": lambda: [r.prediction for r in batched.run(x[:b], q[:b], keys)],
             "batched_vmap": lambda: [r.prediction for r in vm.run(x[:b], q[:b], keys)]}
-    if not args.full:       # the slow ones on a shared CPU (each can take a minute): --full only
-        for k in ("one_at_a_time_2threads", "batched_vmap"):
-            del jobs[k], timings[k]
-    log(f"[batched] episodic, B = {b}, {rounds} round(s), default-run settings ...")
+    if not args.full:       # slow on a CPU (see rmc.batched): --full only
+        del jobs["batched_vmap"], timings["batched_vmap"]
+    log(f"[batched] episodic, B = {b}, {rounds} round(s), default-run settings, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} ...")
     for rnd in range(rounds):
         names = list(jobs)
         names = names[rnd % len(names):] + names[:rnd % len(names)]
@@ -336,9 +337,9 @@ def section_batched(args, out, model, bank60, feats60, x, y, q):
     for k in res:
         res[k]["vs_best_one_at_a_time"] = res[k]["inputs_per_s"] / base
         res[k]["same_predictions_as_one_at_a_time"] = float(np.mean(np.array(preds[k]) == np.array(preds["one_at_a_time_1thread"])))
-    out["batched"] = {"B": b, "rounds": rounds, **res}
+    out["batched"] = {"B": b, "rounds": rounds, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), **res}
     if not args.full:
-        log("[batched] (quick mode: one at a time with 1 thread only; --full adds 2 threads and vmap)")
+        log("[batched] (quick mode: --full adds the vmap backend)")
     log("[batched] " + "; ".join(f"{k} {v['inputs_per_s']:.2f} inputs/s ({v['vs_best_one_at_a_time']:.2f}x best "
                                  f"one-at-a-time, same predictions {v['same_predictions_as_one_at_a_time'] * 100:.0f}%)"
                                  for k, v in res.items()))
@@ -388,8 +389,8 @@ def main(argv=None):
                  "loadavg_start": os.getloadavg(), "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
                  "tuned_malloc": args.tuned_malloc}
 
-    model, _ = get_model(args.workdir)
-    images, labels, copies, feats = get_dprime(args.workdir, model, LAYER)
+    model, info = get_model(args.workdir)
+    images, labels, copies, feats = get_dprime(args.workdir, model, info, LAYER)
     n_train = len(images) // 4
     n_test = max(SIZES["search_queries"][1], SIZES["latency_inputs"][1])
     x, y, q = test_inputs(n_test, model, LAYER)

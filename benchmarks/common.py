@@ -8,6 +8,7 @@ Speed does not depend on how the copies were made; the accuracy comparisons are 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmc.core import Bank
+from rmc.config import load_config
+from rmc.core import Bank, RMCConfig
 from rmc.data import load_dataset
 from rmc.models import extract_features, load_checkpoint, save_checkpoint
 
@@ -24,6 +26,15 @@ DEFAULT_WORKDIR = os.environ.get("RMC_BENCH_DIR", "/tmp/rmc-bench")
 PRETRAINED = "/tmp/rmcw/fm_small.safetensors"   # a small_cnn trained 1 epoch, if a previous session left one
 NOISE_LEVELS = 25
 COPIES = 3                                       # 60k clean + 3 noisy copies = 240k
+LAYER = "block3"                                 # small_cnn's feature layer
+# The default run's RMC settings and D' size, read from the preset itself so that the figures follow it.
+DEFAULT_RUN = {f.name: getattr(load_config().rmc, f.name) for f in dataclasses.fields(RMCConfig)}
+DEFAULT_RUN_DPRIME = load_config().augment.train_subset   # training images in the default D' (x clean + 2 copies)
+
+
+def run_cfg(**changes) -> RMCConfig:
+    """The default run's RMC settings with `changes`."""
+    return RMCConfig(**{**DEFAULT_RUN, **changes})
 
 
 def log(msg: str) -> None:
@@ -31,26 +42,31 @@ def log(msg: str) -> None:
 
 
 def get_model(workdir: Path):
-    """The static model: a cached checkpoint, else small_cnn trained for one epoch (~2 minutes here)."""
+    """The static model (workdir/model.safetensors): a copy of a previous session's checkpoint if there is one, else
+    small_cnn trained for one epoch (~2 minutes here)."""
     path = workdir / "model.safetensors"
-    for p in (path, Path(PRETRAINED)):
-        if p.exists():
-            model, info = load_checkpoint(p)
-            return model.eval(), info
-    from rmc.training import TrainConfig, train_model
-    log("training the static model (1 epoch of Fashion-MNIST) ...")
-    train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
-    model, info = train_model(train, test, TrainConfig(epochs=1, batch_size=256), progress=False)
-    save_checkpoint(model, info, path)
+    if not path.exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        if Path(PRETRAINED).exists():
+            model, info = load_checkpoint(PRETRAINED)
+        else:
+            from rmc.training import TrainConfig, train_model
+            log("training the static model (1 epoch of Fashion-MNIST) ...")
+            train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
+            model, info = train_model(train, test, TrainConfig(epochs=1, batch_size=256), progress=False)
+        save_checkpoint(model, info, path)
+    model, info = load_checkpoint(path)
     return model.eval(), info
 
 
-def get_dprime(workdir: Path, model, layer: str) -> tuple[np.memmap, np.ndarray, np.ndarray, np.ndarray]:
-    """(images uint8 memmap N x 1 x 28 x 28, labels, copy, features N x d) of the 240k D', built once."""
+def get_dprime(workdir: Path, model, info, layer: str) -> tuple[np.memmap, np.ndarray, np.ndarray, np.ndarray]:
+    """(images uint8 memmap N x 1 x 28 x 28, labels, copy, features N x d) of the 240k D', built once; the features
+    are rebuilt when the model (its sha256) or layer is not the one they were made with."""
     workdir.mkdir(parents=True, exist_ok=True)
     f_img, f_lab, f_copy, f_feat = (workdir / n for n in ("images.npy", "labels.npy", "copy.npy", "features.npy"))
-    meta = workdir / "dprime.json"
-    if not meta.exists():
+    meta_file = workdir / "dprime.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    if meta.get("n") is None:
         t0 = time.perf_counter()
         train = load_dataset("fashion-mnist", "train")
         clean = train.images.numpy()
@@ -64,11 +80,13 @@ def get_dprime(workdir: Path, model, layer: str) -> tuple[np.memmap, np.ndarray,
         images.flush()
         np.save(f_lab, np.tile(train.labels.numpy(), COPIES + 1))
         np.save(f_copy, np.repeat(np.arange(COPIES + 1, dtype=np.int16), n))
-        log(f"building D' features ({len(images)} images) ...")
+        meta = {"n": len(images), "noise_levels": NOISE_LEVELS, "seconds": round(time.perf_counter() - t0, 1)}
+        meta_file.write_text(json.dumps(meta))
+    if (meta.get("model"), meta.get("layer")) != (info.sha256, layer):
+        log(f"building D' features ({meta['n']} images) ...")
         feats = extract_features(model, layer, torch.from_numpy(np.load(f_img, mmap_mode="c")), batch_size=2048)
         np.save(f_feat, feats.numpy())
-        meta.write_text(json.dumps({"n": int(len(images)), "layer": layer, "noise_levels": NOISE_LEVELS,
-                                    "seconds": round(time.perf_counter() - t0, 1)}))
+        meta_file.write_text(json.dumps({**meta, "model": info.sha256, "layer": layer}))
     images = np.load(f_img, mmap_mode="c")
     return images, np.load(f_lab), np.load(f_copy), np.load(f_feat, mmap_mode="c")
 

@@ -43,9 +43,9 @@ def main():
     import faiss
     faiss.omp_set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import get_model, make_bank, test_inputs
+    from common import DEFAULT_RUN, LAYER, get_model, make_bank, run_cfg, test_inputs
 
-    from rmc.core import RMC, RMCConfig
+    from rmc.core import RMC
     from rmc.knn import NeighbourIndex
     stages = {"start": rss_mb()}
     peaks = {}
@@ -62,11 +62,11 @@ def main():
     del feats                       # the index holds the only copy the search needs
     stages["index_features_unmapped"] = rss_mb()
     peaks["index_features_unmapped"] = peak_rss_mb()
-    x, y, q = test_inputs(max(args.steps, 100), model, "block3")
-    rows = index.search(q, 512)[1]
+    x, y, q = test_inputs(max(args.steps, 100), model, LAYER)
+    rows = index.search(q, DEFAULT_RUN["k"])[1]
     stages["searched"] = rss_mb()
     peaks["searched"] = peak_rss_mb()
-    rmc = RMC(model, bank, index, RMCConfig(k=512, max_epochs=4, lr=1e-4, calib_k=256), "block3")
+    rmc = RMC(model, bank, index, run_cfg(), LAYER)
     for i in range(args.steps):
         rmc.step(x[i:i + 1], q[i:i + 1], key=i, rows=rows[i])
     stages["after_steps"] = rss_mb()
