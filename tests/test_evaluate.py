@@ -129,3 +129,47 @@ def test_rmc_run_end_to_end_on_digits_and_resume(tmp_path, capsys):
 def test_threads_flag_is_checked():
     assert cli(["--threads", "0", "layers", "--arch", "small_cnn"]) == 2
     assert cli(["--threads", "1", "layers", "--arch", "small_cnn"]) == 0 and torch.get_num_threads() == 1
+
+
+def test_batched_episodic_evaluation_gives_the_one_at_a_time_records_and_resumes(setup, tmp_path, monkeypatch):
+    base, bank, sets = setup
+    one = evaluate([base], bank, sets, _cfg(Mode.EPISODIC), tmp_path / "one", 10, progress=False)
+    # conftest runs torch with one thread: the batched CPU workers' arithmetic, so records agree bit for bit
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
+
+    from rmc.batched import BatchedEpisodic
+    real_run, calls = BatchedEpisodic.run, {"n": 0}
+
+    def counted_run(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2 and calls.get("die"):          # the second batch of the first set
+            raise KeyboardInterrupt
+        return real_run(self, *a, **kw)
+
+    monkeypatch.setattr(BatchedEpisodic, "run", counted_run)
+    calls["die"] = True
+    with pytest.raises(KeyboardInterrupt):
+        evaluate([base], bank, sets, _cfg(Mode.EPISODIC), tmp_path / "b", 10, progress=False, batch=4)
+    assert sum(1 for _ in (tmp_path / "b" / "standard" / sets[0].name / "rmc.jsonl").open()) == 4   # one batch saved
+    calls["die"] = False
+    got = evaluate([base], bank, sets, _cfg(Mode.EPISODIC), tmp_path / "b", 10, progress=False, batch=4)
+    assert calls["n"] == 2 + 1 + 2   # resumed: the rest of set 1 (2 inputs: one batch), then set 2 (6: two batches)
+    for s in sets:
+        assert strip(got["standard"][s.name]["rmc"]) == strip(one["standard"][s.name]["rmc"])
+
+
+@pytest.mark.parametrize("kw, match", [({"batch": 0}, "whole number"), ({"batch": 2.5}, "whole number"),
+                                       ({"batch": 4, "mode": Mode.ONLINE}, "episodic"),
+                                       ({"batch": 4, "shards": 2}, "drop --batch")])
+def test_bad_batch_is_refused_before_any_work(setup, tmp_path, kw, match):
+    base, bank, sets = setup
+    mode = kw.pop("mode", Mode.EPISODIC)
+    with pytest.raises(RMCError, match=match):
+        evaluate([base], bank, sets, _cfg(mode), tmp_path, 10, progress=False, **kw)
+    assert not (tmp_path / "standard").exists()
+
+
+def test_run_refuses_batch_in_online_mode_before_training(tmp_path, capsys):
+    assert cli(["run", "--batch", "4", "--out", str(tmp_path / "run")]) == 2
+    assert "needs episodic mode" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

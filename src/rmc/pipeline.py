@@ -28,7 +28,7 @@ from rmc.data import load_dataset
 from rmc.errors import RMCError
 from rmc.evalsets import AttackSpec, load_eval_sets, make_eval_sets, save_eval_sets
 from rmc.evaluation.report import Table
-from rmc.evaluation.runner import BaseModel, evaluate, online_streams
+from rmc.evaluation.runner import BaseModel, check_batch, evaluate, online_streams
 from rmc.featurestore import compute_features, load_features, make_provenance, save_features, store_source
 from rmc.io import read_json, write_json, write_text
 from rmc.models import default_layer, load_checkpoint, save_checkpoint
@@ -109,9 +109,11 @@ def ensure_eval_sets(model, info, test, cfg, folder: Path):
 
 def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = print,
                  with_rmc: bool = True, ray: str | None = None, workers: int | None = None,
-                 shards: int = 1) -> Table:
+                 shards: int = 1, batch: int = 1) -> Table:
     """`ray` ("local" or a cluster address): augmentation chunks and RMC's per-input work run as Ray tasks (one Ray
-    session for the whole run); `shards`: independent online streams per test stream (see rmc.distributed)."""
+    session for the whole run); `shards`: independent online streams per test stream (see rmc.distributed);
+    `batch`: episodic inputs adapted at once (see rmc.batched)."""
+    check_batch(batch, cfg.rmc, ray, shards)      # before hours of work, not after
     if ray is not None:
         from rmc import distributed
         if not distributed.is_connected():
@@ -158,7 +160,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = p
         sets = timer(f"attack {name}", ensure_eval_sets, model, info, test, cfg.attack, out / "evalsets" / name)
         base = BaseModel(name, model, info.sha256, layer, feats)
         res = timer(f"evaluate {name}", evaluate, [base], bank, sets, cfg.rmc, out / "results",
-                    info.num_classes, with_rmc=with_rmc, ray=ray, workers=workers, shards=shards)
+                    info.num_classes, with_rmc=with_rmc, ray=ray, workers=workers, shards=shards, batch=batch)
         results.update(res)
         from rmc.evaluation.adaptive import evaluate_attacks, wants_attack_rows
         if with_rmc and wants_attack_rows(cfg.adaptive):
@@ -178,7 +180,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = p
             "store": {"path": str(store.path), "fingerprint": store.fingerprint, "size": len(store),
                       "copies": store.copy_names}, "stages": timer.stages,
             "seconds_total": round(time.perf_counter() - t_start, 1), "table": table.to_dict(),
-            "online_streams": online_streams(cfg.rmc, shards), "ray": ray, "workers": workers}
+            "online_streams": online_streams(cfg.rmc, shards), "ray": ray, "workers": workers, "batch": batch}
     write_json(out / "results.json", meta)
     write_text(out / "results.md", table.markdown())
     return table

@@ -30,6 +30,12 @@ def add_attack_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-attack-rows", action="store_true", help="skip the attack rows")
 
 
+def add_batch_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=int, default=1, metavar="B",
+                   help="episodic mode: adapt B inputs at once, with the same results (one worker per core on a "
+                        "CPU, one vectorised model on a GPU; see rmc.batched). Default: %(default)s")
+
+
 def attack_overrides(args) -> list[tuple[str, object]]:
     from rmc.errors import RMCError
     from rmc.evalsets import parse_number
@@ -66,6 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["online", "episodic"], help="RMC mode")
     p.add_argument("--no-rmc", action="store_true", help="baselines only (fast)")
     add_ray_arguments(p, shards=True)
+    add_batch_argument(p)
     add_attack_arguments(p)
 
 
@@ -90,7 +97,8 @@ def main(args) -> int:
     base = BaseModel(args.name, model, info.sha256, layer, feats)
     bank = Bank(store.images, store.labels, store.copy, store.copy_names)
     results = evaluate([base], bank, sets, cfg.rmc, out / "results", info.num_classes, n=args.n,
-                       with_rmc=not args.no_rmc, ray=args.ray, workers=args.workers, shards=args.shards)
+                       with_rmc=not args.no_rmc, ray=args.ray, workers=args.workers, shards=args.shards,
+                       batch=args.batch)
     notes = {s.name: "clean" if s.attack.get("kind") == "clean" else "transfer" for s in sets}
     table = Table.from_results(results, notes)
     if attack_rows:
@@ -104,7 +112,7 @@ def main(args) -> int:
                                       "model": dataclasses.asdict(info),
                                       "store": store.fingerprint, "layer": layer, "table": table.to_dict(),
                                       "online_streams": online_streams(cfg.rmc, args.shards),
-                                      "ray": args.ray, "workers": args.workers})
+                                      "ray": args.ray, "workers": args.workers, "batch": args.batch})
     write_text(out / "results.md", table.markdown())
     print(table.plain())
     print(f"results: {out}/results.md, {out}/results.json")

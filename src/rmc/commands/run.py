@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from rmc.commands.augment import add_ray_arguments, check_ray_arguments
-from rmc.commands.evaluate import add_attack_arguments, attack_overrides
+from rmc.commands.evaluate import add_attack_arguments, add_batch_argument, attack_overrides
 from rmc.config import documented_yaml, load_config, parse_override
 from rmc.pipeline import run_pipeline
 
@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also train an adversarially trained base model; evaluate it alone and with RMC")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
     add_ray_arguments(p, shards=True)
+    add_batch_argument(p)
     add_attack_arguments(p)
 
 
@@ -42,7 +43,7 @@ def main(args) -> int:
     if args.print_config:
         sys.stdout.write(documented_yaml(cfg))
         return 0
-    table = run_pipeline(cfg, args.out, ray=args.ray, workers=args.workers, shards=args.shards)
+    table = run_pipeline(cfg, args.out, ray=args.ray, workers=args.workers, shards=args.shards, batch=args.batch)
     print()
     print(table.plain())
     print(f"results: {args.out}/results.md, {args.out}/results.json; neighbours: {args.out}/neighbours.png")

@@ -74,9 +74,34 @@ def stream_fingerprint(base: BaseModel, bank: Bank, eval_set, cfg: RMCConfig, n:
     return _digest(base.sha256, base.layer, asdict(cfg), evalset_source(eval_set), len(bank), n)
 
 
+def check_batch(batch: int, cfg: RMCConfig, ray: str | None = None, shards: int = 1) -> None:
+    """Refuse a `batch` the evaluation cannot honour, with the fix."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise RMCError(f"--batch must be a whole number >= 1, got {batch!r}")
+    if batch > 1 and cfg.mode is not Mode.EPISODIC:
+        raise RMCError(f"--batch {batch} needs episodic mode (online RMC carries its weights from one input to the "
+                       "next, so its inputs cannot be adapted side by side): add --mode episodic or drop --batch")
+    if batch > 1 and (ray is not None or shards != 1):
+        raise RMCError("--batch adapts inputs side by side in this process; with --ray or --shards Ray's workers "
+                       "share the inputs instead: drop --batch")
+
+
+def batched_runner(rmc: RMC, batch: int):
+    """`BatchedEpisodic` for batch > 1: vmap on a GPU; on a CPU one worker per core, each one intra-op thread
+    (the same results as one at a time with one thread, bit for bit)."""
+    if batch == 1:
+        return None
+    from rmc.batched import BatchedEpisodic
+    return BatchedEpisodic(rmc, intra_op_threads=None if rmc.device.type == "cuda" else 1)
+
+
 def evaluate_set(base: BaseModel, bank: Bank, search: NeighbourSearch, eval_set, cfg: RMCConfig, out_dir: Path,
-                 num_classes: int, n: int | None = None, rmc: RMC | None = None, progress: bool = True) -> dict:
-    """All defenses on one evaluation set; returns {defense: list of per-example records}."""
+                 num_classes: int, n: int | None = None, rmc: RMC | None = None, progress: bool = True,
+                 batch: int = 1) -> dict:
+    """All defenses on one evaluation set; returns {defense: list of per-example records}.
+
+    `batch` > 1 (episodic mode only) adapts that many inputs at once (`rmc.batched`); records are saved per batch.
+    """
     x_all, y_all = eval_set.images[:n], eval_set.labels[:n]
     t_all = eval_set.targets[:n] if eval_set.targets is not None else None
     folder = out_dir / base.name / eval_set.name
@@ -105,15 +130,23 @@ def evaluate_set(base: BaseModel, bank: Bank, search: NeighbourSearch, eval_set,
     hits = sum(r["pred"] == r["label"] for r in stream.records)
     bar = tqdm(total=len(x_all), initial=len(stream), desc=f"RMC {base.name}/{eval_set.name}", unit="input",
                disable=not progress, dynamic_ncols=True)
-    for i in range(len(stream), len(x_all)):
+    batched = batched_runner(rmc, batch)
+    for start in range(len(stream), len(x_all), batch):
+        idx = range(start, min(start + batch, len(x_all)))
+        keys = [(eval_set.name, i) for i in idx]
         t0 = time.perf_counter()
-        res = rmc.step(x_all[i:i + 1], feats[i:i + 1], key=(eval_set.name, i), rows=rows[i])
-        rec = record(i, res.prediction, adapt_epochs=res.adapt_epochs, calib_epochs=res.calib_epochs,
-                     seconds=round(time.perf_counter() - t0, 4))
-        stream.append(rec, rmc.state_dict() if cfg.mode is Mode.ONLINE else None)
-        hits += res.prediction == rec["label"]
-        bar.update(1)
-        bar.set_postfix(acc=f"{hits / len(stream):.3f}", epochs=res.adapt_epochs)
+        if batched is None:          # one input
+            results = [rmc.step(x_all[start:start + 1], feats[start:start + 1], key=keys[0], rows=rows[start])]
+        else:
+            results = batched.run(x_all[idx.start:idx.stop], None, keys, rows=rows[idx.start:idx.stop])
+        seconds = round((time.perf_counter() - t0) / len(idx), 4)
+        for i, res in zip(idx, results):
+            rec = record(i, res.prediction, adapt_epochs=res.adapt_epochs, calib_epochs=res.calib_epochs,
+                         seconds=seconds)
+            stream.append(rec, rmc.state_dict() if cfg.mode is Mode.ONLINE else None)
+            hits += res.prediction == rec["label"]
+            bar.update(1)
+            bar.set_postfix(acc=f"{hits / len(stream):.3f}", epochs=res.adapt_epochs)
     bar.close()
     out["rmc"] = stream.records
     return out
@@ -127,12 +160,15 @@ def online_streams(cfg: RMCConfig, shards: int = 1) -> int | None:
 
 def evaluate(bases: Sequence[BaseModel], bank: Bank, eval_sets: Sequence, cfg: RMCConfig, out_dir: str | Path,
              num_classes: int, n: int | None = None, with_rmc: bool = True, progress: bool = True,
-             ray: str | None = None, workers: int | None = None, shards: int = 1) -> dict:
+             ray: str | None = None, workers: int | None = None, shards: int = 1, batch: int = 1) -> dict:
     """{base name: {set name: {defense: records}}} for every base model and evaluation set.
+
+    `batch` > 1 (episodic mode) adapts that many inputs at once, with the same results (see rmc.batched).
 
     `ray` ("local" or a cluster address) shards RMC's work over Ray; `shards` > 1 cuts each online stream into that
     many independent streams (with or without Ray; see rmc.distributed). Otherwise everything runs here, in order.
     """
+    check_batch(batch, cfg, ray, shards)
     if ray is not None or shards != 1:
         from rmc.distributed import evaluate_distributed
         return evaluate_distributed(bases, bank, eval_sets, cfg, out_dir, num_classes, n=n, with_rmc=with_rmc,
@@ -147,5 +183,6 @@ def evaluate(bases: Sequence[BaseModel], bank: Bank, eval_sets: Sequence, cfg: R
         rmc = RMC(base.model, bank, search.all, cfg, base.layer) if with_rmc else None
         results[base.name] = {}
         for s in eval_sets:
-            results[base.name][s.name] = evaluate_set(base, bank, search, s, cfg, out_dir, num_classes, n, rmc, progress)
+            results[base.name][s.name] = evaluate_set(base, bank, search, s, cfg, out_dir, num_classes, n, rmc,
+                                                      progress, batch)
     return results
