@@ -53,6 +53,7 @@ from rmc.batched import BatchedEpisodic  # noqa: E402
 from rmc.core import RMC, PhaseTimer, RMCConfig  # noqa: E402
 from rmc.knn import NeighbourIndex  # noqa: E402
 
+ALL_SECTIONS = ("matmul", "search", "latency", "ablation", "scopes", "threads", "batched", "memory")
 SIZES = {  # quick / full
     "search_ref_queries": (8, 40), "search_queries": (1000, 1000),
     "latency_inputs": (8, 200), "ablation_inputs": (3, 16), "scope_inputs": (6, 60), "thread_inputs": (1, 6),
@@ -249,6 +250,63 @@ def section_ablation(args, out, model, bank60, feats60, x, y, q):
     out["ablation"] = {"inputs": n, **{k: {kk: vv for kk, vv in v.items() if kk != "preds"} for k, v in r.items()},
                        "same_predictions": float(np.mean(np.array(r["fast-path"]["preds"]) == np.array(r["plain-model"]["preds"])))}
     log("[ablation] " + "; ".join(f"{k} {v['s_per_input']:.3f} s/input" for k, v in r.items()))
+    out["ablation"]["step"] = step_breakdown(model, bank60.gather(np.arange(128))[0])
+
+
+def _median_time(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def step_breakdown(model, xb: torch.Tensor) -> dict:
+    """One training step (forward + backward, batch of 128) through the fast path and the plain model, and the
+    3x3 convolutions alone (forward + backward, channels-last, as oneDNN runs them in both): how much of a step is
+    work that neither implementation can remove."""
+    from torch.nn import Conv2d
+    from torch.nn import functional as F
+
+    from rmc.core import configure_model
+    from rmc.fastpath import fast_forward
+    net = configure_model(copy.deepcopy(model))
+    params = [p for p in net.parameters() if p.requires_grad]
+    y = torch.zeros(len(xb), dtype=torch.long)
+    shapes, hooks = {}, []
+
+    def record(mod, inp, out):
+        shapes[mod] = tuple(inp[0].shape)
+
+    for m in net.modules():
+        if isinstance(m, Conv2d) and m.in_channels * m.kernel_size[0] * m.kernel_size[1] > 32:   # not the stem
+            hooks.append(m.register_forward_hook(record))
+    with torch.no_grad():
+        net(xb)
+    for h in hooks:
+        h.remove()
+    conv_s = 0.0
+    for m, shape in shapes.items():
+        xi = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_()
+        w = m.weight.detach().clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+        b = torch.zeros(m.out_channels, requires_grad=True)
+
+        def conv_step(xi=xi, w=w, b=b, m=m):
+            o = F.conv2d(xi, w, b, m.stride, m.padding)
+            torch.autograd.grad(o, (xi, w, b), torch.ones_like(o))
+        conv_s += _median_time(conv_step)
+    fast = fast_forward(net, xb[:8])
+    steps = {name: _median_time(lambda f=f: torch.autograd.grad(F.cross_entropy(f(xb), y), params))
+             for name, f in (("fast_path", fast), ("plain_model", net))}
+    res = {"batch": len(xb), "step_s": steps, "convolutions_s": conv_s,
+           "convolutions_share_of_fast_step": conv_s / steps["fast_path"]}
+    log(f"[ablation] one step of {len(xb)}: fast path {steps['fast_path'] * 1e3:.1f} ms, plain model "
+        f"{steps['plain_model'] * 1e3:.1f} ms; the {len(shapes)} 3x3 convolutions alone {conv_s * 1e3:.1f} ms "
+        f"({res['convolutions_share_of_fast_step'] * 100:.0f}% of the fast step)")
+    return res
 
 
 # ------------------------------------------------------------------------------------------------ scopes
@@ -364,7 +422,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the README's sizes (>= 200 inputs for accuracy)")
     ap.add_argument("--threads", type=int, default=1, help="torch and FAISS threads (default 1)")
-    ap.add_argument("--sections", default="matmul,search,latency,ablation,scopes,threads,batched,memory")
+    ap.add_argument("--sections", default=",".join(ALL_SECTIONS),
+                    help="comma-separated subset of: %(default)s (a subset writes its own results file)")
     ap.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR))
     ap.add_argument("--n-latency", type=int, default=None)
     ap.add_argument("--n-scopes", type=int, default=None)
@@ -381,10 +440,13 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     sections = args.sections.split(",")
+    unknown = sorted(set(sections) - set(ALL_SECTIONS))
+    if unknown:
+        ap.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(ALL_SECTIONS)}")
     log(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}, {args.threads} thread(s), load average "
         f"{os.getloadavg()[0]:.2f}")
     t0 = time.perf_counter()
-    out: dict = {"threads": args.threads, "torch": torch.__version__, "faiss": faiss.__version__,
+    out: dict = {"torch_threads": args.threads, "torch": torch.__version__, "faiss": faiss.__version__,
                  "full": bool(args.full), "sections": sections, "cpus": os.cpu_count(),
                  "loadavg_start": os.getloadavg(), "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
                  "tuned_malloc": args.tuned_malloc}
@@ -422,9 +484,12 @@ def main(argv=None):
     out["bench_peak_rss_mb"] = peak_rss_mb()
     out["loadavg_end"] = os.getloadavg()
     out["seconds"] = time.perf_counter() - t0
+    subset = "" if set(sections) >= set(ALL_SECTIONS) else "-" + "-".join(sections)   # never overwrite a whole run
     path = args.workdir / ("bench-results" + ("-full" if args.full else "") + ("-malloc" if args.tuned_malloc else "")
-                           + ".json")
-    path.write_text(json.dumps(out, indent=1, default=float))
+                           + subset + ".json")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=1, default=float))
+    tmp.replace(path)
     log(f"done in {out['seconds']:.0f} s; results in {path}")
 
 

@@ -49,6 +49,11 @@ def main(path):
     if ab:
         out.append(f"- ablation ({ab['inputs']} inputs, fp32): fast path {ab['fast-path']['s_per_input']:.3f} s/input, "
                    f"plain model {ab['plain-model']['s_per_input']:.3f} s/input; same predictions {ab['same_predictions'] * 100:.0f}%")
+        st = ab.get("step")
+        if st:
+            out.append(f"- one training step of {st['batch']}: fast path {st['step_s']['fast_path'] * 1e3:.1f} ms, plain "
+                       f"model {st['step_s']['plain_model'] * 1e3:.1f} ms; the 3x3 convolutions alone "
+                       f"{st['convolutions_s'] * 1e3:.1f} ms ({st['convolutions_share_of_fast_step'] * 100:.0f}% of the fast step)")
         out.append("")
     sc = r.get("scopes")
     if sc:
@@ -60,7 +65,7 @@ def main(path):
             out.append(f"| {k} | {c['s_per_input']:.3f} | {c['accuracy'] * 100:.1f}% | {p['s_per_input']:.3f} | {p['accuracy'] * 100:.1f}% |")
         out.append("")
     th = r.get("threads")
-    if th:
+    if isinstance(th, dict):     # (older results files kept the thread count under this key)
         for k in ("fp32", "bf16"):
             v = th[k]
             out.append(f"- threads, rmc {k} ({th['inputs']} inputs): 1 thread {v['1_threads_s_per_input']:.3f} s/input, "
