@@ -1,7 +1,7 @@
 """rmc against the naive reference (benchmarks/reference.py), side by side in one process.
 
-    python benchmarks/bench.py            # quick: ~5 minutes on 2 shared cores
-    python benchmarks/bench.py --full     # the figures of benchmarks/README.md (~25 minutes on 2 shared cores)
+    python benchmarks/bench.py            # quick: ~3 minutes on 2 cores
+    python benchmarks/bench.py --full     # the figures of benchmarks/README.md (~7 minutes on 2 quiet cores)
 
 Same model, D', test inputs, K, epochs and seed for both. Timings alternate between the implementations input by
 input (the order rotating), so load from other processes falls on both alike. Sections (--sections):
@@ -9,13 +9,15 @@ input (the order rotating), so load from other processes falls on both alike. Se
   matmul   the machine's matrix-product FLOP/s (fp32, bf16), measured here, now
   search   neighbour search over |D'| = 240,000: reference loop vs FAISS (exact; IVF with recall)
   latency  online RMC, full adaptation, default-run settings: per-input latency, accuracy, agreement, profile, FLOP/s
-  ablation rmc with and without the fast path (what the rewritten graph adds to removing the per-epoch overhead)
+  ablation rmc with and without the fast path (what the rewritten graph adds to removing the per-epoch overhead),
+           and one training step against its 3x3 convolutions alone
   scopes   adaptation scope all / head / bn on the default run: latency and accuracy
   threads  rmc with 1 vs 2 intra-op threads
   batched  episodic: B inputs at once vs one at a time (throughput, agreement)
   memory   peak resident memory of rmc evaluating against the 240k D' (a separate process)
 
-Results are printed and written to <workdir>/bench-results.json.
+The settings are the default run's, read from rmc.config's preset. Results are printed and written to
+<workdir>/bench-results[-full][-malloc][-<sections>].json (a run of some sections never overwrites a whole run).
 """
 
 from __future__ import annotations
@@ -194,18 +196,18 @@ def rmc_impl(rmc: RMC):
     return lambda x, f, i: rmc.step(x, f, key=i).prediction
 
 
-def section_latency(args, out, model, bank60, feats60, x, y, q):
+def section_latency(args, out, model, bank_run, feats_run, x, y, q):
     n = args.n_latency or SIZES["latency_inputs"][args.full]
     cfg = run_cfg()
-    index = NeighbourIndex(feats60)
-    images, labels = bank60.images.numpy(), bank60.labels.numpy()
-    ref = NaiveRMC(model, images, labels, feats60, cfg, seed=0)
-    variants = {"rmc-fp32": RMC(model, bank60, index, cfg, LAYER),
-                "rmc-bf16": RMC(model, bank60, index, run_cfg(precision="bf16"), LAYER)}
+    index = NeighbourIndex(feats_run)
+    images, labels = bank_run.images.numpy(), bank_run.labels.numpy()
+    ref = NaiveRMC(model, images, labels, feats_run, cfg, seed=0)
+    variants = {"rmc-fp32": RMC(model, bank_run, index, cfg, LAYER),
+                "rmc-bf16": RMC(model, bank_run, index, run_cfg(precision="bf16"), LAYER)}
     for r in variants.values():
         r.timer = PhaseTimer()
     impls = {"reference": lambda xi, fi, i: ref.step(xi, fi), **{k: rmc_impl(r) for k, r in variants.items()}}
-    log(f"[latency] online RMC, default-run settings ({settings_text()}), |D'| = {len(bank60):,}, {n} inputs ...")
+    log(f"[latency] online RMC, default-run settings ({settings_text()}), |D'| = {len(bank_run):,}, {n} inputs ...")
     res = run_interleaved(impls, x, y, q, n, "latency")
     peak = out.get("matmul_flops", {})
     for k, r in variants.items():
@@ -225,7 +227,7 @@ def section_latency(args, out, model, bank60, feats60, x, y, q):
         res[k]["speedup_vs_reference"] = res["reference"]["s_per_input"] / res[k]["s_per_input"]
         res[k]["agreement_with_reference"] = float(np.mean(np.array(res[k]["preds"]) == np.array(res["reference"]["preds"])))
     res["reference"]["profile_s_per_input"] = {p: s / ref.steps for p, s in sorted(ref.seconds.items(), key=lambda kv: -kv[1])}
-    out["latency"] = {"inputs": n, "dprime": len(bank60), "settings": DEFAULT_RUN, "threads": args.threads, **res}
+    out["latency"] = {"inputs": n, "dprime": len(bank_run), "settings": DEFAULT_RUN, "threads": args.threads, **res}
     log(f"[latency] reference {res['reference']['s_per_input']:.3f} s/input, accuracy {res['reference']['accuracy']:.3f}; "
         "profile (ms/input): " + ", ".join(f"{p} {s * 1e3:.1f}" for p, s in res["reference"]["profile_s_per_input"].items()))
     for k in variants:
@@ -240,17 +242,17 @@ def section_latency(args, out, model, bank60, feats60, x, y, q):
 
 
 # ------------------------------------------------------------------------------------------------ ablation
-def section_ablation(args, out, model, bank60, feats60, x, y, q):
+def section_ablation(args, out, model, bank_run, feats_run, x, y, q):
     n = SIZES["ablation_inputs"][args.full]
-    index = NeighbourIndex(feats60)
-    variants = {"fast-path": RMC(model, bank60, index, run_cfg(), LAYER),
-                "plain-model": RMC(model, bank60, index, run_cfg(fast_path=False), LAYER)}
+    index = NeighbourIndex(feats_run)
+    variants = {"fast-path": RMC(model, bank_run, index, run_cfg(), LAYER),
+                "plain-model": RMC(model, bank_run, index, run_cfg(fast_path=False), LAYER)}
     log(f"[ablation] rmc fp32 with / without the fast path, {n} inputs ...")
     r = run_interleaved({k: rmc_impl(v) for k, v in variants.items()}, x, y, q, n, "ablation")
     out["ablation"] = {"inputs": n, **{k: {kk: vv for kk, vv in v.items() if kk != "preds"} for k, v in r.items()},
                        "same_predictions": float(np.mean(np.array(r["fast-path"]["preds"]) == np.array(r["plain-model"]["preds"])))}
     log("[ablation] " + "; ".join(f"{k} {v['s_per_input']:.3f} s/input" for k, v in r.items()))
-    out["ablation"]["step"] = step_breakdown(model, bank60.gather(np.arange(128))[0])
+    out["ablation"]["step"] = step_breakdown(model, bank_run.gather(np.arange(128))[0])
 
 
 def _median_time(fn, reps: int = 20) -> float:
@@ -310,13 +312,13 @@ def step_breakdown(model, xb: torch.Tensor) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ scopes
-def section_scopes(args, out, model, bank60, feats60, x, y, q, x_adv, q_adv):
+def section_scopes(args, out, model, bank_run, feats_run, x, y, q, x_adv, q_adv):
     n = args.n_scopes or SIZES["scope_inputs"][args.full]
-    index = NeighbourIndex(feats60)
+    index = NeighbourIndex(feats_run)
     res = {}
     for name, xs, qs in (("clean", x, q), ("pgd10", x_adv, q_adv)):
-        variants = {s: RMC(model, bank60, index, run_cfg(scope=s), LAYER) for s in ("all", "head", "bn")}
-        variants["head-uncached"] = RMC(model, bank60, index, run_cfg(scope="head",
+        variants = {s: RMC(model, bank_run, index, run_cfg(scope=s), LAYER) for s in ("all", "head", "bn")}
+        variants["head-uncached"] = RMC(model, bank_run, index, run_cfg(scope="head",
                                                                           cache_head_inputs=False), LAYER)
         log(f"[scopes] {name}: scope all / head / bn (+ head without cached inputs), {n} inputs ...")
         r = run_interleaved({k: rmc_impl(v) for k, v in variants.items()}, xs, y, qs, n, f"scopes {name}")
@@ -330,13 +332,13 @@ def section_scopes(args, out, model, bank60, feats60, x, y, q, x_adv, q_adv):
 
 
 # ------------------------------------------------------------------------------------------------ threads
-def section_threads(args, out, model, bank60, feats60, x, y, q):
+def section_threads(args, out, model, bank_run, feats_run, x, y, q):
     n = SIZES["thread_inputs"][args.full]
-    index = NeighbourIndex(feats60)
+    index = NeighbourIndex(feats_run)
     res = {}
     for prec in ("fp32", "bf16"):
-        r = RMC(model, bank60, index, run_cfg(precision=prec), LAYER)
-        r2 = RMC(model, bank60, index, run_cfg(precision=prec), LAYER)
+        r = RMC(model, bank_run, index, run_cfg(precision=prec), LAYER)
+        r2 = RMC(model, bank_run, index, run_cfg(precision=prec), LAYER)
         times = {1: [], 2: []}
         for i in range(n):
             for t, rr in ((1, r), (2, r2)) if i % 2 == 0 else ((2, r2), (1, r)):
@@ -352,13 +354,13 @@ def section_threads(args, out, model, bank60, feats60, x, y, q):
 
 
 # ------------------------------------------------------------------------------------------------ batched
-def section_batched(args, out, model, bank60, feats60, x, y, q):
+def section_batched(args, out, model, bank_run, feats_run, x, y, q):
     b, rounds = args.batch, SIZES["batched_rounds"][args.full]
-    index = NeighbourIndex(feats60)
+    index = NeighbourIndex(feats_run)
     cfg = run_cfg(mode="episodic")
-    one = RMC(model, bank60, index, cfg, LAYER)
-    batched = BatchedEpisodic(RMC(model, bank60, index, cfg, LAYER), backend="threads", intra_op_threads=1)
-    vm = BatchedEpisodic(RMC(model, bank60, index, cfg, LAYER), backend="vmap")
+    one = RMC(model, bank_run, index, cfg, LAYER)
+    batched = BatchedEpisodic(RMC(model, bank_run, index, cfg, LAYER), backend="threads", intra_op_threads=1)
+    vm = BatchedEpisodic(RMC(model, bank_run, index, cfg, LAYER), backend="vmap")
     keys = list(range(b))
     timings = {"one_at_a_time_1thread": [], "one_at_a_time_2threads": [], "batched_threads": [], "batched_vmap": []}
     preds = {}
@@ -460,23 +462,23 @@ def main(argv=None):
         section_matmul(args, out)
     if "search" in sections:
         section_search(args, out, np.ascontiguousarray(feats), q)
-    rows60 = subset_rows(n_train, DEFAULT_RUN_DPRIME, 3)
-    bank60 = make_bank(np.ascontiguousarray(images[rows60]), labels[rows60], copies[rows60])
-    feats60 = np.ascontiguousarray(feats[rows60])
+    rows_run = subset_rows(n_train, DEFAULT_RUN_DPRIME, 3)
+    bank_run = make_bank(np.ascontiguousarray(images[rows_run]), labels[rows_run], copies[rows_run])
+    feats_run = np.ascontiguousarray(feats[rows_run])
     if "latency" in sections:
-        section_latency(args, out, model, bank60, feats60, x, y, q)
+        section_latency(args, out, model, bank_run, feats_run, x, y, q)
     if "ablation" in sections:
-        section_ablation(args, out, model, bank60, feats60, x, y, q)
+        section_ablation(args, out, model, bank_run, feats_run, x, y, q)
     if "scopes" in sections:
         n = args.n_scopes or SIZES["scope_inputs"][args.full]
         x_adv = pgd(model, x[:n], y[:n], 0.1, 0.025, 10, generator=torch.Generator().manual_seed(0))
         from rmc.models import extract_features
         q_adv = extract_features(model, LAYER, x_adv).numpy()
-        section_scopes(args, out, model, bank60, feats60, x, y, q, x_adv, q_adv)
+        section_scopes(args, out, model, bank_run, feats_run, x, y, q, x_adv, q_adv)
     if "threads" in sections:
-        section_threads(args, out, model, bank60, feats60, x, y, q)
+        section_threads(args, out, model, bank_run, feats_run, x, y, q)
     if "batched" in sections:
-        section_batched(args, out, model, bank60, feats60, x, y, q)
+        section_batched(args, out, model, bank_run, feats_run, x, y, q)
     if "matmul" in sections:
         section_matmul(args, out)      # again at the end: the peak is the better of the two
     if "memory" in sections:

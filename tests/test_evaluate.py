@@ -163,6 +163,7 @@ def test_batched_episodic_evaluation_gives_the_one_at_a_time_records_and_resumes
                                        ({"batch": 4, "shards": 2}, "drop --batch")])
 def test_bad_batch_is_refused_before_any_work(setup, tmp_path, kw, match):
     base, bank, sets = setup
+    kw = dict(kw)
     mode = kw.pop("mode", Mode.EPISODIC)
     with pytest.raises(RMCError, match=match):
         evaluate([base], bank, sets, _cfg(mode), tmp_path, 10, progress=False, **kw)
@@ -173,3 +174,17 @@ def test_run_refuses_batch_in_online_mode_before_training(tmp_path, capsys):
     assert cli(["run", "--batch", "4", "--out", str(tmp_path / "run")]) == 2
     assert "needs episodic mode" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("env, tuned", [({}, True), ({"RMC_DEFAULT_MALLOC": "1"}, False),
+                                        ({"MALLOC_TRIM_THRESHOLD_": "1000000"}, False)])
+def test_cli_tunes_the_allocator_unless_told_not_to(monkeypatch, env, tuned):
+    import rmc.cpu
+    calls = []
+    monkeypatch.setattr(rmc.cpu, "tune_malloc", lambda: calls.append(1) or True)
+    for k in ("RMC_DEFAULT_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert cli(["layers", "--arch", "small_cnn"]) == 0
+    assert calls == ([1] if tuned else [])

@@ -49,12 +49,13 @@ def configure_openblas(force: bool = False) -> str | None:
 
 
 def tune_malloc(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
-    """Opt-in: make glibc keep freed blocks for reuse instead of returning them to the kernel.
+    """Make glibc keep freed blocks for reuse instead of returning them to the kernel (the `rmc` command does this
+    at start-up; library users may call it once themselves).
 
-    With glibc's defaults every large tensor freed and allocated again (activations, gradients: each training step)
-    is a fresh memory map whose pages fault in one by one; on the benchmark machine that costs the plain PyTorch
-    training loop ~35% and RMC's ~5% (benchmarks/README.md). Process-wide; call it once at start-up, or set
-    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment instead. Returns False where unavailable.
+    With glibc's defaults every large tensor freed and allocated again (activations, gradients, PGD batches) can be
+    a fresh memory map whose pages fault in one by one: `rmc augment` ran 1.7x slower for it, and in an earlier
+    benchmark the plain PyTorch training loop lost ~35% (benchmarks/README.md). Process-wide; the environment's
+    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ do the same. Returns False where unavailable.
     """
     if sys.platform != "linux":
         return False
