@@ -1,6 +1,6 @@
 """rmc against the naive reference (benchmarks/reference.py), side by side in one process.
 
-    python benchmarks/bench.py            # quick: ~3 minutes on 2 cores
+    python benchmarks/bench.py            # quick: ~1 minute on 2 cores (8 inputs: a smoke test, not the figures)
     python benchmarks/bench.py --full     # the figures of benchmarks/README.md (~7 minutes on 2 quiet cores)
 
 Same model, D', test inputs, K, epochs and seed for both. Timings alternate between the implementations input by
