@@ -20,7 +20,7 @@ def _setup(tiny_trained, tiny_bank, digits, n=5, **kw):
 
 @pytest.mark.parametrize("backend", ["threads", "vmap"])
 @pytest.mark.parametrize("extra", [{}, {"lr": 0.05, "patience": 1, "max_epochs": 5, "restore_best": True},
-                                   {"scope": "bn"}])
+                                   {"scope": "bn"}, {"scope": "head"}])
 def test_batched_equals_one_at_a_time(tiny_trained, tiny_bank, digits, backend, extra):
     rmc, x, q = _setup(tiny_trained, tiny_bank, digits, **extra)
     keys = [("s", i) for i in range(len(x))]
