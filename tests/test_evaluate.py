@@ -170,10 +170,15 @@ def test_bad_batch_is_refused_before_any_work(setup, tmp_path, kw, match):
     assert not (tmp_path / "standard").exists()
 
 
-def test_run_refuses_batch_in_online_mode_before_training(tmp_path, capsys):
+def test_run_and_evaluate_refuse_batch_in_online_mode_before_any_work(tmp_path, capsys):
     assert cli(["run", "--batch", "4", "--out", str(tmp_path / "run")]) == 2
     assert "needs episodic mode" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    # checked before the store is even opened (it does not exist here)
+    assert cli(["evaluate", "--model", "m", "--store", "s", "--evalsets", "e", "--out", str(tmp_path / "ev"),
+                "--batch", "4"]) == 2
+    assert "needs episodic mode" in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists()
 
 
 @pytest.mark.parametrize("env, tuned", [({}, True), ({"RMC_DEFAULT_MALLOC": "1"}, False),

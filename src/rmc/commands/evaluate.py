@@ -9,7 +9,7 @@ from rmc.config import load_config, parse_override, to_dict
 from rmc.core import Bank
 from rmc.evalsets import load_eval_sets
 from rmc.evaluation.report import Table
-from rmc.evaluation.runner import BaseModel, evaluate, online_streams
+from rmc.evaluation.runner import BaseModel, check_batch, evaluate, online_streams
 from rmc.featurestore import load_features, store_source
 from rmc.io import write_json, write_text
 from rmc.models import default_layer, load_checkpoint
@@ -81,6 +81,7 @@ def main(args) -> int:
     overrides = [parse_override(s) for s in args.set] + ([("rmc.mode", args.mode)] if args.mode else [])
     overrides += attack_overrides(args)
     cfg = load_config(args.config, args.preset, overrides)
+    check_batch(args.batch, cfg.rmc, args.ray, args.shards)   # before features are computed, not after
     store = open_store(args.store)
     model, info = load_checkpoint(args.model)
     sets = load_eval_sets(args.evalsets, args.sets)
