@@ -75,14 +75,20 @@ def timed(fn, *args, **kw):
     return out, time.perf_counter() - t0
 
 
-def _best_rate(fn, flops: float, reps: int = 5) -> float:
-    fn()
-    best = float("inf")
+def _times(fn, reps: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of `reps` calls of `fn`, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return flops / best
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _best_rate(fn, flops: float, reps: int = 5) -> float:
+    return flops / min(_times(fn, reps))
 
 
 def matmul_flops(dtype: torch.dtype) -> dict[str, float]:
@@ -256,14 +262,7 @@ def section_ablation(args, out, model, bank_run, feats_run, x, y, q):
 
 
 def _median_time(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(_times(fn, reps, warmup=3))
 
 
 def step_breakdown(model, xb: torch.Tensor) -> dict:

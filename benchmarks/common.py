@@ -28,8 +28,9 @@ NOISE_LEVELS = 25
 COPIES = 3                                       # 60k clean + 3 noisy copies = 240k
 LAYER = "block3"                                 # small_cnn's feature layer
 # The default run's RMC settings and D' size, read from the preset itself so that the figures follow it.
-DEFAULT_RUN = {f.name: getattr(load_config().rmc, f.name) for f in dataclasses.fields(RMCConfig)}
-DEFAULT_RUN_DPRIME = load_config().augment.train_subset   # training images in the default D' (x clean + 2 copies)
+_PRESET = load_config()
+DEFAULT_RUN = {f.name: getattr(_PRESET.rmc, f.name) for f in dataclasses.fields(RMCConfig)}
+DEFAULT_RUN_DPRIME = _PRESET.augment.train_subset   # training images in the default D' (x clean + 2 copies)
 
 
 def run_cfg(**changes) -> RMCConfig:

@@ -36,6 +36,13 @@ def add_batch_argument(p: argparse.ArgumentParser) -> None:
                         "CPU, one vectorised model on a GPU; see rmc.batched). Default: %(default)s")
 
 
+def add_shared_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags `rmc evaluate` and `rmc run` share: Ray, --batch, the attack rows."""
+    add_ray_arguments(p, shards=True)
+    add_batch_argument(p)
+    add_attack_arguments(p)
+
+
 def attack_overrides(args) -> list[tuple[str, object]]:
     from rmc.errors import RMCError
     from rmc.evalsets import parse_number
@@ -71,9 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, help="evaluate only the first N inputs of each set")
     p.add_argument("--mode", choices=["online", "episodic"], help="RMC mode")
     p.add_argument("--no-rmc", action="store_true", help="baselines only (fast)")
-    add_ray_arguments(p, shards=True)
-    add_batch_argument(p)
-    add_attack_arguments(p)
+    add_shared_arguments(p)
 
 
 def main(args) -> int:

@@ -3,8 +3,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rmc.commands.augment import add_ray_arguments, check_ray_arguments
-from rmc.commands.evaluate import add_attack_arguments, add_batch_argument, attack_overrides
+from rmc.commands.augment import check_ray_arguments
+from rmc.commands.evaluate import add_shared_arguments, attack_overrides
 from rmc.config import documented_yaml, load_config, parse_override
 from rmc.pipeline import run_pipeline
 
@@ -22,9 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adversarial-base", action="store_true",
                    help="also train an adversarially trained base model; evaluate it alone and with RMC")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
-    add_ray_arguments(p, shards=True)
-    add_batch_argument(p)
-    add_attack_arguments(p)
+    add_shared_arguments(p)
 
 
 def main(args) -> int:
