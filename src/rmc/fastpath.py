@@ -49,6 +49,11 @@ class FoldedConvBN(nn.Module):
         conv, bn = self.conv, self.bn
         if not self._foldable():
             return bn(conv2d_channels_last(conv, x, conv.weight, conv.bias))
+        return conv2d_channels_last(conv, x, *self.folded())
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the one convolution equal to conv -> batch-norm (inference mode)."""
+        conv, bn = self.conv, self.bn
         scale = torch.rsqrt(bn.running_var + bn.eps)
         if bn.weight is not None:
             scale = bn.weight * scale
@@ -57,8 +62,7 @@ class FoldedConvBN(nn.Module):
             shift = shift + bn.bias
         if conv.bias is not None:
             shift = shift + conv.bias * scale
-        weight = conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1)))
-        return conv2d_channels_last(conv, x, weight, shift)
+        return conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1))), shift
 
 
 def _pair(v) -> tuple[int, int]:
@@ -148,6 +152,119 @@ def relu_global_avg_pool(x: torch.Tensor) -> torch.Tensor:
     return _ReluGlobalAvgPool.apply(x)
 
 
+class _ConvPoolReluKernel(torch.autograd.Function):
+    """relu(max_pool(conv(x))) through the C kernel (`rmc/kernels/conv_pool_relu.c`); x needs no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding, lib):
+        n, c, h, w = x.shape
+        co, _, kh, kw = weight.shape
+        (ph, pw), dims = padding, (n, c, h, w, kh, kw, padding[0], padding[1], co)
+        ho, wo = (h + 2 * ph - kh + 1) // 2, (w + 2 * pw - kw + 1) // 2
+        x = x.contiguous()
+        wt = weight.detach().reshape(co, -1).t().contiguous()
+        b = bias.detach().contiguous() if bias is not None else x.new_zeros(co)
+        y = x.new_empty(n, ho, wo, co)
+        idx = torch.empty(n, ho, wo, co, dtype=torch.uint8)
+        if lib.stem_forward(x.data_ptr(), wt.data_ptr(), b.data_ptr(), y.data_ptr(), idx.data_ptr(), *dims):
+            raise RuntimeError("rmc: stem kernel refused its arguments")
+        ctx.save_for_backward(x, idx)
+        ctx.meta = (dims, weight.shape, bias is not None, lib)
+        return y.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, idx = ctx.saved_tensors
+        dims, wshape, has_bias, lib = ctx.meta
+        g = grad.permute(0, 2, 3, 1).contiguous().float()       # a view when grad is channels-last
+        gwt, gb = x.new_empty(wshape[1] * wshape[2] * wshape[3], wshape[0]), x.new_empty(wshape[0])
+        if lib.stem_backward(x.data_ptr(), g.data_ptr(), idx.data_ptr(), gwt.data_ptr(), gb.data_ptr(), *dims):
+            raise RuntimeError("rmc: stem kernel refused its arguments")
+        gw = gwt.t().reshape(wshape) if ctx.needs_input_grad[1] else None
+        return None, gw, gb if has_bias and ctx.needs_input_grad[2] else None, None, None
+
+
+class _PoolReluKernel(torch.autograd.Function):
+    """relu(max_pool2d(x, 2)) of a channels-last float32 map through the C kernel, with a one-pass backward."""
+
+    @staticmethod
+    def forward(ctx, x, lib):
+        n, c, h, w = x.shape
+        xl = x.permute(0, 2, 3, 1)                              # N x H x W x C, a view of a channels-last map
+        y = x.new_empty(n, h // 2, w // 2, c)
+        idx = torch.empty(n, h // 2, w // 2, c, dtype=torch.uint8)
+        if lib.pool_relu_forward(xl.data_ptr(), y.data_ptr(), idx.data_ptr(), n, h, w, c):
+            raise RuntimeError("rmc: pooling kernel refused its arguments")
+        ctx.save_for_backward(idx)
+        ctx.meta = (x.shape, lib)
+        return y.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        (n, c, h, w), lib = ctx.meta
+        g = grad.permute(0, 2, 3, 1).contiguous().float()
+        gx = g.new_empty(n, h, w, c)
+        if lib.pool_relu_backward(g.data_ptr(), idx.data_ptr(), gx.data_ptr(), n, h, w, c):
+            raise RuntimeError("rmc: pooling kernel refused its arguments")
+        return gx.permute(0, 3, 1, 2), None
+
+
+def _pool_relu(pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
+    """relu(pool(x)); one C kernel for a channels-last float32 CPU map when pool is 2 x 2."""
+    if (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1] % 16 == 0
+            and x.is_contiguous(memory_format=torch.channels_last) and _is_pool2(pool)):
+        lib = _kernels()
+        if lib is not None:
+            return _PoolReluKernel.apply(x, lib)
+    return F.relu(pool(x))
+
+
+def _is_pool2(pool: nn.MaxPool2d) -> bool:
+    """2 x 2 max-pooling with stride 2, no padding or dilation, floor mode (what the C kernel implements)."""
+    stride = pool.stride if pool.stride is not None else pool.kernel_size
+    return (_pair(pool.kernel_size) == _pair(stride) == (2, 2) and _pair(pool.padding) == (0, 0)
+            and _pair(pool.dilation) == (1, 1) and not pool.ceil_mode and not pool.return_indices)
+
+
+class ConvPoolRelu(nn.Module):
+    """conv (or conv + folded batch-norm) -> max-pooling -> ReLU, sharing the given modules.
+
+    For a first layer (tiny reduction, stride 1, float32 input needing no gradient) followed by 2 x 2 pooling on the
+    CPU it runs as one C kernel that never materialises the full-resolution map; otherwise, or without the compiled kernels, it runs the
+    three steps as before.
+    """
+
+    def __init__(self, conv: nn.Module, pool: nn.MaxPool2d):
+        super().__init__()
+        self.conv, self.pool = conv, pool
+
+    def _kernel_args(self, x: torch.Tensor):
+        conv = self.conv.conv if isinstance(self.conv, FoldedConvBN) else self.conv
+        if not (_stem_eligible(conv, x) and x.dtype == torch.float32 and _pair(conv.stride) == (1, 1)
+                and conv.weight.dtype == torch.float32 and conv.out_channels % 16 == 0):
+            return None
+        if isinstance(self.conv, FoldedConvBN):
+            if not self.conv._foldable():
+                return None
+            weight, bias = self.conv.folded()
+        else:
+            weight, bias = conv.weight, conv.bias
+        lib = _kernels() if _is_pool2(self.pool) else None
+        return None if lib is None else (weight, bias, _pair(conv.padding), lib)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = self._kernel_args(x)
+        if args is not None:
+            return _ConvPoolReluKernel.apply(x, *args)
+        return _pool_relu(self.pool, self.conv(x))
+
+
+def _kernels():
+    from rmc import kernels
+    return kernels.load()
+
+
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
@@ -216,6 +333,26 @@ def rewrite(model: nn.Module) -> fx.GraphModule:
             user.replace_all_uses_with(fused)
             graph.erase_node(user)
             graph.erase_node(node)
+    n_fused = 0
+    for node in list(graph.nodes):   # conv -> max-pool -> ReLU (after the swap above) as one module
+        if not (node.op == "call_function" and node.target is F.relu and isinstance(node.args[0], fx.Node)):
+            continue
+        pool_node = node.args[0]
+        pool = _module(gm, pool_node, nn.MaxPool2d)
+        src = pool_node.args[0] if pool is not None and len(pool_node.args) == 1 else None
+        conv = _module(gm, src, (nn.Conv2d, FoldedConvBN)) if isinstance(src, fx.Node) else None
+        if conv is None or len(pool_node.users) != 1 or len(src.users) != 1 or src.kwargs or len(src.args) != 1:
+            continue
+        if isinstance(conv, nn.Conv2d) and conv.padding_mode != "zeros":
+            continue
+        name = f"_rmc_conv_pool_relu_{n_fused}"
+        n_fused += 1
+        gm.add_submodule(name, ConvPoolRelu(conv, pool))
+        with graph.inserting_after(node):
+            fused = graph.call_module(name, src.args)
+        node.replace_all_uses_with(fused)
+        for dead in (node, pool_node, src):
+            graph.erase_node(dead)
     for node in graph.nodes:
         if node.op == "placeholder":
             with graph.inserting_after(node):
@@ -251,7 +388,7 @@ def fast_forward(model: nn.Module, sample: torch.Tensor | None = None, rtol: flo
     return fast
 
 
-__all__ = ["FoldedConvBN", "fast_forward", "relu_global_avg_pool", "rewrite"]
+__all__ = ["ConvPoolRelu", "FoldedConvBN", "fast_forward", "relu_global_avg_pool", "rewrite"]
 
 
 # ---------------------------------------------------------------- splitting a model at its feature layer

@@ -1,0 +1,214 @@
+/* The first block of a CNN on the CPU in one pass: convolution with a tiny reduction (C_in x kh x kw <= 32),
+ * 2 x 2 max-pooling, ReLU; and the gradient of its weight and bias.
+ *
+ * The unfused version materialises the full-resolution map (N x C_out x H x W), pools it with int64 indices and,
+ * backwards, scatters into a zeroed map of the same size: memory traffic that costs more than the arithmetic.
+ * Here each image is zero-padded once (it fits in the L1 cache); each pooled output is computed from its four
+ * convolution outputs held in vector registers, 16 channels at a time, and only the pooled map and a one-byte argmax
+ * leave the loop.
+ *
+ * Layouts: x N x C x H x W (contiguous); wt K x CO, the convolution weight flattened (c, kh, kw) and transposed;
+ * y and idx N x HO x WO x CO (channels-last). idx holds the window position of the maximum (0..3, row-major, the
+ * first of equal values, as PyTorch's max-pooling), or 255 where ReLU zeroed the output (no gradient flows there).
+ * Convolution stride 1, zero padding (PH, PW); pooling kernel 2, stride 2, no padding, floor mode. CO must be a
+ * multiple of 16. Returns 0, or -1 for arguments out of range.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_K 32
+#define VW 16
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+typedef float vf_u __attribute__((vector_size(VW * 4), aligned(4)));   /* for unaligned loads and stores */
+typedef uint8_t vb_u __attribute__((vector_size(VW), aligned(1)));
+
+static inline vf load(const float *p) { return *(const vf_u *)p; }
+static inline void store(float *p, vf v) { *(vf_u *)p = v; }
+static inline vf select_f(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+static inline vi select_i(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
+
+/* One image zero-padded (C x HP x WP). */
+static void pad_image(const float *restrict xn, int C, int H, int W, int PH, int PW, int HP, int WP,
+                      float *restrict xp) {
+    memset(xp, 0, sizeof(float) * (size_t)C * HP * WP);
+    for (int c = 0; c < C; c++)
+        for (int h = 0; h < H; h++)
+            memcpy(xp + ((size_t)c * HP + h + PH) * WP + PW, xn + ((size_t)c * H + h) * W, sizeof(float) * W);
+}
+
+/* Shapes, the padded-image buffer and the offset in it of each of a patch's K values (order c, kh, kw). */
+typedef struct { int K, HO, WO, HP, WP; int off[MAX_K]; float *xp; } plan_t;
+
+static int make_plan(plan_t *pl, int C, int H, int W, int KH, int KW, int PH, int PW, int CO) {
+    pl->K = C * KH * KW;
+    pl->HP = H + 2 * PH;
+    pl->WP = W + 2 * PW;
+    pl->HO = (pl->HP - KH + 1) / 2;
+    pl->WO = (pl->WP - KW + 1) / 2;
+    if (pl->K > MAX_K || CO % VW || PH < 0 || PW < 0 || pl->HO < 1 || pl->WO < 1) return -1;
+    int k = 0;
+    for (int c = 0; c < C; c++)
+        for (int a = 0; a < KH; a++)
+            for (int b = 0; b < KW; b++) pl->off[k++] = (c * pl->HP + a) * pl->WP + b;
+    pl->xp = malloc(sizeof(float) * (size_t)C * pl->HP * pl->WP);
+    return pl->xp ? 0 : -1;
+}
+
+/* The loops below are written once and inlined with K as a constant for the common first layers (3 x 3 on grey and
+ * RGB images), where the compiler then keeps everything in registers. */
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE void forward_body(const plan_t pl, const int K, const float *restrict x, const float *restrict wt,
+                         const float *restrict bias, float *restrict y, uint8_t *restrict idx,
+                         int N, int C, int H, int W, int PH, int PW, int CO) {
+    const int WP = pl.WP;
+    const vi zero_i = {0}, pos1 = zero_i + 1, pos2 = zero_i + 2, pos3 = zero_i + 3, none = zero_i + 255;
+    for (int n = 0; n < N; n++) {
+        pad_image(x + (size_t)n * C * H * W, C, H, W, PH, PW, pl.HP, WP, pl.xp);
+        for (int i = 0; i < pl.HO; i++)
+            for (int j = 0; j < pl.WO; j++) {
+                const float *p0 = pl.xp + (size_t)2 * i * WP + 2 * j;
+                const size_t o = (((size_t)n * pl.HO + i) * pl.WO + j) * CO;
+                for (int cb = 0; cb < CO; cb += VW) {
+                    const vf b = load(bias + cb);
+                    vf a0 = b, a1 = b, a2 = b, a3 = b;     /* the four convolution outputs of the window */
+                    for (int k = 0; k < K; k++) {
+                        const float *pk = p0 + pl.off[k];
+                        const vf w = load(wt + (size_t)k * CO + cb);
+                        a0 += pk[0] * w;
+                        a1 += pk[1] * w;
+                        a2 += pk[WP] * w;
+                        a3 += pk[WP + 1] * w;
+                    }
+                    /* the first maximum in window order; a NaN wins (max-pooling propagates it) */
+                    vf best = a0;
+                    vi arg = zero_i, take;
+                    take = (a1 > best) | (a1 != a1); best = select_f(take, a1, best); arg = select_i(take, pos1, arg);
+                    take = (a2 > best) | (a2 != a2); best = select_f(take, a2, best); arg = select_i(take, pos2, arg);
+                    take = (a3 > best) | (a3 != a3); best = select_f(take, a3, best); arg = select_i(take, pos3, arg);
+                    const vi pass = (best > 0.0f) | (best != best);   /* ReLU keeps NaN, as torch.relu does */
+                    store(y + o + cb, select_f(pass, best, (vf){0}));
+                    *(vb_u *)(idx + o + cb) = __builtin_convertvector(select_i(pass, arg, none), vb_u);
+                }
+            }
+    }
+}
+
+int stem_forward(const float *restrict x, const float *restrict wt, const float *restrict bias,
+                 float *restrict y, uint8_t *restrict idx,
+                 int N, int C, int H, int W, int KH, int KW, int PH, int PW, int CO) {
+    plan_t pl;
+    if (make_plan(&pl, C, H, W, KH, KW, PH, PW, CO)) return -1;
+    if (pl.K == 9) forward_body(pl, 9, x, wt, bias, y, idx, N, C, H, W, PH, PW, CO);
+    else if (pl.K == 27) forward_body(pl, 27, x, wt, bias, y, idx, N, C, H, W, PH, PW, CO);
+    else forward_body(pl, pl.K, x, wt, bias, y, idx, N, C, H, W, PH, PW, CO);
+    free(pl.xp);
+    return 0;
+}
+
+/* g: the gradient of y (same layout). gwt (K x CO) and gb (CO) are overwritten with the gradients summed over the
+ * batch; per-image partial sums keep the float32 rounding error close to that of a blocked matrix product. */
+INLINE void backward_body(const plan_t pl, const int K, const float *restrict x, const float *restrict g,
+                          const uint8_t *restrict idx, float *restrict gwt, float *restrict gb,
+                          int N, int C, int H, int W, int PH, int PW, int CO) {
+    const int WP = pl.WP;
+    const vf zero = {0};
+    vf acc[MAX_K + 1];                                     /* K weight rows and the bias, for one channel block */
+    memset(gwt, 0, sizeof(float) * K * CO);
+    memset(gb, 0, sizeof(float) * CO);
+    for (int n = 0; n < N; n++) {
+        pad_image(x + (size_t)n * C * H * W, C, H, W, PH, PW, pl.HP, WP, pl.xp);
+        for (int cb = 0; cb < CO; cb += VW) {
+            for (int k = 0; k <= K; k++) acc[k] = zero;
+            for (int i = 0; i < pl.HO; i++)
+                for (int j = 0; j < pl.WO; j++) {
+                    const size_t o = (((size_t)n * pl.HO + i) * pl.WO + j) * CO + cb;
+                    const vf gv = load(g + o);
+                    const vi iv = __builtin_convertvector(*(const vb_u *)(idx + o), vi);
+                    const vf m0 = select_f(iv == 0, gv, zero), m1 = select_f(iv == 1, gv, zero);
+                    const vf m2 = select_f(iv == 2, gv, zero), m3 = select_f(iv == 3, gv, zero);
+                    const float *p0 = pl.xp + (size_t)2 * i * WP + 2 * j;
+                    for (int k = 0; k < K; k++) {
+                        const float *pk = p0 + pl.off[k];
+                        acc[k] += pk[0] * m0 + pk[1] * m1 + pk[WP] * m2 + pk[WP + 1] * m3;
+                    }
+                    acc[K] += m0 + m1 + m2 + m3;
+                }
+            for (int k = 0; k < K; k++) store(gwt + (size_t)k * CO + cb, load(gwt + (size_t)k * CO + cb) + acc[k]);
+            store(gb + cb, load(gb + cb) + acc[K]);
+        }
+    }
+}
+
+int stem_backward(const float *restrict x, const float *restrict g, const uint8_t *restrict idx,
+                  float *restrict gwt, float *restrict gb,
+                  int N, int C, int H, int W, int KH, int KW, int PH, int PW, int CO) {
+    plan_t pl;
+    if (make_plan(&pl, C, H, W, KH, KW, PH, PW, CO)) return -1;
+    if (pl.K == 9) backward_body(pl, 9, x, g, idx, gwt, gb, N, C, H, W, PH, PW, CO);
+    else if (pl.K == 27) backward_body(pl, 27, x, g, idx, gwt, gb, N, C, H, W, PH, PW, CO);
+    else backward_body(pl, pl.K, x, g, idx, gwt, gb, N, C, H, W, PH, PW, CO);
+    free(pl.xp);
+    return 0;
+}
+
+/* 2 x 2 max-pooling then ReLU of a channels-last map x (N x H x W x C, C a multiple of 16), for the blocks after
+ * the first: y and idx as above (N x HO x WO x C). PyTorch's version stores int64 indices and, backwards, zero-fills
+ * the whole input gradient before scattering into it; here the backward writes each element once. */
+int pool_relu_forward(const float *restrict x, float *restrict y, uint8_t *restrict idx, int N, int H, int W, int C) {
+    const int HO = H / 2, WO = W / 2;
+    if (C % VW || HO < 1 || WO < 1) return -1;
+    const vi zero_i = {0}, pos1 = zero_i + 1, pos2 = zero_i + 2, pos3 = zero_i + 3, none = zero_i + 255;
+    for (int n = 0; n < N; n++)
+        for (int i = 0; i < HO; i++)
+            for (int j = 0; j < WO; j++) {
+                const float *p0 = x + (((size_t)n * H + 2 * i) * W + 2 * j) * C, *p2 = p0 + (size_t)W * C;
+                const size_t o = (((size_t)n * HO + i) * WO + j) * C;
+                for (int cb = 0; cb < C; cb += VW) {
+                    const vf a1 = load(p0 + C + cb), a2 = load(p2 + cb), a3 = load(p2 + C + cb);
+                    vf best = load(p0 + cb);
+                    vi arg = zero_i, take;
+                    take = (a1 > best) | (a1 != a1); best = select_f(take, a1, best); arg = select_i(take, pos1, arg);
+                    take = (a2 > best) | (a2 != a2); best = select_f(take, a2, best); arg = select_i(take, pos2, arg);
+                    take = (a3 > best) | (a3 != a3); best = select_f(take, a3, best); arg = select_i(take, pos3, arg);
+                    const vi pass = (best > 0.0f) | (best != best);
+                    store(y + o + cb, select_f(pass, best, (vf){0}));
+                    *(vb_u *)(idx + o + cb) = __builtin_convertvector(select_i(pass, arg, none), vb_u);
+                }
+            }
+    return 0;
+}
+
+/* gx (N x H x W x C) = the gradient of x given g, the gradient of y: every element written once (the row and column
+ * that floor-mode pooling leaves out of odd sizes get zeros). */
+int pool_relu_backward(const float *restrict g, const uint8_t *restrict idx, float *restrict gx,
+                       int N, int H, int W, int C) {
+    const int HO = H / 2, WO = W / 2;
+    if (C % VW || HO < 1 || WO < 1) return -1;
+    const vf zero = {0};
+    for (int n = 0; n < N; n++) {
+        float *gn = gx + (size_t)n * H * W * C;
+        if (H % 2) memset(gn + (size_t)(H - 1) * W * C, 0, sizeof(float) * W * C);
+        for (int i = 0; i < HO; i++) {
+            if (W % 2) {
+                memset(gn + ((size_t)2 * i * W + W - 1) * C, 0, sizeof(float) * C);
+                memset(gn + ((size_t)(2 * i + 1) * W + W - 1) * C, 0, sizeof(float) * C);
+            }
+            for (int j = 0; j < WO; j++) {
+                float *q0 = gn + ((size_t)2 * i * W + 2 * j) * C, *q2 = q0 + (size_t)W * C;
+                const size_t o = (((size_t)n * HO + i) * WO + j) * C;
+                for (int cb = 0; cb < C; cb += VW) {
+                    const vf gv = load(g + o + cb);
+                    const vi iv = __builtin_convertvector(*(const vb_u *)(idx + o + cb), vi);
+                    store(q0 + cb, select_f(iv == 0, gv, zero));
+                    store(q0 + C + cb, select_f(iv == 1, gv, zero));
+                    store(q2 + cb, select_f(iv == 2, gv, zero));
+                    store(q2 + C + cb, select_f(iv == 3, gv, zero));
+                }
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,145 @@
+"""The C kernels compute what the PyTorch operations they replace compute, values and gradients, and their absence
+only costs speed."""
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rmc import kernels
+from rmc.core import configure_model
+from rmc.fastpath import ConvPoolRelu, FoldedConvBN, _pool_relu, fast_forward
+from rmc.models import build_model
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                    reason="no C compiler: the kernels cannot be built here")
+
+
+def _conv_pool_relu(c_in, c_out, padding, bn):
+    conv = nn.Conv2d(c_in, c_out, 3, padding=padding, bias=not bn)
+    if not bn:
+        return ConvPoolRelu(conv, nn.MaxPool2d(2))
+    norm = nn.BatchNorm2d(c_out).eval()
+    with torch.no_grad():
+        norm.running_mean.uniform_(-0.3, 0.3)
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.2, 0.2)
+    return ConvPoolRelu(FoldedConvBN(conv, norm), nn.MaxPool2d(2))
+
+
+def _values_and_grads(module, x, g, use_kernels):
+    params = [p for p in module.parameters() if p.requires_grad]
+    with kernels.use(use_kernels):
+        y = module(x)
+        grads = torch.autograd.grad(y, params, g)
+    return y, grads
+
+
+@needs_compiler
+@pytest.mark.parametrize("c_in,shape,padding,bn", [
+    (1, (28, 28), 1, True),     # small_cnn's first block (K = 9)
+    (3, (16, 16), 1, False),    # RGB with a bias (K = 27)
+    (2, (15, 13), 0, True),     # odd sizes (floor-mode pooling drops a row and a column), no padding, K = 18
+])
+def test_first_block_kernel_matches_pytorch(c_in, shape, padding, bn):
+    torch.manual_seed(0)
+    module = _conv_pool_relu(c_in, 32, padding, bn)
+    x = torch.rand(5, c_in, *shape)
+    x[0] = 0.0          # every window position equal: the first one wins, as in PyTorch's max-pooling
+    with torch.no_grad():
+        g = torch.randn_like(module(x))
+    want_y, want_g = _values_and_grads(module, x, g, False)
+    got_y, got_g = _values_and_grads(module, x, g, True)
+    assert got_y.is_contiguous(memory_format=torch.channels_last)
+    assert (got_y == 0).any() and (got_y > 0).any()        # ReLU both clamps and passes values here
+    torch.testing.assert_close(got_y, want_y, rtol=1e-5, atol=1e-6)
+    for got, want in zip(got_g, want_g):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert _runs_kernel(module, x)
+
+
+def _runs_kernel(module, x):
+    return module._kernel_args(x) is not None
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", [(14, 14), (7, 9)])
+def test_pool_relu_kernel_matches_pytorch(shape):
+    torch.manual_seed(1)
+    pool = nn.MaxPool2d(2)
+    conv = nn.Conv2d(8, 32, 3, padding=1)
+    module = ConvPoolRelu(conv, pool)           # not a first layer (C_in x 3 x 3 = 72): only pooling + ReLU fuse
+    x = torch.rand(4, 8, *shape).contiguous(memory_format=torch.channels_last)
+    assert not _runs_kernel(module, x)
+    inp = torch.randn(4, 32, *shape).contiguous(memory_format=torch.channels_last)
+    inp[0, :, :2, :2] = 0.5                     # ties
+    inp[1, 3] = float("nan")                    # NaN propagates through max-pooling and ReLU
+    outs, grads = [], []
+    for use in (False, True):
+        a = inp.clone().requires_grad_()
+        with kernels.use(use):
+            y = _pool_relu(pool, a)
+        g = torch.arange(y.numel(), dtype=torch.float32).reshape(y.shape) / y.numel()
+        (ga,) = torch.autograd.grad(y, a, g)
+        assert (type(y.grad_fn).__name__ == "_PoolReluKernelBackward") == use
+        outs.append(y)
+        grads.append(ga)
+    torch.testing.assert_close(outs[1], outs[0], equal_nan=True)
+    torch.testing.assert_close(grads[1], grads[0], equal_nan=True)
+    assert outs[1].is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_compiler
+def test_fast_path_with_and_without_kernels_trains_alike():
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 1).eval()
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    fast = fast_forward(model, x[:4])
+    assert sum(isinstance(m, ConvPoolRelu) for m in fast.modules()) == 2 and kernels.load() is not None
+    results = []
+    for use in (True, False):
+        net = configure_model(copy.deepcopy(model))
+        fwd = fast_forward(net, x[:4])
+        opt = torch.optim.Adam(net.parameters(), 1e-3)
+        with kernels.use(use):
+            for _ in range(3):
+                opt.zero_grad()
+                F.cross_entropy(fwd(x), y).backward()
+                opt.step()
+            with torch.no_grad():
+                results.append(net(x))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
+def test_kernels_unavailable_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setenv("RMC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")                       # a "compiler" that always fails
+    with pytest.warns(UserWarning, match="C kernels unavailable"):
+        assert kernels.load() is None
+    assert not list((tmp_path / "kernels").glob("*"))       # nothing half-written left behind
+    model = build_model("small_cnn", 10, 1).eval()
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fast_forward(model, x)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@needs_compiler
+def test_kernels_build_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setenv("RMC_CACHE_DIR", str(tmp_path))
+    assert kernels.load() is not None
+    built = list((tmp_path / "kernels").glob("*"))
+    assert len(built) == 1 and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(kernels, "_tried", False)
+    assert kernels.load() is not None
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").glob("*")] == [stamp]
+    monkeypatch.setenv("RMC_NO_KERNELS", "1")
+    assert kernels.load() is None
