@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 
 _SOURCES = ("conv_pool_relu.c",)
-_FLAGS = ["-O3", "-march=native", "-std=c99", "-ffp-contract=fast", "-fPIC", "-shared", "-fno-math-errno"]
+_FLAGS = ["-O3", "-march=native", "-std=c99", "-ffp-contract=fast", "-fPIC", "-shared", "-fno-math-errno", "-Wno-psabi"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
