@@ -50,6 +50,7 @@ from common import (DEFAULT_RUN, DEFAULT_RUN_DPRIME, DEFAULT_WORKDIR, LAYER, get
                     make_bank, peak_rss_mb, run_cfg, subset_rows, test_inputs)
 from reference import NaiveRMC, naive_knn  # noqa: E402
 
+from rmc import kernels  # noqa: E402
 from rmc.attacks import pgd  # noqa: E402
 from rmc.batched import BatchedEpisodic  # noqa: E402
 from rmc.core import RMC, PhaseTimer, RMCConfig  # noqa: E402
@@ -178,10 +179,17 @@ def step_flops(rmc: RMC, x, feats) -> float:
 
 
 def run_interleaved(impls: dict, x, y, feats, n: int, label: str) -> dict:
-    """Each implementation steps through the same n inputs; per input the order rotates. Returns per-impl stats."""
+    """Each implementation steps through the same n inputs; per input the order rotates. Returns per-impl stats.
+
+    Each first steps once, untimed, through the last input (not among the n): one-time costs (convolution primitives
+    built, memory first touched) would otherwise fall on whichever implementation goes first."""
     names = list(impls)
     times = {k: [] for k in names}
     preds = {k: [] for k in names}
+    w = len(x) - 1
+    assert w >= n, "the warm-up input must not be one of the timed ones"
+    for k in names:
+        impls[k](x[w:w + 1], feats[w:w + 1], w)
     t_start = time.perf_counter()
     for i in range(n):
         order = names[i % len(names):] + names[:i % len(names)]
@@ -200,6 +208,14 @@ def run_interleaved(impls: dict, x, y, feats, n: int, label: str) -> dict:
 
 def rmc_impl(rmc: RMC):
     return lambda x, f, i: rmc.step(x, f, key=i).prediction
+
+
+def without_kernels(impl):
+    """`impl` with the fast path's C kernels switched off (their PyTorch fallback instead)."""
+    def run(*args):
+        with kernels.use(False):
+            return impl(*args)
+    return run
 
 
 def section_latency(args, out, model, bank_run, feats_run, x, y, q):
@@ -252,9 +268,12 @@ def section_ablation(args, out, model, bank_run, feats_run, x, y, q):
     n = SIZES["ablation_inputs"][args.full]
     index = NeighbourIndex(feats_run)
     variants = {"fast-path": RMC(model, bank_run, index, run_cfg(), LAYER),
+                "fast-path-no-kernels": RMC(model, bank_run, index, run_cfg(), LAYER),
                 "plain-model": RMC(model, bank_run, index, run_cfg(fast_path=False), LAYER)}
-    log(f"[ablation] rmc fp32 with / without the fast path, {n} inputs ...")
-    r = run_interleaved({k: rmc_impl(v) for k, v in variants.items()}, x, y, q, n, "ablation")
+    impls = {k: rmc_impl(v) for k, v in variants.items()}
+    impls["fast-path-no-kernels"] = without_kernels(impls["fast-path-no-kernels"])
+    log(f"[ablation] rmc fp32 with the fast path (with / without its C kernels) and without it, {n} inputs ...")
+    r = run_interleaved(impls, x, y, q, n, "ablation")
     out["ablation"] = {"inputs": n, **{k: {kk: vv for kk, vv in v.items() if kk != "preds"} for k, v in r.items()},
                        "same_predictions": float(np.mean(np.array(r["fast-path"]["preds"]) == np.array(r["plain-model"]["preds"])))}
     log("[ablation] " + "; ".join(f"{k} {v['s_per_input']:.3f} s/input" for k, v in r.items()))
@@ -300,11 +319,16 @@ def step_breakdown(model, xb: torch.Tensor) -> dict:
             torch.autograd.grad(o, (xi, w, b), torch.ones_like(o))
         conv_s += _median_time(conv_step)
     fast = fast_forward(net, xb[:8])
-    steps = {name: _median_time(lambda f=f: torch.autograd.grad(F.cross_entropy(f(xb), y), params))
-             for name, f in (("fast_path", fast), ("plain_model", net))}
+
+    def step(f):
+        return torch.autograd.grad(F.cross_entropy(f(xb), y), params)
+    steps = {"fast_path": _median_time(lambda: step(fast)),
+             "fast_path_no_kernels": _median_time(without_kernels(lambda: step(fast))),
+             "plain_model": _median_time(lambda: step(net))}
     res = {"batch": len(xb), "step_s": steps, "convolutions_s": conv_s,
            "convolutions_share_of_fast_step": conv_s / steps["fast_path"]}
-    log(f"[ablation] one step of {len(xb)}: fast path {steps['fast_path'] * 1e3:.1f} ms, plain model "
+    log(f"[ablation] one step of {len(xb)}: fast path {steps['fast_path'] * 1e3:.1f} ms (without its C kernels "
+        f"{steps['fast_path_no_kernels'] * 1e3:.1f} ms), plain model "
         f"{steps['plain_model'] * 1e3:.1f} ms; the {len(shapes)} 3x3 convolutions alone {conv_s * 1e3:.1f} ms "
         f"({res['convolutions_share_of_fast_step'] * 100:.0f}% of the fast step)")
     return res
@@ -444,13 +468,14 @@ def main(argv=None):
     unknown = sorted(set(sections) - set(ALL_SECTIONS))
     if unknown:
         ap.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(ALL_SECTIONS)}")
-    log(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}, {args.threads} thread(s), load average "
-        f"{os.getloadavg()[0]:.2f}")
+    c_kernels = kernels.load() is not None          # built here on first use (a second or two), then cached
+    log(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}, {args.threads} thread(s), C kernels "
+        f"{'on' if c_kernels else 'OFF (no compiler?)'}, load average {os.getloadavg()[0]:.2f}")
     t0 = time.perf_counter()
     out: dict = {"torch_threads": args.threads, "torch": torch.__version__, "faiss": faiss.__version__,
                  "full": bool(args.full), "sections": sections, "cpus": os.cpu_count(),
                  "loadavg_start": os.getloadavg(), "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
-                 "tuned_malloc": args.tuned_malloc}
+                 "tuned_malloc": args.tuned_malloc, "c_kernels": c_kernels}
 
     model, info = get_model(args.workdir)
     images, labels, copies, feats = get_dprime(args.workdir, model, info, LAYER)
@@ -470,7 +495,8 @@ def main(argv=None):
         section_ablation(args, out, model, bank_run, feats_run, x, y, q)
     if "scopes" in sections:
         n = args.n_scopes or SIZES["scope_inputs"][args.full]
-        x_adv = pgd(model, x[:n], y[:n], 0.1, 0.025, 10, generator=torch.Generator().manual_seed(0))
+        # n + 1: the last one is run_interleaved's untimed warm-up input
+        x_adv = pgd(model, x[:n + 1], y[:n + 1], 0.1, 0.025, 10, generator=torch.Generator().manual_seed(0))
         from rmc.models import extract_features
         q_adv = extract_features(model, LAYER, x_adv).numpy()
         section_scopes(args, out, model, bank_run, feats_run, x, y, q, x_adv, q_adv)
