@@ -1,6 +1,7 @@
 """The RMC core on problems small enough that the right answer is known."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -53,6 +54,32 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement():
 def test_no_early_stop_while_validation_improves():
     res = _fit(y_val_flip=False, patience=3, max_epochs=12)
     assert res.epochs == 12 and not res.stopped_early
+
+
+def test_validation_skipped_only_where_it_cannot_change_the_result():
+    def fit(patience, max_epochs, restore_best=False):
+        torch.manual_seed(0)
+        model = _Linear()
+        x = torch.randn(64, 2)
+        y = (x[:, 0] > 0).long()
+        seen = []
+
+        def forward(inp):
+            seen.append(len(inp))
+            return model(inp)
+        cfg = RMCConfig(k=64, lr=0.05, batch_size=16, max_epochs=max_epochs, patience=patience,
+                        restore_best=restore_best)
+        res = fine_tune(model, list(model.parameters()), x, y, x[:10], y[:10], cfg, torch.Generator().manual_seed(0),
+                        forward=forward)
+        return res, seen.count(10), model.fc.weight.detach().clone()
+
+    skipped, n_val, w_skipped = fit(patience=5, max_epochs=3)        # cannot stop before the last epoch
+    assert n_val == 0 and skipped.epochs == 3 and math.isnan(skipped.best_val_loss)
+    checked, n_val, w_checked = fit(patience=2, max_epochs=3)        # could stop; validation keeps improving here
+    assert n_val == 3 and checked.epochs == 3 and checked.best_val_loss < 1
+    assert torch.equal(w_skipped, w_checked)                         # validation has no side effect on training
+    kept, n_val, _ = fit(patience=5, max_epochs=3, restore_best=True)  # picks the weights: validated
+    assert n_val == 3 and kept.best_val_loss == checked.best_val_loss
 
 
 def _rmc(model, bank, feats, **kw):

@@ -11,7 +11,7 @@ from torch import nn
 
 from rmc import kernels
 from rmc.core import configure_model
-from rmc.fastpath import ConvPoolRelu, FoldedConvBN, _pool_relu, fast_forward
+from rmc.fastpath import ConvPoolRelu, ConvReluGap, FoldedConvBN, _PoolReluKernel, _ReluGapKernel, fast_forward
 from rmc.models import build_model
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -59,38 +59,60 @@ def test_first_block_kernel_matches_pytorch(c_in, shape, padding, bn):
     torch.testing.assert_close(got_y, want_y, rtol=1e-5, atol=1e-6)
     for got, want in zip(got_g, want_g):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert _runs_kernel(module, x)
-
-
-def _runs_kernel(module, x):
-    return module._kernel_args(x) is not None
+    assert type(got_y.grad_fn).__name__ == "_ConvPoolReluKernelBackward"
+    assert type(want_y.grad_fn).__name__ != "_ConvPoolReluKernelBackward"
 
 
 @needs_compiler
-@pytest.mark.parametrize("shape", [(14, 14), (7, 9)])
-def test_pool_relu_kernel_matches_pytorch(shape):
+@pytest.mark.parametrize("kind", ["pool", "gap"])
+@pytest.mark.parametrize("shape,bn", [((14, 14), True), ((7, 9), False)])
+def test_later_block_kernels_match_pytorch(kind, shape, bn):
     torch.manual_seed(1)
-    pool = nn.MaxPool2d(2)
-    conv = nn.Conv2d(8, 32, 3, padding=1)
-    module = ConvPoolRelu(conv, pool)           # not a first layer (C_in x 3 x 3 = 72): only pooling + ReLU fuse
+    conv = nn.Conv2d(8, 32, 3, padding=1, bias=not bn)       # C_in x 3 x 3 = 72: not a first layer
+    if bn:
+        norm = nn.BatchNorm2d(32).eval()
+        with torch.no_grad():
+            norm.running_mean.uniform_(-0.3, 0.3)
+            norm.bias.uniform_(-0.2, 0.2)
+        conv = FoldedConvBN(conv, norm)
+    module = ConvPoolRelu(conv, nn.MaxPool2d(2)) if kind == "pool" else ConvReluGap(conv)
     x = torch.rand(4, 8, *shape).contiguous(memory_format=torch.channels_last)
-    assert not _runs_kernel(module, x)
-    inp = torch.randn(4, 32, *shape).contiguous(memory_format=torch.channels_last)
-    inp[0, :, :2, :2] = 0.5                     # ties
-    inp[1, 3] = float("nan")                    # NaN propagates through max-pooling and ReLU
-    outs, grads = [], []
+    params = [p for p in module.parameters() if p.requires_grad]
+    results = []
     for use in (False, True):
-        a = inp.clone().requires_grad_()
+        xi = x.clone().requires_grad_()
         with kernels.use(use):
-            y = _pool_relu(pool, a)
-        g = torch.arange(y.numel(), dtype=torch.float32).reshape(y.shape) / y.numel()
-        (ga,) = torch.autograd.grad(y, a, g)
-        assert (type(y.grad_fn).__name__ == "_PoolReluKernelBackward") == use
-        outs.append(y)
-        grads.append(ga)
-    torch.testing.assert_close(outs[1], outs[0], equal_nan=True)
-    torch.testing.assert_close(grads[1], grads[0], equal_nan=True)
-    assert outs[1].is_contiguous(memory_format=torch.channels_last)
+            y = module(xi)
+            g = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+            grads = torch.autograd.grad(y, [xi, *params], g)
+        fused = type(y.grad_fn).__name__ in ("_PoolReluKernelBackward", "_ReluGapKernelBackward")
+        assert fused == use
+        results.append((y, grads))
+    (want_y, want_g), (got_y, got_g) = results
+    torch.testing.assert_close(got_y, want_y, rtol=1e-5, atol=1e-6)
+    for got, want in zip(got_g, want_g):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@needs_compiler
+def test_pool_and_gap_kernels_on_ties_and_nan():
+    lib = kernels.load()
+    torch.manual_seed(2)
+    h = torch.randn(3, 32, 6, 6).contiguous(memory_format=torch.channels_last)
+    h[0, :, :2, :2] = 0.5                        # ties: the first window position wins, as in PyTorch
+    h[1, 3] = float("nan")                       # NaN propagates through max-pooling and ReLU
+    b = torch.randn(32)
+    for fn, ref in ((_PoolReluKernel, lambda h, b: F.relu(F.max_pool2d(h + b.view(1, -1, 1, 1), 2))),
+                    (_ReluGapKernel, lambda h, b: F.relu(h + b.view(1, -1, 1, 1)).mean((2, 3), keepdim=True))):
+        outs, grads = [], []
+        for use in (False, True):
+            hi, bi = h.clone().requires_grad_(), b.clone().requires_grad_()
+            y = fn.apply(hi, bi, lib) if use else ref(hi, bi)
+            outs.append(y)
+            grads.append(torch.autograd.grad(y, (hi, bi), torch.ones_like(y)))
+        torch.testing.assert_close(outs[1], outs[0], equal_nan=True)
+        torch.testing.assert_close(grads[1][0], grads[0][0], equal_nan=True)
+        torch.testing.assert_close(grads[1][1], grads[0][1], equal_nan=True, rtol=1e-5, atol=1e-5)
 
 
 @needs_compiler
@@ -100,6 +122,7 @@ def test_fast_path_with_and_without_kernels_trains_alike():
     x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
     fast = fast_forward(model, x[:4])
     assert sum(isinstance(m, ConvPoolRelu) for m in fast.modules()) == 2 and kernels.load() is not None
+    assert sum(isinstance(m, ConvReluGap) for m in fast.modules()) == 1
     results = []
     for use in (True, False):
         net = configure_model(copy.deepcopy(model))

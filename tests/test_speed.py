@@ -165,7 +165,7 @@ def test_bf16_and_plain_paths_agree_and_timer_accounts(tiny_trained, tiny_bank, 
     q = extract_features(tiny_trained, "block3", x).numpy()
     preds = {}
     for name, kw in {"fast": {}, "plain": {"fast_path": False}, "bf16": {"precision": "bf16"}}.items():
-        r = RMC(tiny_trained, bank, NeighbourIndex(feats), RMCConfig(k=64, lr=1e-3, max_epochs=2, batch_size=32,
+        r = RMC(tiny_trained, bank, NeighbourIndex(feats), RMCConfig(k=64, lr=1e-3, max_epochs=2, patience=1, batch_size=32,
                                                                      calib_k=32, **kw), "block3")
         r.timer = PhaseTimer()
         preds[name] = [r.step(x[i:i + 1], q[i:i + 1]) for i in range(len(x))]

@@ -166,7 +166,7 @@ def split_neighbours(n: int, closest_fraction: float, val_fraction: float, gen: 
 @dataclass
 class FitResult:
     epochs: int            # epochs run
-    best_val_loss: float
+    best_val_loss: float   # NaN when validation could change nothing and was skipped
     stopped_early: bool
 
 
@@ -261,6 +261,7 @@ def fine_tune(model: nn.Module, params: list[nn.Parameter], x_train: torch.Tenso
     The data are tensors already: each batch is one index into them, nothing is rebuilt per epoch. `forward`
     (default: `model`) is what computes the logits, e.g. `rmc.fastpath.fast_forward(model)` sharing its parameters;
     `augment` maps a batch (and the generator) to the network's input. `timer` collects time per phase.
+    Validation is skipped where it cannot change the result (patience >= max_epochs and not restore_best).
     """
     forward = model if forward is None else forward
     for p in params:
@@ -268,6 +269,9 @@ def fine_tune(model: nn.Module, params: list[nn.Parameter], x_train: torch.Tenso
     opt = make_optimizer(params, cfg.lr)
     device = x_train.device
     amp = autocast_context(getattr(cfg, "precision", "fp32"), device)
+    # The validation loss can only stop training before the last epoch (patience < max_epochs) or pick the weights
+    # kept (restore_best); otherwise it changes nothing and is not computed (best_val_loss is then NaN).
+    validate = cfg.restore_best or cfg.patience < cfg.max_epochs
     best, wait, best_state, epoch = float("inf"), 0, None, 0
     n = len(x_train)
     for epoch in range(1, cfg.max_epochs + 1):
@@ -288,6 +292,8 @@ def fine_tune(model: nn.Module, params: list[nn.Parameter], x_train: torch.Tenso
             with _phase(timer, "optimizer"):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+        if not validate:
+            continue
         with _phase(timer, "validation"):
             with torch.no_grad():
                 val_loss = F.cross_entropy(forward(x_val), y_val).item()
@@ -304,7 +310,7 @@ def fine_tune(model: nn.Module, params: list[nn.Parameter], x_train: torch.Tenso
         with torch.no_grad():
             for p, b in zip(params, best_state):
                 p.copy_(b)
-    return FitResult(epoch, best, epoch < cfg.max_epochs)
+    return FitResult(epoch, best if validate else float("nan"), epoch < cfg.max_epochs)
 
 
 @dataclass

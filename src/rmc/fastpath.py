@@ -12,6 +12,11 @@
 - Images go through in channels-last layout, the layout oneDNN's convolutions are fastest with.
 - A first convolution with a tiny reduction (C_in x kh x kw <= 32) runs on the CPU as a matrix product over image
   patches (`_PatchConv`), bias included as a column of ones; its weight gradient is one more matrix product.
+- **Convolution -> 2 x 2 max-pooling -> ReLU** become one module (`ConvPoolRelu`). On the CPU, with the compiled C
+  kernels of `rmc.kernels`, a first layer runs as one pass that never writes the full-resolution map (forward:
+  convolution, pooling, ReLU and a one-byte argmax; backward: the weight and bias gradients straight from the
+  pooled gradient), and later blocks pool + ReLU in one pass with a one-pass backward. Without a C compiler the
+  same module runs the PyTorch operations above.
 
 The returned module shares every parameter and buffer with `model` (nothing is copied), so optimising `model`'s
 parameters through it and reading `model.state_dict()` afterwards just works. It is checked against `model` on a
@@ -166,8 +171,7 @@ class _ConvPoolReluKernel(torch.autograd.Function):
         b = bias.detach().contiguous() if bias is not None else x.new_zeros(co)
         y = x.new_empty(n, ho, wo, co)
         idx = torch.empty(n, ho, wo, co, dtype=torch.uint8)
-        if lib.stem_forward(x.data_ptr(), wt.data_ptr(), b.data_ptr(), y.data_ptr(), idx.data_ptr(), *dims):
-            raise RuntimeError("rmc: stem kernel refused its arguments")
+        _checked(lib.stem_forward(x.data_ptr(), wt.data_ptr(), b.data_ptr(), y.data_ptr(), idx.data_ptr(), *dims))
         ctx.save_for_backward(x, idx)
         ctx.meta = (dims, weight.shape, bias is not None, lib)
         return y.permute(0, 3, 1, 2)
@@ -178,86 +182,154 @@ class _ConvPoolReluKernel(torch.autograd.Function):
         dims, wshape, has_bias, lib = ctx.meta
         g = grad.permute(0, 2, 3, 1).contiguous().float()       # a view when grad is channels-last
         gwt, gb = x.new_empty(wshape[1] * wshape[2] * wshape[3], wshape[0]), x.new_empty(wshape[0])
-        if lib.stem_backward(x.data_ptr(), g.data_ptr(), idx.data_ptr(), gwt.data_ptr(), gb.data_ptr(), *dims):
-            raise RuntimeError("rmc: stem kernel refused its arguments")
+        _checked(lib.stem_backward(x.data_ptr(), g.data_ptr(), idx.data_ptr(), gwt.data_ptr(), gb.data_ptr(), *dims))
         gw = gwt.t().reshape(wshape) if ctx.needs_input_grad[1] else None
         return None, gw, gb if has_bias and ctx.needs_input_grad[2] else None, None, None
 
 
+def _checked(rc: int) -> None:
+    if rc:
+        raise RuntimeError("rmc: a C kernel refused its arguments (a bug: please report it)")
+
+
 class _PoolReluKernel(torch.autograd.Function):
-    """relu(max_pool2d(x, 2)) of a channels-last float32 map through the C kernel, with a one-pass backward."""
+    """relu(max_pool2d(h, 2) + bias) of a channels-last float32 map (a convolution's output without its bias)
+    through the C kernel, with a one-pass backward that also gives the bias gradient."""
 
     @staticmethod
-    def forward(ctx, x, lib):
-        n, c, h, w = x.shape
-        xl = x.permute(0, 2, 3, 1)                              # N x H x W x C, a view of a channels-last map
-        y = x.new_empty(n, h // 2, w // 2, c)
-        idx = torch.empty(n, h // 2, w // 2, c, dtype=torch.uint8)
-        if lib.pool_relu_forward(xl.data_ptr(), y.data_ptr(), idx.data_ptr(), n, h, w, c):
-            raise RuntimeError("rmc: pooling kernel refused its arguments")
+    def forward(ctx, h, bias, lib):
+        n, c, hh, ww = h.shape
+        y = h.new_empty(n, hh // 2, ww // 2, c)
+        idx = torch.empty(n, hh // 2, ww // 2, c, dtype=torch.uint8)
+        b = bias.detach().contiguous() if bias is not None else None
+        _checked(lib.pool_relu_forward(h.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
+                                       idx.data_ptr(), n, hh, ww, c))
         ctx.save_for_backward(idx)
-        ctx.meta = (x.shape, lib)
+        ctx.meta = (h.shape, bias is not None, lib)
         return y.permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, grad):
         (idx,) = ctx.saved_tensors
-        (n, c, h, w), lib = ctx.meta
-        g = grad.permute(0, 2, 3, 1).contiguous().float()
-        gx = g.new_empty(n, h, w, c)
-        if lib.pool_relu_backward(g.data_ptr(), idx.data_ptr(), gx.data_ptr(), n, h, w, c):
-            raise RuntimeError("rmc: pooling kernel refused its arguments")
-        return gx.permute(0, 3, 1, 2), None
+        (n, c, hh, ww), has_bias, lib = ctx.meta
+        g = grad.permute(0, 2, 3, 1).contiguous().float()       # a view when grad is channels-last
+        gh = g.new_empty(n, hh, ww, c)
+        gb = g.new_empty(c) if has_bias else None
+        _checked(lib.pool_relu_backward(g.data_ptr(), idx.data_ptr(), gh.data_ptr(),
+                                        None if gb is None else gb.data_ptr(), n, hh, ww, c))
+        return gh.permute(0, 3, 1, 2), gb, None
 
 
-def _pool_relu(pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
-    """relu(pool(x)); one C kernel for a channels-last float32 CPU map when pool is 2 x 2."""
-    if (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1] % 16 == 0
-            and x.is_contiguous(memory_format=torch.channels_last) and _is_pool2(pool)):
-        lib = _kernels()
-        if lib is not None:
-            return _PoolReluKernel.apply(x, lib)
-    return F.relu(pool(x))
+class _ReluGapKernel(torch.autograd.Function):
+    """relu(h + bias) averaged over the spatial positions (N x C x 1 x 1) of a channels-last float32 map, through
+    the C kernel; the backward gives the bias gradient from per-channel counts."""
+
+    @staticmethod
+    def forward(ctx, h, bias, lib):
+        n, c, hh, ww = h.shape
+        y = h.new_empty(n, c)
+        mask = torch.empty(n, hh * ww, c, dtype=torch.uint8)
+        count = h.new_empty(n, c)
+        b = bias.detach().contiguous() if bias is not None else None
+        _checked(lib.relu_gap_forward(h.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
+                                      mask.data_ptr(), count.data_ptr(), n, hh * ww, c))
+        ctx.save_for_backward(mask, count)
+        ctx.meta = (h.shape, bias is not None, lib)
+        return y.view(n, c, 1, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mask, count = ctx.saved_tensors
+        (n, c, hh, ww), has_bias, lib = ctx.meta
+        g = grad.reshape(n, c).contiguous().float()
+        gh = g.new_empty(n, hh, ww, c)
+        gb = g.new_empty(c) if has_bias else None
+        _checked(lib.relu_gap_backward(g.data_ptr(), mask.data_ptr(), count.data_ptr(), gh.data_ptr(),
+                                       None if gb is None else gb.data_ptr(), n, hh * ww, c))
+        return gh.permute(0, 3, 1, 2), gb, None
 
 
 def _is_pool2(pool: nn.MaxPool2d) -> bool:
-    """2 x 2 max-pooling with stride 2, no padding or dilation, floor mode (what the C kernel implements)."""
+    """2 x 2 max-pooling with stride 2, no padding or dilation, floor mode (what the C kernels implement)."""
     stride = pool.stride if pool.stride is not None else pool.kernel_size
     return (_pair(pool.kernel_size) == _pair(stride) == (2, 2) and _pair(pool.padding) == (0, 0)
             and _pair(pool.dilation) == (1, 1) and not pool.ceil_mode and not pool.return_indices)
 
 
+def _conv_parts(mod: nn.Module) -> tuple[nn.Conv2d, torch.Tensor, torch.Tensor | None] | None:
+    """(convolution, weight, bias) of a Conv2d or of a FoldedConvBN with the batch-norm folded in; None when it
+    cannot be folded (then the module runs as it is)."""
+    if isinstance(mod, FoldedConvBN):
+        return (mod.conv, *mod.folded()) if mod._foldable() else None
+    return mod, mod.weight, mod.bias
+
+
+def _kernel_ready(x: torch.Tensor, parts) -> bool:
+    """The C kernels apply: a float32 CPU input outside autocast, a foldable convolution with a multiple of 16
+    output channels in float32, and the compiled library."""
+    return (parts is not None and x.device.type == "cpu" and x.dtype == torch.float32
+            and parts[1].dtype == torch.float32 and parts[0].out_channels % 16 == 0
+            and not torch.is_autocast_enabled("cpu") and _kernels() is not None)
+
+
+def _channels_last_map(h: torch.Tensor) -> bool:
+    return h.dim() == 4 and h.dtype == torch.float32 and h.is_contiguous(memory_format=torch.channels_last)
+
+
+def _with_bias(h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return h if bias is None else h + bias.reshape(1, -1, 1, 1)
+
+
 class ConvPoolRelu(nn.Module):
     """conv (or conv + folded batch-norm) -> max-pooling -> ReLU, sharing the given modules.
 
-    For a first layer (tiny reduction, stride 1, float32 input needing no gradient) followed by 2 x 2 pooling on the
-    CPU it runs as one C kernel that never materialises the full-resolution map; otherwise, or without the compiled kernels, it runs the
-    three steps as before.
+    With the compiled C kernels on the CPU (float32, 2 x 2 pooling): a first layer (tiny reduction, stride 1, input
+    needing no gradient) runs as one kernel that never writes the full-resolution map; other layers run the
+    convolution without its bias, then pooling, bias and ReLU in one kernel (the bias commutes with max-pooling).
+    Otherwise the three steps run as PyTorch operations.
     """
 
     def __init__(self, conv: nn.Module, pool: nn.MaxPool2d):
         super().__init__()
         self.conv, self.pool = conv, pool
 
-    def _kernel_args(self, x: torch.Tensor):
-        conv = self.conv.conv if isinstance(self.conv, FoldedConvBN) else self.conv
-        if not (_stem_eligible(conv, x) and x.dtype == torch.float32 and _pair(conv.stride) == (1, 1)
-                and conv.weight.dtype == torch.float32 and conv.out_channels % 16 == 0):
-            return None
-        if isinstance(self.conv, FoldedConvBN):
-            if not self.conv._foldable():
-                return None
-            weight, bias = self.conv.folded()
-        else:
-            weight, bias = conv.weight, conv.bias
-        lib = _kernels() if _is_pool2(self.pool) else None
-        return None if lib is None else (weight, bias, _pair(conv.padding), lib)
+    def _first_layer(self, conv: nn.Conv2d, x: torch.Tensor) -> bool:
+        return _stem_eligible(conv, x) and _pair(conv.stride) == (1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        args = self._kernel_args(x)
-        if args is not None:
-            return _ConvPoolReluKernel.apply(x, *args)
-        return _pool_relu(self.pool, self.conv(x))
+        parts = _conv_parts(self.conv)
+        if not (_is_pool2(self.pool) and _kernel_ready(x, parts)):
+            return F.relu(self.pool(self.conv(x)))
+        conv, weight, bias = parts
+        lib = _kernels()
+        if self._first_layer(conv, x):
+            return _ConvPoolReluKernel.apply(x, weight, bias, _pair(conv.padding), lib)
+        h = conv2d_channels_last(conv, x, weight, None)
+        if _channels_last_map(h):
+            return _PoolReluKernel.apply(h, bias, lib)
+        return F.relu(self.pool(_with_bias(h, bias)))
+
+
+class ConvReluGap(nn.Module):
+    """conv (or conv + folded batch-norm) -> ReLU -> global average pooling (N x C x 1 x 1), sharing the module.
+
+    With the compiled C kernels on the CPU (float32): the convolution without its bias, then bias, ReLU and pooling
+    in one kernel whose backward also gives the bias gradient. Otherwise `relu_global_avg_pool(conv(x))`.
+    """
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = _conv_parts(self.conv)
+        if not _kernel_ready(x, parts):
+            return relu_global_avg_pool(self.conv(x))
+        conv, weight, bias = parts
+        h = conv2d_channels_last(conv, x, weight, None)
+        if _channels_last_map(h):
+            return _ReluGapKernel.apply(h, bias, _kernels())
+        return relu_global_avg_pool(_with_bias(h, bias))
 
 
 def _kernels():
@@ -334,25 +406,32 @@ def rewrite(model: nn.Module) -> fx.GraphModule:
             graph.erase_node(user)
             graph.erase_node(node)
     n_fused = 0
-    for node in list(graph.nodes):   # conv -> max-pool -> ReLU (after the swap above) as one module
-        if not (node.op == "call_function" and node.target is F.relu and isinstance(node.args[0], fx.Node)):
+    for node in list(graph.nodes):   # conv -> max-pool -> ReLU (after the swap above), conv -> ReLU + global pool
+        if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
             continue
-        pool_node = node.args[0]
-        pool = _module(gm, pool_node, nn.MaxPool2d)
-        src = pool_node.args[0] if pool is not None and len(pool_node.args) == 1 else None
+        if node.target is F.relu:
+            pool_node = node.args[0]
+            pool = _module(gm, pool_node, nn.MaxPool2d)
+            if pool is None or len(pool_node.users) != 1 or len(pool_node.args) != 1:
+                continue
+            src, dead = pool_node.args[0], [node, pool_node]
+        elif node.target is relu_global_avg_pool:
+            pool, src, dead = None, node.args[0], [node]
+        else:
+            continue
         conv = _module(gm, src, (nn.Conv2d, FoldedConvBN)) if isinstance(src, fx.Node) else None
-        if conv is None or len(pool_node.users) != 1 or len(src.users) != 1 or src.kwargs or len(src.args) != 1:
+        if conv is None or len(src.users) != 1 or src.kwargs or len(src.args) != 1:
             continue
         if isinstance(conv, nn.Conv2d) and conv.padding_mode != "zeros":
             continue
-        name = f"_rmc_conv_pool_relu_{n_fused}"
+        name = f"_rmc_conv_fused_{n_fused}"
         n_fused += 1
-        gm.add_submodule(name, ConvPoolRelu(conv, pool))
+        gm.add_submodule(name, ConvPoolRelu(conv, pool) if pool is not None else ConvReluGap(conv))
         with graph.inserting_after(node):
             fused = graph.call_module(name, src.args)
         node.replace_all_uses_with(fused)
-        for dead in (node, pool_node, src):
-            graph.erase_node(dead)
+        for d in dead + [src]:
+            graph.erase_node(d)
     for node in graph.nodes:
         if node.op == "placeholder":
             with graph.inserting_after(node):
@@ -388,7 +467,7 @@ def fast_forward(model: nn.Module, sample: torch.Tensor | None = None, rtol: flo
     return fast
 
 
-__all__ = ["ConvPoolRelu", "FoldedConvBN", "fast_forward", "relu_global_avg_pool", "rewrite"]
+__all__ = ["ConvPoolRelu", "ConvReluGap", "FoldedConvBN", "fast_forward", "relu_global_avg_pool", "rewrite"]
 
 
 # ---------------------------------------------------------------- splitting a model at its feature layer

@@ -72,7 +72,8 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(out))
     ptr, i = ctypes.c_void_p, ctypes.c_int
     for name, n_ptr, n_int in (("stem_forward", 5, 9), ("stem_backward", 5, 9),
-                                ("pool_relu_forward", 3, 4), ("pool_relu_backward", 3, 4)):
+                                ("pool_relu_forward", 4, 4), ("pool_relu_backward", 4, 4),
+                                ("relu_gap_forward", 5, 3), ("relu_gap_backward", 5, 3)):
         fn = getattr(lib, name)
         fn.argtypes = [ptr] * n_ptr + [i] * n_int
         fn.restype = i

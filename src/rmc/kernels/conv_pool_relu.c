@@ -167,17 +167,22 @@ int stem_backward(const float *restrict x, const float *restrict g, const uint8_
     return 0;
 }
 
-/* 2 x 2 max-pooling then ReLU of a channels-last map x (N x H x W x C, C a multiple of 16), for the blocks after
- * the first: y and idx as above (N x HO x WO x C). PyTorch's version stores int64 indices and, backwards, zero-fills
- * the whole input gradient before scattering into it; here the backward writes each element once. */
-int pool_relu_forward(const float *restrict x, float *restrict y, uint8_t *restrict idx, int N, int H, int W, int C) {
+/* The blocks after the first: a convolution's output h without its bias (N x H x W x C, channels-last, C a multiple
+ * of 16), the bias b (C; NULL for none) added here instead. The per-channel bias commutes with max-pooling, so it is
+ * added after pooling, to 4x fewer values, and its gradient comes out of the pooling backward: the convolution's
+ * own bias gradient (a separate slow pass in oneDNN) is not needed. */
+
+/* y = relu(maxpool2x2(h) + b), idx as for the first block (N x HO x WO x C). PyTorch's version stores int64 indices
+ * and, backwards, zero-fills the whole input gradient before scattering into it; here each element is written once. */
+int pool_relu_forward(const float *restrict h, const float *restrict b, float *restrict y, uint8_t *restrict idx,
+                      int N, int H, int W, int C) {
     const int HO = H / 2, WO = W / 2;
     if (C % VW || HO < 1 || WO < 1) return -1;
     const vi zero_i = {0}, pos1 = zero_i + 1, pos2 = zero_i + 2, pos3 = zero_i + 3, none = zero_i + 255;
     for (int n = 0; n < N; n++)
         for (int i = 0; i < HO; i++)
             for (int j = 0; j < WO; j++) {
-                const float *p0 = x + (((size_t)n * H + 2 * i) * W + 2 * j) * C, *p2 = p0 + (size_t)W * C;
+                const float *p0 = h + (((size_t)n * H + 2 * i) * W + 2 * j) * C, *p2 = p0 + (size_t)W * C;
                 const size_t o = (((size_t)n * HO + i) * WO + j) * C;
                 for (int cb = 0; cb < C; cb += VW) {
                     const vf a1 = load(p0 + C + cb), a2 = load(p2 + cb), a3 = load(p2 + C + cb);
@@ -186,6 +191,7 @@ int pool_relu_forward(const float *restrict x, float *restrict y, uint8_t *restr
                     take = (a1 > best) | (a1 != a1); best = select_f(take, a1, best); arg = select_i(take, pos1, arg);
                     take = (a2 > best) | (a2 != a2); best = select_f(take, a2, best); arg = select_i(take, pos2, arg);
                     take = (a3 > best) | (a3 != a3); best = select_f(take, a3, best); arg = select_i(take, pos3, arg);
+                    if (b) best += load(b + cb);
                     const vi pass = (best > 0.0f) | (best != best);
                     store(y + o + cb, select_f(pass, best, (vf){0}));
                     store_bytes(idx + o + cb, select_i(pass, arg, none));
@@ -194,16 +200,19 @@ int pool_relu_forward(const float *restrict x, float *restrict y, uint8_t *restr
     return 0;
 }
 
-/* gx (N x H x W x C) = the gradient of x given g, the gradient of y: every element written once (the row and column
- * that floor-mode pooling leaves out of odd sizes get zeros). */
-int pool_relu_backward(const float *restrict g, const uint8_t *restrict idx, float *restrict gx,
+/* gh (N x H x W x C) = the gradient of h given g, the gradient of y: every element written once (the row and column
+ * that floor-mode pooling leaves out of odd sizes get zeros); gb (C, when not NULL) = the bias gradient. */
+int pool_relu_backward(const float *restrict g, const uint8_t *restrict idx, float *restrict gh, float *restrict gb,
                        int N, int H, int W, int C) {
     const int HO = H / 2, WO = W / 2;
-    if (C % VW || HO < 1 || WO < 1) return -1;
+    if (C % VW || HO < 1 || WO < 1 || C > 4096) return -1;
     const vf zero = {0};
+    vf part[4096 / VW];
+    if (gb) memset(gb, 0, sizeof(float) * C);
     for (int n = 0; n < N; n++) {
-        float *gn = gx + (size_t)n * H * W * C;
+        float *gn = gh + (size_t)n * H * W * C;
         if (H % 2) memset(gn + (size_t)(H - 1) * W * C, 0, sizeof(float) * W * C);
+        for (int cb = 0; cb < C; cb += VW) part[cb / VW] = zero;
         for (int i = 0; i < HO; i++) {
             if (W % 2) {
                 memset(gn + ((size_t)2 * i * W + W - 1) * C, 0, sizeof(float) * C);
@@ -219,9 +228,55 @@ int pool_relu_backward(const float *restrict g, const uint8_t *restrict idx, flo
                     store(q0 + C + cb, select_f(iv == 1, gv, zero));
                     store(q2 + cb, select_f(iv == 2, gv, zero));
                     store(q2 + C + cb, select_f(iv == 3, gv, zero));
+                    part[cb / VW] += select_f(iv != 255, gv, zero);
                 }
             }
         }
+        if (gb)
+            for (int cb = 0; cb < C; cb += VW) store(gb + cb, load(gb + cb) + part[cb / VW]);
     }
+    return 0;
+}
+
+/* y = mean over the HW positions of relu(h + b) (N x C), for a last block followed by global average pooling; mask
+ * (N x HW x C) records where ReLU passed and count (N x C) how often, for the backward. */
+int relu_gap_forward(const float *restrict h, const float *restrict b, float *restrict y, uint8_t *restrict mask,
+                     float *restrict count, int N, int HW, int C) {
+    if (C % VW || HW < 1) return -1;
+    const vf zero = {0}, one = zero + 1.0f;
+    const vi on = (vi){0} + 1;
+    for (int n = 0; n < N; n++)
+        for (int cb = 0; cb < C; cb += VW) {
+            const vf bv = b ? load(b + cb) : zero;
+            vf sum = zero, cnt = zero;
+            for (int s = 0; s < HW; s++) {
+                const size_t o = ((size_t)n * HW + s) * C + cb;
+                const vf v = load(h + o) + bv;
+                const vi pass = (v > 0.0f) | (v != v);
+                sum += select_f(pass, v, zero);
+                cnt += select_f(pass, one, zero);
+                store_bytes(mask + o, pass & on);
+            }
+            store(y + (size_t)n * C + cb, sum / (float)HW);
+            store(count + (size_t)n * C + cb, cnt);
+        }
+    return 0;
+}
+
+/* gh = g / HW where ReLU passed, else 0; gb (C, when not NULL) = sum over images of g * count / HW. */
+int relu_gap_backward(const float *restrict g, const uint8_t *restrict mask, const float *restrict count,
+                      float *restrict gh, float *restrict gb, int N, int HW, int C) {
+    if (C % VW || HW < 1) return -1;
+    const vf zero = {0};
+    if (gb) memset(gb, 0, sizeof(float) * C);
+    for (int n = 0; n < N; n++)
+        for (int cb = 0; cb < C; cb += VW) {
+            const vf gv = load(g + (size_t)n * C + cb) / (float)HW;
+            for (int s = 0; s < HW; s++) {
+                const size_t o = ((size_t)n * HW + s) * C + cb;
+                store(gh + o, select_f(load_bytes(mask + o) != 0, gv, zero));
+            }
+            if (gb) store(gb + cb, load(gb + cb) + gv * load(count + (size_t)n * C + cb));
+        }
     return 0;
 }
