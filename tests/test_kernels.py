@@ -166,3 +166,24 @@ def test_kernels_build_once_into_the_cache(monkeypatch, tmp_path):
     assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").glob("*")] == [stamp]
     monkeypatch.setenv("RMC_NO_KERNELS", "1")
     assert kernels.load() is None
+
+
+@needs_compiler
+def test_bf16_autocast_keeps_the_first_block_kernel_only():
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 1).eval()
+    x = torch.rand(8, 1, 28, 28)
+    fast = fast_forward(model, x[:2])
+    seen = []
+    for m in fast.modules():
+        if isinstance(m, (ConvPoolRelu, ConvReluGap)):
+            m.register_forward_hook(lambda mod, inp, out: seen.append((type(out.grad_fn).__name__, out.dtype)))
+    outs = []
+    for use in (True, False):
+        with kernels.use(use), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(fast(x).float())
+    first, second, gap = seen[:3]
+    assert first == ("_ConvPoolReluKernelBackward", torch.float32)      # float32 arithmetic inside the kernel
+    assert second[0] != "_PoolReluKernelBackward" and second[1] == torch.bfloat16
+    assert gap[0] != "_ReluGapKernelBackward"
+    torch.testing.assert_close(outs[0], outs[1], rtol=0.05, atol=0.05)

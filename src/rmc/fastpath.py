@@ -264,20 +264,33 @@ def _conv_parts(mod: nn.Module) -> tuple[nn.Conv2d, torch.Tensor, torch.Tensor |
     return mod, mod.weight, mod.bias
 
 
-def _kernel_ready(x: torch.Tensor, parts) -> bool:
-    """The C kernels apply: a float32 CPU input outside autocast, a foldable convolution with a multiple of 16
-    output channels in float32, and the compiled library."""
+def _kernel_ready(x: torch.Tensor, parts, first_layer: bool = False) -> bool:
+    """The C kernels apply: a float32 CPU input, a foldable convolution with a multiple of 16 output channels in
+    float32, the compiled library, and outside autocast unless it is a first layer (whose kernel computes in
+    float32 from the float32 input; later convolutions would give bfloat16 maps)."""
     return (parts is not None and x.device.type == "cpu" and x.dtype == torch.float32
             and parts[1].dtype == torch.float32 and parts[0].out_channels % 16 == 0
-            and not torch.is_autocast_enabled("cpu") and _kernels() is not None)
+            and (first_layer or not torch.is_autocast_enabled("cpu")) and _kernels() is not None)
 
 
-def _channels_last_map(h: torch.Tensor) -> bool:
-    return h.dim() == 4 and h.dtype == torch.float32 and h.is_contiguous(memory_format=torch.channels_last)
+def _map_ready(h: torch.Tensor) -> bool:
+    """A map the pooling kernels take: channels-last float32 on the CPU, channels a multiple of 16."""
+    return (h.dim() == 4 and h.device.type == "cpu" and h.dtype == torch.float32 and h.shape[1] % 16 == 0
+            and h.is_contiguous(memory_format=torch.channels_last) and _kernels() is not None)
 
 
 def _with_bias(h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return h if bias is None else h + bias.reshape(1, -1, 1, 1)
+
+
+def _conv_without_bias(mod: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the convolution's output without its bias, the bias) when the kernels can add the bias, else
+    (the module's output, None)."""
+    parts = _conv_parts(mod)
+    if _kernel_ready(x, parts):
+        conv, weight, bias = parts
+        return conv2d_channels_last(conv, x, weight, None), bias
+    return mod(x), None
 
 
 class ConvPoolRelu(nn.Module):
@@ -293,20 +306,17 @@ class ConvPoolRelu(nn.Module):
         super().__init__()
         self.conv, self.pool = conv, pool
 
-    def _first_layer(self, conv: nn.Conv2d, x: torch.Tensor) -> bool:
-        return _stem_eligible(conv, x) and _pair(conv.stride) == (1, 1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = _conv_parts(self.conv)
-        if not (_is_pool2(self.pool) and _kernel_ready(x, parts)):
+        if not _is_pool2(self.pool):
             return F.relu(self.pool(self.conv(x)))
-        conv, weight, bias = parts
-        lib = _kernels()
-        if self._first_layer(conv, x):
-            return _ConvPoolReluKernel.apply(x, weight, bias, _pair(conv.padding), lib)
-        h = conv2d_channels_last(conv, x, weight, None)
-        if _channels_last_map(h):
-            return _PoolReluKernel.apply(h, bias, lib)
+        parts = _conv_parts(self.conv)
+        if parts is not None and _stem_eligible(parts[0], x) and _pair(parts[0].stride) == (1, 1) \
+                and _kernel_ready(x, parts, first_layer=True):
+            conv, weight, bias = parts
+            return _ConvPoolReluKernel.apply(x, weight, bias, _pair(conv.padding), _kernels())
+        h, bias = _conv_without_bias(self.conv, x)
+        if _map_ready(h):
+            return _PoolReluKernel.apply(h, bias, _kernels())
         return F.relu(self.pool(_with_bias(h, bias)))
 
 
@@ -322,12 +332,8 @@ class ConvReluGap(nn.Module):
         self.conv = conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = _conv_parts(self.conv)
-        if not _kernel_ready(x, parts):
-            return relu_global_avg_pool(self.conv(x))
-        conv, weight, bias = parts
-        h = conv2d_channels_last(conv, x, weight, None)
-        if _channels_last_map(h):
+        h, bias = _conv_without_bias(self.conv, x)
+        if _map_ready(h):
             return _ReluGapKernel.apply(h, bias, _kernels())
         return relu_global_avg_pool(_with_bias(h, bias))
 
