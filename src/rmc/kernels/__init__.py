@@ -82,7 +82,8 @@ def _build() -> ctypes.CDLL:
 
 @contextlib.contextmanager
 def use(enabled: bool):
-    """Within the block the fast path uses (True) or does not use (False) the C kernels: for comparisons."""
+    """Within the block the fast path uses (True) or does not use (False) the C kernels: for comparisons (a
+    process-wide switch, not per thread)."""
     global _enabled
     before, _enabled = _enabled, enabled
     try:
