@@ -187,3 +187,14 @@ def test_bf16_autocast_keeps_the_first_block_kernel_only():
     assert second[0] != "_PoolReluKernelBackward" and second[1] == torch.bfloat16
     assert gap[0] != "_ReluGapKernelBackward"
     torch.testing.assert_close(outs[0], outs[1], rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("c_out,pool", [(24, nn.MaxPool2d(2)), (32, nn.MaxPool2d(3, 2, 1))])
+def test_shapes_the_kernels_do_not_cover_run_as_pytorch_operations(c_out, pool):
+    torch.manual_seed(3)
+    conv = nn.Conv2d(1, c_out, 3, padding=1)
+    module = ConvPoolRelu(conv, pool)
+    x = torch.rand(2, 1, 12, 12)
+    y = module(x)
+    assert "Kernel" not in type(y.grad_fn).__name__
+    torch.testing.assert_close(y, F.relu(pool(conv(x))))
