@@ -153,6 +153,17 @@ def test_kernels_unavailable_falls_back_with_a_warning(monkeypatch, tmp_path):
 
 
 @needs_compiler
+def test_unwritable_cache_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("RMC_CACHE_DIR", str(blocker))
+    with pytest.warns(UserWarning, match="set RMC_CACHE_DIR to a writable folder"):
+        assert kernels.load() is None
+
+
+@needs_compiler
 def test_kernels_build_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_tried", False)
     monkeypatch.setattr(kernels, "_lib", None)

@@ -57,8 +57,12 @@ def _build() -> ctypes.CDLL:
     key = hashlib.sha256("\0".join([source, cc, version, " ".join(_FLAGS), _cpu_id()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"rmc_kernels_{key}.so"
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        except OSError as e:
+            raise RuntimeError(f"cannot write to {out.parent} ({e.strerror}; set RMC_CACHE_DIR to a writable "
+                               "folder)") from e
         os.close(fd)
         try:
             res = subprocess.run([cc, *_FLAGS, "-o", tmp, *(str(here / s) for s in _SOURCES), "-lm"],
