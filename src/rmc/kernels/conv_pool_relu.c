@@ -40,6 +40,22 @@ static inline void store(float *p, vf v) { *(vf_u *)p = v; }
 static inline vf select_f(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 static inline vi select_i(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
 
+/* One 2 x 2 window, 16 channels: the first maximum in window order (a NaN wins: max-pooling propagates it), plus the
+ * bias b (NULL for none), then ReLU (which keeps NaN, as torch.relu does). Stores the output and the window position
+ * of the maximum, or 255 where ReLU zeroed it. */
+static inline void max4_relu(vf a0, vf a1, vf a2, vf a3, const float *b, float *y, uint8_t *idx) {
+    const vi zero_i = {0};
+    vf best = a0;
+    vi arg = zero_i, take;
+    take = (a1 > best) | (a1 != a1); best = select_f(take, a1, best); arg = select_i(take, zero_i + 1, arg);
+    take = (a2 > best) | (a2 != a2); best = select_f(take, a2, best); arg = select_i(take, zero_i + 2, arg);
+    take = (a3 > best) | (a3 != a3); best = select_f(take, a3, best); arg = select_i(take, zero_i + 3, arg);
+    if (b) best += load(b);
+    const vi pass = (best > 0.0f) | (best != best);
+    store(y, select_f(pass, best, (vf){0}));
+    store_bytes(idx, select_i(pass, arg, zero_i + 255));
+}
+
 /* One image zero-padded (C x HP x WP). */
 static void pad_image(const float *restrict xn, int C, int H, int W, int PH, int PW, int HP, int WP,
                       float *restrict xp) {
@@ -75,7 +91,6 @@ INLINE void forward_body(const plan_t pl, const int K, const float *restrict x, 
                          const float *restrict bias, float *restrict y, uint8_t *restrict idx,
                          int N, int C, int H, int W, int PH, int PW, int CO) {
     const int WP = pl.WP;
-    const vi zero_i = {0}, pos1 = zero_i + 1, pos2 = zero_i + 2, pos3 = zero_i + 3, none = zero_i + 255;
     for (int n = 0; n < N; n++) {
         pad_image(x + (size_t)n * C * H * W, C, H, W, PH, PW, pl.HP, WP, pl.xp);
         for (int i = 0; i < pl.HO; i++)
@@ -93,15 +108,7 @@ INLINE void forward_body(const plan_t pl, const int K, const float *restrict x, 
                         a2 += pk[WP] * w;
                         a3 += pk[WP + 1] * w;
                     }
-                    /* the first maximum in window order; a NaN wins (max-pooling propagates it) */
-                    vf best = a0;
-                    vi arg = zero_i, take;
-                    take = (a1 > best) | (a1 != a1); best = select_f(take, a1, best); arg = select_i(take, pos1, arg);
-                    take = (a2 > best) | (a2 != a2); best = select_f(take, a2, best); arg = select_i(take, pos2, arg);
-                    take = (a3 > best) | (a3 != a3); best = select_f(take, a3, best); arg = select_i(take, pos3, arg);
-                    const vi pass = (best > 0.0f) | (best != best);   /* ReLU keeps NaN, as torch.relu does */
-                    store(y + o + cb, select_f(pass, best, (vf){0}));
-                    store_bytes(idx + o + cb, select_i(pass, arg, none));
+                    max4_relu(a0, a1, a2, a3, NULL, y + o + cb, idx + o + cb);   /* bias already in */
                 }
             }
     }
@@ -178,23 +185,14 @@ int pool_relu_forward(const float *restrict h, const float *restrict b, float *r
                       int N, int H, int W, int C) {
     const int HO = H / 2, WO = W / 2;
     if (C % VW || HO < 1 || WO < 1) return -1;
-    const vi zero_i = {0}, pos1 = zero_i + 1, pos2 = zero_i + 2, pos3 = zero_i + 3, none = zero_i + 255;
     for (int n = 0; n < N; n++)
         for (int i = 0; i < HO; i++)
             for (int j = 0; j < WO; j++) {
                 const float *p0 = h + (((size_t)n * H + 2 * i) * W + 2 * j) * C, *p2 = p0 + (size_t)W * C;
                 const size_t o = (((size_t)n * HO + i) * WO + j) * C;
                 for (int cb = 0; cb < C; cb += VW) {
-                    const vf a1 = load(p0 + C + cb), a2 = load(p2 + cb), a3 = load(p2 + C + cb);
-                    vf best = load(p0 + cb);
-                    vi arg = zero_i, take;
-                    take = (a1 > best) | (a1 != a1); best = select_f(take, a1, best); arg = select_i(take, pos1, arg);
-                    take = (a2 > best) | (a2 != a2); best = select_f(take, a2, best); arg = select_i(take, pos2, arg);
-                    take = (a3 > best) | (a3 != a3); best = select_f(take, a3, best); arg = select_i(take, pos3, arg);
-                    if (b) best += load(b + cb);
-                    const vi pass = (best > 0.0f) | (best != best);
-                    store(y + o + cb, select_f(pass, best, (vf){0}));
-                    store_bytes(idx + o + cb, select_i(pass, arg, none));
+                    max4_relu(load(p0 + cb), load(p0 + C + cb), load(p2 + cb), load(p2 + C + cb), b ? b + cb : NULL,
+                              y + o + cb, idx + o + cb);
                 }
             }
     return 0;
