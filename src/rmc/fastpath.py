@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from rmc import kernels
+
 _RELU_FUNCS = (F.relu, torch.relu)
 
 
@@ -189,6 +191,11 @@ class _ConvPoolReluKernel(torch.autograd.Function):
         return None, gw, gb if has_bias and ctx.needs_input_grad[2] else None, None, None
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    """A tensor's address for ctypes, None (NULL) for no tensor."""
+    return None if t is None else t.data_ptr()
+
+
 def _checked(rc: int) -> None:
     if rc:
         raise RuntimeError("rmc: a C kernel refused its arguments (a bug: please report it)")
@@ -204,8 +211,7 @@ class _PoolReluKernel(torch.autograd.Function):
         y = h.new_empty(n, hh // 2, ww // 2, c)
         idx = torch.empty(n, hh // 2, ww // 2, c, dtype=torch.uint8)
         b = bias.detach().contiguous() if bias is not None else None
-        _checked(lib.pool_relu_forward(h.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
-                                       idx.data_ptr(), n, hh, ww, c))
+        _checked(lib.pool_relu_forward(h.data_ptr(), _ptr(b), y.data_ptr(), idx.data_ptr(), n, hh, ww, c))
         ctx.save_for_backward(idx)
         ctx.meta = (h.shape, bias is not None, lib)
         return y.permute(0, 3, 1, 2)
@@ -217,8 +223,7 @@ class _PoolReluKernel(torch.autograd.Function):
         g = grad.permute(0, 2, 3, 1).contiguous().float()       # a view when grad is channels-last
         gh = g.new_empty(n, hh, ww, c)
         gb = g.new_empty(c) if has_bias else None
-        _checked(lib.pool_relu_backward(g.data_ptr(), idx.data_ptr(), gh.data_ptr(),
-                                        None if gb is None else gb.data_ptr(), n, hh, ww, c))
+        _checked(lib.pool_relu_backward(g.data_ptr(), idx.data_ptr(), gh.data_ptr(), _ptr(gb), n, hh, ww, c))
         return gh.permute(0, 3, 1, 2), gb, None
 
 
@@ -233,8 +238,8 @@ class _ReluGapKernel(torch.autograd.Function):
         mask = torch.empty(n, hh * ww, c, dtype=torch.uint8)
         count = h.new_empty(n, c)
         b = bias.detach().contiguous() if bias is not None else None
-        _checked(lib.relu_gap_forward(h.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
-                                      mask.data_ptr(), count.data_ptr(), n, hh * ww, c))
+        _checked(lib.relu_gap_forward(h.data_ptr(), _ptr(b), y.data_ptr(), mask.data_ptr(), count.data_ptr(),
+                                      n, hh * ww, c))
         ctx.save_for_backward(mask, count)
         ctx.meta = (h.shape, bias is not None, lib)
         return y.view(n, c, 1, 1)
@@ -246,8 +251,8 @@ class _ReluGapKernel(torch.autograd.Function):
         g = grad.reshape(n, c).contiguous().float()
         gh = g.new_empty(n, hh, ww, c)
         gb = g.new_empty(c) if has_bias else None
-        _checked(lib.relu_gap_backward(g.data_ptr(), mask.data_ptr(), count.data_ptr(), gh.data_ptr(),
-                                       None if gb is None else gb.data_ptr(), n, hh * ww, c))
+        _checked(lib.relu_gap_backward(g.data_ptr(), mask.data_ptr(), count.data_ptr(), gh.data_ptr(), _ptr(gb),
+                                       n, hh * ww, c))
         return gh.permute(0, 3, 1, 2), gb, None
 
 
@@ -272,23 +277,22 @@ def _kernel_ready(x: torch.Tensor, parts, first_layer: bool = False) -> bool:
     float32 from the float32 input; later convolutions would give bfloat16 maps)."""
     return (parts is not None and x.device.type == "cpu" and x.dtype == torch.float32
             and parts[1].dtype == torch.float32 and parts[0].out_channels % 16 == 0
-            and (first_layer or not torch.is_autocast_enabled("cpu")) and _kernels() is not None)
+            and (first_layer or not torch.is_autocast_enabled("cpu")) and kernels.load() is not None)
 
 
 def _map_ready(h: torch.Tensor) -> bool:
     """A map the pooling kernels take: channels-last float32 on the CPU, channels a multiple of 16."""
     return (h.dim() == 4 and h.device.type == "cpu" and h.dtype == torch.float32 and h.shape[1] % 16 == 0
-            and h.is_contiguous(memory_format=torch.channels_last) and _kernels() is not None)
+            and h.is_contiguous(memory_format=torch.channels_last) and kernels.load() is not None)
 
 
 def _with_bias(h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return h if bias is None else h + bias.reshape(1, -1, 1, 1)
 
 
-def _conv_without_bias(mod: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _conv_without_bias(mod: nn.Module, x: torch.Tensor, parts) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(the convolution's output without its bias, the bias) when the kernels can add the bias, else
-    (the module's output, None)."""
-    parts = _conv_parts(mod)
+    (the module's output, None). `parts`: `_conv_parts(mod)`, computed once per call by the caller."""
     if _kernel_ready(x, parts):
         conv, weight, bias = parts
         return conv2d_channels_last(conv, x, weight, None), bias
@@ -315,10 +319,10 @@ class ConvPoolRelu(nn.Module):
         if parts is not None and _stem_eligible(parts[0], x) and _pair(parts[0].stride) == (1, 1) \
                 and _kernel_ready(x, parts, first_layer=True):
             conv, weight, bias = parts
-            return _ConvPoolReluKernel.apply(x, weight, bias, _pair(conv.padding), _kernels())
-        h, bias = _conv_without_bias(self.conv, x)
+            return _ConvPoolReluKernel.apply(x, weight, bias, _pair(conv.padding), kernels.load())
+        h, bias = _conv_without_bias(self.conv, x, parts)
         if _map_ready(h):
-            return _PoolReluKernel.apply(h, bias, _kernels())
+            return _PoolReluKernel.apply(h, bias, kernels.load())
         return F.relu(self.pool(_with_bias(h, bias)))
 
 
@@ -334,15 +338,10 @@ class ConvReluGap(nn.Module):
         self.conv = conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, bias = _conv_without_bias(self.conv, x)
+        h, bias = _conv_without_bias(self.conv, x, _conv_parts(self.conv))
         if _map_ready(h):
-            return _ReluGapKernel.apply(h, bias, _kernels())
+            return _ReluGapKernel.apply(h, bias, kernels.load())
         return relu_global_avg_pool(_with_bias(h, bias))
-
-
-def _kernels():
-    from rmc import kernels
-    return kernels.load()
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
