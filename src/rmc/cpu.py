@@ -6,7 +6,8 @@ import os
 import sys
 
 
-def _cpuinfo() -> dict[str, str]:
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             first = f.read(65536).split("\n\n", 1)[0]
@@ -24,7 +25,7 @@ def openblas_coretype_for_avx512() -> str | None:
     """
     if sys.platform != "linux":
         return None
-    info = _cpuinfo()
+    info = cpu_info()
     flags = set(info.get("flags", "").split())
     family = info.get("cpu family", "0")
     if info.get("vendor_id") == "AuthenticAMD" and family.isdigit() and int(family) >= 25 and \
@@ -45,9 +46,6 @@ def configure_openblas(force: bool = False) -> str | None:
     return want
 
 
-
-
-
 def tune_malloc(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
     """Make glibc keep freed blocks for reuse instead of returning them to the kernel (the `rmc` command does this
     at start-up; library users may call it once themselves).
@@ -66,4 +64,5 @@ def tune_malloc(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) 
     except (OSError, AttributeError):
         return False
 
-__all__ = ["configure_openblas", "openblas_coretype_for_avx512", "tune_malloc"]
+
+__all__ = ["configure_openblas", "cpu_info", "openblas_coretype_for_avx512", "tune_malloc"]

@@ -35,8 +35,8 @@ def cache_dir() -> Path:
 
 
 def _cpu_id() -> str:
-    from rmc.cpu import _cpuinfo
-    info = _cpuinfo()
+    from rmc.cpu import cpu_info
+    info = cpu_info()
     return f"{platform.machine()}|{info.get('model name', '')}|{info.get('flags', '')}"
 
 
