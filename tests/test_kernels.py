@@ -138,14 +138,20 @@ def test_fast_path_with_and_without_kernels_trains_alike():
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
 
 
-def test_kernels_unavailable_falls_back_with_a_warning(monkeypatch, tmp_path):
+@pytest.fixture
+def cache(monkeypatch, tmp_path):
+    """A fresh, empty kernel cache: rmc.kernels forgets what it loaded and builds into tmp_path."""
     monkeypatch.setattr(kernels, "_tried", False)
     monkeypatch.setattr(kernels, "_lib", None)
     monkeypatch.setenv("RMC_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_kernels_unavailable_falls_back_with_a_warning(monkeypatch, cache):
     monkeypatch.setenv("CC", "false")                       # a "compiler" that always fails
     with pytest.warns(UserWarning, match="C kernels unavailable"):
         assert kernels.load() is None
-    assert not list((tmp_path / "kernels").glob("*"))       # nothing half-written left behind
+    assert not list((cache / "kernels").glob("*"))          # nothing half-written left behind
     model = build_model("small_cnn", 10, 1).eval()
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
@@ -153,10 +159,8 @@ def test_kernels_unavailable_falls_back_with_a_warning(monkeypatch, tmp_path):
 
 
 @needs_compiler
-def test_unwritable_cache_names_the_fix(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "_tried", False)
-    monkeypatch.setattr(kernels, "_lib", None)
-    blocker = tmp_path / "not-a-folder"
+def test_unwritable_cache_names_the_fix(monkeypatch, cache):
+    blocker = cache / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv("RMC_CACHE_DIR", str(blocker))
     with pytest.warns(UserWarning, match="set RMC_CACHE_DIR to a writable folder"):
@@ -164,17 +168,14 @@ def test_unwritable_cache_names_the_fix(monkeypatch, tmp_path):
 
 
 @needs_compiler
-def test_kernels_build_once_into_the_cache(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "_tried", False)
-    monkeypatch.setattr(kernels, "_lib", None)
-    monkeypatch.setenv("RMC_CACHE_DIR", str(tmp_path))
+def test_kernels_build_once_into_the_cache(monkeypatch, cache):
     assert kernels.load() is not None
-    built = list((tmp_path / "kernels").glob("*"))
+    built = list((cache / "kernels").glob("*"))
     assert len(built) == 1 and built[0].suffix == ".so"
     stamp = built[0].stat().st_mtime_ns
     monkeypatch.setattr(kernels, "_tried", False)
     assert kernels.load() is not None
-    assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").glob("*")] == [stamp]
+    assert [p.stat().st_mtime_ns for p in (cache / "kernels").glob("*")] == [stamp]
     monkeypatch.setenv("RMC_NO_KERNELS", "1")
     assert kernels.load() is None
 
