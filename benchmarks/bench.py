@@ -16,7 +16,7 @@ input (the order rotating), so load from other processes falls on both alike. Se
   batched  episodic: B inputs at once vs one at a time (throughput, agreement)
   memory   peak resident memory of rmc evaluating against the 240k D' (a separate process)
 
-The settings are the default run's, read from rmc.config's preset. Results are printed and written to
+The settings are the default run's, read from rmc.cli.config's preset. Results are printed and written to
 <workdir>/bench-results[-full][-malloc][-<sections>].json (a run of some sections never overwrites a whole run).
 """
 
@@ -50,11 +50,11 @@ from common import (DEFAULT_RUN, DEFAULT_RUN_DPRIME, DEFAULT_WORKDIR, LAYER, get
                     make_bank, peak_rss_mb, run_cfg, subset_rows, test_inputs)
 from reference import NaiveRMC, naive_knn  # noqa: E402
 
-from rmc import kernels  # noqa: E402
+from rmc.defense import kernels  # noqa: E402
 from rmc.attacks import pgd  # noqa: E402
-from rmc.batched import BatchedEpisodic  # noqa: E402
-from rmc.core import RMC, PhaseTimer, RMCConfig  # noqa: E402
-from rmc.knn import NeighbourIndex  # noqa: E402
+from rmc.defense.batched import BatchedEpisodic  # noqa: E402
+from rmc.defense.core import RMC, PhaseTimer, RMCConfig  # noqa: E402
+from rmc.defense.knn import NeighbourIndex  # noqa: E402
 
 ALL_SECTIONS = ("matmul", "search", "latency", "ablation", "scopes", "threads", "batched", "memory")
 SIZES = {  # quick / full
@@ -170,7 +170,7 @@ def step_flops(rmc: RMC, x, feats) -> float:
     names = {id(p) for p in rmc.params}
     r.params = [p for (n, p), (_, q) in zip(r.model.named_parameters(), rmc.model.named_parameters()) if id(q) in names]
     r._head = None
-    from rmc.fastpath import fast_forward
+    from rmc.defense.fastpath import fast_forward
     r._forward = fast_forward(r.model) if rmc._forward is not rmc.model else r.model
     r.timer = None
     with FlopCounterMode(display=False) as fc:
@@ -291,8 +291,8 @@ def step_breakdown(model, xb: torch.Tensor) -> dict:
     from torch.nn import Conv2d
     from torch.nn import functional as F
 
-    from rmc.core import configure_model
-    from rmc.fastpath import fast_forward
+    from rmc.defense.core import configure_model
+    from rmc.defense.fastpath import fast_forward
     net = configure_model(copy.deepcopy(model))
     params = [p for p in net.parameters() if p.requires_grad]
     y = torch.zeros(len(xb), dtype=torch.long)
@@ -401,7 +401,7 @@ def section_batched(args, out, model, bank_run, feats_run, x, y, q):
             "one_at_a_time_2threads": lambda: one_at_a_time(2),
             "batched_threads": lambda: [r.prediction for r in batched.run(x[:b], q[:b], keys)],
             "batched_vmap": lambda: [r.prediction for r in vm.run(x[:b], q[:b], keys)]}
-    if not args.full:       # slow on a CPU (see rmc.batched): --full only
+    if not args.full:       # slow on a CPU (see rmc.defense.batched): --full only
         del jobs["batched_vmap"], timings["batched_vmap"]
     log(f"[batched] episodic, B = {b}, {rounds} round(s), default-run settings, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} ...")
@@ -409,7 +409,7 @@ def section_batched(args, out, model, bank_run, feats_run, x, y, q):
         names = list(jobs)
         names = names[rnd % len(names):] + names[:rnd % len(names)]
         for k in names:
-            if k == "batched_vmap" and rnd > 0:      # slow on a CPU (see rmc.batched); once is enough
+            if k == "batched_vmap" and rnd > 0:      # slow on a CPU (see rmc.defense.batched); once is enough
                 continue
             p, dt = timed(jobs[k])
             timings[k].append(dt)

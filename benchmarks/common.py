@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmc.config import load_config
-from rmc.core import Bank, RMCConfig
+from rmc.cli.config import load_config
+from rmc.defense.core import DPrime, RMCConfig
 from rmc.data import load_dataset
 from rmc.models import extract_features, load_checkpoint, save_checkpoint
 
@@ -97,8 +97,8 @@ def subset_rows(n_train: int, per_copy: int, copies: int) -> np.ndarray:
     return np.concatenate([np.arange(c * n_train, c * n_train + per_copy) for c in range(copies)])
 
 
-def make_bank(images: np.ndarray, labels: np.ndarray, copy: np.ndarray) -> Bank:
-    return Bank(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(copy.astype(np.int64)))
+def make_bank(images: np.ndarray, labels: np.ndarray, copy: np.ndarray) -> DPrime:
+    return DPrime(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(copy.astype(np.int64)))
 
 
 def test_inputs(n: int, model, layer: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:

@@ -45,15 +45,15 @@ def main():
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import DEFAULT_RUN, LAYER, get_model, make_bank, run_cfg, test_inputs
 
-    from rmc.core import RMC
-    from rmc.knn import NeighbourIndex
+    from rmc.defense.core import RMC
+    from rmc.defense.knn import NeighbourIndex
     stages = {"start": rss_mb()}
     peaks = {}
     model, _ = get_model(args.workdir)
     images = np.load(args.workdir / "images.npy", mmap_mode="c")
     labels, copies = np.load(args.workdir / "labels.npy"), np.load(args.workdir / "copy.npy")
     feats = np.load(args.workdir / "features.npy", mmap_mode="c")
-    bank = make_bank(images, labels, copies)
+    dprime = make_bank(images, labels, copies)
     stages["opened"] = rss_mb()
     peaks["opened"] = peak_rss_mb()
     index = NeighbourIndex(feats)
@@ -66,7 +66,7 @@ def main():
     rows = index.search(q, DEFAULT_RUN["k"])[1]
     stages["searched"] = rss_mb()
     peaks["searched"] = peak_rss_mb()
-    rmc = RMC(model, bank, index, run_cfg(), LAYER)
+    rmc = RMC(model, dprime, index, run_cfg(), LAYER)
     for i in range(args.steps):
         rmc.step(x[i:i + 1], q[i:i + 1], key=i, rows=rows[i])
     stages["after_steps"] = rss_mb()

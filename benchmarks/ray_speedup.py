@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def _noop():
-    import rmc.distributed  # noqa: F401 - what a worker imports before its first real task
+    import rmc.scaleout.ray_backend  # noqa: F401 - what a worker imports before its first real task
     return os.getpid()
 
 
@@ -41,24 +41,24 @@ def main() -> None:
 
     import ray
 
-    from rmc import distributed
-    from rmc.config import load_config
-    from rmc.core import Bank
-    from rmc.evalsets import load_eval_sets
-    from rmc.evaluation.runner import BaseModel, evaluate
-    from rmc.featurestore import load_features, store_source
+    from rmc.scaleout import ray_backend as distributed
+    from rmc.cli.config import load_config
+    from rmc.defense.core import DPrime
+    from rmc.artifacts.evalsets import load_eval_sets
+    from rmc.evaluation.driver import BaseModel, evaluate
+    from rmc.artifacts.features import load_features, store_source
     from rmc.models import default_layer, load_checkpoint
-    from rmc.store import open_store
+    from rmc.artifacts.dprime import open_dprime_store
 
     cfg = load_config(None, "default", [("rmc.k", args.k), ("rmc.max_epochs", args.max_epochs),
                                         ("rmc.mode", "episodic")]).rmc
-    store = open_store(args.store)
+    store = open_dprime_store(args.store)
     model, info = load_checkpoint(args.model)
     layer = default_layer(model)
     feats = load_features(args.features, info.sha256, layer, store_source(store))[0].numpy()
     sets = load_eval_sets(args.evalsets)[:1]
     base = BaseModel("standard", model, info.sha256, layer, feats)
-    bank = Bank(store.images, store.labels, store.copy, store.copy_names)
+    dprime = DPrime(store.images, store.labels, store.copy, store.copy_names)
     work = Path(tempfile.mkdtemp(prefix="rmc-ray-bench-"))
     times: dict[int, list[float]] = {w: [] for w in args.workers}
     startup: list[float] = []
@@ -75,7 +75,7 @@ def main() -> None:
             t1 = time.perf_counter()
             ray.get([ray.remote(_noop).remote() for _ in range(w)])
             t2 = time.perf_counter()
-            res = evaluate([base], bank, sets, cfg, out, info.num_classes, n=args.n, ray="local", workers=w,
+            res = evaluate([base], dprime, sets, cfg, out, info.num_classes, n=args.n, ray="local", workers=w,
                            progress=False)
             t3 = time.perf_counter()
             ray.shutdown()

@@ -12,7 +12,7 @@ of the original's code is copied):
 - **Fine-tuning**: the plain network (channels-first, float32, batch-norm as a separate layer), Adam, batch 128,
   early stopping on the validation loss; online mode keeps the weights and calibrates on K random D' examples.
 
-Same hyperparameters as `rmc.core.RMCConfig`; its own random draws (so the two disagree on some inputs by chance).
+Same hyperparameters as `rmc.defense.core.RMCConfig`; its own random draws (so the two disagree on some inputs by chance).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from rmc.core import Mode, RMCConfig
+from rmc.defense.core import Mode, RMCConfig
 
 
 def naive_knn(features: np.ndarray, query: np.ndarray, k: int, batch: int = 1024,

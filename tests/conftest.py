@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rmc.core import Bank
+from rmc.defense.core import DPrime
 from rmc.data import load_dataset
 from rmc.models import build_model, extract_features
 
@@ -39,13 +39,13 @@ def tiny_trained(digits):
 
 
 @pytest.fixture(scope="session")
-def tiny_bank(digits, tiny_trained):
+def tiny_dprime(digits, tiny_trained):
     """D' for the digits: clean copy plus a noisy copy, with its block3 features."""
     train, _ = digits
     gen = torch.Generator().manual_seed(1)
     noisy = (train.images.float() + torch.randint(-20, 21, train.images.shape, generator=gen)).clamp(0, 255).byte()
     images = torch.cat([train.images, noisy])
-    bank = Bank(images, torch.cat([train.labels, train.labels]),
+    dprime = DPrime(images, torch.cat([train.labels, train.labels]),
                 torch.cat([torch.zeros(len(train)), torch.ones(len(train))]).long(), ["clean", "noisy"])
     feats = extract_features(tiny_trained, "block3", images).numpy()
-    return bank, feats
+    return dprime, feats

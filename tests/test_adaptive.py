@@ -6,16 +6,16 @@ import json
 import pytest
 import torch
 
-from rmc.attacks.adaptive import (AdaptedModels, AdaptiveConfig, attack_input, attack_stream, commit, ensemble_loss,
+from rmc.attacks.defense_aware import (AdaptedModels, AdaptiveConfig, attack_input, attack_stream, commit, ensemble_loss,
                                   initial_candidates, restore_state, save_state, trial)
 from rmc.attacks.autoattack import autoattack
-from rmc.config import load_config
-from rmc.core import RMC, RMCConfig
+from rmc.cli.config import load_config
+from rmc.defense.core import RMC, RMCConfig
 from rmc.errors import RMCError
-from rmc.evalsets import EvalSet
-from rmc.evaluation import adaptive as ev
-from rmc.evaluation.runner import BaseModel
-from rmc.knn import NeighbourIndex
+from rmc.artifacts.evalsets import EvalSet
+from rmc.evaluation import attack_rows as ev
+from rmc.evaluation.driver import BaseModel
+from rmc.defense.knn import NeighbourIndex
 from rmc.models import extract_features
 
 
@@ -31,30 +31,30 @@ def broken(tiny_trained):
     return model.eval()
 
 
-def _rmc(model, bank, feats, **kw):
+def _rmc(model, dprime, feats, **kw):
     cfg = RMCConfig(**{"k": 128, "lr": 1e-2, "max_epochs": 10, "patience": 3, "batch_size": 32, "calib_k": 96,
                        "calib_flip": False, **kw})
-    return RMC(model, bank, NeighbourIndex(feats), cfg, "block3")
+    return RMC(model, dprime, NeighbourIndex(feats), cfg, "block3")
 
 
 def _states_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _score(model, bank, feats, images, keys, **kw):
+def _score(model, dprime, feats, images, keys, **kw):
     """Predictions of a fresh RMC run over `images` in order."""
-    r = _rmc(model, bank, feats, **kw)
+    r = _rmc(model, dprime, feats, **kw)
     q = extract_features(model, "block3", images).numpy()
     return torch.tensor([r.step(images[i:i + 1], q[i:i + 1], key=keys[i]).prediction for i in range(len(images))])
 
 
 @pytest.mark.parametrize("mode", ["online", "episodic"])
-def test_trial_then_commit_is_exactly_one_rmc_step(tiny_trained, tiny_bank, digits, mode):
+def test_trial_then_commit_is_exactly_one_rmc_step(tiny_trained, tiny_dprime, digits, mode):
     # The attack's rounds skip calibration and finish only the chosen one; that must equal RMC.step bit for bit.
-    bank, feats = tiny_bank
+    dprime, feats = tiny_dprime
     x = digits[1].float_images()[:2]
     q = extract_features(tiny_trained, "block3", x).numpy()
-    a, b = _rmc(tiny_trained, bank, feats, mode=mode), _rmc(tiny_trained, bank, feats, mode=mode)
+    a, b = _rmc(tiny_trained, dprime, feats, mode=mode), _rmc(tiny_trained, dprime, feats, mode=mode)
     for i in range(2):
         res = a.step(x[i:i + 1], q[i:i + 1], key=("s", i), keep_adapted=True)
         t = trial(b, x[i:i + 1], q[i:i + 1], ("s", i))
@@ -65,11 +65,11 @@ def test_trial_then_commit_is_exactly_one_rmc_step(tiny_trained, tiny_bank, digi
     assert mode == "episodic" or calib > 0
 
 
-def test_state_save_restore_is_exact(tiny_trained, tiny_bank, digits):
-    bank, feats = tiny_bank
+def test_state_save_restore_is_exact(tiny_trained, tiny_dprime, digits):
+    dprime, feats = tiny_dprime
     x = digits[1].float_images()[:2]
     q = extract_features(tiny_trained, "block3", x).numpy()
-    r = _rmc(tiny_trained, bank, feats)
+    r = _rmc(tiny_trained, dprime, feats)
     r.step(x[:1], q[:1], key=0)                     # a drifted online state, not the static one
     before = {k: v.clone() for k, v in r.model.state_dict().items()}
     snap = save_state(r)
@@ -81,14 +81,14 @@ def test_state_save_restore_is_exact(tiny_trained, tiny_bank, digits):
     assert _states_equal(before, r.model.state_dict())
 
 
-def test_attack_input_leaves_rmc_as_if_it_had_seen_only_the_chosen_candidate(broken, tiny_bank, digits):
+def test_attack_input_leaves_rmc_as_if_it_had_seen_only_the_chosen_candidate(broken, tiny_dprime, digits):
     """Every round is undone exactly: after the attack, RMC's state is what one step on the chosen candidate
     from the saved state gives, and its verdict during the attack is the one a fresh run reproduces."""
-    bank, feats = tiny_bank
+    dprime, feats = tiny_dprime
     test = digits[1]
     x, y = test.float_images()[:4], test.labels[:4]
     acfg = AdaptiveConfig(rounds=3, steps=5, eps=0.5)
-    attacked, replay = _rmc(broken, bank, feats), _rmc(broken, bank, feats)
+    attacked, replay = _rmc(broken, dprime, feats), _rmc(broken, dprime, feats)
     chosen_rounds = []
     for i in range(len(x)):
         res = attack_input(attacked, broken, "block3", x[i:i + 1], int(y[i]), "gmsa-min", acfg, key=i)
@@ -104,41 +104,41 @@ def test_attack_input_leaves_rmc_as_if_it_had_seen_only_the_chosen_candidate(bro
 
 
 @pytest.fixture(scope="module")
-def transfer_case(broken, tiny_bank, digits):
+def transfer_case(broken, tiny_dprime, digits):
     """16 test digits, the transfer PGD set against the broken static model, and RMC's accuracy on it."""
-    bank, feats = tiny_bank
+    dprime, feats = tiny_dprime
     test = digits[1]
     x, y = test.float_images()[:16], test.labels[:16]
     acfg = AdaptiveConfig(rounds=3, steps=10, eps=0.3)
     keys = list(range(len(x)))
     transfer = initial_candidates(broken, x, y, acfg)
     assert (broken(x).argmax(1) == y).float().mean() < 0.2                          # the static model is broken
-    assert (_score(broken, bank, feats, x, keys, mode="episodic") == y).float().mean() >= 0.9   # RMC recovers
-    transfer_acc = (_score(broken, bank, feats, transfer, keys, mode="episodic") == y).float().mean().item()
+    assert (_score(broken, dprime, feats, x, keys, mode="episodic") == y).float().mean() >= 0.9   # RMC recovers
+    transfer_acc = (_score(broken, dprime, feats, transfer, keys, mode="episodic") == y).float().mean().item()
     return x, y, keys, acfg, transfer_acc
 
 
 @pytest.mark.parametrize("kind", ["fpa", "gmsa-avg", "gmsa-min"])
-def test_defense_aware_attacks_beat_the_transfer_attack(broken, tiny_bank, transfer_case, kind):
+def test_defense_aware_attacks_beat_the_transfer_attack(broken, tiny_dprime, transfer_case, kind):
     """Transfer PGD against the broken static model has no gradient to follow, so RMC (which recovers) stays
     accurate on it; the defense-aware attacks follow the adapted models' gradients and must do much better."""
-    bank, feats = tiny_bank
+    dprime, feats = tiny_dprime
     x, y, keys, acfg, transfer_acc = transfer_case
-    res = attack_stream(_rmc(broken, bank, feats, mode="episodic"), broken, "block3", x, y, kind, acfg, keys)
-    rescored = _score(broken, bank, feats, res.images, keys, mode="episodic")
+    res = attack_stream(_rmc(broken, dprime, feats, mode="episodic"), broken, "block3", x, y, kind, acfg, keys)
+    rescored = _score(broken, dprime, feats, res.images, keys, mode="episodic")
     assert rescored.tolist() == res.predictions          # the fresh run confirms the attack's verdicts
     attack_acc = (rescored == y).float().mean().item()
     assert transfer_acc >= 0.8 and attack_acc <= transfer_acc - 0.5, (transfer_acc, attack_acc)
     assert (res.images - x).abs().max() <= 0.3 + 1e-6
 
 
-def test_cross_entropy_gradient_vanishes_on_an_overconfident_adapted_model_margin_does_not(broken, tiny_bank, digits):
+def test_cross_entropy_gradient_vanishes_on_an_overconfident_adapted_model_margin_does_not(broken, tiny_dprime, digits):
     # Why the default loss is the margin: fine-tuning on neighbours that all share a label makes the adapted
     # network so confident that the cross-entropy's input gradient underflows to zero, and PGD stalls.
-    bank, feats = tiny_bank
+    dprime, feats = tiny_dprime
     x = digits[1].float_images()[:1]
     y = digits[1].labels[:1]
-    r = _rmc(broken, bank, feats, mode="episodic")
+    r = _rmc(broken, dprime, feats, mode="episodic")
     t = trial(r, x, extract_features(broken, "block3", x).numpy(), 0)
     assert int(t.logits.argmax()) == int(y)
     model = AdaptedModels(r.model, [t.adapted])
@@ -180,14 +180,14 @@ def test_bad_attack_settings_are_refused_in_one_line(bad, match):
     assert "\n" not in str(e.value)
 
 
-def test_bad_settings_from_config_and_calls(tiny_trained, tiny_bank):
+def test_bad_settings_from_config_and_calls(tiny_trained, tiny_dprime):
     with pytest.raises(RMCError, match="unknown defense-aware attack 'bpda'"):
         load_config(overrides=[("adaptive.attacks", ["bpda"])])
     with pytest.raises(RMCError, match=r"unknown config key .*adaptive\.round;"):
         load_config(overrides=[("adaptive.round", 3)])
     assert load_config(overrides=[("adaptive.attacks", "fpa")]).adaptive.attacks == ["fpa"]
-    bank, feats = tiny_bank
-    r = _rmc(tiny_trained, bank, feats)
+    dprime, feats = tiny_dprime
+    r = _rmc(tiny_trained, dprime, feats)
     with pytest.raises(RMCError, match="unknown defense-aware attack 'gmsa'"):
         attack_input(r, tiny_trained, "block3", torch.rand(1, 1, 8, 8), 0, "gmsa", AdaptiveConfig(), key=0)
     with pytest.raises(RMCError, match="one input"):
@@ -215,12 +215,12 @@ def _base_and_sets(model, feats, digits, n):
     return BaseModel("standard", model, "b" * 64, "block3", feats), [clean]
 
 
-def test_attack_rows_resume_after_interruption_and_fill_the_table(broken, tiny_bank, digits, tmp_path, monkeypatch):
-    bank, feats = tiny_bank
+def test_attack_rows_resume_after_interruption_and_fill_the_table(broken, tiny_dprime, digits, tmp_path, monkeypatch):
+    dprime, feats = tiny_dprime
     base, sets = _base_and_sets(broken, feats, digits, 5)
-    cfg = _rmc(broken, bank, feats).cfg                       # online
+    cfg = _rmc(broken, dprime, feats).cfg                       # online
     acfg = AdaptiveConfig(attacks=["fpa"], rounds=2, steps=5, eps=0.5)
-    full = ev.evaluate_attacks(base, bank, sets, cfg, acfg, tmp_path / "a", 10, progress=False, log=lambda s: None)
+    full = ev.evaluate_attacks(base, dprime, sets, cfg, acfg, tmp_path / "a", 10, progress=False, log=lambda s: None)
 
     calls = {"n": 0}
     real = ev.attack_input
@@ -232,11 +232,11 @@ def test_attack_rows_resume_after_interruption_and_fill_the_table(broken, tiny_b
         return real(*a, **k)
     monkeypatch.setattr(ev, "attack_input", dies_after_three)
     with pytest.raises(KeyboardInterrupt):
-        ev.evaluate_attacks(base, bank, sets, cfg, acfg, tmp_path / "b", 10, progress=False, log=lambda s: None)
+        ev.evaluate_attacks(base, dprime, sets, cfg, acfg, tmp_path / "b", 10, progress=False, log=lambda s: None)
     stream = tmp_path / "b" / "standard" / "fpa-r2-margin-pgd5-eps0.5" / "attack.jsonl"
     assert len(stream.read_text().splitlines()) == 3
     monkeypatch.setattr(ev, "attack_input", real)
-    resumed = ev.evaluate_attacks(base, bank, sets, cfg, acfg, tmp_path / "b", 10, progress=False, log=lambda s: None)
+    resumed = ev.evaluate_attacks(base, dprime, sets, cfg, acfg, tmp_path / "b", 10, progress=False, log=lambda s: None)
 
     strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
     for a, b in zip(full, resumed):
@@ -272,7 +272,7 @@ def test_worst_case_counts_an_input_only_if_every_row_gets_it_right():
 
 def test_cli_flags_set_the_adaptive_section():
     from rmc.cli import build_parser
-    from rmc.commands.evaluate import attack_overrides
+    from rmc.cli.commands.evaluate import attack_overrides
     parser = build_parser()
     common = ["run", "--out", "x"]
     args = parser.parse_args(common + ["--attacks", "fpa", "autoattack", "--rounds", "3", "--attack-eps", "8/255",

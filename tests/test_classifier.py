@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from rmc.attacks.adaptive import trial
-from rmc.classifier import RMCClassifier
-from rmc.core import RMC, RMCConfig
+from rmc.attacks.defense_aware import trial
+from rmc.defense.classifier import RMCClassifier
+from rmc.defense.core import RMC, RMCConfig
 from rmc.errors import RMCError
-from rmc.knn import NeighbourIndex
+from rmc.defense.knn import NeighbourIndex
 from rmc.models import extract_features
 
 
@@ -26,21 +26,21 @@ def broken(tiny_trained):
     return model.eval()
 
 
-def _clf(model, tiny_bank, stateful=False, **kw):
-    bank, feats = tiny_bank
+def _clf(model, tiny_dprime, stateful=False, **kw):
+    dprime, feats = tiny_dprime
     cfg = RMCConfig(**{"k": 64, "lr": 1e-2, "max_epochs": 4, "patience": 2, "batch_size": 32, "calib_k": 64,
                        "calib_flip": False, **kw})
-    return RMCClassifier(RMC(model, bank, NeighbourIndex(feats), cfg, "block3"), model, "block3", stateful=stateful)
+    return RMCClassifier(RMC(model, dprime, NeighbourIndex(feats), cfg, "block3"), model, "block3", stateful=stateful)
 
 
 def _state(clf):
     return {k: v.clone() for k, v in clf.rmc.state_dict().items()}
 
 
-def test_forward_runs_the_defense(broken, tiny_bank, digits):
+def test_forward_runs_the_defense(broken, tiny_dprime, digits):
     test = digits[1]
     x, y = test.float_images()[:10], test.labels[:10]
-    clf = _clf(broken, tiny_bank, mode="episodic")
+    clf = _clf(broken, tiny_dprime, mode="episodic")
     with torch.no_grad():                     # attack libraries predict under no_grad: adaptation must still run
         logits = clf(x)
     assert logits.shape == (10, 10) and clf.inputs_seen == 10
@@ -50,16 +50,16 @@ def test_forward_runs_the_defense(broken, tiny_bank, digits):
     assert torch.allclose(logits[0], trial(clf.rmc, x[:1], q, "classifier").logits, atol=1e-6)
 
 
-def test_stateless_is_a_deterministic_function_stateful_is_the_online_stream(tiny_trained, tiny_bank, digits):
+def test_stateless_is_a_deterministic_function_stateful_is_the_online_stream(tiny_trained, tiny_dprime, digits):
     x = digits[1].float_images()[:3]
-    clf = _clf(tiny_trained, tiny_bank)
+    clf = _clf(tiny_trained, tiny_dprime)
     before = _state(clf)
     a, b = clf(x), clf(x)
     assert torch.equal(a, b)                                  # AutoAttack's randomness check would not fire
     assert all(torch.equal(v, before[k]) for k, v in clf.rmc.state_dict().items()) and clf.rmc.steps_done == 0
 
-    online = _clf(tiny_trained, tiny_bank, stateful=True)
-    reference = _clf(tiny_trained, tiny_bank).rmc
+    online = _clf(tiny_trained, tiny_dprime, stateful=True)
+    reference = _clf(tiny_trained, tiny_dprime).rmc
     got = online(x)
     q = extract_features(tiny_trained, "block3", x).numpy()
     want = [reference.step(x[i:i + 1], q[i:i + 1]).logits for i in range(3)]   # the same stream through RMC.step
@@ -68,9 +68,9 @@ def test_stateless_is_a_deterministic_function_stateful_is_the_online_stream(tin
                                               for k, v in online.rmc.state_dict().items())
 
 
-def test_gradient_is_the_adapted_networks_and_forward_calls_backward(tiny_trained, tiny_bank, digits):
+def test_gradient_is_the_adapted_networks_and_forward_calls_backward(tiny_trained, tiny_dprime, digits):
     x = digits[1].float_images()[:1].requires_grad_(True)
-    clf = _clf(tiny_trained, tiny_bank)
+    clf = _clf(tiny_trained, tiny_dprime)
     # AutoAttack's check_dynamic traces the forward pass for calls of `backward`/`grad` and warns "it seems to
     # be a dynamic defense" if there are any: RMC's fine-tuning makes them on every input.
     calls = {"backward": 0, "grad": 0, "_make_grads": 0}
@@ -94,19 +94,19 @@ def test_gradient_is_the_adapted_networks_and_forward_calls_backward(tiny_traine
     assert g.abs().sum() > 0 and torch.allclose(g, g2, atol=1e-6)
 
 
-def test_train_mode_requests_leave_batchnorm_frozen(tiny_trained, tiny_bank):
-    clf = _clf(tiny_trained, tiny_bank)
+def test_train_mode_requests_leave_batchnorm_frozen(tiny_trained, tiny_dprime):
+    clf = _clf(tiny_trained, tiny_dprime)
     clf.train()
     assert clf.training and not clf.rmc.model.training and not clf.static.training
     with pytest.raises(RMCError, match="N x C x H x W"):
         clf(torch.rand(1, 8, 8))
 
 
-def test_torchattacks_pgd_runs_against_it(tiny_trained, tiny_bank, digits):
+def test_torchattacks_pgd_runs_against_it(tiny_trained, tiny_dprime, digits):
     import torchattacks
     test = digits[1]
     x, y = test.float_images()[:3], test.labels[:3]
-    clf = _clf(tiny_trained, tiny_bank, lr=1e-4)      # a gentle adaptation: its cross-entropy gradient is not zero
+    clf = _clf(tiny_trained, tiny_dprime, lr=1e-4)      # a gentle adaptation: its cross-entropy gradient is not zero
     atk = torchattacks.PGD(clf, eps=0.2, alpha=0.1, steps=2, random_start=True)
     adv = atk(x, y)
     assert adv.shape == x.shape and (adv - x).abs().max() <= 0.2 + 1e-6 and not torch.equal(adv, x)
@@ -114,12 +114,12 @@ def test_torchattacks_pgd_runs_against_it(tiny_trained, tiny_bank, digits):
     assert clf.rmc.steps_done == 0                           # stateless: the attack left the defense as it was
 
 
-def test_art_attack_runs_against_it(tiny_trained, tiny_bank, digits):
+def test_art_attack_runs_against_it(tiny_trained, tiny_dprime, digits):
     from art.attacks.evasion import FastGradientMethod
     from art.estimators.classification import PyTorchClassifier
     test = digits[1]
     x, y = test.float_images()[:3].numpy(), test.labels[:3].numpy()
-    clf = _clf(tiny_trained, tiny_bank, lr=1e-4)      # a gentle adaptation: its cross-entropy gradient is not zero
+    clf = _clf(tiny_trained, tiny_dprime, lr=1e-4)      # a gentle adaptation: its cross-entropy gradient is not zero
     est = PyTorchClassifier(clf, loss=nn.CrossEntropyLoss(), input_shape=(1, 8, 8), nb_classes=10,
                             clip_values=(0.0, 1.0), device_type="cpu")
     adv = FastGradientMethod(est, eps=0.2, batch_size=3).generate(x, y=y)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from rmc.core import RMC, Mode, RMCConfig, Scope, collect_params, configure_model, fine_tune, split_neighbours
+from rmc.defense.core import RMC, Mode, RMCConfig, Scope, collect_params, configure_model, fine_tune, split_neighbours
 from rmc.errors import RMCError
-from rmc.knn import NeighbourIndex
+from rmc.defense.knn import NeighbourIndex
 from rmc.models import extract_features
 
 
@@ -82,9 +82,9 @@ def test_validation_skipped_only_where_it_cannot_change_the_result():
     assert n_val == 3 and kept.best_val_loss == checked.best_val_loss
 
 
-def _rmc(model, bank, feats, **kw):
+def _rmc(model, dprime, feats, **kw):
     cfg = RMCConfig(**{"k": 64, "lr": 1e-3, "max_epochs": 3, "patience": 2, "batch_size": 32, **kw})
-    return RMC(model, bank, NeighbourIndex(feats), cfg, "block3")
+    return RMC(model, dprime, NeighbourIndex(feats), cfg, "block3")
 
 
 def test_configure_model_freezes_batchnorm_statistics(tiny_trained):
@@ -97,49 +97,49 @@ def test_configure_model_freezes_batchnorm_statistics(tiny_trained):
     assert all(p.requires_grad == any(p is q for q in collect_params(model, "bn")) for p in model.parameters())
 
 
-def test_episodic_leaves_static_weights_untouched_online_drifts(tiny_trained, tiny_bank, digits):
-    bank, feats = tiny_bank
+def test_episodic_leaves_static_weights_untouched_online_drifts(tiny_trained, tiny_dprime, digits):
+    dprime, feats = tiny_dprime
     static = {k: v.clone() for k, v in tiny_trained.state_dict().items()}
     test = digits[1]
     x = test.float_images()[:3]
     q = extract_features(tiny_trained, "block3", x).numpy()
 
-    epi = _rmc(tiny_trained, bank, feats, mode=Mode.EPISODIC)
+    epi = _rmc(tiny_trained, dprime, feats, mode=Mode.EPISODIC)
     epi.step(x[:1], q[:1])
     assert any(not torch.equal(v, static[k]) for k, v in epi.model.state_dict().items())   # it did adapt ...
     epi.reset()
     assert all(torch.equal(v, static[k]) for k, v in epi.model.state_dict().items())
     a = [epi.step(x[i:i + 1], q[i:i + 1], key=i).logits for i in range(3)]
-    b = [_rmc(tiny_trained, bank, feats, mode=Mode.EPISODIC).step(x[i:i + 1], q[i:i + 1], key=i).logits for i in range(3)]
+    b = [_rmc(tiny_trained, dprime, feats, mode=Mode.EPISODIC).step(x[i:i + 1], q[i:i + 1], key=i).logits for i in range(3)]
     assert a == b                     # ... but every input starts from the static weights, whatever came before
 
-    onl = _rmc(tiny_trained, bank, feats, mode=Mode.ONLINE)
+    onl = _rmc(tiny_trained, dprime, feats, mode=Mode.ONLINE)
     c = [onl.step(x[i:i + 1], q[i:i + 1], key=i).logits for i in range(3)]
     assert c[0] != a[0] or c[1:] != a[1:]    # online carries weights (and calibrates): results differ
     assert any(not torch.equal(v, static[k]) for k, v in onl.model.state_dict().items())
     assert all(torch.equal(v, static[k]) for k, v in tiny_trained.state_dict().items())   # caller's model intact
 
 
-def test_same_seed_same_predictions_other_seed_differs(tiny_trained, tiny_bank, digits):
-    bank, feats = tiny_bank
+def test_same_seed_same_predictions_other_seed_differs(tiny_trained, tiny_dprime, digits):
+    dprime, feats = tiny_dprime
     x = digits[1].float_images()[:4]
     q = extract_features(tiny_trained, "block3", x).numpy()
-    run = lambda seed: [_rmc(tiny_trained, bank, feats, seed=seed).step(x[i:i + 1], q[i:i + 1]).logits  # noqa: E731
-                        for i in range(1)] + [r.logits for r in _stream(tiny_trained, bank, feats, x, q, seed)]
+    run = lambda seed: [_rmc(tiny_trained, dprime, feats, seed=seed).step(x[i:i + 1], q[i:i + 1]).logits  # noqa: E731
+                        for i in range(1)] + [r.logits for r in _stream(tiny_trained, dprime, feats, x, q, seed)]
     assert run(0) == run(0)
     assert run(0) != run(1)
 
 
-def _stream(model, bank, feats, x, q, seed):
-    r = _rmc(model, bank, feats, seed=seed)
+def _stream(model, dprime, feats, x, q, seed):
+    r = _rmc(model, dprime, feats, seed=seed)
     return [r.step(x[i:i + 1], q[i:i + 1]) for i in range(len(x))]
 
 
-def test_state_save_restore_is_exact(tiny_trained, tiny_bank, digits):
-    bank, feats = tiny_bank
+def test_state_save_restore_is_exact(tiny_trained, tiny_dprime, digits):
+    dprime, feats = tiny_dprime
     x = digits[1].float_images()[:3]
     q = extract_features(tiny_trained, "block3", x).numpy()
-    r = _rmc(tiny_trained, bank, feats)
+    r = _rmc(tiny_trained, dprime, feats)
     r.step(x[:1], q[:1], key=0)
     saved = r.state_dict()
     first = r.step(x[1:2], q[1:2], key=1).logits
@@ -156,16 +156,16 @@ def test_bad_config_values_are_refused(bad):
     assert "\n" not in str(e.value)
 
 
-def test_k_larger_than_dprime_is_refused(tiny_trained, tiny_bank):
-    bank, feats = tiny_bank
+def test_k_larger_than_dprime_is_refused(tiny_trained, tiny_dprime):
+    dprime, feats = tiny_dprime
     with pytest.raises(RMCError, match="exceeds"):
-        _rmc(tiny_trained, bank, feats, k=len(bank) + 1)
+        _rmc(tiny_trained, dprime, feats, k=len(dprime) + 1)
 
 
-def test_rmc_recovers_from_a_corrupted_static_model(digits, tiny_bank, tiny_trained):
+def test_rmc_recovers_from_a_corrupted_static_model(digits, tiny_dprime, tiny_trained):
     """Adaptation must matter: a static model whose last layer was scrambled predicts badly; RMC, fine-tuning on
     correctly labelled neighbours, recovers most of the accuracy on test digits."""
-    bank, feats = tiny_bank
+    dprime, feats = tiny_dprime
     test = digits[1]
     x, y = test.float_images()[:20], test.labels[:20]
     q = extract_features(tiny_trained, "block3", x).numpy()
@@ -173,7 +173,7 @@ def test_rmc_recovers_from_a_corrupted_static_model(digits, tiny_bank, tiny_trai
     with torch.no_grad():
         broken.fc.weight.copy_(broken.fc.weight[torch.randperm(10, generator=torch.Generator().manual_seed(0))])
     static_acc = (broken(x).argmax(1) == y).float().mean().item()
-    r = _rmc(broken, bank, feats, mode=Mode.EPISODIC, scope=Scope.ALL, lr=1e-2, max_epochs=10, patience=3, k=128)
+    r = _rmc(broken, dprime, feats, mode=Mode.EPISODIC, scope=Scope.ALL, lr=1e-2, max_epochs=10, patience=3, k=128)
     preds = torch.tensor([r.step(x[i:i + 1], q[i:i + 1], key=i).prediction for i in range(len(x))])
     rmc_acc = (preds == y).float().mean().item()
     assert static_acc < 0.5 and rmc_acc >= 0.8, (static_acc, rmc_acc)

@@ -6,22 +6,22 @@ import pytest
 import torch
 
 from rmc.cli import main as cli
-from rmc.config import documented_yaml, load_config
-from rmc.core import RMC, Mode, RMCConfig
+from rmc.cli.config import documented_yaml, load_config
+from rmc.defense.core import RMC, Mode, RMCConfig
 from rmc.errors import RMCError
-from rmc.evalsets import AttackSpec, make_eval_sets
+from rmc.artifacts.evalsets import AttackSpec, make_eval_sets
 from rmc.evaluation.report import Table
-from rmc.evaluation.runner import BaseModel, evaluate
+from rmc.evaluation.driver import BaseModel, evaluate
 from rmc.models import ModelInfo
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_trained, tiny_bank, digits):
-    bank, feats = tiny_bank
+def setup(tiny_trained, tiny_dprime, digits):
+    dprime, feats = tiny_dprime
     info = ModelInfo("small_cnn", 10, (1, 8, 8), sha256="t" * 64, dataset="digits")
     sets = make_eval_sets(tiny_trained, info, digits[1], 6,
                           [AttackSpec("clean"), AttackSpec("pgd", eps=0.1, steps=3, targeted=True)], seed=0)
-    return BaseModel("standard", tiny_trained, info.sha256, "block3", feats), bank, sets
+    return BaseModel("standard", tiny_trained, info.sha256, "block3", feats), dprime, sets
 
 
 def _cfg(mode):
@@ -30,8 +30,8 @@ def _cfg(mode):
 
 @pytest.mark.parametrize("mode", [Mode.ONLINE, Mode.EPISODIC])
 def test_interrupted_evaluation_resumes_to_the_same_table(setup, tmp_path, monkeypatch, mode):
-    base, bank, sets = setup
-    full = evaluate([base], bank, sets, _cfg(mode), tmp_path / "a", 10, progress=False)
+    base, dprime, sets = setup
+    full = evaluate([base], dprime, sets, _cfg(mode), tmp_path / "a", 10, progress=False)
 
     calls = {"n": 0}
     real_step = RMC.step
@@ -44,11 +44,11 @@ def test_interrupted_evaluation_resumes_to_the_same_table(setup, tmp_path, monke
 
     monkeypatch.setattr(RMC, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        evaluate([base], bank, sets, _cfg(mode), tmp_path / "b", 10, progress=False)
+        evaluate([base], dprime, sets, _cfg(mode), tmp_path / "b", 10, progress=False)
     monkeypatch.setattr(RMC, "step", real_step)
     done = sum(1 for _ in (tmp_path / "b" / "standard" / sets[1].name / "rmc.jsonl").open())
     assert done == 1                 # one example of the second set was saved before the kill
-    resumed = evaluate([base], bank, sets, _cfg(mode), tmp_path / "b", 10, progress=False)
+    resumed = evaluate([base], dprime, sets, _cfg(mode), tmp_path / "b", 10, progress=False)
     assert Table.from_results(resumed).to_dict() == Table.from_results(full).to_dict()
     strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
     for s in sets:
@@ -56,16 +56,16 @@ def test_interrupted_evaluation_resumes_to_the_same_table(setup, tmp_path, monke
 
 
 def test_resume_refuses_results_made_with_other_settings(setup, tmp_path):
-    base, bank, sets = setup
-    evaluate([base], bank, sets[:1], _cfg(Mode.EPISODIC), tmp_path, 10, n=2, progress=False)
+    base, dprime, sets = setup
+    evaluate([base], dprime, sets[:1], _cfg(Mode.EPISODIC), tmp_path, 10, n=2, progress=False)
     other = RMCConfig(**{**_cfg(Mode.EPISODIC).__dict__, "lr": 5e-4})
     with pytest.raises(RMCError, match="other settings"):
-        evaluate([base], bank, sets[:1], other, tmp_path, 10, n=2, progress=False)
+        evaluate([base], dprime, sets[:1], other, tmp_path, 10, n=2, progress=False)
 
 
 def test_table_has_baselines_rmc_ci_and_targeted_success(setup, tmp_path):
-    base, bank, sets = setup
-    res = evaluate([base], bank, sets, _cfg(Mode.EPISODIC), tmp_path, 10, progress=False)
+    base, dprime, sets = setup
+    res = evaluate([base], dprime, sets, _cfg(Mode.EPISODIC), tmp_path, 10, progress=False)
     table = Table.from_results(res, {"clean": "clean"})
     assert list(table.rows) == ["None", "DeepNN", "WebNN", "RMC"]
     d = table.to_dict()
@@ -132,12 +132,12 @@ def test_threads_flag_is_checked():
 
 
 def test_batched_episodic_evaluation_gives_the_one_at_a_time_records_and_resumes(setup, tmp_path, monkeypatch):
-    base, bank, sets = setup
-    one = evaluate([base], bank, sets, _cfg(Mode.EPISODIC), tmp_path / "one", 10, progress=False)
+    base, dprime, sets = setup
+    one = evaluate([base], dprime, sets, _cfg(Mode.EPISODIC), tmp_path / "one", 10, progress=False)
     # conftest runs torch with one thread: the batched CPU workers' arithmetic, so records agree bit for bit
     strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
 
-    from rmc.batched import BatchedEpisodic
+    from rmc.defense.batched import BatchedEpisodic
     real_run, calls = BatchedEpisodic.run, {"n": 0}
 
     def counted_run(self, *a, **kw):
@@ -149,10 +149,10 @@ def test_batched_episodic_evaluation_gives_the_one_at_a_time_records_and_resumes
     monkeypatch.setattr(BatchedEpisodic, "run", counted_run)
     calls["die"] = True
     with pytest.raises(KeyboardInterrupt):
-        evaluate([base], bank, sets, _cfg(Mode.EPISODIC), tmp_path / "b", 10, progress=False, batch=4)
+        evaluate([base], dprime, sets, _cfg(Mode.EPISODIC), tmp_path / "b", 10, progress=False, batch=4)
     assert sum(1 for _ in (tmp_path / "b" / "standard" / sets[0].name / "rmc.jsonl").open()) == 4   # one batch saved
     calls["die"] = False
-    got = evaluate([base], bank, sets, _cfg(Mode.EPISODIC), tmp_path / "b", 10, progress=False, batch=4)
+    got = evaluate([base], dprime, sets, _cfg(Mode.EPISODIC), tmp_path / "b", 10, progress=False, batch=4)
     assert calls["n"] == 2 + 1 + 2   # resumed: the rest of set 1 (2 inputs: one batch), then set 2 (6: two batches)
     for s in sets:
         assert strip(got["standard"][s.name]["rmc"]) == strip(one["standard"][s.name]["rmc"])
@@ -162,11 +162,11 @@ def test_batched_episodic_evaluation_gives_the_one_at_a_time_records_and_resumes
                                        ({"batch": 4, "mode": Mode.ONLINE}, "episodic"),
                                        ({"batch": 4, "shards": 2}, "drop --batch")])
 def test_bad_batch_is_refused_before_any_work(setup, tmp_path, kw, match):
-    base, bank, sets = setup
+    base, dprime, sets = setup
     kw = dict(kw)
     mode = kw.pop("mode", Mode.EPISODIC)
     with pytest.raises(RMCError, match=match):
-        evaluate([base], bank, sets, _cfg(mode), tmp_path, 10, progress=False, **kw)
+        evaluate([base], dprime, sets, _cfg(mode), tmp_path, 10, progress=False, **kw)
     assert not (tmp_path / "standard").exists()
 
 

@@ -8,10 +8,10 @@ import torch
 
 from rmc.cli import main as cli_main
 from rmc.errors import RMCError
-from rmc.featurestore import (compute_features, evalset_features_path, evalset_source, load_features,
+from rmc.artifacts.features import (compute_features, evalset_features_path, evalset_source, load_features,
                               make_provenance, save_features, store_features_path, store_source, tensor_source)
 from rmc.models import ModelInfo, build_model, extract_features, save_checkpoint
-from rmc.store import AugmentConfig, build_augmented
+from rmc.artifacts.dprime import AugmentConfig, build_dprime_store
 
 CFG = AugmentConfig(steps=(2,), eps=0.1, step_size=0.02, chunk_size=64, batch_size=64, train_subset=100)
 
@@ -22,7 +22,7 @@ def setup(tmp_path_factory, digits):
     torch.manual_seed(0)
     model = build_model("small_cnn", 10, 1).eval()
     info = save_checkpoint(model, ModelInfo("small_cnn", 10, (1, 8, 8), dataset="digits"), root / "m.safetensors")
-    store = build_augmented(model, info, digits[0], root / "store", CFG, progress=False)
+    store = build_dprime_store(model, info, digits[0], root / "store", CFG, progress=False)
     return root, model, info, store
 
 
@@ -89,7 +89,7 @@ def test_sources_follow_content():
 
 def test_cli_features(setup, tmp_path, digits, capsys):
     root, model, info, store = setup
-    from rmc.evalsets import AttackSpec, load_eval_sets, make_eval_sets, save_eval_sets
+    from rmc.artifacts.evalsets import AttackSpec, load_eval_sets, make_eval_sets, save_eval_sets
     sets = make_eval_sets(model, info, digits[1], 20, [AttackSpec("clean"), AttackSpec("fgsm", 0.1)], seed=0)
     save_eval_sets(tmp_path / "ev", sets)
     out = tmp_path / "feats"

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rmc import kernels
-from rmc.core import configure_model
-from rmc.fastpath import ConvPoolRelu, ConvReluGap, FoldedConvBN, _PoolReluKernel, _ReluGapKernel, fast_forward
+from rmc.defense import kernels
+from rmc.defense.core import configure_model
+from rmc.defense.fastpath import ConvPoolRelu, ConvReluGap, FoldedConvBN, _PoolReluKernel, _ReluGapKernel, fast_forward
 from rmc.models import build_model
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -140,7 +140,7 @@ def test_fast_path_with_and_without_kernels_trains_alike():
 
 @pytest.fixture
 def cache(monkeypatch, tmp_path):
-    """A fresh, empty kernel cache: rmc.kernels forgets what it loaded and builds into tmp_path."""
+    """A fresh, empty kernel cache: rmc.defense.kernels forgets what it loaded and builds into tmp_path."""
     monkeypatch.setattr(kernels, "_tried", False)
     monkeypatch.setattr(kernels, "_lib", None)
     monkeypatch.setenv("RMC_CACHE_DIR", str(tmp_path))

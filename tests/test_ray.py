@@ -10,14 +10,14 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from rmc import distributed  # noqa: E402
+from rmc.scaleout import ray_backend as distributed  # noqa: E402
 from rmc.cli import main as cli_main  # noqa: E402
-from rmc.core import RMCConfig  # noqa: E402
-from rmc.distributed import build_augmented_distributed, evaluate_distributed  # noqa: E402
-from rmc.evalsets import EvalSet, save_eval_sets  # noqa: E402
-from rmc.evaluation.runner import BaseModel, evaluate  # noqa: E402
+from rmc.defense.core import RMCConfig  # noqa: E402
+from rmc.scaleout.ray_backend import build_dprime_store_distributed, evaluate_distributed  # noqa: E402
+from rmc.artifacts.evalsets import EvalSet, save_eval_sets  # noqa: E402
+from rmc.evaluation.driver import BaseModel, evaluate  # noqa: E402
 from rmc.models import ModelInfo, save_checkpoint  # noqa: E402
-from rmc.store import AugmentConfig, build_augmented  # noqa: E402
+from rmc.artifacts.dprime import AugmentConfig, build_dprime_store  # noqa: E402
 
 pytestmark = pytest.mark.slow   # starts Ray once (~10 s) and runs a few dozen RMC steps on 2 workers
 
@@ -61,7 +61,7 @@ def model_file(tmp_path_factory, tiny_trained):
 @pytest.fixture(scope="module")
 def reference_store(tmp_path_factory, model_file, digits):
     model, info, _ = model_file
-    return build_augmented(model, info, digits[0], tmp_path_factory.mktemp("ref") / "dprime", AUG, progress=False)
+    return build_dprime_store(model, info, digits[0], tmp_path_factory.mktemp("ref") / "dprime", AUG, progress=False)
 
 
 def _bytes(folder: Path) -> dict[str, bytes]:
@@ -72,7 +72,7 @@ def test_augment_identical_to_single_process_despite_killed_worker(tmp_path, mod
                                                                     crash_dir):
     model, info, _ = model_file
     fired = arm(crash_dir, "augment")
-    store = build_augmented_distributed(model, info, digits[0], tmp_path / "dprime", AUG, progress=False)
+    store = build_dprime_store_distributed(model, info, digits[0], tmp_path / "dprime", AUG, progress=False)
     assert fired.exists(), "the test hook did not kill a worker"
     assert store.manifest == reference_store.manifest
     assert _bytes(store.path) == _bytes(reference_store.path)
@@ -88,12 +88,12 @@ def test_augment_interrupted_driver_resumes_to_identical_store(tmp_path, model_f
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_augmented_distributed(model, info, digits[0], tmp_path / "dprime", AUG, progress=False,
+        build_dprime_store_distributed(model, info, digits[0], tmp_path / "dprime", AUG, progress=False,
                                     on_chunk=interrupt)
     progress = json.loads((tmp_path / "dprime.partial" / "progress.json").read_text())
     assert len(progress["done"]) == 6
     resumed = []
-    store = build_augmented_distributed(model, info, digits[0], tmp_path / "dprime", AUG, progress=False,
+    store = build_dprime_store_distributed(model, info, digits[0], tmp_path / "dprime", AUG, progress=False,
                                         on_chunk=lambda t: resumed.append(t.index))
     assert sorted(resumed) == sorted(set(range(12)) - set(progress["done"]))   # nothing redone
     assert _bytes(store.path) == _bytes(reference_store.path)
@@ -107,15 +107,15 @@ def _cfg(mode: str) -> RMCConfig:
 
 
 @pytest.fixture(scope="module")
-def setup(digits, tiny_trained, tiny_bank):
-    bank, feats = tiny_bank
+def setup(digits, tiny_trained, tiny_dprime):
+    dprime, feats = tiny_dprime
     test = digits[1]
     gen = torch.Generator().manual_seed(5)
     sets = [EvalSet("clean", test.float_images()[:N], test.labels[:N], None, torch.arange(N), {"kind": "clean"}),
             EvalSet("noisy", (test.float_images()[:N] + 0.1 * torch.rand(N, 1, 8, 8, generator=gen)).clamp(0, 1),
                     test.labels[:N], (test.labels[:N] + 1) % 10, torch.arange(N), {"kind": "noise"})]
     base = BaseModel("standard", tiny_trained, "sha-of-tiny", "block3", feats)
-    return base, bank, sets
+    return base, dprime, sets
 
 
 def _strip(results: dict) -> dict:
@@ -127,10 +127,10 @@ def _strip(results: dict) -> dict:
 @pytest.fixture(scope="module")
 def reference_eval(tmp_path_factory, setup):
     """Single-process results in both modes (the ground truth)."""
-    base, bank, sets = setup
+    base, dprime, sets = setup
     out = {}
     for mode in ("episodic", "online"):
-        out[mode] = evaluate([base], bank, sets, _cfg(mode), tmp_path_factory.mktemp(mode), 10, progress=False)
+        out[mode] = evaluate([base], dprime, sets, _cfg(mode), tmp_path_factory.mktemp(mode), 10, progress=False)
     return out
 
 
@@ -141,9 +141,9 @@ def _check_once(results: dict) -> None:
 
 
 def test_episodic_identical_to_single_process_despite_killed_worker(tmp_path, setup, reference_eval, crash_dir):
-    base, bank, sets = setup
+    base, dprime, sets = setup
     fired = arm(crash_dir, "evaluate")
-    got = evaluate_distributed([base], bank, sets, _cfg("episodic"), tmp_path, 10, progress=False, block=2)
+    got = evaluate_distributed([base], dprime, sets, _cfg("episodic"), tmp_path, 10, progress=False, block=2)
     assert fired.exists(), "the test hook did not kill a worker"
     _check_once(got)
     assert _strip(got) == _strip(reference_eval["episodic"])
@@ -152,7 +152,7 @@ def test_episodic_identical_to_single_process_despite_killed_worker(tmp_path, se
 
 
 def test_episodic_interrupted_driver_resumes(tmp_path, setup, reference_eval):
-    base, bank, sets = setup
+    base, dprime, sets = setup
     seen = []
 
     def interrupt(set_name, record):
@@ -161,12 +161,12 @@ def test_episodic_interrupted_driver_resumes(tmp_path, setup, reference_eval):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        evaluate_distributed([base], bank, sets, _cfg("episodic"), tmp_path, 10, progress=False, block=3,
+        evaluate_distributed([base], dprime, sets, _cfg("episodic"), tmp_path, 10, progress=False, block=3,
                              on_record=interrupt)
     saved = {s.name: (tmp_path / "standard" / s.name / "rmc.jsonl").read_text().splitlines() for s in sets}
     assert sum(len(v) for v in saved.values()) == 7
     again = []
-    got = evaluate_distributed([base], bank, sets, _cfg("episodic"), tmp_path, 10, progress=False, block=3,
+    got = evaluate_distributed([base], dprime, sets, _cfg("episodic"), tmp_path, 10, progress=False, block=3,
                                on_record=lambda s, r: again.append((s, r["index"])))
     assert len(again) == 2 * N - 7 and not set(again) & set(seen)   # only the missing examples were computed
     _check_once(got)
@@ -178,26 +178,26 @@ def test_episodic_interrupted_driver_resumes(tmp_path, setup, reference_eval):
 
 def test_single_process_run_resumes_under_ray(tmp_path, setup, reference_eval):
     """The record streams are the same files: a single-process run cut short is finished by Ray (and back)."""
-    base, bank, sets = setup
+    base, dprime, sets = setup
     cfg = _cfg("episodic")
-    evaluate([base], bank, sets[:1], cfg, tmp_path, 10, n=None, progress=False)
+    evaluate([base], dprime, sets[:1], cfg, tmp_path, 10, n=None, progress=False)
     path = tmp_path / "standard" / "clean" / "rmc.jsonl"
     path.write_text("".join(path.read_text().splitlines(keepends=True)[:5]))
-    got = evaluate_distributed([base], bank, sets, cfg, tmp_path, 10, progress=False)
+    got = evaluate_distributed([base], dprime, sets, cfg, tmp_path, 10, progress=False)
     assert _strip(got) == _strip(reference_eval["episodic"])
 
 
 def test_online_shards(tmp_path, setup, reference_eval, crash_dir):
-    base, bank, sets = setup
+    base, dprime, sets = setup
     cfg = _cfg("online")
-    one = evaluate_distributed([base], bank, sets, cfg, tmp_path / "s1", 10, progress=False, block=4)
+    one = evaluate_distributed([base], dprime, sets, cfg, tmp_path / "s1", 10, progress=False, block=4)
     assert _strip(one) == _strip(reference_eval["online"])   # S = 1: the single-process stream
 
     fired = arm(crash_dir, "evaluate")
-    two = evaluate_distributed([base], bank, sets, cfg, tmp_path / "s2", 10, progress=False, shards=2, block=4)
+    two = evaluate_distributed([base], dprime, sets, cfg, tmp_path / "s2", 10, progress=False, shards=2, block=4)
     assert fired.exists()
     _check_once(two)
-    inline = evaluate_distributed([base], bank, sets, cfg, tmp_path / "inline", 10, progress=False, ray=None,
+    inline = evaluate_distributed([base], dprime, sets, cfg, tmp_path / "inline", 10, progress=False, ray=None,
                                   shards=2, block=5)
     assert _strip(two) == _strip(inline)   # S = 2 streams, with or without Ray, any segment size
     seen = []
@@ -208,9 +208,9 @@ def test_online_shards(tmp_path, setup, reference_eval, crash_dir):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):   # the driver is interrupted mid-run: each stream resumes from its state
-        evaluate_distributed([base], bank, sets, cfg, tmp_path / "s2i", 10, progress=False, shards=2, block=2,
+        evaluate_distributed([base], dprime, sets, cfg, tmp_path / "s2i", 10, progress=False, shards=2, block=2,
                              on_record=interrupt)
-    resumed = evaluate_distributed([base], bank, sets, cfg, tmp_path / "s2i", 10, progress=False, shards=2, block=3)
+    resumed = evaluate_distributed([base], dprime, sets, cfg, tmp_path / "s2i", 10, progress=False, shards=2, block=3)
     assert _strip(resumed) == _strip(two)
     recs = two["standard"]["clean"]["rmc"]
     assert {r["stream"] for r in recs} == {0, 1} and all(r["streams"] == 2 for r in recs)

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rmc.core import RMC, PhaseTimer, RMCConfig, Scope, configure_model, random_shift_flip
+from rmc.defense.core import RMC, PhaseTimer, RMCConfig, Scope, configure_model, random_shift_flip
 from rmc.errors import RMCError
-from rmc.fastpath import FoldedConvBN, fast_forward, split_at
-from rmc.knn import NeighbourIndex
+from rmc.defense.fastpath import FoldedConvBN, fast_forward, split_at
+from rmc.defense.knn import NeighbourIndex
 from rmc.models import build_model, extract_features
 
 
@@ -132,15 +132,15 @@ def test_split_at_feature_layer():
 
 
 @pytest.mark.parametrize("mode", ["episodic", "online"])
-def test_head_scope_cached_inputs_give_the_uncached_result(tiny_trained, tiny_bank, digits, mode):
-    bank, feats = tiny_bank
+def test_head_scope_cached_inputs_give_the_uncached_result(tiny_trained, tiny_dprime, digits, mode):
+    dprime, feats = tiny_dprime
     x = digits[1].float_images()[:4]
     q = extract_features(tiny_trained, "block3", x).numpy()
     runs = {}
     for cached in (True, False):
         cfg = RMCConfig(k=64, lr=5e-3, max_epochs=3, patience=2, batch_size=16, scope=Scope.HEAD, mode=mode,
                         cache_head_inputs=cached, calib_k=48, calib_flip=False)
-        r = RMC(tiny_trained, bank, NeighbourIndex(feats), cfg, "block3")
+        r = RMC(tiny_trained, dprime, NeighbourIndex(feats), cfg, "block3")
         assert (r._head is not None and r._head.stored) == cached
         runs[cached] = [r.step(x[i:i + 1], q[i:i + 1], key=i) for i in range(len(x))]
         runs[cached, "state"] = r.state_dict()
@@ -151,21 +151,21 @@ def test_head_scope_cached_inputs_give_the_uncached_result(tiny_trained, tiny_ba
         torch.testing.assert_close(runs[True, "state"][k], v, rtol=1e-4, atol=1e-5)
 
 
-def test_head_cache_refuses_features_of_another_model(tiny_trained, tiny_bank):
-    bank, feats = tiny_bank
+def test_head_cache_refuses_features_of_another_model(tiny_trained, tiny_dprime):
+    dprime, feats = tiny_dprime
     cfg = RMCConfig(k=32, scope="head")
-    r = RMC(tiny_trained, bank, NeighbourIndex(feats * 2.0), cfg, "block3")   # not this model's features
+    r = RMC(tiny_trained, dprime, NeighbourIndex(feats * 2.0), cfg, "block3")   # not this model's features
     assert r._head is not None and not r._head.stored                       # falls back to computing them
 
 
 # -- options ----------------------------------------------------------------------------------------------
-def test_bf16_and_plain_paths_agree_and_timer_accounts(tiny_trained, tiny_bank, digits):
-    bank, feats = tiny_bank
+def test_bf16_and_plain_paths_agree_and_timer_accounts(tiny_trained, tiny_dprime, digits):
+    dprime, feats = tiny_dprime
     x = digits[1].float_images()[:3]
     q = extract_features(tiny_trained, "block3", x).numpy()
     preds = {}
     for name, kw in {"fast": {}, "plain": {"fast_path": False}, "bf16": {"precision": "bf16"}}.items():
-        r = RMC(tiny_trained, bank, NeighbourIndex(feats), RMCConfig(k=64, lr=1e-3, max_epochs=2, patience=1, batch_size=32,
+        r = RMC(tiny_trained, dprime, NeighbourIndex(feats), RMCConfig(k=64, lr=1e-3, max_epochs=2, patience=1, batch_size=32,
                                                                      calib_k=32, **kw), "block3")
         r.timer = PhaseTimer()
         preds[name] = [r.step(x[i:i + 1], q[i:i + 1]) for i in range(len(x))]

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from rmc import store as store_mod
+from rmc.artifacts import dprime as store_mod
 from rmc.cli import main as cli_main
 from rmc.errors import RMCError
 from rmc.models import ModelInfo, build_model, save_checkpoint
-from rmc.store import (AugmentConfig, StoreWriter, build_augmented, chunk_tasks, copy_names, open_store,
+from rmc.artifacts.dprime import (AugmentConfig, StoreWriter, build_dprime_store, chunk_tasks, copy_names, open_dprime_store,
                        partial_path, quantize_within_eps, run_chunk)
 
 CFG = AugmentConfig(steps=(2, 3), eps=0.1, step_size=0.02, seed=0, chunk_size=48, batch_size=32, train_subset=120)
@@ -32,7 +32,7 @@ def model_file(tmp_path_factory, digits):
 def built(tmp_path_factory, model_file, digits):
     model, info, _ = model_file
     out = tmp_path_factory.mktemp("store") / "dprime"
-    return build_augmented(model, info, digits[0], out, CFG, progress=False)
+    return build_dprime_store(model, info, digits[0], out, CFG, progress=False)
 
 
 def _bytes(folder: Path) -> dict[str, bytes]:
@@ -104,11 +104,11 @@ def test_resume_after_kill_is_byte_identical(tmp_path, model_file, digits, built
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_augmented(model, info, digits[0], out, CFG, progress=False, on_chunk=kill_after_three)
+        build_dprime_store(model, info, digits[0], out, CFG, progress=False, on_chunk=kill_after_three)
     assert not out.exists() and partial_path(out).exists()
     assert json.loads((partial_path(out) / "progress.json").read_text())["done"] == [0, 1, 2]
     with pytest.raises(RMCError, match="not finished.*3 of 9 chunks"):
-        open_store(out)
+        open_dprime_store(out)
 
     # Second kill: the chunk's images are written but the process dies before its progress record.
     real = StoreWriter.write_chunk
@@ -122,14 +122,14 @@ def test_resume_after_kill_is_byte_identical(tmp_path, model_file, digits, built
     StoreWriter.write_chunk = dies_before_progress
     try:
         with pytest.raises(KeyboardInterrupt):
-            build_augmented(model, info, digits[0], out, CFG, progress=False)
+            build_dprime_store(model, info, digits[0], out, CFG, progress=False)
     finally:
         StoreWriter.write_chunk = real
     done_before = json.loads((partial_path(out) / "progress.json").read_text())["done"]
     assert done_before == list(range(6))
 
     redone = []
-    s = build_augmented(model, info, digits[0], out, CFG, progress=False, on_chunk=lambda t: redone.append(t.index))
+    s = build_dprime_store(model, info, digits[0], out, CFG, progress=False, on_chunk=lambda t: redone.append(t.index))
     assert redone == [6, 7, 8]                                              # only the unfinished chunks
     assert _bytes(s.path) == _bytes(built.path)                            # identical to the uninterrupted run
     assert s.fingerprint == built.fingerprint
@@ -151,7 +151,7 @@ def test_chunks_are_independent_and_deterministic(model_file, digits):
 def test_complete_store_rerun_is_a_no_op(built, model_file, digits):
     model, info, _ = model_file
     before = _bytes(built.path)
-    s = build_augmented(model, info, digits[0], built.path, CFG, progress=False,
+    s = build_dprime_store(model, info, digits[0], built.path, CFG, progress=False,
                         on_chunk=lambda t: pytest.fail("no chunk should run"))
     assert _bytes(s.path) == before
 
@@ -159,14 +159,14 @@ def test_complete_store_rerun_is_a_no_op(built, model_file, digits):
 def test_different_settings_or_model_refused(built, model_file, digits, tmp_path):
     model, info, _ = model_file
     with pytest.raises(RMCError, match=r"attack\.steps: existing \[2, 3\], requested \[2, 4\].*new --out or delete"):
-        build_augmented(model, info, digits[0], built.path, AugmentConfig(**{**CFG.__dict__, "steps": (2, 4)}),
+        build_dprime_store(model, info, digits[0], built.path, AugmentConfig(**{**CFG.__dict__, "steps": (2, 4)}),
                         progress=False)
     torch.manual_seed(1)
     other = build_model("small_cnn", 10, 1)
     other_info = save_checkpoint(other, ModelInfo("small_cnn", 10, (1, 8, 8), dataset="digits"),
                                  tmp_path / "other.safetensors")
     with pytest.raises(RMCError, match=r"model\.sha256"):
-        build_augmented(other, other_info, digits[0], built.path, CFG, progress=False)
+        build_dprime_store(other, other_info, digits[0], built.path, CFG, progress=False)
     # Same refusal for a partial store.
     out = tmp_path / "part"
 
@@ -174,9 +174,9 @@ def test_different_settings_or_model_refused(built, model_file, digits, tmp_path
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_augmented(model, info, digits[0], out, CFG, progress=False, on_chunk=stop)
+        build_dprime_store(model, info, digits[0], out, CFG, progress=False, on_chunk=stop)
     with pytest.raises(RMCError, match=r"seed: existing 0, requested 1"):
-        build_augmented(model, info, digits[0], out, AugmentConfig(**{**CFG.__dict__, "seed": 1}), progress=False)
+        build_dprime_store(model, info, digits[0], out, AugmentConfig(**{**CFG.__dict__, "seed": 1}), progress=False)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -192,7 +192,7 @@ def test_different_settings_or_model_refused(built, model_file, digits, tmp_path
 def test_bad_config_refused(change, message, model_file, digits, tmp_path):
     model, info, _ = model_file
     with pytest.raises(RMCError, match=message):
-        build_augmented(model, info, digits[0], tmp_path / "x", AugmentConfig(**{**CFG.__dict__, **change}),
+        build_dprime_store(model, info, digits[0], tmp_path / "x", AugmentConfig(**{**CFG.__dict__, **change}),
                         progress=False)
     assert not (tmp_path / "x").exists() and not partial_path(tmp_path / "x").exists()
 
@@ -201,49 +201,49 @@ def test_model_and_data_mismatch_refused(model_file, digits, tmp_path):
     model, info, _ = model_file
     wrong_shape = ModelInfo(**{**info.__dict__, "input_shape": (1, 28, 28)})
     with pytest.raises(RMCError, match="takes C x H x W"):
-        build_augmented(model, wrong_shape, digits[0], tmp_path / "x", CFG, progress=False)
+        build_dprime_store(model, wrong_shape, digits[0], tmp_path / "x", CFG, progress=False)
     wrong_data = ModelInfo(**{**info.__dict__, "dataset": "fashion-mnist"})
     with pytest.raises(RMCError, match="trained on 'fashion-mnist'"):
-        build_augmented(model, wrong_data, digits[0], tmp_path / "x", CFG, progress=False)
+        build_dprime_store(model, wrong_data, digits[0], tmp_path / "x", CFG, progress=False)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(RMCError, match="not an augmented dataset"):
-        build_augmented(model, info, digits[0], tmp_path / "busy", CFG, progress=False)
+        build_dprime_store(model, info, digits[0], tmp_path / "busy", CFG, progress=False)
 
 
 def test_damaged_stores_give_clear_errors(built, tmp_path):
     import shutil
     with pytest.raises(RMCError, match="not found"):
-        open_store(tmp_path / "nothing")
+        open_dprime_store(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(RMCError, match="no manifest.json"):
-        open_store(tmp_path / "empty")
+        open_dprime_store(tmp_path / "empty")
     bad = tmp_path / "bad"
     shutil.copytree(built.path, bad)
     (bad / "manifest.json").write_text("{not json")
     with pytest.raises(RMCError, match="not valid JSON"):
-        open_store(bad)
+        open_dprime_store(bad)
     (bad / "manifest.json").write_text(json.dumps({"kind": "something else"}))
     with pytest.raises(RMCError, match="not an augmented-dataset manifest"):
-        open_store(bad)
+        open_dprime_store(bad)
     shutil.copy(built.path / "manifest.json", bad / "manifest.json")
     (bad / "labels.npy").unlink()
     with pytest.raises(RMCError, match="missing labels.npy"):
-        open_store(bad)
+        open_dprime_store(bad)
     shutil.copy(built.path / "labels.npy", bad / "labels.npy")
     (bad / "images.npy").write_bytes((built.path / "images.npy").read_bytes()[:500])
     with pytest.raises(RMCError, match="images.npy"):
-        open_store(bad)
+        open_dprime_store(bad)
     shutil.copy(built.path / "images.npy", bad / "images.npy")
-    s = open_store(bad)
+    s = open_dprime_store(bad)
     s.images[0, 0, 0, 0] = 7          # copy-on-write: changes the mapping in memory only
     s.images[0, 0, 0, 1] = 255 - int(s.images[0, 0, 0, 1])
-    open_store(bad).verify()
+    open_dprime_store(bad).verify()
     manifest = json.loads((bad / "manifest.json").read_text())
     manifest["content"]["images"] = "0" * 64
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RMCError, match="does not match its manifest hash"):
-        open_store(bad).verify()
+        open_dprime_store(bad).verify()
 
 
 def test_copy_names_for_repeated_steps():

@@ -1,7 +1,7 @@
 """AutoAttack (Croce & Hein, 2020), standard version, L-inf, from the maintained torchattacks implementation.
 
 Used against the *static* model; its outputs are then fed to RMC (a transfer row). AutoAttack is not run against
-RMC itself: its own check flags RMC as a dynamic defense (see rmc.classifier), and RobustBench does not list
+RMC itself: its own check flags RMC as a dynamic defense (see rmc.defense.classifier), and RobustBench does not list
 defenses with an optimisation loop in the forward pass.
 """
 

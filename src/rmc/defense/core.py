@@ -1,6 +1,6 @@
 """The RMC algorithm (Wu, Yuan & Wu, ICML 2020): per test input, fine-tune on its nearest neighbours in D'.
 
-This module never opens a file: it takes a model, D' as tensors (a `Bank`), a neighbour index and a config.
+This module never opens a file: it takes a model, D' as tensors (a `DPrime`), a neighbour index and a config.
 Pure helpers (`configure_model`, `collect_params`, `split_neighbours`, `fine_tune`) do one thing each; the
 `RMC` class holds the online state (the adapted weights) and runs the per-input loop of SPEC section 1.
 """
@@ -24,7 +24,7 @@ from torch import nn
 
 from rmc.checks import check_positive
 from rmc.errors import RMCError
-from rmc.knn import NeighbourIndex
+from rmc.defense.knn import NeighbourIndex
 
 
 class Mode(str, Enum):
@@ -85,7 +85,7 @@ class RMCConfig:
 
 
 @dataclass
-class Bank:
+class DPrime:
     """D' in memory or memory-mapped: uint8 images (N x C x H x W), true labels, and which copy each row is."""
     images: torch.Tensor | np.ndarray
     labels: torch.Tensor
@@ -259,7 +259,7 @@ def fine_tune(model: nn.Module, params: list[nn.Parameter], x_train: torch.Tenso
     """Adam on (x_train, y_train) with early stopping on the validation loss (one forward pass per epoch).
 
     The data are tensors already: each batch is one index into them, nothing is rebuilt per epoch. `forward`
-    (default: `model`) is what computes the logits, e.g. `rmc.fastpath.fast_forward(model)` sharing its parameters;
+    (default: `model`) is what computes the logits, e.g. `rmc.defense.fastpath.fast_forward(model)` sharing its parameters;
     `augment` maps a batch (and the generator) to the network's input. `timer` collects time per phase.
     Validation is skipped where it cannot change the result (patience >= max_epochs and not restore_best).
     """
@@ -329,18 +329,18 @@ class RMC:
     `step(x, features)` classifies one input: neighbours -> split -> fine-tune -> predict -> (online) calibrate.
     `state_dict()` / `load_state_dict()` save and restore the online state exactly (the adapted weights).
 
-    Speed: fine-tuning runs through `rmc.fastpath.fast_forward` (same function, same parameters) when
+    Speed: fine-tuning runs through `rmc.defense.fastpath.fast_forward` (same function, same parameters) when
     `config.fast_path`; with scope 'head' and `config.cache_head_inputs` the head trains on its inputs computed once
     per adaptation (the stored neighbour features themselves when the head starts with global pooling).
     Set `rmc.timer = PhaseTimer()` to see where the time goes.
     """
 
-    def __init__(self, model: nn.Module, bank: Bank, index: NeighbourIndex, config: RMCConfig,
+    def __init__(self, model: nn.Module, dprime: DPrime, index: NeighbourIndex, config: RMCConfig,
                  feature_layer: str | None = None):
-        if config.k > len(bank):
-            raise RMCError(f"rmc.k = {config.k} exceeds |D'| = {len(bank)}; lower k")
+        if config.k > len(dprime):
+            raise RMCError(f"rmc.k = {config.k} exceeds |D'| = {len(dprime)}; lower k")
         self.cfg = config
-        self.bank, self.index = bank, index
+        self.dprime, self.index = dprime, index
         self.feature_layer = feature_layer
         # RMC adapts its own copy: the caller's static model stays untouched (baselines, attacks use it).
         self.model = configure_model(copy.deepcopy(model), config.scope, feature_layer)
@@ -352,10 +352,10 @@ class RMC:
         self._forward: Callable[[torch.Tensor], torch.Tensor] = self.model
         self._head: _HeadCache | None = None
         if config.fast_path or (config.scope is Scope.HEAD and config.cache_head_inputs):
-            rows = np.unique(np.linspace(0, len(bank) - 1, min(8, len(bank))).astype(np.int64))
-            sample = bank.gather(rows)[0].to(self.device)
+            rows = np.unique(np.linspace(0, len(dprime) - 1, min(8, len(dprime))).astype(np.int64))
+            sample = dprime.gather(rows)[0].to(self.device)
             if config.fast_path:
-                from rmc.fastpath import fast_forward
+                from rmc.defense.fastpath import fast_forward
                 self._forward = fast_forward(self.model, sample)
             if config.scope is Scope.HEAD and config.cache_head_inputs:
                 self._head = _HeadCache.build(self.model, feature_layer, index, rows, sample, config.fast_path)
@@ -378,7 +378,7 @@ class RMC:
 
     def _gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         with _phase(self.timer, "gather"):
-            x, y = self.bank.gather(rows)
+            x, y = self.dprime.gather(rows)
             return x.to(self.device), y.to(self.device)
 
     def adapt(self, rows: np.ndarray, gen: torch.Generator) -> FitResult:
@@ -387,7 +387,7 @@ class RMC:
         if head is not None and head.stored:
             with _phase(self.timer, "gather"):      # the head's inputs are the stored features: no images needed
                 h = head.from_stored(rows).to(self.device)
-                y = self.bank.labels[torch.from_numpy(np.asarray(rows))].to(self.device)
+                y = self.dprime.labels[torch.from_numpy(np.asarray(rows))].to(self.device)
             train, val = split_neighbours(len(rows), self.cfg.closest_fraction, self.cfg.val_fraction, gen)
             return fine_tune(head.head, self.params, h[train], y[train], h[val], y[val], self.cfg, gen,
                              timer=self.timer)
@@ -404,7 +404,7 @@ class RMC:
     def calibrate(self, gen: torch.Generator) -> FitResult:
         """Pull the drifting online model back: fine-tune on random D' examples, 12.5% held out."""
         k = self.cfg.calib_k or self.cfg.k
-        rows = torch.randperm(len(self.bank), generator=gen)[:k].numpy()
+        rows = torch.randperm(len(self.dprime), generator=gen)[:k].numpy()
         x, y = self._gather(rows)
         n_val = max(1, int(round(k * self.cfg.calib_holdout)))
         augment = None
@@ -482,7 +482,7 @@ class _HeadCache:
     @classmethod
     def build(cls, model: nn.Module, layer: str | None, index, rows: np.ndarray, sample: torch.Tensor,
               fast: bool) -> "_HeadCache | None":
-        from rmc.fastpath import fast_forward, split_at
+        from rmc.defense.fastpath import fast_forward, split_at
         split = split_at(model, layer) if layer is not None else None
         if split is None:
             warnings.warn(f"rmc: cannot cut the model after {layer!r} (skip connection or untraceable); scope 'head' "

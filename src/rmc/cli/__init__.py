@@ -31,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in COMMANDS.items():
         try:
-            module = importlib.import_module(f"rmc.commands.{name}")
+            module = importlib.import_module(f"rmc.cli.commands.{name}")
         except ModuleNotFoundError as e:
-            if e.name != f"rmc.commands.{name}":
+            if e.name != f"rmc.cli.commands.{name}":
                 raise
             continue   # command not built yet
         p = sub.add_parser(name, help=help_text, description=help_text)

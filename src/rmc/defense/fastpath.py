@@ -13,7 +13,7 @@
 - A first convolution with a tiny reduction (C_in x kh x kw <= 32) runs on the CPU as a matrix product over image
   patches (`_PatchConv`), bias included as a column of ones; its weight gradient is one more matrix product.
 - **Convolution -> 2 x 2 max-pooling -> ReLU** and **convolution -> ReLU -> global average pooling** become one
-  module each (`ConvPoolRelu`, `ConvReluGap`). On the CPU, with the compiled C kernels of `rmc.kernels`, a first
+  module each (`ConvPoolRelu`, `ConvReluGap`). On the CPU, with the compiled C kernels of `rmc.defense.kernels`, a first
   layer runs as one pass that never writes the full-resolution map (forward: convolution, pooling, ReLU and a
   one-byte argmax; backward: the weight and bias gradients straight from the pooled gradient); other layers run
   the convolution without its bias and add the bias in the pooling kernel (it commutes with max-pooling), whose
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from rmc import kernels
+from rmc.defense import kernels
 
 _RELU_FUNCS = (F.relu, torch.relu)
 

@@ -41,7 +41,7 @@ def tensor_source(name: str, images: torch.Tensor, labels: torch.Tensor | None =
 
 
 def evalset_source(eval_set) -> str:
-    """Source id of an `rmc.evalsets.EvalSet`."""
+    """Source id of an `rmc.artifacts.evalsets.EvalSet`."""
     return tensor_source(eval_set.name, eval_set.images, eval_set.labels)
 
 

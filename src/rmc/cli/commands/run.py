@@ -3,10 +3,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rmc.commands.augment import check_ray_arguments
-from rmc.commands.evaluate import add_shared_arguments, attack_overrides
-from rmc.config import documented_yaml, load_config, parse_override
-from rmc.pipeline import run_pipeline
+from rmc.cli.commands.augment import check_ray_arguments
+from rmc.cli.commands.evaluate import add_shared_arguments, attack_overrides
+from rmc.cli.config import documented_yaml, load_config, parse_override
+from rmc.cli.pipeline import run_pipeline
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from dataclasses import fields
 
 from rmc.data import DatasetName, load_dataset
 from rmc.errors import RMCError
-from rmc.evalsets import parse_number
+from rmc.artifacts.evalsets import parse_number
 from rmc.models import save_checkpoint
 from rmc.training import TrainConfig, train_model
 

@@ -5,11 +5,11 @@ import sys
 import time
 
 from rmc.errors import RMCError
-from rmc.featurestore import (compute_features, evalset_features_path, evalset_source, make_provenance,
+from rmc.artifacts.features import (compute_features, evalset_features_path, evalset_source, make_provenance,
                               save_features, store_features_path, store_source)
 from rmc.models import default_layer, load_checkpoint
 from rmc.models.features import get_layer
-from rmc.store import open_store
+from rmc.artifacts.dprime import open_dprime_store
 from rmc.training import resolve_device
 
 
@@ -27,10 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     if args.batch_size <= 0:
         raise RMCError(f"--batch-size must be > 0, got {args.batch_size}")
-    store = open_store(args.store)   # cheap checks first: the store and eval sets before the model runs
+    store = open_dprime_store(args.store)   # cheap checks first: the store and eval sets before the model runs
     sets = []
     if args.evalsets:
-        from rmc.evalsets import load_eval_sets
+        from rmc.artifacts.evalsets import load_eval_sets
         sets = load_eval_sets(args.evalsets)
     model, info = load_checkpoint(args.model, resolve_device(args.device))
     layer = args.layer or default_layer(model)

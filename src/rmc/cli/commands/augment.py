@@ -3,10 +3,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from rmc.commands import model_and_split
+from rmc.cli.commands import model_and_split
 from rmc.errors import RMCError
-from rmc.evalsets import parse_number
-from rmc.store import AugmentConfig, build_augmented
+from rmc.artifacts.evalsets import parse_number
+from rmc.artifacts.dprime import AugmentConfig, build_dprime_store
 
 
 def add_ray_arguments(p: argparse.ArgumentParser, shards: bool = False) -> None:
@@ -60,11 +60,11 @@ def main(args) -> int:
     model, info, train = model_and_split(args, "train")
     started = time.perf_counter()
     if args.ray is not None:
-        from rmc.distributed import build_augmented_distributed
-        store = build_augmented_distributed(model, info, train, args.out, config, progress=not args.quiet,
+        from rmc.scaleout.ray_backend import build_dprime_store_distributed
+        store = build_dprime_store_distributed(model, info, train, args.out, config, progress=not args.quiet,
                                             ray=args.ray, workers=args.workers)
     else:
-        store = build_augmented(model, info, train, args.out, config, progress=not args.quiet)
+        store = build_dprime_store(model, info, train, args.out, config, progress=not args.quiet)
     seconds = time.perf_counter() - started
     size = sum(f.stat().st_size for f in store.path.iterdir() if f.is_file())
     counts = ", ".join(f"{k} {v}" for k, v in store.manifest["counts"].items())

@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
-from rmc.attacks.adaptive import AdaptiveConfig
-from rmc.core import RMCConfig
+from rmc.attacks.defense_aware import AdaptiveConfig
+from rmc.defense.core import RMCConfig
 from rmc.errors import RMCError
-from rmc.store import AugmentConfig
+from rmc.artifacts.dprime import AugmentConfig
 from rmc.training import TrainConfig
 
 

@@ -25,7 +25,7 @@ module on 100 inputs runs RMC 1,000 times.
 AutoAttack flags it: its `check_dynamic` traces the forward pass and warns "it seems to be a dynamic
 defense! The evaluation with AutoAttack might be insufficient." whenever `backward` or `grad` is called
 inside it, which RMC's fine-tuning does on every input. RobustBench does not list defenses with an
-optimisation loop in the forward pass. Evaluate RMC with the defense-aware attacks of `rmc.attacks.adaptive`
+optimisation loop in the forward pass. Evaluate RMC with the defense-aware attacks of `rmc.attacks.defense_aware`
 (FPA, GMSA-AVG, GMSA-MIN), which attack the models RMC adapts into; use this module to let other libraries
 run their attacks as a further (weaker) check, or to score inputs.
 """
@@ -36,8 +36,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from rmc.attacks.adaptive import restore_state, save_state, trial
-from rmc.core import RMC
+from rmc.attacks.defense_aware import restore_state, save_state, trial
+from rmc.defense.core import RMC
 from rmc.errors import RMCError
 from rmc.models import extract_features
 
@@ -60,7 +60,7 @@ class RMCClassifier(nn.Module):
                  key="classifier"):
         super().__init__()
         if not isinstance(rmc, RMC):
-            raise RMCError(f"RMCClassifier wraps an rmc.core.RMC instance, got {type(rmc).__name__}")
+            raise RMCError(f"RMCClassifier wraps an rmc.defense.core.RMC instance, got {type(rmc).__name__}")
         self.rmc = rmc
         # Registered so that `parameters()` and `.to()` reach the networks (torchattacks reads the device there).
         self.adapted = rmc.model

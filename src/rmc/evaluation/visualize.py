@@ -13,9 +13,9 @@ matplotlib.use("Agg")   # files only; no screen on these machines
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from rmc.core import Bank  # noqa: E402
+from rmc.defense.core import DPrime  # noqa: E402
 from rmc.io import atomic_path  # noqa: E402
-from rmc.knn import NeighbourIndex  # noqa: E402
+from rmc.defense.knn import NeighbourIndex  # noqa: E402
 from rmc.models import extract_features  # noqa: E402
 
 
@@ -30,7 +30,7 @@ def _show(ax, img: torch.Tensor, title: str, color: str = "black") -> None:
     ax.axis("off")
 
 
-def neighbour_grid(base, bank: Bank, eval_sets: Sequence, path: str | Path, cfg, class_names: Sequence[str] = (),
+def neighbour_grid(base, dprime: DPrime, eval_sets: Sequence, path: str | Path, cfg, class_names: Sequence[str] = (),
                    max_sets: int = 2) -> Path:
     """Draw `cfg.inputs` inputs of the first `max_sets` sets (clean first) and `cfg.neighbours` neighbours each."""
     name = lambda c: class_names[c] if c < len(class_names) else str(c)  # noqa: E731
@@ -48,10 +48,10 @@ def neighbour_grid(base, bank: Bank, eval_sets: Sequence, path: str | Path, cfg,
         truth = int(s.labels[i])
         _show(axes[r, 0], x[0], f"{s.name}\ntrue {name(truth)}\nstatic: {name(pred)}",
               "black" if pred == truth else "red")
-        imgs, labels = bank.gather(nb[0])
+        imgs, labels = dprime.gather(nb[0])
         for j in range(cfg.neighbours):
             lab = int(labels[j])
-            copy = bank.copy_names[int(bank.copy[int(nb[0, j])])]
+            copy = dprime.copy_names[int(dprime.copy[int(nb[0, j])])]
             _show(axes[r, j + 1], imgs[j], f"{name(lab)}\n{copy} d={dist[0, j]:.2f}",
                   "black" if lab == truth else "red")
     fig.suptitle("Test inputs (left) and their nearest neighbours in D' (static-model features); red = wrong class",

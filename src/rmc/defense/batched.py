@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from rmc.core import RMC, Mode, StepResult, generator, split_neighbours
+from rmc.defense.core import RMC, Mode, StepResult, generator, split_neighbours
 from rmc.errors import RMCError
 
 BACKENDS = ("auto", "vmap", "threads")
@@ -118,7 +118,7 @@ class BatchedEpisodic:
         b, k = rows.shape
         rmc.reset()
         gens = [generator(cfg.seed, "step", key) for key in keys]
-        xs, ys = zip(*(rmc.bank.gather(r) for r in rows))
+        xs, ys = zip(*(rmc.dprime.gather(r) for r in rows))
         xs, ys = torch.stack(xs).to(device), torch.stack(ys).to(device)          # B x K x C x H x W, B x K
         splits = [split_neighbours(k, cfg.closest_fraction, cfg.val_fraction, g) for g in gens]
         tr = torch.stack([s[0] for s in splits]).to(device)
@@ -201,10 +201,10 @@ class _StackedAdam:
 
 def _rebuild_fast_parts(clone: RMC, original: RMC) -> None:
     """Give a cloned RMC its own fast path / head cache over its own model copy."""
-    from rmc.core import _HeadCache
-    from rmc.fastpath import fast_forward
-    rows = np.unique(np.linspace(0, len(original.bank) - 1, min(8, len(original.bank))).astype(np.int64))
-    sample = original.bank.gather(rows)[0].to(original.device)
+    from rmc.defense.core import _HeadCache
+    from rmc.defense.fastpath import fast_forward
+    rows = np.unique(np.linspace(0, len(original.dprime) - 1, min(8, len(original.dprime))).astype(np.int64))
+    sample = original.dprime.gather(rows)[0].to(original.device)
     if original._forward is not original.model:
         clone._forward = fast_forward(clone.model, sample)
     if original._head is not None:

@@ -22,18 +22,18 @@ from typing import Callable
 
 import yaml
 
-from rmc.config import RunConfig, documented_yaml, to_dict
-from rmc.core import Bank
+from rmc.cli.config import RunConfig, documented_yaml, to_dict
+from rmc.defense.core import DPrime
 from rmc.data import load_dataset
 from rmc.errors import RMCError
-from rmc.evalsets import AttackSpec, load_eval_sets, make_eval_sets, save_eval_sets
+from rmc.artifacts.evalsets import AttackSpec, load_eval_sets, make_eval_sets, save_eval_sets
 from rmc.evaluation.report import Table
-from rmc.evaluation.runner import BaseModel, check_batch, evaluate, online_streams
-from rmc.featurestore import compute_features, load_features, make_provenance, save_features, store_source
+from rmc.evaluation.driver import BaseModel, check_batch, evaluate, online_streams
+from rmc.artifacts.features import compute_features, load_features, make_provenance, save_features, store_source
 from rmc.io import read_json, write_json, write_text
 from rmc.models import default_layer, load_checkpoint, save_checkpoint
 from rmc.models.checkpoint import meta_path
-from rmc.store import build_augmented
+from rmc.artifacts.dprime import build_dprime_store
 from rmc.training import train_model
 
 
@@ -111,11 +111,11 @@ def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = p
                  with_rmc: bool = True, ray: str | None = None, workers: int | None = None,
                  shards: int = 1, batch: int = 1) -> Table:
     """`ray` ("local" or a cluster address): augmentation chunks and RMC's per-input work run as Ray tasks (one Ray
-    session for the whole run); `shards`: independent online streams per test stream (see rmc.distributed);
-    `batch`: episodic inputs adapted at once (see rmc.batched)."""
+    session for the whole run); `shards`: independent online streams per test stream (see rmc.scaleout.ray_backend);
+    `batch`: episodic inputs adapted at once (see rmc.defense.batched)."""
     check_batch(batch, cfg.rmc, ray, shards)      # before hours of work, not after
     if ray is not None:
-        from rmc import distributed
+        from rmc.scaleout import ray_backend as distributed
         if not distributed.is_connected():
             t0 = time.perf_counter()
             with distributed.session(ray, workers) as slots:
@@ -143,38 +143,38 @@ def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = p
 
     std_model, std_info = models["standard"]
     if ray is None:
-        store = timer("augment", build_augmented, std_model, std_info, train, out / "dprime", cfg.augment)
+        store = timer("augment", build_dprime_store, std_model, std_info, train, out / "dprime", cfg.augment)
     else:
-        from rmc.distributed import build_augmented_distributed
-        store = timer("augment", build_augmented_distributed, std_model, std_info, train, out / "dprime",
+        from rmc.scaleout.ray_backend import build_dprime_store_distributed
+        store = timer("augment", build_dprime_store_distributed, std_model, std_info, train, out / "dprime",
                       cfg.augment, ray=ray, workers=workers)
     log(f"  D' = {len(store)} images: {', '.join(store.copy_names)}")
-    bank = Bank(store.images, store.labels, store.copy, store.copy_names)
+    dprime = DPrime(store.images, store.labels, store.copy, store.copy_names)
 
     results, notes = {}, {}
-    attack_rows = {}   # base -> the attack rows (transfer / defense-aware), rmc.evaluation.adaptive
+    attack_rows = {}   # base -> the attack rows (transfer / defense-aware), rmc.evaluation.attack_rows
     for name, (model, info) in models.items():
         layer = cfg.model.layer or default_layer(model)
         feats = timer(f"features {name}", ensure_features, model, info, layer, store,
                       out / "features" / f"{name}-dprime.npy")
         sets = timer(f"attack {name}", ensure_eval_sets, model, info, test, cfg.attack, out / "evalsets" / name)
         base = BaseModel(name, model, info.sha256, layer, feats)
-        res = timer(f"evaluate {name}", evaluate, [base], bank, sets, cfg.rmc, out / "results",
+        res = timer(f"evaluate {name}", evaluate, [base], dprime, sets, cfg.rmc, out / "results",
                     info.num_classes, with_rmc=with_rmc, ray=ray, workers=workers, shards=shards, batch=batch)
         results.update(res)
-        from rmc.evaluation.adaptive import evaluate_attacks, wants_attack_rows
+        from rmc.evaluation.attack_rows import evaluate_attacks, wants_attack_rows
         if with_rmc and wants_attack_rows(cfg.adaptive):
-            attack_rows[name] = timer(f"attack rows {name}", evaluate_attacks, base, bank, sets, cfg.rmc, cfg.adaptive,
+            attack_rows[name] = timer(f"attack rows {name}", evaluate_attacks, base, dprime, sets, cfg.rmc, cfg.adaptive,
                                       out / "results", info.num_classes, res[name].get("clean"), log=log)
         notes.update({s.name: "transfer" if s.attack["kind"] != "clean" else "clean" for s in sets})
         if name == "standard":
-            from rmc.visualize import neighbour_grid
-            timer("visualize", neighbour_grid, base, bank, sets, out / "neighbours.png", cfg.visualize,
+            from rmc.evaluation.visualize import neighbour_grid
+            timer("visualize", neighbour_grid, base, dprime, sets, out / "neighbours.png", cfg.visualize,
                   class_names=train.classes)
 
     table = Table.from_results(results, notes)
     if attack_rows:
-        from rmc.evaluation.adaptive import attack_table
+        from rmc.evaluation.attack_rows import attack_table
         table.appendix.append(attack_table(attack_rows))
     meta = {"config": to_dict(cfg), "models": {n: dataclasses.asdict(i) for n, (_, i) in models.items()},
             "store": {"path": str(store.path), "fingerprint": store.fingerprint, "size": len(store),

@@ -2,14 +2,14 @@ from __future__ import annotations
 
 import argparse
 
-from rmc.config import VisualizeConfig
-from rmc.core import Bank
-from rmc.evalsets import load_eval_sets
-from rmc.evaluation.runner import BaseModel
-from rmc.featurestore import load_features, store_source
+from rmc.cli.config import VisualizeConfig
+from rmc.defense.core import DPrime
+from rmc.artifacts.evalsets import load_eval_sets
+from rmc.evaluation.driver import BaseModel
+from rmc.artifacts.features import load_features, store_source
 from rmc.models import default_layer, load_checkpoint
-from rmc.store import open_store
-from rmc.visualize import neighbour_grid
+from rmc.artifacts.dprime import open_dprime_store
+from rmc.evaluation.visualize import neighbour_grid
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def main(args) -> int:
     from rmc.checks import check_positive
     check_positive(args.inputs, "--inputs", integer=True)
     check_positive(args.neighbours, "--neighbours", integer=True)
-    store = open_store(args.store)
+    store = open_dprime_store(args.store)
     model, info = load_checkpoint(args.model)
     layer = args.layer or default_layer(model)
     feats = load_features(args.features, info.sha256, layer, store_source(store))[0].numpy()
@@ -37,7 +37,7 @@ def main(args) -> int:
     from rmc.data.idx import FASHION_CLASSES
     names = FASHION_CLASSES if "fashion" in info.dataset else []
     path = neighbour_grid(BaseModel("standard", model, info.sha256, layer, feats),
-                          Bank(store.images, store.labels, store.copy, store.copy_names), sets, args.out,
+                          DPrime(store.images, store.labels, store.copy, store.copy_names), sets, args.out,
                           VisualizeConfig(args.inputs, args.neighbours), class_names=names,
                           max_sets=len(sets) if args.sets else 2)
     print(f"wrote {path}")

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rmc.core import RMC, Bank, Mode, RMCConfig
+from rmc.defense.core import RMC, DPrime, Mode, RMCConfig
 from rmc.errors import RMCError
 from rmc.evaluation.records import RecordStream
-from rmc.featurestore import evalset_source
+from rmc.artifacts.features import evalset_source
 from rmc.io import write_json
-from rmc.knn import NeighbourIndex, vote
+from rmc.defense.knn import NeighbourIndex, vote
 from rmc.models import extract_features
 
 BASELINES = ("undefended", "deepnn", "webnn")
@@ -49,29 +49,29 @@ def _digest(*parts) -> str:
 class NeighbourSearch:
     """The two indexes of one base model: all of D' (RMC, WebNN) and its clean part (DeepNN)."""
 
-    def __init__(self, features: np.ndarray, bank: Bank):
+    def __init__(self, features: np.ndarray, dprime: DPrime):
         self.all = NeighbourIndex(features)
-        clean = np.flatnonzero(bank.copy.numpy() == 0)
+        clean = np.flatnonzero(dprime.copy.numpy() == 0)
         if len(clean) == 0:
             raise RMCError("D' has no clean examples; DeepNN needs the clean training set in the store")
         self.clean = NeighbourIndex(features[clean], ids=clean)
 
 
-def baseline_predictions(base: BaseModel, bank: Bank, search: NeighbourSearch, x: torch.Tensor,
+def baseline_predictions(base: BaseModel, dprime: DPrime, search: NeighbourSearch, x: torch.Tensor,
                          feats: np.ndarray, k: int, num_classes: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Predictions of the static model, DeepNN and WebNN, and the K nearest D' rows (reused by RMC)."""
     with torch.no_grad():
         static = base.model(x).argmax(1).numpy()
-    labels = bank.labels.numpy()
+    labels = dprime.labels.numpy()
     rows = search.all.search(feats, k)[1]
     clean_rows = search.clean.search(feats, min(k, search.clean.size))[1]
     return {"undefended": static, "deepnn": vote(labels[clean_rows], num_classes),
             "webnn": vote(labels[rows], num_classes)}, rows
 
 
-def stream_fingerprint(base: BaseModel, bank: Bank, eval_set, cfg: RMCConfig, n: int | None) -> str:
+def stream_fingerprint(base: BaseModel, dprime: DPrime, eval_set, cfg: RMCConfig, n: int | None) -> str:
     """What the RMC records of one (base, set) stream depend on; a record stream refuses to resume under another."""
-    return _digest(base.sha256, base.layer, asdict(cfg), evalset_source(eval_set), len(bank), n)
+    return _digest(base.sha256, base.layer, asdict(cfg), evalset_source(eval_set), len(dprime), n)
 
 
 def check_batch(batch: int, cfg: RMCConfig, ray: str | None = None, shards: int = 1) -> None:
@@ -91,23 +91,23 @@ def batched_runner(rmc: RMC, batch: int):
     (the same results as one at a time with one thread, bit for bit)."""
     if batch == 1:
         return None
-    from rmc.batched import BatchedEpisodic
+    from rmc.defense.batched import BatchedEpisodic
     return BatchedEpisodic(rmc, intra_op_threads=None if rmc.device.type == "cuda" else 1)
 
 
-def evaluate_set(base: BaseModel, bank: Bank, search: NeighbourSearch, eval_set, cfg: RMCConfig, out_dir: Path,
+def evaluate_set(base: BaseModel, dprime: DPrime, search: NeighbourSearch, eval_set, cfg: RMCConfig, out_dir: Path,
                  num_classes: int, n: int | None = None, rmc: RMC | None = None, progress: bool = True,
                  batch: int = 1) -> dict:
     """All defenses on one evaluation set; returns {defense: list of per-example records}.
 
-    `batch` > 1 (episodic mode only) adapts that many inputs at once (`rmc.batched`); records are saved per batch.
+    `batch` > 1 (episodic mode only) adapts that many inputs at once (`rmc.defense.batched`); records are saved per batch.
     """
     x_all, y_all = eval_set.images[:n], eval_set.labels[:n]
     t_all = eval_set.targets[:n] if eval_set.targets is not None else None
     folder = out_dir / base.name / eval_set.name
     feats = extract_features(base.model, base.layer, x_all).numpy()
-    preds, rows = baseline_predictions(base, bank, search, x_all, feats, cfg.k, num_classes)
-    fp = stream_fingerprint(base, bank, eval_set, cfg, n)
+    preds, rows = baseline_predictions(base, dprime, search, x_all, feats, cfg.k, num_classes)
+    fp = stream_fingerprint(base, dprime, eval_set, cfg, n)
 
     def record(i, pred, **extra):
         r = {"index": i, "label": int(y_all[i]), "pred": int(pred), **extra}
@@ -158,31 +158,31 @@ def online_streams(cfg: RMCConfig, shards: int = 1) -> int | None:
     return shards if cfg.mode is Mode.ONLINE else None
 
 
-def evaluate(bases: Sequence[BaseModel], bank: Bank, eval_sets: Sequence, cfg: RMCConfig, out_dir: str | Path,
+def evaluate(bases: Sequence[BaseModel], dprime: DPrime, eval_sets: Sequence, cfg: RMCConfig, out_dir: str | Path,
              num_classes: int, n: int | None = None, with_rmc: bool = True, progress: bool = True,
              ray: str | None = None, workers: int | None = None, shards: int = 1, batch: int = 1) -> dict:
     """{base name: {set name: {defense: records}}} for every base model and evaluation set.
 
-    `batch` > 1 (episodic mode) adapts that many inputs at once, with the same results (see rmc.batched).
+    `batch` > 1 (episodic mode) adapts that many inputs at once, with the same results (see rmc.defense.batched).
 
     `ray` ("local" or a cluster address) shards RMC's work over Ray; `shards` > 1 cuts each online stream into that
-    many independent streams (with or without Ray; see rmc.distributed). Otherwise everything runs here, in order.
+    many independent streams (with or without Ray; see rmc.scaleout.ray_backend). Otherwise everything runs here, in order.
     """
     check_batch(batch, cfg, ray, shards)
     if ray is not None or shards != 1:
-        from rmc.distributed import evaluate_distributed
-        return evaluate_distributed(bases, bank, eval_sets, cfg, out_dir, num_classes, n=n, with_rmc=with_rmc,
+        from rmc.scaleout.ray_backend import evaluate_distributed
+        return evaluate_distributed(bases, dprime, eval_sets, cfg, out_dir, num_classes, n=n, with_rmc=with_rmc,
                                     progress=progress, ray=ray, workers=workers, shards=shards)
     out_dir = Path(out_dir)
     results: dict = {}
     for base in bases:
-        if len(base.features) != len(bank):
-            raise RMCError(f"{base.name}: {len(base.features)} feature rows but D' has {len(bank)} examples; "
+        if len(base.features) != len(dprime):
+            raise RMCError(f"{base.name}: {len(base.features)} feature rows but D' has {len(dprime)} examples; "
                            "the features belong to another store: re-run `rmc features`")
-        search = NeighbourSearch(base.features, bank)
-        rmc = RMC(base.model, bank, search.all, cfg, base.layer) if with_rmc else None
+        search = NeighbourSearch(base.features, dprime)
+        rmc = RMC(base.model, dprime, search.all, cfg, base.layer) if with_rmc else None
         results[base.name] = {}
         for s in eval_sets:
-            results[base.name][s.name] = evaluate_set(base, bank, search, s, cfg, out_dir, num_classes, n, rmc,
+            results[base.name][s.name] = evaluate_set(base, dprime, search, s, cfg, out_dir, num_classes, n, rmc,
                                                       progress, batch)
     return results

@@ -16,7 +16,7 @@ models RMC actually adapts into. For each test input, in stream order:
 5. the worst case is kept (the first candidate RMC got wrong, else the one with the lowest true-class margin),
    and RMC processes it for real (adapt, predict, calibrate), so the stream moves on with the chosen input.
 
-The chosen sequence is then re-scored by a fresh RMC run (rmc.evaluation.adaptive), which is what the
+The chosen sequence is then re-scored by a fresh RMC run (rmc.evaluation.attack_rows), which is what the
 report shows. The models of step 4 are held as state dicts and evaluated with `torch.func.functional_call`
 on RMC's own module, so no copy of the network is made per model.
 """
@@ -36,7 +36,7 @@ from torch.func import functional_call
 
 from rmc.attacks.gradient import check_attack_settings, pgd
 from rmc.checks import check_positive
-from rmc.core import RMC, Mode, derive_seed, generator
+from rmc.defense.core import RMC, Mode, derive_seed, generator
 from rmc.errors import RMCError
 from rmc.models import extract_features
 

@@ -4,9 +4,9 @@ import argparse
 import sys
 import time
 
-from rmc.commands import model_and_split
+from rmc.cli.commands import model_and_split
 from rmc.errors import RMCError
-from rmc.evalsets import AttackSpec, make_eval_sets, parse_number, save_eval_sets
+from rmc.artifacts.evalsets import AttackSpec, make_eval_sets, parse_number, save_eval_sets
 from rmc.training import predict
 
 

@@ -4,17 +4,17 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from rmc.commands.augment import add_ray_arguments, check_ray_arguments
-from rmc.config import load_config, parse_override, to_dict
-from rmc.core import Bank
-from rmc.evalsets import load_eval_sets
+from rmc.cli.commands.augment import add_ray_arguments, check_ray_arguments
+from rmc.cli.config import load_config, parse_override, to_dict
+from rmc.defense.core import DPrime
+from rmc.artifacts.evalsets import load_eval_sets
 from rmc.evaluation.report import Table
-from rmc.evaluation.runner import BaseModel, check_batch, evaluate, online_streams
-from rmc.featurestore import load_features, store_source
+from rmc.evaluation.driver import BaseModel, check_batch, evaluate, online_streams
+from rmc.artifacts.features import load_features, store_source
 from rmc.io import write_json, write_text
 from rmc.models import default_layer, load_checkpoint
-from rmc.pipeline import ensure_features
-from rmc.store import open_store
+from rmc.cli.pipeline import ensure_features
+from rmc.artifacts.dprime import open_dprime_store
 
 
 def add_attack_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,7 @@ def add_attack_arguments(p: argparse.ArgumentParser) -> None:
 def add_batch_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, metavar="B",
                    help="episodic mode: adapt B inputs at once, with the same results (one worker per core on a "
-                        "CPU, one vectorised model on a GPU; see rmc.batched). Default: %(default)s")
+                        "CPU, one vectorised model on a GPU; see rmc.defense.batched). Default: %(default)s")
 
 
 def add_shared_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +45,7 @@ def add_shared_arguments(p: argparse.ArgumentParser) -> None:
 
 def attack_overrides(args) -> list[tuple[str, object]]:
     from rmc.errors import RMCError
-    from rmc.evalsets import parse_number
+    from rmc.artifacts.evalsets import parse_number
     out: list[tuple[str, object]] = []
     if args.attacks:
         if "none" in args.attacks and len(args.attacks) > 1:
@@ -87,10 +87,10 @@ def main(args) -> int:
     overrides += attack_overrides(args)
     cfg = load_config(args.config, args.preset, overrides)
     check_batch(args.batch, cfg.rmc, args.ray, args.shards)   # before features are computed, not after
-    store = open_store(args.store)
+    store = open_dprime_store(args.store)
     model, info = load_checkpoint(args.model)
     sets = load_eval_sets(args.evalsets, args.sets)
-    from rmc.evaluation.adaptive import attack_table, clean_set, evaluate_attacks, wants_attack_rows
+    from rmc.evaluation.attack_rows import attack_table, clean_set, evaluate_attacks, wants_attack_rows
     attack_rows = not args.no_rmc and wants_attack_rows(cfg.adaptive)
     if attack_rows:
         clean_set(sets)   # refuse now, not after the long evaluation, if the attack rows cannot run
@@ -101,8 +101,8 @@ def main(args) -> int:
     else:
         feats = ensure_features(model, info, layer, store, out / f"features-{args.name}.npy")
     base = BaseModel(args.name, model, info.sha256, layer, feats)
-    bank = Bank(store.images, store.labels, store.copy, store.copy_names)
-    results = evaluate([base], bank, sets, cfg.rmc, out / "results", info.num_classes, n=args.n,
+    dprime = DPrime(store.images, store.labels, store.copy, store.copy_names)
+    results = evaluate([base], dprime, sets, cfg.rmc, out / "results", info.num_classes, n=args.n,
                        with_rmc=not args.no_rmc, ray=args.ray, workers=args.workers, shards=args.shards,
                        batch=args.batch)
     notes = {s.name: "clean" if s.attack.get("kind") == "clean" else "transfer" for s in sets}
@@ -111,7 +111,7 @@ def main(args) -> int:
         acfg = cfg.adaptive
         if args.n is not None and (acfg.n is None or acfg.n > args.n):
             acfg = dataclasses.replace(acfg, n=args.n)   # the attack rows never use more inputs than the others
-        rows = evaluate_attacks(base, bank, sets, cfg.rmc, acfg, out / "results", info.num_classes,
+        rows = evaluate_attacks(base, dprime, sets, cfg.rmc, acfg, out / "results", info.num_classes,
                                 results[args.name].get("clean"))
         table.appendix.append(attack_table({args.name: rows}))
     write_json(out / "results.json", {"rmc": to_dict(cfg.rmc), "adaptive": to_dict(cfg.adaptive),

@@ -15,7 +15,7 @@ It is built in `<out>.partial/` and renamed to `<out>` when the last chunk is wr
 chunk index), so chunks can run in any order, on any worker, and a killed build resumes to byte-identical output.
 
 Ray-style backends: `StoreWriter.prepare` (driver) -> `writer.pending()` -> `run_chunk` (anywhere; no file I/O) ->
-`writer.write_chunk` (driver) -> `writer.finalize()`. `build_augmented` is that loop run in-process.
+`writer.write_chunk` (driver) -> `writer.finalize()`. `build_dprime_store` is that loop run in-process.
 """
 
 from __future__ import annotations
@@ -362,7 +362,7 @@ class StoreWriter:
         self.done.add(task.index)
         write_json(self.partial / PROGRESS, {"done": sorted(self.done), "total": len(self.tasks)})
 
-    def finalize(self) -> "AugmentedStore":
+    def finalize(self) -> "DPrimeStore":
         """Hash the files into the manifest and rename `<out>.partial` to `<out>`."""
         if not self.complete:
             missing = len(self.pending())
@@ -377,7 +377,7 @@ class StoreWriter:
             if self.out.exists():
                 self.out.rmdir()   # an empty directory the user made; anything else was refused in prepare()
             os.replace(self.partial, self.out)
-        return open_store(self.out)
+        return open_dprime_store(self.out)
 
 
 def _check_model_and_data(info: ModelInfo, train: ImageDataset) -> None:
@@ -420,9 +420,9 @@ def _read_progress(partial: Path, total: int) -> set[int]:
     return set(done)
 
 
-def build_augmented(model: nn.Module, model_info: ModelInfo, train: ImageDataset, out_dir: str | Path,
+def build_dprime_store(model: nn.Module, model_info: ModelInfo, train: ImageDataset, out_dir: str | Path,
                     config: AugmentConfig = AugmentConfig(), progress: bool = True,
-                    on_chunk: Callable[[ChunkTask], None] | None = None) -> "AugmentedStore":
+                    on_chunk: Callable[[ChunkTask], None] | None = None) -> "DPrimeStore":
     """Build (or resume, or find finished) the augmented dataset D' of `train` against `model` in `out_dir`.
 
     `model_info` is the model's checkpoint metadata (its sha256 is recorded). `on_chunk(task)` is called after each
@@ -448,7 +448,7 @@ def build_augmented(model: nn.Module, model_info: ModelInfo, train: ImageDataset
 
 # ---------------------------------------------------------------- reading
 
-class AugmentedStore:
+class DPrimeStore:
     """A finished D' on disk. `images` is a uint8 N x C x H x W tensor backed by a memory map (never read whole);
     `labels` (int64, true labels), `copy` (int16), `source_index` (int64) are small and loaded."""
 
@@ -468,7 +468,7 @@ class AugmentedStore:
         return len(self.labels)
 
     def __repr__(self) -> str:
-        return (f"AugmentedStore({str(self.path)!r}, {len(self)} images, copies {self.copy_names}, "
+        return (f"DPrimeStore({str(self.path)!r}, {len(self)} images, copies {self.copy_names}, "
                 f"fingerprint {self.fingerprint[:12]})")
 
     @property
@@ -504,7 +504,7 @@ class AugmentedStore:
                                "delete it and re-run `rmc augment`")
 
 
-def open_store(path: str | Path) -> AugmentedStore:
+def open_dprime_store(path: str | Path) -> DPrimeStore:
     """Open a finished store read-only (memory-mapped); clear RMCError for missing, partial or damaged stores."""
     path = Path(path)
     if not (path / MANIFEST).exists():
@@ -536,7 +536,7 @@ def open_store(path: str | Path) -> AugmentedStore:
         if arr.dtype != DTYPES[name] or list(arr.shape) != list(want_shape):
             raise RMCError(f"store {path}: {FILES[name]} is {arr.dtype} {list(arr.shape)}, expected "
                            f"{np.dtype(DTYPES[name])} {want_shape}; delete the store and re-run `rmc augment`")
-    return AugmentedStore(path, manifest, arrays["images"], *(torch.from_numpy(arrays[k])
+    return DPrimeStore(path, manifest, arrays["images"], *(torch.from_numpy(arrays[k])
                                                               for k in ("labels", "copy", "source_index")))
 
 
@@ -557,6 +557,6 @@ def config_from_manifest(manifest: dict) -> AugmentConfig:
                          batch_size=a["batch_size"], train_subset=manifest["train_subset"])
 
 
-__all__ = ["AugmentConfig", "AugmentedStore", "ChunkTask", "StoreWriter", "build_augmented", "chunk_seed",
-           "chunk_tasks", "config_from_manifest", "copy_names", "fingerprint_of", "open_store", "partial_path",
+__all__ = ["AugmentConfig", "DPrimeStore", "ChunkTask", "StoreWriter", "build_dprime_store", "chunk_seed",
+           "chunk_tasks", "config_from_manifest", "copy_names", "fingerprint_of", "open_dprime_store", "partial_path",
            "quantize_within_eps", "run_chunk"]

@@ -4,9 +4,9 @@ Ray is an optional extra (`pip install rmc[ray]`); nothing here imports it until
 
 * `connect(address)` starts a local Ray (address None or "local") or joins an existing cluster ("auto",
   "HOST:6379", "ray://HOST:10001"). `session()` does the same and shuts down a Ray it started.
-* Augmentation: every PGD chunk of `rmc.store.chunk_tasks` is a Ray task that runs `run_chunk` on a worker and
+* Augmentation: every PGD chunk of `rmc.artifacts.dprime.chunk_tasks` is a Ray task that runs `run_chunk` on a worker and
   returns the chunk's uint8 images; the DRIVER writes them through `StoreWriter`, so the store, its manifest and
-  its resume points are exactly those of the single-process `build_augmented` (byte-identical for the same seed).
+  its resume points are exactly those of the single-process `build_dprime_store` (byte-identical for the same seed).
 * Evaluation: the baselines are computed on the driver (one batched neighbour search). RMC's per-input work is cut
   into tasks. Episodic mode: a task is a block of input positions; every input's randomness comes from its own key,
   so any split gives the single-process results. Online mode: the test stream of each evaluation set is cut into S
@@ -40,15 +40,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmc.core import RMC, Bank, Mode, RMCConfig
+from rmc.defense.core import RMC, DPrime, Mode, RMCConfig
 from rmc.data.base import ImageDataset
 from rmc.errors import RMCError
 from rmc.evaluation.records import RecordStream
-from rmc.evaluation.runner import BaseModel, NeighbourSearch, _digest, evaluate_set, stream_fingerprint
-from rmc.knn import NeighbourIndex
+from rmc.evaluation.driver import BaseModel, NeighbourSearch, _digest, evaluate_set, stream_fingerprint
+from rmc.defense.knn import NeighbourIndex
 from rmc.models import extract_features
 from rmc.models.checkpoint import ModelInfo
-from rmc.store import AugmentConfig, AugmentedStore, ChunkTask, StoreWriter, run_chunk
+from rmc.artifacts.dprime import AugmentConfig, DPrimeStore, ChunkTask, StoreWriter, run_chunk
 
 LOCAL = "local"            # --ray with no address: start a Ray on this machine
 MAX_RETRIES = 3            # Ray re-runs a task whose worker died this many times before giving up
@@ -277,11 +277,11 @@ def _augment_chunk(handles: tuple, task: ChunkTask, config: AugmentConfig) -> np
     return out.numpy()
 
 
-def build_augmented_distributed(model: nn.Module, model_info: ModelInfo, train: ImageDataset,
+def build_dprime_store_distributed(model: nn.Module, model_info: ModelInfo, train: ImageDataset,
                                 out_dir: str | Path, config: AugmentConfig = AugmentConfig(), progress: bool = True,
                                 on_chunk: Callable[[ChunkTask], None] | None = None, ray: str | None = LOCAL,
-                                workers: int | None = None) -> AugmentedStore:
-    """`rmc.store.build_augmented` with the PGD chunks run as Ray tasks (the clean copy is copied here).
+                                workers: int | None = None) -> DPrimeStore:
+    """`rmc.artifacts.dprime.build_dprime_store` with the PGD chunks run as Ray tasks (the clean copy is copied here).
 
     Same store, manifest and resume behaviour as the single-process build; chunks are written in the order they
     finish (each is flushed before progress.json records it).
@@ -346,9 +346,9 @@ class _Payload:
 
 
 def _build_rmc(p: _Payload) -> RMC:
-    bank = Bank(_get(p.images), torch.from_numpy(np.array(_get(p.labels))),
+    dprime = DPrime(_get(p.images), torch.from_numpy(np.array(_get(p.labels))),
                 torch.from_numpy(np.array(_get(p.copy))), list(p.copy_names))
-    return RMC(_get(p.model), bank, NeighbourIndex(_get(p.features)), p.cfg, p.layer)
+    return RMC(_get(p.model), dprime, NeighbourIndex(_get(p.features)), p.cfg, p.layer)
 
 
 def _rmc_segment(p: _Payload, set_name: str, positions: list[int], x: torch.Tensor, feats: np.ndarray,
@@ -419,7 +419,7 @@ def _auto_block(remaining: int, slots: int) -> int:
     return max(1, min(MAX_BLOCK, math.ceil(remaining / (4 * slots)))) if remaining else 1
 
 
-def _open_streams(base: BaseModel, bank: Bank, search: NeighbourSearch, eval_set, cfg: RMCConfig, out_dir: Path,
+def _open_streams(base: BaseModel, dprime: DPrime, search: NeighbourSearch, eval_set, cfg: RMCConfig, out_dir: Path,
                   n: int | None, shards: int) -> list[_Stream]:
     x = eval_set.images[:n]
     feats = extract_features(base.model, base.layer, x).numpy()
@@ -427,7 +427,7 @@ def _open_streams(base: BaseModel, bank: Bank, search: NeighbourSearch, eval_set
     job = _SetJob(eval_set.name, x, eval_set.labels[:n], eval_set.targets[:n] if eval_set.targets is not None
                   else None, feats, rows)
     folder = out_dir / base.name / eval_set.name
-    fp = stream_fingerprint(base, bank, eval_set, cfg, n)
+    fp = stream_fingerprint(base, dprime, eval_set, cfg, n)
     streams = []
     if cfg.mode is Mode.EPISODIC:
         rs = RecordStream(folder, "rmc", fp)
@@ -501,12 +501,12 @@ def _run_streams(ex, payload: _Payload, streams: list[_Stream], block: int | Non
         bar.close()
 
 
-def evaluate_distributed(bases: Sequence[BaseModel], bank: Bank, eval_sets: Sequence, cfg: RMCConfig,
+def evaluate_distributed(bases: Sequence[BaseModel], dprime: DPrime, eval_sets: Sequence, cfg: RMCConfig,
                          out_dir: str | Path, num_classes: int, n: int | None = None, with_rmc: bool = True,
                          progress: bool = True, ray: str | None = LOCAL, workers: int | None = None,
                          shards: int = 1, block: int | None = None,
                          on_record: Callable[[str, dict], None] | None = None) -> dict:
-    """`rmc.evaluation.runner.evaluate` with RMC's per-input work sharded over Ray (`ray` None: in this process).
+    """`rmc.evaluation.driver.evaluate` with RMC's per-input work sharded over Ray (`ray` None: in this process).
 
     Same return value and files as `evaluate`. Episodic: identical records to a single process for any split.
     Online: each set's stream is cut into `shards` contiguous streams with their own state (shards=1: identical
@@ -524,21 +524,21 @@ def evaluate_distributed(bases: Sequence[BaseModel], bank: Bank, eval_sets: Sequ
     ctx = session(ray, workers) if ray is not None else contextlib.nullcontext(1)
     with ctx as slots:
         for base in bases:
-            if len(base.features) != len(bank):
-                raise RMCError(f"{base.name}: {len(base.features)} feature rows but D' has {len(bank)} examples; "
+            if len(base.features) != len(dprime):
+                raise RMCError(f"{base.name}: {len(base.features)} feature rows but D' has {len(dprime)} examples; "
                                "the features belong to another store: re-run `rmc features`")
-            if with_rmc and cfg.k > len(bank):
-                raise RMCError(f"rmc.k = {cfg.k} exceeds |D'| = {len(bank)}; lower k")
-            search = NeighbourSearch(base.features, bank)
-            results[base.name] = {s.name: evaluate_set(base, bank, search, s, cfg, out_dir, num_classes, n, None,
+            if with_rmc and cfg.k > len(dprime):
+                raise RMCError(f"rmc.k = {cfg.k} exceeds |D'| = {len(dprime)}; lower k")
+            search = NeighbourSearch(base.features, dprime)
+            results[base.name] = {s.name: evaluate_set(base, dprime, search, s, cfg, out_dir, num_classes, n, None,
                                                        progress=False) for s in eval_sets}
             if not with_rmc:
                 continue
-            streams = [st for s in eval_sets for st in _open_streams(base, bank, search, s, cfg, out_dir, n, shards)]
+            streams = [st for s in eval_sets for st in _open_streams(base, dprime, search, s, cfg, out_dir, n, shards)]
             ex = RayExecutor(slots, capacity=workers) if ray is not None else InlineExecutor()
-            images = bank.images.numpy() if isinstance(bank.images, torch.Tensor) else np.asarray(bank.images)
-            payload = _Payload(ex.put(_cpu_model(base.model)), ex.put(images), ex.put(bank.labels.numpy()),
-                               ex.put(bank.copy.numpy()), tuple(bank.copy_names),
+            images = dprime.images.numpy() if isinstance(dprime.images, torch.Tensor) else np.asarray(dprime.images)
+            payload = _Payload(ex.put(_cpu_model(base.model)), ex.put(images), ex.put(dprime.labels.numpy()),
+                               ex.put(dprime.copy.numpy()), tuple(dprime.copy_names),
                                ex.put(np.ascontiguousarray(base.features, dtype=np.float32)), base.layer, cfg)
             where = f"{slots} Ray workers" if ray is not None else "in-process"
             try:
@@ -552,5 +552,5 @@ def evaluate_distributed(bases: Sequence[BaseModel], bank: Bank, eval_sets: Sequ
     return results
 
 
-__all__ = ["CRASH_ENV", "InlineExecutor", "LOCAL", "MAX_RETRIES", "RayExecutor", "build_augmented_distributed",
+__all__ = ["CRASH_ENV", "InlineExecutor", "LOCAL", "MAX_RETRIES", "RayExecutor", "build_dprime_store_distributed",
            "connect", "evaluate_distributed", "is_connected", "session", "stream_names"]

@@ -2,10 +2,10 @@
 case per input, for one base model (standard or adversarially trained), static and with RMC.
 
 - Transfer rows are crafted against the static model and fed to RMC (the original paper's setting).
-- Defense-aware rows attack RMC as it runs (rmc.attacks.adaptive): per input, rounds of PGD against the models
+- Defense-aware rows attack RMC as it runs (rmc.attacks.defense_aware): per input, rounds of PGD against the models
   RMC adapts into. The attack writes one record per input as it goes (`attack.jsonl` + the online state and the
   chosen images so far), so an interrupted run resumes from the last finished input. The chosen sequence is
-  then re-scored by a fresh RMC run (rmc.evaluation.runner.evaluate_set), and that is what the table shows.
+  then re-scored by a fresh RMC run (rmc.evaluation.driver.evaluate_set), and that is what the table shows.
 
 Layout under the results directory:
     <base>/attack-sets/            the crafted inputs (evaluation-set format: reusable by `rmc evaluate`)
@@ -23,14 +23,14 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from rmc.attacks.adaptive import LABELS, AdaptiveConfig, attack_input, initial_candidates
-from rmc.core import RMC, Bank, Mode, RMCConfig
+from rmc.attacks.defense_aware import LABELS, AdaptiveConfig, attack_input, initial_candidates
+from rmc.defense.core import RMC, DPrime, Mode, RMCConfig
 from rmc.errors import RMCError
-from rmc.evalsets import EvalSet, list_eval_sets, load_eval_sets, save_eval_sets
+from rmc.artifacts.evalsets import EvalSet, list_eval_sets, load_eval_sets, save_eval_sets
 from rmc.evaluation.records import RecordStream
 from rmc.evaluation.report import Table, cell_from_records, row_label
-from rmc.evaluation.runner import BaseModel, NeighbourSearch, _digest, evaluate_set
-from rmc.featurestore import evalset_source
+from rmc.evaluation.driver import BaseModel, NeighbourSearch, _digest, evaluate_set
+from rmc.artifacts.features import evalset_source
 
 TRANSFER, AWARE, WORST = "transfer", "defense-aware", "worst case"
 
@@ -98,15 +98,15 @@ def _cached_set(folder: Path, name: str, base: BaseModel, meta: dict) -> EvalSet
     return s
 
 
-def _run_defense_aware(kind: str, set_name: str, base: BaseModel, bank: Bank, search: NeighbourSearch,
+def _run_defense_aware(kind: str, set_name: str, base: BaseModel, dprime: DPrime, search: NeighbourSearch,
                        x: torch.Tensor, y: torch.Tensor, initial: torch.Tensor, cfg: RMCConfig,
                        acfg: AdaptiveConfig, folder: Path, source: str,
                        progress: bool) -> tuple[torch.Tensor, list[dict]]:
     """Attack the stream `x` against a fresh online/episodic RMC, resumably. Returns (chosen images, records)."""
     n = len(x)
     settings = {k: v for k, v in asdict(acfg).items() if k not in ("attacks", "autoattack", "transfer_pgd", "n")}
-    fp = _digest(base.sha256, base.layer, asdict(cfg), settings, kind, source, n, len(bank))
-    rmc = RMC(base.model, bank, search.all, cfg, base.layer)
+    fp = _digest(base.sha256, base.layer, asdict(cfg), settings, kind, source, n, len(dprime))
+    rmc = RMC(base.model, dprime, search.all, cfg, base.layer)
     stream = RecordStream(folder, "attack", fp)
     adv = x.clone()
     state = stream.load_state()
@@ -136,7 +136,7 @@ def _run_defense_aware(kind: str, set_name: str, base: BaseModel, bank: Bank, se
     return adv, stream.records
 
 
-def evaluate_attacks(base: BaseModel, bank: Bank, sets: Sequence[EvalSet], cfg: RMCConfig, acfg: AdaptiveConfig,
+def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], cfg: RMCConfig, acfg: AdaptiveConfig,
                      out_dir: str | Path, num_classes: int, clean_records: dict[str, list[dict]] | None = None,
                      progress: bool = True, log: Callable[[str], None] = print) -> list[AttackRow]:
     """The attack rows for one base model, in table order, ending with the worst case per input.
@@ -151,15 +151,15 @@ def evaluate_attacks(base: BaseModel, bank: Bank, sets: Sequence[EvalSet], cfg: 
         raise RMCError(f"the clean results cover fewer than the {n} inputs of the attack rows; "
                        "set adaptive.n to at most the number of evaluated inputs")
     x, y = clean.images[:n], clean.labels[:n]
-    search = NeighbourSearch(base.features, bank)
+    search = NeighbourSearch(base.features, dprime)
     names, labels = set_names(acfg), row_labels(acfg, n)
     sets_dir = out_dir / base.name / "attack-sets"
     base.model.eval()
     rows: list[AttackRow] = []
 
     def score(s: EvalSet) -> dict[str, list[dict]]:
-        rmc = RMC(base.model, bank, search.all, cfg, base.layer)   # a fresh RMC run over the set
-        res = evaluate_set(base, bank, search, s, cfg, out_dir, num_classes, None, rmc, progress)
+        rmc = RMC(base.model, dprime, search.all, cfg, base.layer)   # a fresh RMC run over the set
+        res = evaluate_set(base, dprime, search, s, cfg, out_dir, num_classes, None, rmc, progress)
         return {"undefended": res["undefended"], "rmc": res["rmc"]}
 
     def ensure(name: str, meta: dict, make: Callable[[], torch.Tensor]) -> EvalSet:
@@ -199,7 +199,7 @@ def evaluate_attacks(base: BaseModel, bank: Bank, sets: Sequence[EvalSet], cfg: 
         attack_records: list[dict] = []
 
         def make(kind=kind, name=name):
-            adv, recs = _run_defense_aware(kind, name, base, bank, search, x, y, pgd_set.images, cfg, acfg,
+            adv, recs = _run_defense_aware(kind, name, base, dprime, search, x, y, pgd_set.images, cfg, acfg,
                                            out_dir / base.name / name, evalset_source(clean), progress)
             attack_records.extend(recs)
             return adv

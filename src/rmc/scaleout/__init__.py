@@ -1,0 +1,1 @@
+"""Scale-out: running the jobs' tasks in this process or on Ray."""
