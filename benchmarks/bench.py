@@ -53,7 +53,8 @@ from reference import NaiveRMC, naive_knn  # noqa: E402
 from rmc.defense import kernels  # noqa: E402
 from rmc.attacks import pgd  # noqa: E402
 from rmc.defense.batched import BatchedEpisodic  # noqa: E402
-from rmc.defense.core import RMC, PhaseTimer, RMCConfig  # noqa: E402
+from rmc.defense import RMC, RMCConfig, build_rmc  # noqa: E402
+from rmc.defense.profiling import PhaseTimer  # noqa: E402
 from rmc.defense.knn import NeighbourIndex  # noqa: E402
 
 ALL_SECTIONS = ("matmul", "search", "latency", "ablation", "scopes", "threads", "batched", "memory")
@@ -165,14 +166,7 @@ def section_search(args, out, feats, q_all):
 # ------------------------------------------------------------------------------------------------ latency
 def step_flops(rmc: RMC, x, feats) -> float:
     """FLOPs of one full RMC step (adaptation, prediction, calibration), counted on a copy of `rmc`."""
-    r = copy.copy(rmc)
-    r.model = copy.deepcopy(rmc.model)
-    names = {id(p) for p in rmc.params}
-    r.params = [p for (n, p), (_, q) in zip(r.model.named_parameters(), rmc.model.named_parameters()) if id(q) in names]
-    r._head = None
-    from rmc.defense.fastpath import fast_forward
-    r._forward = fast_forward(r.model) if rmc._forward is not rmc.model else r.model
-    r.timer = None
+    r = rmc.clone()
     with FlopCounterMode(display=False) as fc:
         r.step(x, feats, key=("flops", 0))
     return float(fc.get_total_flops())
@@ -224,16 +218,16 @@ def section_latency(args, out, model, bank_run, feats_run, x, y, q):
     index = NeighbourIndex(feats_run)
     images, labels = bank_run.images.numpy(), bank_run.labels.numpy()
     ref = NaiveRMC(model, images, labels, feats_run, cfg, seed=0)
-    variants = {"rmc-fp32": RMC(model, bank_run, index, cfg, LAYER),
-                "rmc-bf16": RMC(model, bank_run, index, run_cfg(precision="bf16"), LAYER)}
+    variants = {"rmc-fp32": build_rmc(model, bank_run, index, cfg, LAYER),
+                "rmc-bf16": build_rmc(model, bank_run, index, run_cfg(precision="bf16"), LAYER)}
     for r in variants.values():
-        r.timer = PhaseTimer()
+        r.profile = PhaseTimer()
     impls = {"reference": lambda xi, fi, i: ref.step(xi, fi), **{k: rmc_impl(r) for k, r in variants.items()}}
     log(f"[latency] online RMC, default-run settings ({settings_text()}), |D'| = {len(bank_run):,}, {n} inputs ...")
     res = run_interleaved(impls, x, y, q, n, "latency")
     peak = out.get("matmul_flops", {})
     for k, r in variants.items():
-        t = r.timer
+        t = r.profile
         flops = step_flops(r, x[:1], q[:1])
         passes, total = t.passes() / t.steps, t.total() / t.steps
         res[k]["profile_s_per_input"] = {p: s / t.steps for p, s in t.summary().items()}
@@ -267,9 +261,9 @@ def section_latency(args, out, model, bank_run, feats_run, x, y, q):
 def section_ablation(args, out, model, bank_run, feats_run, x, y, q):
     n = SIZES["ablation_inputs"][args.full]
     index = NeighbourIndex(feats_run)
-    variants = {"fast-path": RMC(model, bank_run, index, run_cfg(), LAYER),
-                "fast-path-no-kernels": RMC(model, bank_run, index, run_cfg(), LAYER),
-                "plain-model": RMC(model, bank_run, index, run_cfg(fast_path=False), LAYER)}
+    variants = {"fast-path": build_rmc(model, bank_run, index, run_cfg(), LAYER),
+                "fast-path-no-kernels": build_rmc(model, bank_run, index, run_cfg(), LAYER),
+                "plain-model": build_rmc(model, bank_run, index, run_cfg(fast_path=False), LAYER)}
     impls = {k: rmc_impl(v) for k, v in variants.items()}
     impls["fast-path-no-kernels"] = without_kernels(impls["fast-path-no-kernels"])
     log(f"[ablation] rmc fp32 with the fast path (with / without its C kernels) and without it, {n} inputs ...")
@@ -291,7 +285,7 @@ def step_breakdown(model, xb: torch.Tensor) -> dict:
     from torch.nn import Conv2d
     from torch.nn import functional as F
 
-    from rmc.defense.core import configure_model
+    from rmc.defense.scope import configure_model
     from rmc.defense.fastpath import fast_forward
     net = configure_model(copy.deepcopy(model))
     params = [p for p in net.parameters() if p.requires_grad]
@@ -340,8 +334,8 @@ def section_scopes(args, out, model, bank_run, feats_run, x, y, q, x_adv, q_adv)
     index = NeighbourIndex(feats_run)
     res = {}
     for name, xs, qs in (("clean", x, q), ("pgd10", x_adv, q_adv)):
-        variants = {s: RMC(model, bank_run, index, run_cfg(scope=s), LAYER) for s in ("all", "head", "bn")}
-        variants["head-uncached"] = RMC(model, bank_run, index, run_cfg(scope="head",
+        variants = {s: build_rmc(model, bank_run, index, run_cfg(scope=s), LAYER) for s in ("all", "head", "bn")}
+        variants["head-uncached"] = build_rmc(model, bank_run, index, run_cfg(scope="head",
                                                                           cache_head_inputs=False), LAYER)
         log(f"[scopes] {name}: scope all / head / bn (+ head without cached inputs), {n} inputs ...")
         r = run_interleaved({k: rmc_impl(v) for k, v in variants.items()}, xs, y, qs, n, f"scopes {name}")
@@ -360,8 +354,8 @@ def section_threads(args, out, model, bank_run, feats_run, x, y, q):
     index = NeighbourIndex(feats_run)
     res = {}
     for prec in ("fp32", "bf16"):
-        r = RMC(model, bank_run, index, run_cfg(precision=prec), LAYER)
-        r2 = RMC(model, bank_run, index, run_cfg(precision=prec), LAYER)
+        r = build_rmc(model, bank_run, index, run_cfg(precision=prec), LAYER)
+        r2 = build_rmc(model, bank_run, index, run_cfg(precision=prec), LAYER)
         times = {1: [], 2: []}
         for i in range(n):
             for t, rr in ((1, r), (2, r2)) if i % 2 == 0 else ((2, r2), (1, r)):
@@ -381,9 +375,9 @@ def section_batched(args, out, model, bank_run, feats_run, x, y, q):
     b, rounds = args.batch, SIZES["batched_rounds"][args.full]
     index = NeighbourIndex(feats_run)
     cfg = run_cfg(mode="episodic")
-    one = RMC(model, bank_run, index, cfg, LAYER)
-    batched = BatchedEpisodic(RMC(model, bank_run, index, cfg, LAYER), backend="threads", intra_op_threads=1)
-    vm = BatchedEpisodic(RMC(model, bank_run, index, cfg, LAYER), backend="vmap")
+    one = build_rmc(model, bank_run, index, cfg, LAYER)
+    batched = BatchedEpisodic(build_rmc(model, bank_run, index, cfg, LAYER), backend="threads", intra_op_threads=1)
+    vm = BatchedEpisodic(build_rmc(model, bank_run, index, cfg, LAYER), backend="vmap")
     keys = list(range(b))
     timings = {"one_at_a_time_1thread": [], "one_at_a_time_2threads": [], "batched_threads": [], "batched_vmap": []}
     preds = {}

@@ -45,7 +45,7 @@ def main():
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import DEFAULT_RUN, LAYER, get_model, make_bank, run_cfg, test_inputs
 
-    from rmc.defense.core import RMC
+    from rmc.defense import build_rmc
     from rmc.defense.knn import NeighbourIndex
     stages = {"start": rss_mb()}
     peaks = {}
@@ -66,7 +66,7 @@ def main():
     rows = index.search(q, DEFAULT_RUN["k"])[1]
     stages["searched"] = rss_mb()
     peaks["searched"] = peak_rss_mb()
-    rmc = RMC(model, dprime, index, run_cfg(), LAYER)
+    rmc = build_rmc(model, dprime, index, run_cfg(), LAYER)
     for i in range(args.steps):
         rmc.step(x[i:i + 1], q[i:i + 1], key=i, rows=rows[i])
     stages["after_steps"] = rss_mb()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rmc.defense.core import DPrime
+from rmc.defense.dprime import DPrime
 from rmc.data import load_dataset
 from rmc.models import build_model, extract_features
 

@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
-from rmc.attacks.defense_aware import (AdaptedModels, AdaptiveConfig, attack_input, attack_stream, commit, ensemble_loss,
-                                  initial_candidates, restore_state, save_state, trial)
+from rmc.attacks.defense_aware import (AdaptedModels, AdaptiveConfig, attack_input, attack_stream, ensemble_loss,
+                                       initial_candidates)
 from rmc.attacks.autoattack import autoattack
 from rmc.cli.config import load_config
-from rmc.defense.core import RMC, RMCConfig
+from rmc.defense import build_rmc
+from rmc.defense.config import RMCConfig
 from rmc.errors import RMCError
 from rmc.artifacts.evalsets import EvalSet
 from rmc.evaluation import attack_rows as ev
@@ -34,7 +35,7 @@ def broken(tiny_trained):
 def _rmc(model, dprime, feats, **kw):
     cfg = RMCConfig(**{"k": 128, "lr": 1e-2, "max_epochs": 10, "patience": 3, "batch_size": 32, "calib_k": 96,
                        "calib_flip": False, **kw})
-    return RMC(model, dprime, NeighbourIndex(feats), cfg, "block3")
+    return build_rmc(model, dprime, NeighbourIndex(feats), cfg, "block3")
 
 
 def _states_equal(a, b):
@@ -49,35 +50,41 @@ def _score(model, dprime, feats, images, keys, **kw):
 
 
 @pytest.mark.parametrize("mode", ["online", "episodic"])
-def test_trial_then_commit_is_exactly_one_rmc_step(tiny_trained, tiny_dprime, digits, mode):
-    # The attack's rounds skip calibration and finish only the chosen one; that must equal RMC.step bit for bit.
+def test_kept_trial_committed_after_other_trials_is_exactly_one_rmc_step(tiny_trained, tiny_dprime, digits, mode):
+    # The attack tries several candidates, restoring RMC in between, then commits the chosen one: that must equal
+    # RMC.step on the chosen input bit for bit.
     dprime, feats = tiny_dprime
-    x = digits[1].float_images()[:2]
+    x = digits[1].float_images()[:3]
     q = extract_features(tiny_trained, "block3", x).numpy()
     a, b = _rmc(tiny_trained, dprime, feats, mode=mode), _rmc(tiny_trained, dprime, feats, mode=mode)
     for i in range(2):
-        res = a.step(x[i:i + 1], q[i:i + 1], key=("s", i), keep_adapted=True)
-        t = trial(b, x[i:i + 1], q[i:i + 1], ("s", i))
-        assert t.logits.tolist() == res.logits and _states_equal(t.adapted, res.adapted_state)
-        calib = commit(b, t)
+        res = a.step(x[i:i + 1], q[i:i + 1], key=("s", i))
+        start = b.snapshot()
+        t = b.trial(x[i:i + 1], q[i:i + 1], ("s", i), keep=True)
+        b.restore(start)
+        other = b.trial(x[2:], q[2:], ("s", i), keep=True)          # another candidate, tried and undone
+        assert not _states_equal(t.adapted.weights, other.adapted.weights)
+        b.restore(start)
+        assert t.logits.tolist() == res.logits
+        calib = b.commit(t)
         assert calib == res.calib_epochs and b.steps_done == a.steps_done
         assert _states_equal(a.state_dict(), b.state_dict())
     assert mode == "episodic" or calib > 0
 
 
-def test_state_save_restore_is_exact(tiny_trained, tiny_dprime, digits):
+def test_state_snapshot_restore_is_exact(tiny_trained, tiny_dprime, digits):
     dprime, feats = tiny_dprime
     x = digits[1].float_images()[:2]
     q = extract_features(tiny_trained, "block3", x).numpy()
     r = _rmc(tiny_trained, dprime, feats)
     r.step(x[:1], q[:1], key=0)                     # a drifted online state, not the static one
     before = {k: v.clone() for k, v in r.model.state_dict().items()}
-    snap = save_state(r)
+    snap = r.snapshot()
     r.step(x[1:], q[1:], key=1)
     assert not _states_equal(before, r.model.state_dict()) and r.steps_done == 2
-    restore_state(r, snap)
+    r.restore(snap)
     assert _states_equal(before, r.model.state_dict()) and r.steps_done == 1
-    snap.state[next(iter(snap.state))].add_(1.0)   # the snapshot is a copy, not a view of the live weights
+    snap.weights[next(iter(snap.weights))].add_(1.0)   # the snapshot is a copy, not a view of the live weights
     assert _states_equal(before, r.model.state_dict())
 
 
@@ -139,9 +146,9 @@ def test_cross_entropy_gradient_vanishes_on_an_overconfident_adapted_model_margi
     x = digits[1].float_images()[:1]
     y = digits[1].labels[:1]
     r = _rmc(broken, dprime, feats, mode="episodic")
-    t = trial(r, x, extract_features(broken, "block3", x).numpy(), 0)
+    t = r.trial(x, extract_features(broken, "block3", x).numpy(), 0, keep=True)
     assert int(t.logits.argmax()) == int(y)
-    model = AdaptedModels(r.model, [t.adapted])
+    model = AdaptedModels(r.model, [t.adapted.weights])
     grads = {}
     for loss in ("ce", "margin"):
         xg = x.clone().requires_grad_(True)

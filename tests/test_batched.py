@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from rmc.defense.batched import BatchedEpisodic
-from rmc.defense.core import RMC, RMCConfig
+from rmc.defense import RMCConfig, build_rmc
 from rmc.errors import RMCError
 from rmc.defense.knn import NeighbourIndex
 from rmc.models import extract_features
@@ -15,7 +15,7 @@ def _setup(tiny_trained, tiny_dprime, digits, n=5, **kw):
     x = digits[1].float_images()[:n]
     q = extract_features(tiny_trained, "block3", x).numpy()
     cfg = RMCConfig(**{"k": 64, "lr": 1e-3, "max_epochs": 3, "patience": 2, "batch_size": 24, "mode": "episodic", **kw})
-    return RMC(tiny_trained, dprime, NeighbourIndex(feats), cfg, "block3"), x, q
+    return build_rmc(tiny_trained, dprime, NeighbourIndex(feats), cfg, "block3"), x, q
 
 
 @pytest.mark.parametrize("backend", ["threads", "vmap"])

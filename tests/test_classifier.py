@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from rmc.attacks.defense_aware import trial
 from rmc.defense.classifier import RMCClassifier
-from rmc.defense.core import RMC, RMCConfig
+from rmc.defense import RMCConfig, build_rmc
 from rmc.errors import RMCError
 from rmc.defense.knn import NeighbourIndex
 from rmc.models import extract_features
@@ -30,7 +29,7 @@ def _clf(model, tiny_dprime, stateful=False, **kw):
     dprime, feats = tiny_dprime
     cfg = RMCConfig(**{"k": 64, "lr": 1e-2, "max_epochs": 4, "patience": 2, "batch_size": 32, "calib_k": 64,
                        "calib_flip": False, **kw})
-    return RMCClassifier(RMC(model, dprime, NeighbourIndex(feats), cfg, "block3"), model, "block3", stateful=stateful)
+    return RMCClassifier(build_rmc(model, dprime, NeighbourIndex(feats), cfg, "block3"), model, "block3", stateful=stateful)
 
 
 def _state(clf):
@@ -47,7 +46,7 @@ def test_forward_runs_the_defense(broken, tiny_dprime, digits):
     assert (broken(x).argmax(1) == y).float().mean() < 0.2
     assert (logits.argmax(1) == y).float().mean() >= 0.8      # the adapted networks classify, not the static one
     q = extract_features(broken, "block3", x[:1]).numpy()
-    assert torch.allclose(logits[0], trial(clf.rmc, x[:1], q, "classifier").logits, atol=1e-6)
+    assert torch.allclose(logits[0], clf.rmc.trial(x[:1], q, "classifier").logits, atol=1e-6)
 
 
 def test_stateless_is_a_deterministic_function_stateful_is_the_online_stream(tiny_trained, tiny_dprime, digits):
@@ -87,7 +86,7 @@ def test_gradient_is_the_adapted_networks_and_forward_calls_backward(tiny_traine
     (g,) = torch.autograd.grad(out[0, 3], x)
     q = extract_features(tiny_trained, "block3", x.detach()).numpy()
     adapted = copy.deepcopy(tiny_trained)
-    adapted.load_state_dict(trial(clf.rmc, x.detach(), q, "classifier").adapted)
+    adapted.load_state_dict(clf.rmc.trial(x.detach(), q, "classifier", keep=True).adapted.weights)
     clf.rmc.reset()
     x2 = x.detach().clone().requires_grad_(True)
     (g2,) = torch.autograd.grad(adapted.eval()(x2)[0, 3], x2)

@@ -7,7 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from rmc.defense.core import RMC, Mode, RMCConfig, Scope, collect_params, configure_model, fine_tune, split_neighbours
+from rmc.defense import build_rmc
+from rmc.defense.config import Mode, RMCConfig, Scope
+from rmc.defense.core import fine_tune, split_neighbours
+from rmc.defense.scope import collect_params, configure_model
 from rmc.errors import RMCError
 from rmc.defense.knn import NeighbourIndex
 from rmc.models import extract_features
@@ -69,8 +72,7 @@ def test_validation_skipped_only_where_it_cannot_change_the_result():
             return model(inp)
         cfg = RMCConfig(k=64, lr=0.05, batch_size=16, max_epochs=max_epochs, patience=patience,
                         restore_best=restore_best)
-        res = fine_tune(model, list(model.parameters()), x, y, x[:10], y[:10], cfg, torch.Generator().manual_seed(0),
-                        forward=forward)
+        res = fine_tune(forward, list(model.parameters()), x, y, x[:10], y[:10], cfg, torch.Generator().manual_seed(0))
         return res, seen.count(10), model.fc.weight.detach().clone()
 
     skipped, n_val, w_skipped = fit(patience=5, max_epochs=3)        # cannot stop before the last epoch
@@ -84,7 +86,7 @@ def test_validation_skipped_only_where_it_cannot_change_the_result():
 
 def _rmc(model, dprime, feats, **kw):
     cfg = RMCConfig(**{"k": 64, "lr": 1e-3, "max_epochs": 3, "patience": 2, "batch_size": 32, **kw})
-    return RMC(model, dprime, NeighbourIndex(feats), cfg, "block3")
+    return build_rmc(model, dprime, NeighbourIndex(feats), cfg, "block3")
 
 
 def test_configure_model_freezes_batchnorm_statistics(tiny_trained):

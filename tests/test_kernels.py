@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rmc.defense import kernels
-from rmc.defense.core import configure_model
+from rmc.defense.scope import configure_model
 from rmc.defense.fastpath import ConvPoolRelu, ConvReluGap, FoldedConvBN, _PoolReluKernel, _ReluGapKernel, fast_forward
 from rmc.models import build_model
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,9 +36,12 @@ from torch.func import functional_call
 
 from rmc.attacks.gradient import check_attack_settings, pgd
 from rmc.checks import check_positive
-from rmc.defense.core import RMC, Mode, derive_seed, generator
 from rmc.errors import RMCError
 from rmc.models import extract_features
+from rmc.seeding import derive_seed
+
+if TYPE_CHECKING:   # the attack drives an RMC through its public methods only
+    from rmc.defense.core import RMC, Trial
 
 KINDS = ("fpa", "gmsa-avg", "gmsa-min")
 LOSSES = ("ce", "margin")
@@ -92,57 +95,6 @@ def check_kind(kind: str) -> str:
     if kind not in KINDS:
         raise RMCError(f"unknown defense-aware attack {kind!r}; choose from {', '.join(KINDS)}")
     return kind
-
-
-# -- RMC's state, exactly ---------------------------------------------------------------------------------------
-@dataclass
-class Snapshot:
-    """Everything of an RMC instance that one step changes: its weights (and buffers) and its step count."""
-    state: dict[str, torch.Tensor]
-    steps_done: int
-
-
-def save_state(rmc: RMC) -> Snapshot:
-    return Snapshot(rmc.state_dict(), rmc.steps_done)
-
-
-def restore_state(rmc: RMC, snap: Snapshot) -> None:
-    rmc.load_state_dict(snap.state)
-    rmc.steps_done = snap.steps_done
-
-
-@dataclass
-class Trial:
-    """RMC's verdict on one candidate, before calibration, and what is needed to carry on from it."""
-    logits: torch.Tensor                 # (classes,) of the adapted model on the candidate
-    adapted: dict[str, torch.Tensor]     # the adapted weights
-    adapt_epochs: int
-    gen_state: torch.Tensor              # the step's random generator after adaptation (calibration continues it)
-
-
-def trial(rmc: RMC, x: torch.Tensor, features: np.ndarray, key) -> Trial:
-    """The first half of `RMC.step` (neighbours, adaptation, prediction) without calibration, so that rounds do
-    not pay for a calibration they throw away. `commit` finishes it; together they equal `rmc.step` exactly
-    (tests/test_adaptive.py checks this, so a change of `RMC.step` cannot slip by)."""
-    gen = generator(rmc.cfg.seed, "step", key)
-    if rmc.cfg.mode is Mode.EPISODIC:
-        rmc.reset()
-    rows = rmc.neighbours(features)[0]
-    fit = rmc.adapt(rows, gen)
-    logits = rmc.predict(x)[0]
-    return Trial(logits, rmc.state_dict(), fit.epochs, gen.get_state())
-
-
-def commit(rmc: RMC, t: Trial) -> int:
-    """Finish the step of trial `t`: its adapted weights, then (online) calibration. Returns calibration epochs."""
-    rmc.load_state_dict(t.adapted)
-    calib = 0
-    if rmc.cfg.mode is Mode.ONLINE and rmc.cfg.calibrate:
-        gen = torch.Generator()
-        gen.set_state(t.gen_state)
-        calib = rmc.calibrate(gen).epochs
-    rmc.steps_done += 1
-    return calib
 
 
 # -- losses over the set of adapted models ---------------------------------------------------------------------
@@ -237,7 +189,7 @@ def attack_input(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor,
     t0 = time.perf_counter()
     step = cfg.resolved_step_size
     label = torch.tensor([int(y)])
-    start = save_state(rmc)
+    start = rmc.snapshot()
     models: list[dict[str, torch.Tensor]] = []
     rounds: list[RoundInfo] = []
     best: tuple[float, int, torch.Tensor, Trial] | None = None
@@ -257,17 +209,17 @@ def attack_input(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor,
                            random_start=True, generator=gen, loss_fn=ensemble_loss(kind, cfg.loss))
         cand = cand.detach()
         feats = extract_features(static_model, layer, cand).numpy()
-        t = trial(rmc, cand, feats, key if cfg.seed_known else ("attacker", key, r))
-        models.append(t.adapted)
+        t = rmc.trial(cand, feats, key if cfg.seed_known else ("attacker", key, r), keep=True)
+        models.append(t.adapted.weights)
         m = margin(t.logits, int(y))
         rounds.append(RoundInfo(r, target, int(t.logits.argmax()), m, t.adapt_epochs))
         if best is None or m < best[0]:
             best = (m, r, cand, t)
-        restore_state(rmc, start)
+        rmc.restore(start)
         if m < 0:
             break   # RMC got it wrong: that is the worst case
     _, chosen, cand, t = best
-    calib = commit(rmc, t)
+    calib = rmc.commit(t)
     return InputResult(cand, int(t.logits.argmax()), t.logits.tolist(), chosen, rounds, calib,
                        time.perf_counter() - t0)
 

@@ -1,7 +1,8 @@
 """The defense: the RMC algorithm (core), neighbour search, the fine-tuning fast path, batched and nn.Module forms."""
 
+from rmc.defense.config import Mode, RMCConfig, Scope
+from rmc.defense.core import RMC, StepResult, Trial
+from rmc.defense.dprime import DPrime
+from rmc.defense.forwards import build_rmc
 
-def build_rmc(model, dprime, index, config, feature_layer=None):
-    """An `RMC` over `model` with the fine-tuning forward its config asks for (fast path, cached head inputs)."""
-    from rmc.defense.core import RMC
-    return RMC(model, dprime, index, config, feature_layer)
+__all__ = ["DPrime", "Mode", "RMC", "RMCConfig", "Scope", "StepResult", "Trial", "build_rmc"]

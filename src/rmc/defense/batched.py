@@ -21,7 +21,6 @@ Two ways to run the B fine-tunings:
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from rmc.defense.core import RMC, Mode, StepResult, generator, split_neighbours
+from rmc.defense.config import Mode
+from rmc.defense.core import RMC, StepResult, split_neighbours
+from rmc.seeding import generator
 from rmc.errors import RMCError
 
 BACKENDS = ("auto", "vmap", "threads")
@@ -73,17 +74,7 @@ class BatchedEpisodic:
     # -- threads --------------------------------------------------------------------------------------
     def _clone(self) -> RMC:
         """Another RMC sharing D', the index and the static weights, with its own model copy."""
-        r = copy.copy(self.rmc)
-        r.model = copy.deepcopy(self.rmc.model)
-        r.params = [dict(r.model.named_parameters())[n] for n, p in self.rmc.model.named_parameters()
-                    if any(p is q for q in self.rmc.params)]
-        r.cfg = copy.copy(self.rmc.cfg)
-        r.cfg.mode = Mode.EPISODIC
-        r.timer = None
-        r._forward, r._head = r.model, None
-        if self.rmc._forward is not self.rmc.model or self.rmc._head is not None:
-            _rebuild_fast_parts(r, self.rmc)
-        return r
+        return self.rmc.clone(mode=Mode.EPISODIC)
 
     def _run_threads(self, x: torch.Tensor, rows: np.ndarray, keys: list) -> list[StepResult]:
         w = max(1, min(self.workers, len(x)))
@@ -172,7 +163,7 @@ class BatchedEpisodic:
             logits = vmap(logits_of)(params, x.to(device)[:, None])[:, 0]
         out = []
         for i in range(b):
-            out.append(StepResult(int(logits[i].argmax()), logits[i].tolist(), rows[i], int(epochs[i]), 0, None))
+            out.append(StepResult(int(logits[i].argmax()), logits[i].tolist(), rows[i], int(epochs[i]), 0))
         return out
 
 
@@ -197,19 +188,6 @@ class _StackedAdam:
             update = (m / denom) * (self.lr / c1)
             mask = active.view(-1, *([1] * (p.dim() - 1)))
             p.sub_(torch.where(mask, update, torch.zeros((), dtype=update.dtype, device=update.device)))
-
-
-def _rebuild_fast_parts(clone: RMC, original: RMC) -> None:
-    """Give a cloned RMC its own fast path / head cache over its own model copy."""
-    from rmc.defense.core import _HeadCache
-    from rmc.defense.fastpath import fast_forward
-    rows = np.unique(np.linspace(0, len(original.dprime) - 1, min(8, len(original.dprime))).astype(np.int64))
-    sample = original.dprime.gather(rows)[0].to(original.device)
-    if original._forward is not original.model:
-        clone._forward = fast_forward(clone.model, sample)
-    if original._head is not None:
-        clone._head = _HeadCache.build(clone.model, original.feature_layer, original.index, rows, sample,
-                                       original._forward is not original.model)
 
 
 __all__ = ["BACKENDS", "BatchedEpisodic"]

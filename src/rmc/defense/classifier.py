@@ -36,7 +36,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from rmc.attacks.defense_aware import restore_state, save_state, trial
 from rmc.defense.core import RMC
 from rmc.errors import RMCError
 from rmc.models import extract_features
@@ -90,14 +89,15 @@ class RMCClassifier(nn.Module):
             xi = xs[i:i + 1]
             with torch.enable_grad():   # the fine-tuning needs autograd even when the caller is under no_grad
                 if self.stateful:
-                    res = self.rmc.step(xi.detach(), feats[i:i + 1], keep_adapted=True)
-                    adapted = res.adapted_state
+                    t = self.rmc.trial(xi.detach(), feats[i:i + 1], keep=True)
+                    self.rmc.commit(t)
                 else:
-                    snap = save_state(self.rmc)
+                    snap = self.rmc.snapshot()
                     try:
-                        adapted = trial(self.rmc, xi.detach(), feats[i:i + 1], self.key).adapted
+                        t = self.rmc.trial(xi.detach(), feats[i:i + 1], self.key, keep=True)
                     finally:
-                        restore_state(self.rmc, snap)
+                        self.rmc.restore(snap)
+                adapted = t.adapted.weights
             # The adapted network's logits, differentiable in the input (the adaptation held fixed).
             out.append(functional_call(self.rmc.model, adapted, (xi,)))
             self.inputs_seen += 1

@@ -24,7 +24,9 @@ import torch
 from tqdm import tqdm
 
 from rmc.attacks.defense_aware import LABELS, AdaptiveConfig, attack_input, initial_candidates
-from rmc.defense.core import RMC, DPrime, Mode, RMCConfig
+from rmc.defense import build_rmc
+from rmc.defense.config import Mode, RMCConfig
+from rmc.defense.dprime import DPrime
 from rmc.errors import RMCError
 from rmc.artifacts.evalsets import EvalSet, list_eval_sets, load_eval_sets, save_eval_sets
 from rmc.evaluation.records import RecordStream
@@ -106,7 +108,7 @@ def _run_defense_aware(kind: str, set_name: str, base: BaseModel, dprime: DPrime
     n = len(x)
     settings = {k: v for k, v in asdict(acfg).items() if k not in ("attacks", "autoattack", "transfer_pgd", "n")}
     fp = _digest(base.sha256, base.layer, asdict(cfg), settings, kind, source, n, len(dprime))
-    rmc = RMC(base.model, dprime, search.all, cfg, base.layer)
+    rmc = build_rmc(base.model, dprime, search.all, cfg, base.layer)
     stream = RecordStream(folder, "attack", fp)
     adv = x.clone()
     state = stream.load_state()
@@ -158,7 +160,7 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
     rows: list[AttackRow] = []
 
     def score(s: EvalSet) -> dict[str, list[dict]]:
-        rmc = RMC(base.model, dprime, search.all, cfg, base.layer)   # a fresh RMC run over the set
+        rmc = build_rmc(base.model, dprime, search.all, cfg, base.layer)   # a fresh RMC run over the set
         res = evaluate_set(base, dprime, search, s, cfg, out_dir, num_classes, None, rmc, progress)
         return {"undefended": res["undefended"], "rmc": res["rmc"]}
 

@@ -1,0 +1,31 @@
+"""D' as the algorithm sees it: images, true labels and copy ids as tensors (rmc.artifacts.dprime stores it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class DPrime:
+    """D' in memory or memory-mapped: uint8 images (N x C x H x W), true labels, and which copy each row is."""
+    images: torch.Tensor | np.ndarray
+    labels: torch.Tensor
+    copy: torch.Tensor                    # 0 = clean, i = i-th adversarial copy
+    copy_names: list[str] = field(default_factory=lambda: ["clean"])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float images in [0, 1] and labels of the given rows (one sorted read from a memory map)."""
+        rows = np.asarray(rows)
+        order = np.argsort(rows, kind="stable")
+        ascending = rows[order]
+        if not isinstance(self.images, np.ndarray):
+            ascending = torch.from_numpy(ascending)
+        x = torch.as_tensor(self.images[ascending])[torch.from_numpy(np.argsort(order, kind="stable"))]
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        return x, self.labels[torch.from_numpy(rows)]
