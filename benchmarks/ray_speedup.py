@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def _noop():
-    import rmc.scaleout.ray_backend  # noqa: F401 - what a worker imports before its first real task
+    import rmc.evaluation.driver  # noqa: F401 - what a worker imports before its first real task
     return os.getpid()
 
 
@@ -41,14 +41,15 @@ def main() -> None:
 
     import ray
 
-    from rmc.scaleout import ray_backend as distributed
     from rmc.cli.config import load_config
-    from rmc.defense.core import DPrime
+    from rmc.defense import DPrime
     from rmc.artifacts.evalsets import load_eval_sets
-    from rmc.evaluation.driver import BaseModel, evaluate
+    from rmc.evaluation.common import BaseModel
+    from rmc.evaluation.driver import evaluate
     from rmc.artifacts.features import load_features, store_source
     from rmc.models import default_layer, load_checkpoint
     from rmc.artifacts.dprime import open_dprime_store
+    from rmc.scaleout.executors import connect
 
     cfg = load_config(None, "default", [("rmc.k", args.k), ("rmc.max_epochs", args.max_epochs),
                                         ("rmc.mode", "episodic")]).rmc
@@ -71,7 +72,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             load = os.getloadavg()[0]
             t0 = time.perf_counter()
-            distributed.connect("local", workers=w)
+            connect("local", workers=w)
             t1 = time.perf_counter()
             ray.get([ray.remote(_noop).remote() for _ in range(w)])
             t2 = time.perf_counter()

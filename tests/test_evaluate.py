@@ -7,11 +7,13 @@ import torch
 
 from rmc.cli import main as cli
 from rmc.cli.config import documented_yaml, load_config
-from rmc.defense.core import RMC, Mode, RMCConfig
+from rmc.defense import RMC, Mode, RMCConfig
 from rmc.errors import RMCError
 from rmc.artifacts.evalsets import AttackSpec, make_eval_sets
 from rmc.evaluation.report import Table
-from rmc.evaluation.driver import BaseModel, evaluate
+from rmc.evaluation.common import BaseModel
+from rmc.evaluation.driver import evaluate
+from rmc.io import load_tensors
 from rmc.models import ModelInfo
 
 
@@ -53,6 +55,36 @@ def test_interrupted_evaluation_resumes_to_the_same_table(setup, tmp_path, monke
     strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
     for s in sets:
         assert strip(resumed["standard"][s.name]["rmc"]) == strip(full["standard"][s.name]["rmc"])
+
+
+class FailOnCall:
+    """A `fault` hook that interrupts the run on its n-th call (each task calls it after its first input)."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+
+
+def test_in_process_tasks_are_single_inputs_and_a_fault_mid_task_loses_nothing(setup, tmp_path):
+    """In this process the driver runs one input per task on the inline executor (the executor Ray replaces), so
+    the online state is saved after every input; a task that dies loses only its own input."""
+    base, dprime, sets = setup
+    full = evaluate([base], dprime, sets[:1], _cfg(Mode.ONLINE), tmp_path / "a", 10, progress=False)
+    fault = FailOnCall(3)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate([base], dprime, sets[:1], _cfg(Mode.ONLINE), tmp_path / "b", 10, progress=False, fault=fault)
+    folder = tmp_path / "b" / "standard" / sets[0].name
+    assert sum(1 for _ in (folder / "rmc.jsonl").open()) == 2                         # the third task died
+    assert int(load_tensors(folder / "rmc.state.safetensors", "state")["__n_done__"]) == 2
+    resumed = evaluate([base], dprime, sets[:1], _cfg(Mode.ONLINE), tmp_path / "b", 10, progress=False,
+                       fault=fault)
+    assert fault.calls == 3 + 4                                                       # one call per input left
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
+    assert strip(resumed["standard"][sets[0].name]["rmc"]) == strip(full["standard"][sets[0].name]["rmc"])
 
 
 def test_resume_refuses_results_made_with_other_settings(setup, tmp_path):

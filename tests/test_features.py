@@ -8,8 +8,10 @@ import torch
 
 from rmc.cli import main as cli_main
 from rmc.errors import RMCError
-from rmc.artifacts.features import (compute_features, evalset_features_path, evalset_source, load_features,
-                              make_provenance, save_features, store_features_path, store_source, tensor_source)
+from rmc.artifacts import features as features_mod
+from rmc.artifacts.features import (compute_features, ensure_features, evalset_features_path, evalset_source,
+                                    load_features, make_provenance, save_features, store_features_path, store_source,
+                                    tensor_source)
 from rmc.models import ModelInfo, build_model, extract_features, save_checkpoint
 from rmc.artifacts.dprime import AugmentConfig, build_dprime_store
 
@@ -44,6 +46,18 @@ def test_store_features_batchwise_match_and_roundtrip(setup, tmp_path):
                                   expect_source=store_source(store), mmap=mmap)
         assert torch.equal(loaded, feats) and p["count"] == 200
     assert sorted(f.name for f in tmp_path.iterdir()) == ["d.json", "d.npy"]   # no temporary files left
+
+
+def test_ensure_features_reuses_its_file_and_recomputes_for_another_layer(setup, tmp_path, monkeypatch):
+    _, model, info, store = setup
+    path = tmp_path / "f.npy"
+    first = ensure_features(model, info, "block3", store, path)
+    assert np.array_equal(first, load_features(path, info.sha256, "block3", store_source(store))[0].numpy())
+    with monkeypatch.context() as m:
+        m.setattr(features_mod, "compute_features", lambda *a, **k: pytest.fail("the cached file was not used"))
+        assert np.array_equal(ensure_features(model, info, "block3", store, path), first)
+    other = ensure_features(model, info, "block2", store, path)   # another layer: recomputed, the file replaced
+    assert load_features(path, expect_layer="block2")[0].shape == other.shape and other.shape[0] == 200
 
 
 def test_provenance_mismatch_refused(setup, tmp_path):

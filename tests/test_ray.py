@@ -3,6 +3,7 @@ killed worker (no example lost or counted twice) and an interrupted driver (resu
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,14 +11,15 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from rmc.scaleout import ray_backend as distributed  # noqa: E402
 from rmc.cli import main as cli_main  # noqa: E402
-from rmc.defense.core import RMCConfig  # noqa: E402
-from rmc.scaleout.ray_backend import build_dprime_store_distributed, evaluate_distributed  # noqa: E402
+from rmc.defense import RMCConfig  # noqa: E402
 from rmc.artifacts.evalsets import EvalSet, save_eval_sets  # noqa: E402
-from rmc.evaluation.driver import BaseModel, evaluate  # noqa: E402
+from rmc.evaluation import driver  # noqa: E402
+from rmc.evaluation.common import BaseModel  # noqa: E402
+from rmc.evaluation.driver import evaluate  # noqa: E402
 from rmc.models import ModelInfo, save_checkpoint  # noqa: E402
 from rmc.artifacts.dprime import AugmentConfig, build_dprime_store  # noqa: E402
+from rmc.scaleout import executors  # noqa: E402
 
 pytestmark = pytest.mark.slow   # starts Ray once (~10 s) and runs a few dozen RMC steps on 2 workers
 
@@ -25,30 +27,44 @@ AUG = AugmentConfig(steps=(2, 3), eps=0.1, step_size=0.02, seed=0, chunk_size=60
 N = 12
 
 
-@pytest.fixture(scope="module")
-def crash_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("crash")
+class KillWorker:
+    """A `fault` hook: once armed, the first task to call it kills its own worker process mid-task (once)."""
+
+    def __init__(self, folder: Path):
+        self.marker, self.fired = folder / "armed", folder / "fired"
+
+    def arm(self) -> "KillWorker":
+        self.fired.unlink(missing_ok=True)
+        self.marker.write_text("")
+        return self
+
+    def __call__(self) -> None:
+        try:
+            os.rename(self.marker, self.fired)   # atomic: exactly one task wins
+        except OSError:
+            return
+        os._exit(1)
+
+
+# Ray's workers cannot import this test module: the hook travels by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture
+def kill(tmp_path_factory):
+    return KillWorker(tmp_path_factory.mktemp("kill"))
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray(crash_dir):
-    """One local Ray with 2 CPUs for the module; RMC_TEST_CRASH_DIR is forwarded to its workers."""
+def local_ray():
+    """One local Ray with 2 CPUs for the module (each driver call reuses it)."""
     assert not ray.is_initialized()
-    os.environ[distributed.CRASH_ENV] = str(crash_dir)
     try:
-        slots = distributed.connect("local", workers=2)
+        slots = executors.connect("local", workers=2)
         assert slots == 2
         yield
     finally:
         ray.shutdown()
-        os.environ.pop(distributed.CRASH_ENV, None)
-
-
-def arm(crash_dir: Path, kind: str) -> Path:
-    """The next task of this kind kills its worker mid-task (once)."""
-    (crash_dir / f"{kind}.fired").unlink(missing_ok=True)
-    (crash_dir / kind).write_text("")
-    return crash_dir / f"{kind}.fired"
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +85,11 @@ def _bytes(folder: Path) -> dict[str, bytes]:
 
 
 def test_augment_identical_to_single_process_despite_killed_worker(tmp_path, model_file, digits, reference_store,
-                                                                    crash_dir):
+                                                                    kill):
     model, info, _ = model_file
-    fired = arm(crash_dir, "augment")
-    store = build_dprime_store_distributed(model, info, digits[0], tmp_path / "dprime", AUG, progress=False)
-    assert fired.exists(), "the test hook did not kill a worker"
+    store = build_dprime_store(model, info, digits[0], tmp_path / "dprime", AUG, progress=False, ray="local",
+                               fault=kill.arm())
+    assert kill.fired.exists(), "the fault hook did not kill a worker"
     assert store.manifest == reference_store.manifest
     assert _bytes(store.path) == _bytes(reference_store.path)
 
@@ -88,13 +104,13 @@ def test_augment_interrupted_driver_resumes_to_identical_store(tmp_path, model_f
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_dprime_store_distributed(model, info, digits[0], tmp_path / "dprime", AUG, progress=False,
-                                    on_chunk=interrupt)
+        build_dprime_store(model, info, digits[0], tmp_path / "dprime", AUG, progress=False, on_chunk=interrupt,
+                           ray="local")
     progress = json.loads((tmp_path / "dprime.partial" / "progress.json").read_text())
     assert len(progress["done"]) == 6
     resumed = []
-    store = build_dprime_store_distributed(model, info, digits[0], tmp_path / "dprime", AUG, progress=False,
-                                        on_chunk=lambda t: resumed.append(t.index))
+    store = build_dprime_store(model, info, digits[0], tmp_path / "dprime", AUG, progress=False,
+                               on_chunk=lambda t: resumed.append(t.index), ray="local")
     assert sorted(resumed) == sorted(set(range(12)) - set(progress["done"]))   # nothing redone
     assert _bytes(store.path) == _bytes(reference_store.path)
 
@@ -140,11 +156,11 @@ def _check_once(results: dict) -> None:
             assert [r["index"] for r in defenses["rmc"]] == list(range(N)), name
 
 
-def test_episodic_identical_to_single_process_despite_killed_worker(tmp_path, setup, reference_eval, crash_dir):
+def test_episodic_identical_to_single_process_despite_killed_worker(tmp_path, setup, reference_eval, kill):
     base, dprime, sets = setup
-    fired = arm(crash_dir, "evaluate")
-    got = evaluate_distributed([base], dprime, sets, _cfg("episodic"), tmp_path, 10, progress=False, block=2)
-    assert fired.exists(), "the test hook did not kill a worker"
+    got = evaluate([base], dprime, sets, _cfg("episodic"), tmp_path, 10, progress=False, ray="local", block=2,
+                   fault=kill.arm())
+    assert kill.fired.exists(), "the fault hook did not kill a worker"
     _check_once(got)
     assert _strip(got) == _strip(reference_eval["episodic"])
     lines = (tmp_path / "standard" / "clean" / "rmc.jsonl").read_text().splitlines()
@@ -161,13 +177,13 @@ def test_episodic_interrupted_driver_resumes(tmp_path, setup, reference_eval):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        evaluate_distributed([base], dprime, sets, _cfg("episodic"), tmp_path, 10, progress=False, block=3,
-                             on_record=interrupt)
+        evaluate([base], dprime, sets, _cfg("episodic"), tmp_path, 10, progress=False, ray="local", block=3,
+                 on_record=interrupt)
     saved = {s.name: (tmp_path / "standard" / s.name / "rmc.jsonl").read_text().splitlines() for s in sets}
     assert sum(len(v) for v in saved.values()) == 7
     again = []
-    got = evaluate_distributed([base], dprime, sets, _cfg("episodic"), tmp_path, 10, progress=False, block=3,
-                               on_record=lambda s, r: again.append((s, r["index"])))
+    got = evaluate([base], dprime, sets, _cfg("episodic"), tmp_path, 10, progress=False, ray="local", block=3,
+                   on_record=lambda s, r: again.append((s, r["index"])))
     assert len(again) == 2 * N - 7 and not set(again) & set(seen)   # only the missing examples were computed
     _check_once(got)
     assert _strip(got) == _strip(reference_eval["episodic"])
@@ -183,22 +199,40 @@ def test_single_process_run_resumes_under_ray(tmp_path, setup, reference_eval):
     evaluate([base], dprime, sets[:1], cfg, tmp_path, 10, n=None, progress=False)
     path = tmp_path / "standard" / "clean" / "rmc.jsonl"
     path.write_text("".join(path.read_text().splitlines(keepends=True)[:5]))
-    got = evaluate_distributed([base], dprime, sets, cfg, tmp_path, 10, progress=False)
+    got = evaluate([base], dprime, sets, cfg, tmp_path, 10, progress=False, ray="local")
     assert _strip(got) == _strip(reference_eval["episodic"])
 
 
-def test_online_shards(tmp_path, setup, reference_eval, crash_dir):
+def test_in_process_and_ray_run_the_same_tasks(tmp_path, setup, monkeypatch):
+    """One driver: with or without Ray the same task function gets the same inputs; only the executor differs."""
+    base, dprime, sets = setup
+    tasks: dict[str, list] = {"InlineExecutor": [], "RayExecutor": []}
+    for cls in (executors.InlineExecutor, executors.RayExecutor):
+        def spy(self, key, fn, *args, real=cls.submit, seen=tasks[cls.__name__]):
+            seen.append((fn, args[1], tuple(args[2])))   # the function, the set's name, the input positions
+            return real(self, key, fn, *args)
+        monkeypatch.setattr(cls, "submit", spy)
+    cfg = _cfg("online")
+    here = evaluate([base], dprime, sets, cfg, tmp_path / "here", 10, n=6, progress=False, shards=2, block=2)
+    there = evaluate([base], dprime, sets, cfg, tmp_path / "ray", 10, n=6, progress=False, ray="local", shards=2,
+                     block=2)
+    assert _strip(here) == _strip(there)
+    inline, remote = tasks["InlineExecutor"], tasks["RayExecutor"]
+    assert {t[0] for t in inline} == {t[0] for t in remote} == {driver.rmc_task}
+    assert sorted(t[1:] for t in inline) == sorted(t[1:] for t in remote) and len(inline) == 2 * 2 * 2
+
+
+def test_online_shards(tmp_path, setup, reference_eval, kill):
     base, dprime, sets = setup
     cfg = _cfg("online")
-    one = evaluate_distributed([base], dprime, sets, cfg, tmp_path / "s1", 10, progress=False, block=4)
+    one = evaluate([base], dprime, sets, cfg, tmp_path / "s1", 10, progress=False, ray="local", block=4)
     assert _strip(one) == _strip(reference_eval["online"])   # S = 1: the single-process stream
 
-    fired = arm(crash_dir, "evaluate")
-    two = evaluate_distributed([base], dprime, sets, cfg, tmp_path / "s2", 10, progress=False, shards=2, block=4)
-    assert fired.exists()
+    two = evaluate([base], dprime, sets, cfg, tmp_path / "s2", 10, progress=False, ray="local", shards=2, block=4,
+                   fault=kill.arm())
+    assert kill.fired.exists()
     _check_once(two)
-    inline = evaluate_distributed([base], dprime, sets, cfg, tmp_path / "inline", 10, progress=False, ray=None,
-                                  shards=2, block=5)
+    inline = evaluate([base], dprime, sets, cfg, tmp_path / "inline", 10, progress=False, ray=None, shards=2, block=5)
     assert _strip(two) == _strip(inline)   # S = 2 streams, with or without Ray, any segment size
     seen = []
 
@@ -208,9 +242,10 @@ def test_online_shards(tmp_path, setup, reference_eval, crash_dir):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):   # the driver is interrupted mid-run: each stream resumes from its state
-        evaluate_distributed([base], dprime, sets, cfg, tmp_path / "s2i", 10, progress=False, shards=2, block=2,
-                             on_record=interrupt)
-    resumed = evaluate_distributed([base], dprime, sets, cfg, tmp_path / "s2i", 10, progress=False, shards=2, block=3)
+        evaluate([base], dprime, sets, cfg, tmp_path / "s2i", 10, progress=False, ray="local", shards=2, block=2,
+                 on_record=interrupt)
+    resumed = evaluate([base], dprime, sets, cfg, tmp_path / "s2i", 10, progress=False, ray="local", shards=2,
+                       block=3)
     assert _strip(resumed) == _strip(two)
     recs = two["standard"]["clean"]["rmc"]
     assert {r["stream"] for r in recs} == {0, 1} and all(r["streams"] == 2 for r in recs)

@@ -135,6 +135,26 @@ def test_resume_after_kill_is_byte_identical(tmp_path, model_file, digits, built
     assert s.fingerprint == built.fingerprint
 
 
+def test_fault_in_a_chunk_task_loses_only_that_chunk(tmp_path, model_file, digits, built):
+    """In this process the PGD chunks run as tasks of the inline executor (the executor Ray replaces): a task that
+    dies loses its own chunk only, and the rerun gives the same bytes."""
+    model, info, _ = model_file
+    calls = []
+
+    def fault():   # called by each PGD task after its chunk is computed
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_dprime_store(model, info, digits[0], tmp_path / "s", CFG, progress=False, fault=fault)
+    assert json.loads((partial_path(tmp_path / "s") / "progress.json").read_text())["done"] == [0, 1, 2, 3]
+    redone = []
+    s = build_dprime_store(model, info, digits[0], tmp_path / "s", CFG, progress=False,
+                           on_chunk=lambda t: redone.append(t.index))
+    assert redone == [4, 5, 6, 7, 8] and _bytes(s.path) == _bytes(built.path)
+
+
 def test_chunks_are_independent_and_deterministic(model_file, digits):
     model, _, _ = model_file
     train = digits[0]

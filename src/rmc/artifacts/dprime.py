@@ -14,8 +14,9 @@ It is built in `<out>.partial/` and renamed to `<out>` when the last chunk is wr
 (`chunk_size` images of one copy); each chunk's randomness comes from its own generator seeded by (seed, copy,
 chunk index), so chunks can run in any order, on any worker, and a killed build resumes to byte-identical output.
 
-Ray-style backends: `StoreWriter.prepare` (driver) -> `writer.pending()` -> `run_chunk` (anywhere; no file I/O) ->
-`writer.write_chunk` (driver) -> `writer.finalize()`. `build_dprime_store` is that loop run in-process.
+`build_dprime_store` is the one driver: `StoreWriter.prepare` -> the pending chunks run by `run_chunk` as tasks of an
+executor (in this process, or on Ray's workers: no file I/O there) -> `writer.write_chunk` here, in the order they
+finish -> `writer.finalize()`. Either way the store, its manifest and its resume points are the same, byte for byte.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +41,7 @@ from rmc.data.base import ImageDataset
 from rmc.errors import RMCError
 from rmc.io import atomic_path, read_json, sha256_file, write_json
 from rmc.models.checkpoint import ModelInfo
+from rmc.scaleout.executors import cached, executor, get, handle_key
 
 FORMAT_VERSION = 1
 KIND = "rmc-augmented-dataset"
@@ -346,10 +349,6 @@ class StoreWriter:
     def pending(self) -> list[ChunkTask]:
         return [t for t in self.tasks if t.index not in self.done]
 
-    def chunk_inputs(self, train: ImageDataset, task: ChunkTask) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.subset[task.start:task.stop]
-        return train.images[idx], train.labels[idx]
-
     def write_chunk(self, task: ChunkTask, data: torch.Tensor) -> None:
         """Write one chunk's images, flush them to disk, then record the chunk as finished (in that order)."""
         if self.complete:
@@ -420,29 +419,67 @@ def _read_progress(partial: Path, total: int) -> set[int]:
     return set(done)
 
 
+def _chunk_inputs(images: np.ndarray, labels: np.ndarray, subset: np.ndarray,
+                  task: ChunkTask) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's slice of the (subset of the) training set: uint8 images and labels."""
+    idx = subset[task.start:task.stop]
+    return torch.from_numpy(images[idx]), torch.from_numpy(labels[idx])
+
+
+def _chunk(inputs: tuple, task: ChunkTask, config: AugmentConfig, fault: Callable[[], None] | None) -> np.ndarray:
+    """One chunk's uint8 images, on whichever worker runs it. `inputs` (handles of the model, the training images and
+    labels, the subset) come inside a tuple, so Ray passes the references rather than the objects."""
+    model_h, *data = inputs
+    model = cached("augment-model", handle_key(model_h), lambda: get(model_h))   # resolved once per worker
+    out = run_chunk(model, task, *_chunk_inputs(*(get(h) for h in data), task), config)
+    if fault is not None:
+        fault()
+    return out.numpy()
+
+
 def build_dprime_store(model: nn.Module, model_info: ModelInfo, train: ImageDataset, out_dir: str | Path,
-                    config: AugmentConfig = AugmentConfig(), progress: bool = True,
-                    on_chunk: Callable[[ChunkTask], None] | None = None) -> "DPrimeStore":
+                       config: AugmentConfig = AugmentConfig(), progress: bool = True,
+                       on_chunk: Callable[[ChunkTask], None] | None = None, ray: str | None = None,
+                       workers: int | None = None, fault: Callable[[], None] | None = None) -> "DPrimeStore":
     """Build (or resume, or find finished) the augmented dataset D' of `train` against `model` in `out_dir`.
 
     `model_info` is the model's checkpoint metadata (its sha256 is recorded). `on_chunk(task)` is called after each
     chunk is safely on disk. Killed at any point, the same call resumes from the last finished chunk.
+    `ray` ("local" or a cluster address) runs the PGD chunks as Ray tasks, at most `workers` at a time; None runs
+    them here, in order. `fault()`, if given, is called by each PGD task after its chunk is computed (tests use it
+    to kill a worker mid-task).
     """
     writer = StoreWriter.prepare(model_info, train, out_dir, config)
-    if not writer.complete:
-        from tqdm.auto import tqdm
-        n_done = sum(len(t) for t in writer.tasks if t.index in writer.done)
-        total = sum(len(t) for t in writer.tasks)
-        names = writer.manifest["copy_names"]
-        with tqdm(total=total, initial=n_done, unit="img", desc="augment", disable=not progress,
-                  dynamic_ncols=True) as bar:
-            for task in writer.pending():
-                bar.set_postfix_str(f"{names[task.copy]} chunk {task.chunk}")
-                x, y = writer.chunk_inputs(train, task)
-                writer.write_chunk(task, run_chunk(model, task, x, y, config))
-                bar.update(len(task))
-                if on_chunk is not None:
-                    on_chunk(task)
+    if writer.complete:
+        return writer.finalize()
+    from tqdm.auto import tqdm
+    pending = writer.pending()
+    names = writer.manifest["copy_names"]
+    total = sum(len(t) for t in writer.tasks)
+    images, labels, subset = train.images.numpy(), train.labels.numpy(), writer.subset.numpy()
+
+    with tqdm(total=total, initial=total - sum(len(t) for t in pending), unit="img", desc="augment",
+              disable=not progress, dynamic_ncols=True) as bar:
+        def done(task: ChunkTask, data: torch.Tensor) -> None:
+            writer.write_chunk(task, data)
+            bar.set_postfix_str(f"{names[task.copy]} chunk {task.chunk}")
+            bar.update(len(task))
+            if on_chunk is not None:
+                on_chunk(task)
+
+        for task in [t for t in pending if t.steps == 0]:   # the clean copy: no attack, nothing to hand out
+            done(task, run_chunk(model, task, *_chunk_inputs(images, labels, subset, task), config))
+        attacked = deque(t for t in pending if t.steps > 0)
+        if attacked:
+            with executor(ray, workers) as ex:
+                inputs = (ex.put_model(model), ex.put(images), ex.put(labels), ex.put(subset))
+                by_index = {t.index: t for t in attacked}
+                while attacked or len(ex):
+                    while attacked and ex.has_room():
+                        t = attacked.popleft()
+                        ex.submit(t.index, _chunk, inputs, t, config, fault)
+                    index, data = ex.next()
+                    done(by_index[index], torch.from_numpy(np.array(data)))
     return writer.finalize()
 
 

@@ -164,6 +164,21 @@ def load_features(path: str | Path, expect_model_sha256: str | None = None, expe
     return torch.from_numpy(arr), prov
 
 
+def ensure_features(model: nn.Module, model_info: ModelInfo, layer: str, store, path: str | Path) -> np.ndarray:
+    """The D' features of `store` at `layer` of the model, cached at `path`: loaded when the file there was made
+    with this model, layer and store, else computed and saved (replacing it)."""
+    path = Path(path)
+    source = store_source(store)
+    if path.exists():
+        try:
+            return load_features(path, model_info.sha256, layer, source)[0].numpy()
+        except RMCError:
+            pass   # made with another model / layer / store: recomputed below (the file is replaced atomically)
+    feats = compute_features(model, model_info, layer, store.images, progress=True, desc=f"features {path.stem}")
+    save_features(path, feats, make_provenance(model_info, layer, source, feats))
+    return feats.numpy()
+
+
 def store_features_path(out_dir: str | Path) -> Path:
     """Where `rmc features` writes the features of D'."""
     return Path(out_dir) / "dprime.npy"
@@ -175,5 +190,5 @@ def evalset_features_path(out_dir: str | Path, name: str) -> Path:
     return Path(out_dir) / "evalsets" / f"{safe}.npy"
 
 
-__all__ = ["compute_features", "evalset_features_path", "evalset_source", "load_features", "make_provenance",
-           "save_features", "store_features_path", "store_source", "tensor_source"]
+__all__ = ["compute_features", "ensure_features", "evalset_features_path", "evalset_source", "load_features",
+           "make_provenance", "save_features", "store_features_path", "store_source", "tensor_source"]

@@ -1,25 +1,26 @@
-"""The `rmc` command: a thin layer over the library. Each sub-command lives in rmc/commands/<name>.py and
+"""The `rmc` command: a thin layer over the library. Each sub-command lives in rmc/cli/commands/<name>.py and
 defines `add_arguments(parser)` and `main(args) -> int`."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
+from rmc.cli.commands import attack, augment, evaluate, features, layers, run, train, visualize
 from rmc.errors import RMCError
 
-# sub-command -> one-line help
+# sub-command -> (module, one-line help)
 COMMANDS = {
-    "run": "the main job: train -> augment -> features -> attack -> evaluate -> visualize into a run directory",
-    "train": "train a model (standard or PGD adversarial training); writes safetensors + JSON metadata",
-    "attack": "write evaluation sets (clean, FGSM, PGD) made against a static model",
-    "augment": "build the augmented dataset D' (clean + PGD copies), resumable",
-    "features": "hidden features of D' and evaluation sets from one layer of the static model",
-    "layers": "list the layer names a model offers for feature extraction",
-    "evaluate": "run RMC and the baselines over evaluation sets and print the table",
-    "visualize": "PNG grid of test inputs beside their nearest neighbours in D'",
+    "run": (run, "the main job: train -> augment -> features -> attack -> evaluate -> visualize into a run "
+                 "directory"),
+    "train": (train, "train a model (standard or PGD adversarial training); writes safetensors + JSON metadata"),
+    "attack": (attack, "write evaluation sets (clean, FGSM, PGD) made against a static model"),
+    "augment": (augment, "build the augmented dataset D' (clean + PGD copies), resumable"),
+    "features": (features, "hidden features of D' and evaluation sets from one layer of the static model"),
+    "layers": (layers, "list the layer names a model offers for feature extraction"),
+    "evaluate": (evaluate, "run RMC and the baselines over evaluation sets and print the table"),
+    "visualize": (visualize, "PNG grid of test inputs beside their nearest neighbours in D'"),
 }
 
 
@@ -29,13 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch CPU threads (default: torch's choice). On a shared or busy machine 1 is often "
                              "several times faster than 2 for rmc's small batches")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, help_text in COMMANDS.items():
-        try:
-            module = importlib.import_module(f"rmc.cli.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"rmc.cli.commands.{name}":
-                raise
-            continue   # command not built yet
+    for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(_main=module.main)

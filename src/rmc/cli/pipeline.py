@@ -23,17 +23,19 @@ from typing import Callable
 import yaml
 
 from rmc.cli.config import RunConfig, documented_yaml, to_dict
-from rmc.defense.core import DPrime
+from rmc.defense import DPrime
 from rmc.data import load_dataset
 from rmc.errors import RMCError
 from rmc.artifacts.evalsets import AttackSpec, load_eval_sets, make_eval_sets, save_eval_sets
 from rmc.evaluation.report import Table
-from rmc.evaluation.driver import BaseModel, check_batch, evaluate, online_streams
-from rmc.artifacts.features import compute_features, load_features, make_provenance, save_features, store_source
+from rmc.evaluation.common import BaseModel
+from rmc.evaluation.driver import check_batch, evaluate, online_streams
+from rmc.artifacts.features import ensure_features
 from rmc.io import read_json, write_json, write_text
 from rmc.models import default_layer, load_checkpoint, save_checkpoint
 from rmc.models.checkpoint import meta_path
 from rmc.artifacts.dprime import build_dprime_store
+from rmc.scaleout.executors import hold
 from rmc.training import train_model
 
 
@@ -70,18 +72,6 @@ def ensure_model(path: Path, train, test, cfg, log):
     return model, info
 
 
-def ensure_features(model, info, layer: str, store, path: Path):
-    source = store_source(store)
-    if path.exists():
-        try:
-            return load_features(path, info.sha256, layer, source)[0].numpy()
-        except RMCError:
-            pass   # made with another model / layer / store: recompute below (the file is replaced atomically)
-    feats = compute_features(model, info, layer, store.images, progress=True, desc=f"features {path.stem}")
-    save_features(path, feats, make_provenance(info, layer, source, feats))
-    return feats.numpy()
-
-
 def attack_specs(cfg) -> list[AttackSpec]:
     specs = [AttackSpec("clean")] + [AttackSpec("fgsm", eps=float(e)) for e in cfg.fgsm_eps]
     for pair in cfg.pgd:
@@ -111,17 +101,18 @@ def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = p
                  with_rmc: bool = True, ray: str | None = None, workers: int | None = None,
                  shards: int = 1, batch: int = 1) -> Table:
     """`ray` ("local" or a cluster address): augmentation chunks and RMC's per-input work run as Ray tasks (one Ray
-    session for the whole run); `shards`: independent online streams per test stream (see rmc.scaleout.ray_backend);
-    `batch`: episodic inputs adapted at once (see rmc.defense.batched)."""
+    session for the whole run); `shards`: independent online streams per test stream, `batch`: episodic inputs
+    adapted at once (see rmc.evaluation.driver)."""
     check_batch(batch, cfg.rmc, ray, shards)      # before hours of work, not after
-    if ray is not None:
-        from rmc.scaleout import ray_backend as distributed
-        if not distributed.is_connected():
-            t0 = time.perf_counter()
-            with distributed.session(ray, workers) as slots:
-                log(f"[ray] {slots} workers ready in {time.perf_counter() - t0:.1f} s ({ray})")
-                return run_pipeline(cfg, out, log, with_rmc, ray, workers, shards)
-    out = Path(out)
+    t0 = time.perf_counter()
+    with hold(ray, workers) as slots:
+        if ray is not None:
+            log(f"[ray] {slots} workers ready in {time.perf_counter() - t0:.1f} s ({ray})")
+        return _run(cfg, Path(out), log, with_rmc, ray, workers, shards, batch)
+
+
+def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, ray: str | None,
+         workers: int | None, shards: int, batch: int) -> Table:
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.yaml"
     if saved.exists() and yaml.safe_load(saved.read_text()) != to_dict(cfg):
@@ -142,12 +133,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = p
               for name, c in base_cfgs.items()}
 
     std_model, std_info = models["standard"]
-    if ray is None:
-        store = timer("augment", build_dprime_store, std_model, std_info, train, out / "dprime", cfg.augment)
-    else:
-        from rmc.scaleout.ray_backend import build_dprime_store_distributed
-        store = timer("augment", build_dprime_store_distributed, std_model, std_info, train, out / "dprime",
-                      cfg.augment, ray=ray, workers=workers)
+    store = timer("augment", build_dprime_store, std_model, std_info, train, out / "dprime", cfg.augment, ray=ray,
+                  workers=workers)
     log(f"  D' = {len(store)} images: {', '.join(store.copy_names)}")
     dprime = DPrime(store.images, store.labels, store.copy, store.copy_names)
 

@@ -31,7 +31,8 @@ from rmc.errors import RMCError
 from rmc.artifacts.evalsets import EvalSet, list_eval_sets, load_eval_sets, save_eval_sets
 from rmc.evaluation.records import RecordStream
 from rmc.evaluation.report import Table, cell_from_records, row_label
-from rmc.evaluation.driver import BaseModel, NeighbourSearch, _digest, evaluate_set
+from rmc.evaluation.common import BaseModel, NeighbourSearch, digest
+from rmc.evaluation.driver import evaluate_set
 from rmc.artifacts.features import evalset_source
 
 TRANSFER, AWARE, WORST = "transfer", "defense-aware", "worst case"
@@ -107,7 +108,7 @@ def _run_defense_aware(kind: str, set_name: str, base: BaseModel, dprime: DPrime
     """Attack the stream `x` against a fresh online/episodic RMC, resumably. Returns (chosen images, records)."""
     n = len(x)
     settings = {k: v for k, v in asdict(acfg).items() if k not in ("attacks", "autoattack", "transfer_pgd", "n")}
-    fp = _digest(base.sha256, base.layer, asdict(cfg), settings, kind, source, n, len(dprime))
+    fp = digest(base.sha256, base.layer, asdict(cfg), settings, kind, source, n, len(dprime))
     rmc = build_rmc(base.model, dprime, search.all, cfg, base.layer)
     stream = RecordStream(folder, "attack", fp)
     adv = x.clone()
@@ -160,8 +161,7 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
     rows: list[AttackRow] = []
 
     def score(s: EvalSet) -> dict[str, list[dict]]:
-        rmc = build_rmc(base.model, dprime, search.all, cfg, base.layer)   # a fresh RMC run over the set
-        res = evaluate_set(base, dprime, search, s, cfg, out_dir, num_classes, None, rmc, progress)
+        res = evaluate_set(base, dprime, search, s, cfg, out_dir, num_classes, progress=progress)   # a fresh RMC run
         return {"undefended": res["undefended"], "rmc": res["rmc"]}
 
     def ensure(name: str, meta: dict, make: Callable[[], torch.Tensor]) -> EvalSet:

@@ -1,77 +1,61 @@
 """Run the defenses over evaluation sets: undefended, DeepNN, WebNN and RMC, from one neighbour search.
 
-Each (base model, evaluation set) pair is a stream that starts from the static weights; online RMC carries its
-adapted weights along that stream. Results are written per example as they are produced (see records.py).
+Per (base model, evaluation set) the inputs' features and their K nearest D' rows are computed once, here; the
+baselines are read off them and RMC is handed them. RMC's per-input work runs as tasks of an executor
+(rmc.scaleout.executors): in this process, or on Ray's workers with `ray`; the code is the same. Only this process
+writes: records are appended in input order (rmc.evaluation.records), so an interrupted run resumes from what is on
+disk, with or without Ray.
+
+* Episodic: a task is a block of input positions. Every input's randomness comes from its key (set name, position),
+  so any split gives the same records. `batch` > 1 adapts that many inputs side by side (rmc.defense.batched).
+* Online: each set's test stream is cut into S contiguous streams (`shards`), each with its own RMC state and record
+  stream on disk; a stream runs in sequential segments (the state travels with the segment), the streams and sets
+  side by side. Results depend on S (S = 1: one stream); S is in the stream files' names, fingerprints and records.
+* Task size: in this process one input (or batch) per task, so the online state is saved after every input; on Ray
+  about four tasks per worker, at most MAX_BLOCK inputs (the state is saved after each segment).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from rmc.defense.core import RMC, DPrime, Mode, RMCConfig
-from rmc.errors import RMCError
-from rmc.evaluation.records import RecordStream
 from rmc.artifacts.features import evalset_source
+from rmc.defense import DPrime, Mode, RMCConfig, build_rmc
+from rmc.defense.knn import vote
+from rmc.errors import RMCError
+from rmc.evaluation.common import BaseModel, NeighbourSearch, digest
+from rmc.evaluation.records import RecordStream
 from rmc.io import write_json
-from rmc.defense.knn import NeighbourIndex, vote
 from rmc.models import extract_features
+from rmc.scaleout.executors import cached, executor, get, handle_key
 
 BASELINES = ("undefended", "deepnn", "webnn")
+MAX_BLOCK = 16             # inputs per Ray task at most (online streams save their state once per task)
 
-
-@dataclass
-class BaseModel:
-    """A static model RMC is put in front of, with what identifies it."""
-    name: str                   # "standard" or "adversarial" (row labels in the report)
-    model: nn.Module
-    sha256: str
-    layer: str                  # feature layer of the neighbour search
-    features: np.ndarray        # D' features from that layer of this model (N x d, float32)
-
-
-def _digest(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
-
-
-class NeighbourSearch:
-    """The two indexes of one base model: all of D' (RMC, WebNN) and its clean part (DeepNN)."""
-
-    def __init__(self, features: np.ndarray, dprime: DPrime):
-        self.all = NeighbourIndex(features)
-        clean = np.flatnonzero(dprime.copy.numpy() == 0)
-        if len(clean) == 0:
-            raise RMCError("D' has no clean examples; DeepNN needs the clean training set in the store")
-        self.clean = NeighbourIndex(features[clean], ids=clean)
-
-
-def baseline_predictions(base: BaseModel, dprime: DPrime, search: NeighbourSearch, x: torch.Tensor,
-                         feats: np.ndarray, k: int, num_classes: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Predictions of the static model, DeepNN and WebNN, and the K nearest D' rows (reused by RMC)."""
-    with torch.no_grad():
-        static = base.model(x).argmax(1).numpy()
-    labels = dprime.labels.numpy()
-    rows = search.all.search(feats, k)[1]
-    clean_rows = search.clean.search(feats, min(k, search.clean.size))[1]
-    return {"undefended": static, "deepnn": vote(labels[clean_rows], num_classes),
-            "webnn": vote(labels[rows], num_classes)}, rows
 
 
 def stream_fingerprint(base: BaseModel, dprime: DPrime, eval_set, cfg: RMCConfig, n: int | None) -> str:
     """What the RMC records of one (base, set) stream depend on; a record stream refuses to resume under another."""
-    return _digest(base.sha256, base.layer, asdict(cfg), evalset_source(eval_set), len(dprime), n)
+    return digest(base.sha256, base.layer, asdict(cfg), evalset_source(eval_set), len(dprime), n)
+
+
+def stream_names(shards: int) -> list[str]:
+    """Record-stream names of the S online streams ("rmc" alone for one stream)."""
+    return ["rmc"] if shards == 1 else [f"rmc.stream{s}of{shards}" for s in range(shards)]
+
+
+def online_streams(cfg: RMCConfig, shards: int = 1) -> int | None:
+    """S, the number of independent online streams each test stream was cut into (what results.json records:
+    online results depend on it); None in episodic mode, where sharding does not change results."""
+    return shards if cfg.mode is Mode.ONLINE else None
 
 
 def check_batch(batch: int, cfg: RMCConfig, ray: str | None = None, shards: int = 1) -> None:
@@ -86,103 +70,276 @@ def check_batch(batch: int, cfg: RMCConfig, ray: str | None = None, shards: int 
                        "share the inputs instead: drop --batch")
 
 
-def batched_runner(rmc: RMC, batch: int):
-    """`BatchedEpisodic` for batch > 1: vmap on a GPU; on a CPU one worker per core, each one intra-op thread
-    (the same results as one at a time with one thread, bit for bit)."""
-    if batch == 1:
-        return None
-    from rmc.defense.batched import BatchedEpisodic
-    return BatchedEpisodic(rmc, intra_op_threads=None if rmc.device.type == "cuda" else 1)
+# ---------------------------------------------------------------- one set: features, neighbours, baselines
 
+@dataclass
+class SetJob:
+    """One evaluation set against one base model: its inputs, their features and K nearest D' rows."""
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    t: torch.Tensor | None
+    feats: np.ndarray
+    rows: np.ndarray
+    folder: Path
+    fingerprint: str
 
-def evaluate_set(base: BaseModel, dprime: DPrime, search: NeighbourSearch, eval_set, cfg: RMCConfig, out_dir: Path,
-                 num_classes: int, n: int | None = None, rmc: RMC | None = None, progress: bool = True,
-                 batch: int = 1) -> dict:
-    """All defenses on one evaluation set; returns {defense: list of per-example records}.
-
-    `batch` > 1 (episodic mode only) adapts that many inputs at once (`rmc.defense.batched`); records are saved per batch.
-    """
-    x_all, y_all = eval_set.images[:n], eval_set.labels[:n]
-    t_all = eval_set.targets[:n] if eval_set.targets is not None else None
-    folder = out_dir / base.name / eval_set.name
-    feats = extract_features(base.model, base.layer, x_all).numpy()
-    preds, rows = baseline_predictions(base, dprime, search, x_all, feats, cfg.k, num_classes)
-    fp = stream_fingerprint(base, dprime, eval_set, cfg, n)
-
-    def record(i, pred, **extra):
-        r = {"index": i, "label": int(y_all[i]), "pred": int(pred), **extra}
-        if t_all is not None:
-            r["target"] = int(t_all[i])
+    def record(self, i: int, pred, **extra) -> dict:
+        """The record of input `i` (every defense's records are made here)."""
+        r = {"index": i, "label": int(self.y[i]), "pred": int(pred), **extra}
+        if self.t is not None:
+            r["target"] = int(self.t[i])
         return r
 
-    out = {name: [record(i, p[i]) for i in range(len(x_all))] for name, p in preds.items()}
-    write_json(folder / "baselines.json", {"fingerprint": fp, **out})
-    if rmc is None:
-        return out
 
-    stream = RecordStream(folder, "rmc", fp)
-    rmc.reset()
-    if cfg.mode is Mode.ONLINE:
-        state = stream.load_state()
-        if state is not None:
-            rmc.load_state_dict(state)
-    stream.rewrite()
-    hits = sum(r["pred"] == r["label"] for r in stream.records)
-    bar = tqdm(total=len(x_all), initial=len(stream), desc=f"RMC {base.name}/{eval_set.name}", unit="input",
-               disable=not progress, dynamic_ncols=True)
-    batched = batched_runner(rmc, batch)
-    for start in range(len(stream), len(x_all), batch):
-        idx = range(start, min(start + batch, len(x_all)))
-        keys = [(eval_set.name, i) for i in idx]
+def open_set(base: BaseModel, dprime: DPrime, search: NeighbourSearch, eval_set, cfg: RMCConfig, out_dir: Path,
+             num_classes: int, n: int | None) -> tuple[SetJob, dict[str, list[dict]]]:
+    """The set's features and neighbours (computed once), and the baselines' records (saved in baselines.json)."""
+    x = eval_set.images[:n]
+    feats = extract_features(base.model, base.layer, x).numpy()
+    rows = search.all.search(feats, cfg.k)[1]
+    job = SetJob(eval_set.name, x, eval_set.labels[:n], None if eval_set.targets is None else eval_set.targets[:n],
+                 feats, rows, out_dir / base.name / eval_set.name, stream_fingerprint(base, dprime, eval_set, cfg, n))
+    with torch.no_grad():
+        static = base.model(x).argmax(1).numpy()
+    labels = dprime.labels.numpy()
+    clean_rows = search.clean.search(feats, min(cfg.k, search.clean.size))[1]
+    preds = {"undefended": static, "deepnn": vote(labels[clean_rows], num_classes),
+             "webnn": vote(labels[rows], num_classes)}
+    out = {name: [job.record(i, p[i]) for i in range(len(x))] for name, p in preds.items()}
+    write_json(job.folder / "baselines.json", {"fingerprint": job.fingerprint, **out})
+    return job, out
+
+
+# ---------------------------------------------------------------- RMC tasks (run on a worker or here)
+
+@dataclass(frozen=True)
+class RMCSource:
+    """What a task builds one base model's RMC from: executor handles, shared by all that model's tasks."""
+    model: Any
+    dprime: Any
+    search: Any
+    layer: str
+    cfg: RMCConfig
+
+    def key(self) -> tuple:
+        return (handle_key(self.model), handle_key(self.dprime), handle_key(self.search), self.layer,
+                digest(repr(self.cfg)))
+
+    def build(self):
+        return build_rmc(get(self.model), get(self.dprime), get(self.search).all, self.cfg, self.layer)
+
+
+def _batched(source: RMCSource, rmc):
+    """`BatchedEpisodic` over `rmc`: vmap on a GPU; on a CPU one worker per core, each one intra-op thread (the
+    same results as one at a time with one thread, bit for bit)."""
+    from rmc.defense.batched import BatchedEpisodic
+    gpu = next(get(source.model).parameters()).device.type == "cuda"
+    return BatchedEpisodic(rmc, intra_op_threads=None if gpu else 1)
+
+
+def rmc_task(source: RMCSource, set_name: str, positions: list[int], x: torch.Tensor, feats: np.ndarray,
+             rows: np.ndarray, state: dict[str, torch.Tensor] | None, batch: int,
+             fault: Callable[[], None] | None) -> tuple[list[dict], dict | None]:
+    """RMC on the inputs at `positions` of one set, in order, `batch` at a time (episodic). Online: starts from
+    `state` (None: the static weights) and returns the state after the last input; episodic: every input starts
+    from the static weights and the returned state is None. `fault()` is called after the first input (tests)."""
+    rmc = cached("rmc", source.key(), source.build)   # built once per worker (or per job, in this process)
+    online = source.cfg.mode is Mode.ONLINE
+    if online and state is not None:
+        rmc.load_state_dict(state)
+    else:
+        rmc.reset()
+    batched = cached("batched", source.key(), lambda: _batched(source, rmc)) if batch > 1 else None
+    out = []
+    for a in range(0, len(positions), batch):
+        b = min(a + batch, len(positions))
+        keys = [(set_name, i) for i in positions[a:b]]
         t0 = time.perf_counter()
-        if batched is None:          # one input
-            results = [rmc.step(x_all[start:start + 1], feats[start:start + 1], key=keys[0], rows=rows[start])]
+        if batched is None:
+            results = [rmc.step(x[a:b], feats[a:b], key=keys[0], rows=rows[a])]
         else:
-            results = batched.run(x_all[idx.start:idx.stop], None, keys, rows=rows[idx.start:idx.stop])
-        seconds = round((time.perf_counter() - t0) / len(idx), 4)
-        for i, res in zip(idx, results):
-            rec = record(i, res.prediction, adapt_epochs=res.adapt_epochs, calib_epochs=res.calib_epochs,
-                         seconds=seconds)
-            stream.append(rec, rmc.state_dict() if cfg.mode is Mode.ONLINE else None)
-            hits += res.prediction == rec["label"]
-            bar.update(1)
-            bar.set_postfix(acc=f"{hits / len(stream):.3f}", epochs=res.adapt_epochs)
-    bar.close()
-    out["rmc"] = stream.records
-    return out
+            results = batched.run(x[a:b], None, keys, rows=rows[a:b])
+        seconds = round((time.perf_counter() - t0) / (b - a), 4)
+        out += [{"pred": r.prediction, "adapt_epochs": r.adapt_epochs, "calib_epochs": r.calib_epochs,
+                 "seconds": seconds} for r in results]
+        if a == 0 and fault is not None:
+            fault()
+    return out, (rmc.state_dict() if online else None)
 
 
-def online_streams(cfg: RMCConfig, shards: int = 1) -> int | None:
-    """S, the number of independent online streams each test stream was cut into (what results.json records:
-    online results depend on it); None in episodic mode, where sharding does not change results."""
-    return shards if cfg.mode is Mode.ONLINE else None
+# ---------------------------------------------------------------- record streams, scheduled over an executor
+
+@dataclass
+class _Stream:
+    job: SetJob
+    records: RecordStream
+    positions: list[int]               # positions in the set this stream covers, in order
+    sequential: bool                   # online: one segment at a time, the state carried from one to the next
+    extra: dict = field(default_factory=dict)
+    state: dict | None = None
+    submitted: int = 0                 # positions handed out (as an index into `positions`)
+    busy: bool = False
+    buffer: dict[int, dict] = field(default_factory=dict)   # finished out of order (episodic), by position index
+
+    @property
+    def done(self) -> int:
+        return len(self.records)
+
+    def can_submit(self) -> bool:
+        return self.submitted < len(self.positions) and not (self.sequential and self.busy)
+
+
+def _open_streams(job: SetJob, cfg: RMCConfig, shards: int) -> list[_Stream]:
+    """The set's record streams, resumed from disk: one episodic stream, or S online ones with their states."""
+    if cfg.mode is Mode.EPISODIC:
+        rs = RecordStream(job.folder, "rmc", job.fingerprint)
+        rs.rewrite()
+        streams = [_Stream(job, rs, list(range(len(job.x))), sequential=False)]
+    else:
+        streams = []
+        parts = np.array_split(np.arange(len(job.x)), shards)
+        for s, (name, part) in enumerate(zip(stream_names(shards), parts)):
+            one = shards == 1
+            rs = RecordStream(job.folder, name, job.fingerprint if one else
+                              digest(job.fingerprint, {"streams": shards, "stream": s}))
+            state = rs.load_state()
+            rs.rewrite()
+            extra = {} if one else {"stream": s, "streams": shards}
+            streams.append(_Stream(job, rs, part.tolist(), sequential=True, extra=extra, state=state))
+    for st in streams:
+        st.submitted = st.done
+        if [r["index"] for r in st.records.records] != st.positions[:st.done]:
+            raise RMCError(f"{st.records.path} holds other inputs than this run expects; delete it to restart")
+    return streams
+
+
+def _block(ex, remaining: int, batch: int) -> int:
+    """Inputs per task: in this process one batch (tasks cost nothing, so what is saved is never behind); on Ray
+    about four tasks per worker, at most MAX_BLOCK (a task's overhead is paid per task)."""
+    if not ex.remote:
+        return batch
+    return max(1, min(MAX_BLOCK, math.ceil(remaining / (4 * ex.slots)))) if remaining else 1
+
+
+def _run_streams(ex, source: RMCSource, streams: list[_Stream], block: int | None, batch: int, progress: bool,
+                 on_record: Callable[[str, dict], None] | None, fault: Callable[[], None] | None, desc: str) -> None:
+    remaining = sum(len(s.positions) - s.done for s in streams)
+    block = block or _block(ex, remaining, batch)
+    bar = tqdm(total=sum(len(s.positions) for s in streams), initial=sum(s.done for s in streams), unit="input",
+               desc=desc, disable=not progress, dynamic_ncols=True)
+    hits = [0, 0]
+
+    def emit(st: _Stream, k: int, res: dict, state=None) -> None:
+        rec = st.job.record(st.positions[k], res["pred"], adapt_epochs=res["adapt_epochs"],
+                            calib_epochs=res["calib_epochs"], seconds=res["seconds"], **st.extra)
+        st.records.append(rec, state)
+        hits[0] += rec["pred"] == rec["label"]
+        hits[1] += 1
+        bar.update(1)
+        bar.set_postfix(acc=f"{hits[0] / hits[1]:.3f}", epochs=res["adapt_epochs"])
+        if on_record is not None:
+            on_record(st.job.name, st.records.records[-1])
+
+    def submit(si: int) -> None:
+        st = streams[si]
+        a, b = st.submitted, min(st.submitted + block, len(st.positions))
+        pos = st.positions[a:b]
+        ex.submit((si, a), rmc_task, source, st.job.name, pos, st.job.x[pos], st.job.feats[pos], st.job.rows[pos],
+                  st.state if st.sequential else None, batch, fault)
+        st.submitted, st.busy = b, True
+
+    try:
+        while True:
+            progressed = True
+            while ex.has_room() and progressed:   # one task per stream per round: the sets advance together
+                progressed = False
+                for si, st in enumerate(streams):
+                    if ex.has_room() and st.can_submit():
+                        submit(si)
+                        progressed = True
+            if not len(ex):
+                break
+            (si, a), (results, state) = ex.next()
+            st = streams[si]
+            st.busy = False
+            if st.sequential:
+                st.state = state
+                for j, res in enumerate(results):
+                    emit(st, a + j, res, state if j == len(results) - 1 else None)
+            else:
+                st.buffer.update({a + j: res for j, res in enumerate(results)})
+                while st.done in st.buffer:   # append in input order, so what is on disk is a resumable prefix
+                    emit(st, st.done, st.buffer.pop(st.done))
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------- the driver
+
+def _evaluate_base(ex, base: BaseModel, dprime: DPrime, search: NeighbourSearch, eval_sets: Sequence,
+                   cfg: RMCConfig, out_dir: Path, num_classes: int, n: int | None, with_rmc: bool, progress: bool,
+                   shards: int = 1, batch: int = 1, block: int | None = None,
+                   on_record: Callable[[str, dict], None] | None = None,
+                   fault: Callable[[], None] | None = None) -> dict:
+    """{set name: {defense: records}} of one base model, RMC's work run over the executor `ex`."""
+    if len(base.features) != len(dprime):
+        raise RMCError(f"{base.name}: {len(base.features)} feature rows but D' has {len(dprime)} examples; "
+                       "the features belong to another store: re-run `rmc features`")
+    if with_rmc and cfg.k > len(dprime):
+        raise RMCError(f"rmc.k = {cfg.k} exceeds |D'| = {len(dprime)}; lower k")
+    opened = [open_set(base, dprime, search, s, cfg, out_dir, num_classes, n) for s in eval_sets]
+    results = {job.name: baselines for job, baselines in opened}
+    if not with_rmc:
+        return results
+    streams = [st for job, _ in opened for st in _open_streams(job, cfg, shards)]
+    images = dprime.images.numpy() if isinstance(dprime.images, torch.Tensor) else dprime.images
+    # D' travels with numpy images: Ray shares numpy arrays between a machine's workers without copying them.
+    source = RMCSource(ex.put_model(base.model), ex.put(DPrime(images, dprime.labels, dprime.copy, dprime.copy_names)),
+                       ex.put(search), base.layer, cfg)
+    _run_streams(ex, source, streams, block, batch, progress, on_record, fault, f"RMC {base.name} ({ex.where})")
+    for job, _ in opened:
+        records = (r for st in streams if st.job is job for r in st.records.records)
+        results[job.name]["rmc"] = sorted(records, key=lambda r: r["index"])
+    return results
 
 
 def evaluate(bases: Sequence[BaseModel], dprime: DPrime, eval_sets: Sequence, cfg: RMCConfig, out_dir: str | Path,
              num_classes: int, n: int | None = None, with_rmc: bool = True, progress: bool = True,
-             ray: str | None = None, workers: int | None = None, shards: int = 1, batch: int = 1) -> dict:
+             ray: str | None = None, workers: int | None = None, shards: int = 1, batch: int = 1,
+             block: int | None = None, on_record: Callable[[str, dict], None] | None = None,
+             fault: Callable[[], None] | None = None) -> dict:
     """{base name: {set name: {defense: records}}} for every base model and evaluation set.
 
-    `batch` > 1 (episodic mode) adapts that many inputs at once, with the same results (see rmc.defense.batched).
-
-    `ray` ("local" or a cluster address) shards RMC's work over Ray; `shards` > 1 cuts each online stream into that
-    many independent streams (with or without Ray; see rmc.scaleout.ray_backend). Otherwise everything runs here, in order.
+    `ray` ("local" or a cluster address) runs RMC's per-input work as Ray tasks, at most `workers` at a time; None
+    runs it here, in order. `shards` > 1 cuts each online stream into that many independent streams (episodic mode
+    ignores it). `batch` > 1 (episodic, in this process) adapts that many inputs at once, with the same results.
+    `block`: inputs per task (default: see the module docstring). `on_record(set name, record)` is called after
+    each RMC record is on disk; `fault()`, if given, by each task after its first input (tests kill workers with it).
     """
     check_batch(batch, cfg, ray, shards)
-    if ray is not None or shards != 1:
-        from rmc.scaleout.ray_backend import evaluate_distributed
-        return evaluate_distributed(bases, dprime, eval_sets, cfg, out_dir, num_classes, n=n, with_rmc=with_rmc,
-                                    progress=progress, ray=ray, workers=workers, shards=shards)
-    out_dir = Path(out_dir)
-    results: dict = {}
-    for base in bases:
-        if len(base.features) != len(dprime):
-            raise RMCError(f"{base.name}: {len(base.features)} feature rows but D' has {len(dprime)} examples; "
-                           "the features belong to another store: re-run `rmc features`")
-        search = NeighbourSearch(base.features, dprime)
-        rmc = RMC(base.model, dprime, search.all, cfg, base.layer) if with_rmc else None
-        results[base.name] = {}
-        for s in eval_sets:
-            results[base.name][s.name] = evaluate_set(base, dprime, search, s, cfg, out_dir, num_classes, n, rmc,
-                                                      progress, batch)
-    return results
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise RMCError(f"--shards must be a whole number >= 1, got {shards!r}")
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise RMCError(f"block must be a whole number >= 1, got {block!r}")
+    if cfg.mode is Mode.EPISODIC:
+        shards = 1   # episodic inputs are independent: every split gives the same results
+    with executor(ray, workers) as ex:
+        return {base.name: _evaluate_base(ex, base, dprime, NeighbourSearch(base.features, dprime), eval_sets, cfg,
+                                          Path(out_dir), num_classes, n, with_rmc, progress, shards, batch, block,
+                                          on_record, fault)
+                for base in bases}
+
+
+def evaluate_set(base: BaseModel, dprime: DPrime, search: NeighbourSearch, eval_set, cfg: RMCConfig,
+                 out_dir: str | Path, num_classes: int, n: int | None = None, with_rmc: bool = True,
+                 progress: bool = True) -> dict[str, list[dict]]:
+    """Every defense on one evaluation set, RMC starting from the static weights, in this process:
+    {defense: records}, saved under `out_dir/<base>/<set>/` (resumable) as `evaluate` saves them."""
+    with executor() as ex:
+        return _evaluate_base(ex, base, dprime, search, [eval_set], cfg, Path(out_dir), num_classes, n, with_rmc,
+                              progress)[eval_set.name]
+
+
+__all__ = ["BASELINES", "BaseModel", "MAX_BLOCK", "NeighbourSearch", "SetJob", "check_batch", "evaluate",
+           "evaluate_set", "online_streams", "open_set", "rmc_task", "stream_fingerprint", "stream_names"]

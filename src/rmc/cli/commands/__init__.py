@@ -1,12 +1,16 @@
-"""One module per `rmc` sub-command; shared argument handling lives here."""
+"""One module per `rmc` sub-command; the flags and helpers several commands share live here (commands do not
+import each other)."""
 
 from __future__ import annotations
+
+import argparse
+
+from rmc.errors import RMCError
 
 
 def model_and_split(args, split: str):
     """The model named by --model (on --device) and the `split` of --dataset, default the model's own data set."""
     from rmc.data import load_dataset
-    from rmc.errors import RMCError
     from rmc.models import load_checkpoint
     from rmc.training import resolve_device
 
@@ -15,3 +19,69 @@ def model_and_split(args, split: str):
     if not dataset:
         raise RMCError(f"{args.model} does not record its data set; pass --dataset")
     return model, info, load_dataset(dataset, split, args.data_dir)
+
+
+def add_ray_arguments(p: argparse.ArgumentParser, shards: bool = False) -> None:
+    """--ray [ADDRESS] and --workers (augment, evaluate, run); evaluate and run also take --shards."""
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the work as Ray tasks: --ray alone starts a local Ray on this machine; --ray ADDRESS "
+                        "joins a cluster (auto, HOST:6379 or ray://HOST:10001). Needs pip install 'rmc[ray]'")
+    p.add_argument("--workers", type=int, default=None,
+                   help="with --ray: at most this many tasks at a time (a local Ray gets this many CPUs; "
+                        "default: all CPUs)")
+    if shards:
+        p.add_argument("--shards", type=int, default=1, metavar="S",
+                       help="online RMC: cut each test stream into S independent streams, each with its own "
+                            "adapted state (run in parallel with --ray). Online results depend on S; S is recorded "
+                            "in the results. Episodic mode ignores it (default: %(default)s)")
+
+
+def check_ray_arguments(args) -> None:
+    if getattr(args, "workers", None) is not None and args.ray is None:
+        raise RMCError("--workers only applies with --ray (add --ray to run on a local Ray)")
+
+
+def add_batch_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=int, default=1, metavar="B",
+                   help="episodic mode: adapt B inputs at once, with the same results (one worker per core on a "
+                        "CPU, one vectorised model on a GPU; see rmc.defense.batched). Default: %(default)s")
+
+
+def add_attack_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the attack rows (evaluate, run); they override the config's `adaptive` section."""
+    g = p.add_argument_group("attack rows", "transfer PGD (always), transfer AutoAttack and the defense-aware "
+                             "attacks FPA / GMSA-AVG / GMSA-MIN against RMC; the config's adaptive section")
+    g.add_argument("--attacks", nargs="+", metavar="ATTACK",
+                   choices=["fpa", "gmsa-avg", "gmsa-min", "autoattack", "none"],
+                   help="rows beside transfer PGD: fpa gmsa-avg gmsa-min autoattack, or none (default: gmsa-min)")
+    g.add_argument("--rounds", type=int, help="rounds per input of the defense-aware attacks (adaptive.rounds)")
+    g.add_argument("--attack-n", type=int, help="inputs in the attack rows (adaptive.n; default: all)")
+    g.add_argument("--attack-eps", help="L-inf eps of the attack rows, e.g. 0.1 or 8/255 (adaptive.eps)")
+    g.add_argument("--no-attack-rows", action="store_true", help="skip the attack rows")
+
+
+def add_shared_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags `rmc evaluate` and `rmc run` share: Ray, --batch, the attack rows."""
+    add_ray_arguments(p, shards=True)
+    add_batch_argument(p)
+    add_attack_arguments(p)
+
+
+def attack_overrides(args) -> list[tuple[str, object]]:
+    """The attack-row flags as config overrides (adaptive.*)."""
+    from rmc.artifacts.evalsets import parse_number
+    out: list[tuple[str, object]] = []
+    if args.attacks:
+        if "none" in args.attacks and len(args.attacks) > 1:
+            raise RMCError("--attacks none means no rows beside transfer PGD; do not combine it with other attacks")
+        out += [("adaptive.attacks", [a for a in args.attacks if a not in ("none", "autoattack")]),
+                ("adaptive.autoattack", "autoattack" in args.attacks)]
+    if args.rounds is not None:
+        out.append(("adaptive.rounds", args.rounds))
+    if args.attack_n is not None:
+        out.append(("adaptive.n", args.attack_n))
+    if args.attack_eps is not None:
+        out.append(("adaptive.eps", parse_number(args.attack_eps, "--attack-eps")))
+    if args.no_attack_rows:
+        out += [("adaptive.attacks", []), ("adaptive.autoattack", False), ("adaptive.transfer_pgd", False)]
+    return out

@@ -3,25 +3,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from rmc.cli.commands import model_and_split
-from rmc.errors import RMCError
+from rmc.cli.commands import add_ray_arguments, check_ray_arguments, model_and_split
 from rmc.artifacts.evalsets import parse_number
 from rmc.artifacts.dprime import AugmentConfig, build_dprime_store
 
-
-def add_ray_arguments(p: argparse.ArgumentParser, shards: bool = False) -> None:
-    """--ray [ADDRESS] and --workers (shared by augment, evaluate and run); evaluate/run also take --shards."""
-    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="run the work as Ray tasks: --ray alone starts a local Ray on this machine; --ray ADDRESS "
-                        "joins a cluster (auto, HOST:6379 or ray://HOST:10001). Needs pip install 'rmc[ray]'")
-    p.add_argument("--workers", type=int, default=None,
-                   help="with --ray: at most this many tasks at a time (a local Ray gets this many CPUs; "
-                        "default: all CPUs)")
-    if shards:
-        p.add_argument("--shards", type=int, default=1, metavar="S",
-                       help="online RMC: cut each test stream into S independent streams, each with its own "
-                            "adapted state (run in parallel with --ray). Online results depend on S; S is recorded "
-                            "in the results. Episodic mode ignores it (default: %(default)s)")
 
 _D = AugmentConfig()
 
@@ -46,11 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_ray_arguments(p)
 
 
-def check_ray_arguments(args) -> None:
-    if getattr(args, "workers", None) is not None and args.ray is None:
-        raise RMCError("--workers only applies with --ray (add --ray to run on a local Ray)")
-
-
 def main(args) -> int:
     check_ray_arguments(args)
     config = AugmentConfig(steps=tuple(args.steps), eps=parse_number(args.eps, "--eps"),
@@ -59,12 +39,8 @@ def main(args) -> int:
                            batch_size=args.batch_size, train_subset=args.train_subset).validate()
     model, info, train = model_and_split(args, "train")
     started = time.perf_counter()
-    if args.ray is not None:
-        from rmc.scaleout.ray_backend import build_dprime_store_distributed
-        store = build_dprime_store_distributed(model, info, train, args.out, config, progress=not args.quiet,
-                                            ray=args.ray, workers=args.workers)
-    else:
-        store = build_dprime_store(model, info, train, args.out, config, progress=not args.quiet)
+    store = build_dprime_store(model, info, train, args.out, config, progress=not args.quiet, ray=args.ray,
+                               workers=args.workers)
     seconds = time.perf_counter() - started
     size = sum(f.stat().st_size for f in store.path.iterdir() if f.is_file())
     counts = ", ".join(f"{k} {v}" for k, v in store.manifest["counts"].items())

@@ -4,63 +4,17 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from rmc.cli.commands.augment import add_ray_arguments, check_ray_arguments
+from rmc.cli.commands import add_shared_arguments, attack_overrides, check_ray_arguments
 from rmc.cli.config import load_config, parse_override, to_dict
-from rmc.defense.core import DPrime
+from rmc.defense import DPrime
 from rmc.artifacts.evalsets import load_eval_sets
 from rmc.evaluation.report import Table
-from rmc.evaluation.driver import BaseModel, check_batch, evaluate, online_streams
-from rmc.artifacts.features import load_features, store_source
+from rmc.evaluation.common import BaseModel
+from rmc.evaluation.driver import check_batch, evaluate, online_streams
+from rmc.artifacts.features import ensure_features, load_features, store_source
 from rmc.io import write_json, write_text
 from rmc.models import default_layer, load_checkpoint
-from rmc.cli.pipeline import ensure_features
 from rmc.artifacts.dprime import open_dprime_store
-
-
-def add_attack_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of the attack rows (shared with `rmc run`); they override the config's `adaptive` section."""
-    g = p.add_argument_group("attack rows", "transfer PGD (always), transfer AutoAttack and the defense-aware "
-                             "attacks FPA / GMSA-AVG / GMSA-MIN against RMC; the config's adaptive section")
-    g.add_argument("--attacks", nargs="+", metavar="ATTACK",
-                   choices=["fpa", "gmsa-avg", "gmsa-min", "autoattack", "none"],
-                   help="rows beside transfer PGD: fpa gmsa-avg gmsa-min autoattack, or none (default: gmsa-min)")
-    g.add_argument("--rounds", type=int, help="rounds per input of the defense-aware attacks (adaptive.rounds)")
-    g.add_argument("--attack-n", type=int, help="inputs in the attack rows (adaptive.n; default: all)")
-    g.add_argument("--attack-eps", help="L-inf eps of the attack rows, e.g. 0.1 or 8/255 (adaptive.eps)")
-    g.add_argument("--no-attack-rows", action="store_true", help="skip the attack rows")
-
-
-def add_batch_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=int, default=1, metavar="B",
-                   help="episodic mode: adapt B inputs at once, with the same results (one worker per core on a "
-                        "CPU, one vectorised model on a GPU; see rmc.defense.batched). Default: %(default)s")
-
-
-def add_shared_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags `rmc evaluate` and `rmc run` share: Ray, --batch, the attack rows."""
-    add_ray_arguments(p, shards=True)
-    add_batch_argument(p)
-    add_attack_arguments(p)
-
-
-def attack_overrides(args) -> list[tuple[str, object]]:
-    from rmc.errors import RMCError
-    from rmc.artifacts.evalsets import parse_number
-    out: list[tuple[str, object]] = []
-    if args.attacks:
-        if "none" in args.attacks and len(args.attacks) > 1:
-            raise RMCError("--attacks none means no rows beside transfer PGD; do not combine it with other attacks")
-        out += [("adaptive.attacks", [a for a in args.attacks if a not in ("none", "autoattack")]),
-                ("adaptive.autoattack", "autoattack" in args.attacks)]
-    if args.rounds is not None:
-        out.append(("adaptive.rounds", args.rounds))
-    if args.attack_n is not None:
-        out.append(("adaptive.n", args.attack_n))
-    if args.attack_eps is not None:
-        out.append(("adaptive.eps", parse_number(args.attack_eps, "--attack-eps")))
-    if args.no_attack_rows:
-        out += [("adaptive.attacks", []), ("adaptive.autoattack", False), ("adaptive.transfer_pgd", False)]
-    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

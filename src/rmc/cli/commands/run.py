@@ -3,8 +3,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rmc.cli.commands.augment import check_ray_arguments
-from rmc.cli.commands.evaluate import add_shared_arguments, attack_overrides
+from rmc.cli.commands import add_shared_arguments, attack_overrides, check_ray_arguments
 from rmc.cli.config import documented_yaml, load_config, parse_override
 from rmc.cli.pipeline import run_pipeline
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 import argparse
 
 from rmc.cli.config import VisualizeConfig
-from rmc.defense.core import DPrime
+from rmc.defense import DPrime
 from rmc.artifacts.evalsets import load_eval_sets
-from rmc.evaluation.driver import BaseModel
+from rmc.evaluation.common import BaseModel
 from rmc.artifacts.features import load_features, store_source
 from rmc.models import default_layer, load_checkpoint
 from rmc.artifacts.dprime import open_dprime_store

@@ -1,0 +1,267 @@
+"""Executors: where a job's tasks run, in this process or as Ray tasks. Nothing here knows what the tasks do.
+
+A driver writes one loop over an executor: `put` the large inputs once (handles), `submit` tasks while `has_room`,
+take finished ones with `next`. `executor(ray, workers)` gives the inline executor (ray None: tasks run here, one at
+a time, in submission order) or a `RayExecutor` over a Ray `session`; the driver's code is the same for both.
+
+Ray is an optional extra (`pip install rmc[ray]`); nothing here imports it until a Ray executor or session is asked
+for. `connect(address)` starts a local Ray (address None or "local") or joins a cluster ("auto", "HOST:6379",
+"ray://HOST:10001"); `session()` does the same and shuts down a Ray it started.
+
+Fault tolerance on Ray: a task whose worker dies is re-run (`MAX_RETRIES`) and its result reaches the driver once;
+drivers write only on the driver, so no result is lost or written twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from rmc.errors import RMCError
+
+LOCAL = "local"            # --ray with no address: start a Ray on this machine
+MAX_RETRIES = 3            # Ray re-runs a task whose worker died this many times before giving up
+FORWARD_ENV = "RMC_"       # environment variables with this prefix are set on Ray's workers too
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise RMCError("--ray needs Ray, an optional extra: pip install 'rmc[ray]'") from None
+    return ray
+
+
+# ---------------------------------------------------------------- connection
+
+def connect(address: str | None = LOCAL, workers: int | None = None) -> int:
+    """Join Ray and return the number of worker slots (CPUs, at most `workers`). A running connection is reused.
+
+    address None or "local": start Ray on this machine with `workers` CPUs (default: all cores); anything else is
+    passed to `ray.init(address=...)`: "auto" (a cluster started on this machine with `ray start --head`),
+    "HOST:6379", or a Ray client address "ray://HOST:10001".
+    """
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise RMCError(f"--workers must be a whole number >= 1, got {workers!r}")
+    ray = _ray()
+    if not ray.is_initialized():
+        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV)}
+        kwargs: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.WARNING,
+                                      runtime_env={"env_vars": env} if env else None)
+        try:
+            if address in (None, "", LOCAL):
+                ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, **kwargs)
+            else:
+                ray.init(address=address, **kwargs)
+        except ConnectionError as e:
+            raise RMCError(f"cannot reach a Ray cluster at {address!r} ({e}); start one with `ray start --head` "
+                           "and pass the address it prints, or use --ray alone for a local Ray. A cluster with token "
+                           "authentication (the default of `ray start` in recent Ray) also needs RAY_AUTH_MODE=token "
+                           "and its token (~/.ray/auth_token or RAY_AUTH_TOKEN) here") from None
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if cpus < 1:
+        raise RMCError("the Ray cluster has no CPUs available to run tasks")
+    return min(cpus, workers) if workers else cpus
+
+
+def is_connected() -> bool:
+    """Whether this process is already connected to a Ray (False when Ray is not installed)."""
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
+
+
+@contextlib.contextmanager
+def session(address: str | None = LOCAL, workers: int | None = None) -> Iterator[int]:
+    """`connect`, and on exit shut down the Ray this call started (a Ray already running is left alone)."""
+    ray = _ray()
+    started = not ray.is_initialized()
+    try:
+        yield connect(address, workers)
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def hold(ray: str | None, workers: int | None = None) -> Iterator[int]:
+    """Keep one Ray session open over a job of several stages (each stage's `executor` reuses it); in-process
+    (`ray` None) there is nothing to hold. Yields the worker slots."""
+    if ray is None:
+        yield 1
+        return
+    with session(ray, workers) as slots:
+        yield slots
+
+
+# ---------------------------------------------------------------- handles and the per-worker cache
+
+@dataclass(frozen=True)
+class Local:
+    """An object handed to in-process tasks as it is (the inline executor's stand-in for an object-store ref)."""
+    obj: Any
+
+
+def get(handle):
+    """The object behind a handle from `put` (called inside tasks)."""
+    if isinstance(handle, Local):
+        return handle.obj
+    return _ray().get(handle)
+
+
+def handle_key(handle) -> Any:
+    """A hashable identity of a handle: the object's id in this process, the object-store id on Ray."""
+    return ("local", id(handle.obj)) if isinstance(handle, Local) else handle.hex()
+
+
+_CACHE: dict[str, tuple[Any, Any]] = {}
+
+
+def cached(slot: str, key, build: Callable[[], Any]):
+    """One object per slot per worker process, rebuilt when its key changes (a worker runs many tasks that need
+    the same expensive object)."""
+    hit = _CACHE.get(slot)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    _CACHE.pop(slot, None)
+    value = build()
+    _CACHE[slot] = (key, value)
+    return value
+
+
+def cpu_model(model: nn.Module) -> nn.Module:
+    """The model as shipped to Ray's workers (they run on CPUs): never the caller's object moved."""
+    try:
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    except AttributeError:
+        on_cpu = True
+    return model if on_cpu else copy.deepcopy(model).cpu()
+
+
+# ---------------------------------------------------------------- executors
+
+class InlineExecutor:
+    """Runs each task in this process as it is submitted; `next` hands the results back in submission order."""
+    slots = 1
+    remote = False           # tasks cost nothing to hand out: drivers give them the smallest unit of work
+    where = "in-process"
+
+    def __init__(self):
+        self.done: deque = deque()
+
+    def put(self, obj) -> Local:
+        return Local(obj)
+
+    def put_model(self, model: nn.Module) -> Local:
+        return Local(model)   # on whatever device the caller chose
+
+    def has_room(self) -> bool:
+        return not self.done
+
+    def submit(self, key, fn: Callable, *args) -> None:
+        self.done.append((key, fn(*args)))
+
+    def __len__(self) -> int:
+        return len(self.done)
+
+    def next(self):
+        return self.done.popleft()
+
+    def cancel(self) -> None:
+        self.done.clear()
+        _CACHE.clear()   # what tasks cached here is keyed by object ids, which a later job may reuse
+
+
+def _entry(fn: Callable, *args):
+    """What a Ray worker runs: one thread per task (each task holds one CPU), then the task."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+        try:
+            import faiss
+            faiss.omp_set_num_threads(1)
+        except Exception:   # noqa: BLE001 - only a thread setting
+            pass
+    return fn(*args)
+
+
+_REMOTE = None
+
+
+class RayExecutor:
+    """Runs tasks as Ray tasks (retried when their worker dies) and hands back results as they finish."""
+    remote = True
+
+    def __init__(self, slots: int, capacity: int | None = None):
+        global _REMOTE
+        self.ray = _ray()
+        if _REMOTE is None:
+            _REMOTE = self.ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_entry)
+        self.slots = max(1, slots)
+        # Tasks queued beyond the slots keep every worker busy; an explicit --workers is a hard limit.
+        self.capacity = capacity or 2 * self.slots
+        self.where = f"{self.slots} Ray workers"
+        self.refs: dict = {}
+
+    def put(self, obj):
+        return self.ray.put(obj)
+
+    def put_model(self, model: nn.Module):
+        return self.ray.put(cpu_model(model))
+
+    def has_room(self) -> bool:
+        return len(self.refs) < self.capacity
+
+    def submit(self, key, fn: Callable, *args) -> None:
+        self.refs[_REMOTE.remote(fn, *args)] = key
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def next(self):
+        """(key, result) of a task that finished; raises what the task raised."""
+        ready, _ = self.ray.wait(list(self.refs), num_returns=1)
+        key = self.refs.pop(ready[0])
+        try:
+            return key, self.ray.get(ready[0])
+        except self.ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, RMCError):
+                raise cause from None   # a clear message about the user's input: no remote traceback
+            raise   # anything else: Ray's exception (an instance of the task's exception class, with its traceback)
+        except self.ray.exceptions.RayError as e:
+            raise RMCError(f"a Ray task ({key}) failed {MAX_RETRIES + 1} times and was given up: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+    def cancel(self) -> None:
+        for ref in list(self.refs):
+            try:
+                self.ray.cancel(ref, force=True)
+            except Exception:   # noqa: BLE001 - finished or already gone
+                pass
+        self.refs.clear()
+
+
+@contextlib.contextmanager
+def executor(ray: str | None = None, workers: int | None = None) -> Iterator[InlineExecutor | RayExecutor]:
+    """The executor of one job: in this process (`ray` None) or on Ray ("local" or a cluster address; at most
+    `workers` tasks at a time). Unfinished tasks are cancelled on exit."""
+    with contextlib.ExitStack() as stack:
+        ex = InlineExecutor() if ray is None else RayExecutor(stack.enter_context(session(ray, workers)), workers)
+        try:
+            yield ex
+        finally:
+            ex.cancel()
+
+
+__all__ = ["InlineExecutor", "LOCAL", "Local", "MAX_RETRIES", "RayExecutor", "cached", "connect", "cpu_model",
+           "executor", "get", "handle_key", "hold", "is_connected", "session"]
