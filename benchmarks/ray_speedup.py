@@ -42,7 +42,6 @@ def main() -> None:
     import ray
 
     from rmc.cli.config import load_config
-    from rmc.defense import DPrime
     from rmc.artifacts.evalsets import load_eval_sets
     from rmc.evaluation.common import BaseModel
     from rmc.evaluation.driver import evaluate
@@ -59,7 +58,7 @@ def main() -> None:
     feats = load_features(args.features, info.sha256, layer, store_source(store))[0].numpy()
     sets = load_eval_sets(args.evalsets)[:1]
     base = BaseModel("standard", model, info.sha256, layer, feats)
-    dprime = DPrime(store.images, store.labels, store.copy, store.copy_names)
+    dprime = store.dprime()
     work = Path(tempfile.mkdtemp(prefix="rmc-ray-bench-"))
     times: dict[int, list[float]] = {w: [] for w in args.workers}
     startup: list[float] = []

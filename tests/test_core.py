@@ -137,6 +137,53 @@ def _stream(model, dprime, feats, x, q, seed):
     return [r.step(x[i:i + 1], q[i:i + 1]) for i in range(len(x))]
 
 
+@pytest.mark.parametrize("k,n_close,n_val", [(256, 51, 13), (1024, 204, 51), (2048, 409, 103)])
+def test_split_sizes_are_the_originals(k, n_close, n_val):
+    # The original takes int(0.2 K) closest and sklearn's train_test_split(test_size=0.25) rounds the test part up.
+    train, val = split_neighbours(k, 0.2, 0.25, torch.Generator().manual_seed(0))
+    assert len(val) == n_val and val.max() < n_close and len(train) == k - n_val
+    assert set(range(n_close, k)) <= set(train.tolist()) and not set(range(n_close)) <= set(train.tolist())
+
+
+def _optimizer_state(r):
+    return {k: v for k, v in r.state_dict().items() if k.startswith("__optimizer__.")}
+
+
+def test_stream_optimizer_is_online_state_saved_restored_and_reset(tiny_trained, tiny_dprime, digits):
+    dprime, feats = tiny_dprime
+    x = digits[1].float_images()[:3]
+    q = extract_features(tiny_trained, "block3", x).numpy()
+    r = _rmc(tiny_trained, dprime, feats)                       # stream: the original's one Adam for the run
+    assert _optimizer_state(r) == {}
+    r.step(x[:1], q[:1], key=0)
+    moments = _optimizer_state(r)
+    assert moments and any(k.endswith(".exp_avg_sq") for k in moments)
+    steps = [v for k, v in moments.items() if k.endswith(".step")]
+    assert all(float(s) == float(steps[0]) > 3 for s in steps)   # adaptation and calibration share its steps
+    saved = r.state_dict()
+    first = r.step(x[1:2], q[1:2], key=1).logits
+    assert float(next(v for k, v in _optimizer_state(r).items() if k.endswith(".step"))) > float(steps[0])
+    fresh = _rmc(tiny_trained, dprime, feats)                   # resume: a new RMC given the saved state
+    fresh.load_state_dict(saved)
+    assert fresh.step(x[1:2], q[1:2], key=1).logits == first
+    assert all(torch.equal(v, r.state_dict()[k]) for k, v in fresh.state_dict().items())
+    without = _rmc(tiny_trained, dprime, feats)                 # the weights alone are not the online state
+    without.load_state_dict({k: v for k, v in saved.items() if not k.startswith("__optimizer__.")})
+    assert without.step(x[1:2], q[1:2], key=1).logits != first
+    r.reset()
+    assert _optimizer_state(r) == {}                            # the static state has a fresh optimizer
+
+
+def test_per_input_optimizer_keeps_no_state(tiny_trained, tiny_dprime, digits):
+    dprime, feats = tiny_dprime
+    x = digits[1].float_images()[:2]
+    q = extract_features(tiny_trained, "block3", x).numpy()
+    a, b = _rmc(tiny_trained, dprime, feats, optimizer="per-input"), _rmc(tiny_trained, dprime, feats)
+    pa, pb = [[r.step(x[i:i + 1], q[i:i + 1], key=i).logits for i in range(2)] for r in (a, b)]
+    assert a.optimizer is None and _optimizer_state(a) == {}
+    assert pa[0] == pb[0] and pa[1] != pb[1]     # first adaptation identical (fresh Adam either way), then not
+
+
 def test_state_save_restore_is_exact(tiny_trained, tiny_dprime, digits):
     dprime, feats = tiny_dprime
     x = digits[1].float_images()[:3]
@@ -151,7 +198,7 @@ def test_state_save_restore_is_exact(tiny_trained, tiny_dprime, digits):
 
 @pytest.mark.parametrize("bad", [{"k": 0}, {"lr": -1.0}, {"patience": 1.5}, {"mode": "sometimes"},
                                  {"scope": "weights"}, {"closest_fraction": 1.2}, {"val_fraction": 0},
-                                 {"batch_size": "128"}])
+                                 {"batch_size": "128"}, {"optimizer": "sgd"}])
 def test_bad_config_values_are_refused(bad):
     with pytest.raises(RMCError) as e:
         RMCConfig(**bad)

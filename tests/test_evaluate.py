@@ -146,12 +146,19 @@ def test_rmc_run_end_to_end_on_digits_and_resume(tmp_path, capsys):
     args = ["run", "--out", str(tmp_path / "run"), "--set", "data.dataset=digits", "--set", "train.epochs=3",
             "--set", "augment.train_subset=300", "--set", "augment.steps=[3]", "--set", "attack.n=8",
             "--set", "attack.pgd=[[5, 0.15]]", "--set", "rmc.k=32", "--set", "rmc.calib_k=32",
-            "--set", "rmc.max_epochs=2", "--set", "visualize.inputs=2"]
+            "--set", "rmc.max_epochs=2", "--set", "visualize.inputs=2", "--adversarial-base",
+            "--set", "train.adv_steps=2"]
     assert cli(args) == 0
     out = capsys.readouterr().out
-    assert "RMC" in out and "pgd5-eps0.15" in out
+    assert "RMC" in out and "pgd5-eps0.15" in out and "Adv. trained + RMC" in out
     meta = json.loads((tmp_path / "run" / "results.json").read_text())
     assert meta["table"]["rows"]["RMC"]["clean"]["accuracy"]["n"] == 8
+    # Each base model has its own D', crafted against it (the original's principle).
+    for base in ("standard", "adversarial"):
+        model_sha = meta["models"][base]["sha256"]
+        manifest = json.loads((tmp_path / "run" / "dprime" / base / "manifest.json").read_text())
+        assert manifest["model"]["sha256"] == meta["stores"][base]["model_sha256"] == model_sha
+    assert meta["models"]["standard"]["sha256"] != meta["models"]["adversarial"]["sha256"]
     assert (tmp_path / "run" / "neighbours.png").stat().st_size > 1000
     assert cli(args) == 0                                  # a second run reuses every stage
     assert json.loads((tmp_path / "run" / "results.json").read_text())["table"] == meta["table"]

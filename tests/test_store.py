@@ -1,5 +1,6 @@
 """The augmented dataset D': layout, true labels, eps bounds, resumption and refusals, on the 8 x 8 digits."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from rmc.artifacts import dprime as store_mod
+from rmc.attacks import pgd
 from rmc.cli import main as cli_main
 from rmc.errors import RMCError
 from rmc.models import ModelInfo, build_model, save_checkpoint
@@ -68,6 +70,28 @@ def test_true_labels_clean_copy_and_subset(built, digits):
     assert torch.equal(s.images[:120], train.images[src[:120]])           # copy 0 is the clean data
 
 
+@pytest.mark.parametrize("label", ["predicted", "true"])
+def test_pgd_copies_attack_the_configured_label_and_keep_the_true_one(label, model_file, digits, tmp_path):
+    model, info, _ = model_file
+    train, cfg = digits[0], dataclasses.replace(CFG, label=label)
+    task = next(t for t in chunk_tasks(120, cfg) if t.steps > 0)
+    x, y = train.images[:len(task)], train.labels[:len(task)]
+    with torch.no_grad():
+        pred = model(x.float() / 255).argmax(1)
+    assert (pred != y).any()                   # the untrained model is often wrong: the settings differ there
+    target = pred if label == "predicted" else y
+    adv = pgd(model, x.float() / 255, target, cfg.eps, cfg.step_size, task.steps, random_start=True,
+              generator=torch.Generator().manual_seed(task.seed), batch_size=cfg.batch_size)
+    got = run_chunk(model, task, x, y, cfg)
+    assert torch.equal(got, quantize_within_eps(adv, x, cfg.eps))
+    other = run_chunk(model, task, x, y, dataclasses.replace(cfg, label="true" if label == "predicted" else "predicted"))
+    assert not torch.equal(got, other)
+    store = build_dprime_store(model, info, train, tmp_path / "d", dataclasses.replace(cfg, steps=(1,)), progress=False)
+    assert store.manifest["attack"]["attack_labels"] == label and store.manifest["attack"]["stored_labels"] == "true"
+    assert torch.equal(store.labels, train.labels[store.source_index])      # stored with the true label either way
+    assert store_mod.config_from_manifest(store.manifest).label == label
+
+
 def test_adversarial_copies_within_eps_and_effective(built, model_file):
     s = built
     clean = s.images[:120].int()
@@ -76,8 +100,9 @@ def test_adversarial_copies_within_eps_and_effective(built, model_file):
         assert (adv - clean).abs().max() <= 25                               # floor(0.1 * 255) levels
         assert (adv != clean).float().mean() > 0.3                           # really perturbed
     model = model_file[0]
-    with torch.no_grad():
-        loss = [torch.nn.functional.cross_entropy(model(s.float_images(s.copy_rows(n))), s.labels[:120]).item()
+    with torch.no_grad():                      # PGD attacked the static model's predictions (augment.label)
+        pred = model(s.float_images(s.copy_rows("clean"))).argmax(1)
+        loss = [torch.nn.functional.cross_entropy(model(s.float_images(s.copy_rows(n))), pred).item()
                 for n in s.copy_names]
     assert loss[1] > loss[0] and loss[2] > loss[0]                          # PGD raised the loss
 
@@ -208,6 +233,7 @@ def test_different_settings_or_model_refused(built, model_file, digits, tmp_path
     ({"chunk_size": 0}, "chunk size"),
     ({"seed": -1}, "seed"),
     ({"train_subset": 10_000}, "larger than the training set"),
+    ({"label": "target"}, "augment.label must be one of predicted, true"),
 ])
 def test_bad_config_refused(change, message, model_file, digits, tmp_path):
     model, info, _ = model_file

@@ -21,7 +21,7 @@ def openblas_coretype_for_avx512() -> str | None:
 
     OpenBLAS 0.3.15 (bundled with faiss-cpu) does not recognise Zen 5 and falls back to its generic SSE3 'Prescott'
     kernels; `OPENBLAS_CORETYPE=Haswell` gives AVX2 kernels; the CPU can run the AVX-512 'SkylakeX' ones, which make
-    FAISS's flat search ~1.6x faster than Haswell here (~3x faster than Prescott).
+    FAISS's flat search faster than Haswell's (figures in benchmarks/README.md).
     """
     if sys.platform != "linux":
         return None

@@ -26,11 +26,11 @@ from rmc.models import ModelInfo, build_model
 @dataclass
 class TrainConfig:
     arch: str = "small_cnn"        # built-in name or "package.module:factory"
-    epochs: int = 4                # full passes over the (sub)set; 4 reach ~90.5% on Fashion-MNIST with small_cnn
+    epochs: int = 4                # full passes over the (sub)set (test accuracy per epoch count: benchmarks/README.md)
     batch_size: int = 256          # larger batches are cheaper per epoch on CPU; 256 still converges in 4 epochs
     lr: float = 1e-2               # peak learning rate of the one-cycle schedule (Adam); 3e-3 underfits at 4 epochs
     weight_decay: float = 0.0      # Adam's L2 penalty; unnecessary at this short schedule
-    augment: bool = False          # random flip + <=2-pixel shift; off: 4 epochs underfit (train 91.6%, test 90.5%)
+    augment: bool = False          # random flip + <=2-pixel shift; off: 4 epochs underfit rather than overfit
     seed: int = 0                  # seeds initialisation, shuffling, augmentation and the PGD random start
     adversarial: bool = False      # Madry et al.: train on PGD examples (random start) instead of clean ones
     adv_eps: float = 0.1           # L-inf radius of the training attack (0.1 suits Fashion-MNIST)

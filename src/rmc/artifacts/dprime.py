@@ -1,5 +1,6 @@
 """The augmented dataset D': the clean training set plus one untargeted L-inf PGD copy per configured step count,
-every copy labelled with the TRUE label (RMC step 1).
+every copy labelled with the TRUE label (RMC step 1). PGD attacks the static model's prediction, as the original's
+label-free PGD does (`AugmentConfig.label`).
 
 On-disk layout of a finished store `<out>/`:
 
@@ -38,6 +39,7 @@ import rmc
 from rmc.attacks.gradient import check_attack_settings, pgd
 from rmc.checks import check_positive
 from rmc.data.base import ImageDataset
+from rmc.defense.dprime import DPrime
 from rmc.errors import RMCError
 from rmc.io import atomic_path, read_json, sha256_file, write_json
 from rmc.models.checkpoint import ModelInfo
@@ -49,6 +51,7 @@ STORAGE_DTYPE = "uint8"
 FILES = {"images": "images.npy", "labels": "labels.npy", "copy": "copy.npy", "source_index": "source_index.npy"}
 DTYPES = {"images": np.uint8, "labels": np.int64, "copy": np.int16, "source_index": np.int64}
 MANIFEST = "manifest.json"
+ATTACK_LABELS = ("predicted", "true")   # what the PGD copies attack (AugmentConfig.label)
 PROGRESS = "progress.json"
 # Keys of the manifest that do not describe the requested work (filled in when the store is finished).
 _NOT_SETTINGS = ("content", "rmc_version")
@@ -65,6 +68,7 @@ class AugmentConfig:
     chunk_size: int = 2048                    # images of one copy per unit of work / resume granularity
     batch_size: int = 512                     # PGD batch inside a chunk (changes the random stream, so recorded)
     train_subset: int | None = None           # use only the first n of a seeded permutation of the training set
+    label: str = "predicted"                  # what PGD moves away from: predicted (original: the static model's prediction) | true (the true label); copies are stored with the true label either way
 
     def __post_init__(self):
         object.__setattr__(self, "steps", tuple(self.steps))
@@ -85,6 +89,8 @@ class AugmentConfig:
         check_positive(self.batch_size, "batch size", integer=True)
         if self.train_subset is not None:
             check_positive(self.train_subset, "train subset", integer=True)
+        if self.label not in ATTACK_LABELS:
+            raise RMCError(f"augment.label must be one of {', '.join(ATTACK_LABELS)}, got {self.label!r}")
         return self
 
     @property
@@ -171,17 +177,23 @@ def run_chunk(model: nn.Module, task: ChunkTask, images: torch.Tensor, labels: t
         return images.clone()
     device = next(model.parameters()).device
     x = images.to(device).float().div_(255)
-    y = labels.to(device)
     # The generator lives on the CPU (pgd draws the random start there), so results do not depend on the device's RNG.
     gen = torch.Generator().manual_seed(task.seed)
     was_training = model.training
     model.eval()
     try:
+        y = labels.to(device) if config.label == "true" else _predictions(model, x, config.batch_size)
         adv = pgd(model, x, y, config.eps, config.step_size, task.steps, random_start=config.random_start,
                   generator=gen, batch_size=config.batch_size)
     finally:
         model.train(was_training)
     return quantize_within_eps(adv, images, config.eps).cpu()
+
+
+@torch.no_grad()
+def _predictions(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The static model's predicted classes (what the original's label-free PGD attacks)."""
+    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
 
 # ---------------------------------------------------------------- manifest
@@ -218,7 +230,8 @@ def make_manifest(model_info: ModelInfo, train: ImageDataset, n: int, config: Au
                   "dataset": model_info.dataset},
         "dataset": {"name": train.name, "split": "train", "size": len(train), "sha256": dataset_sha256(train),
                     "classes": list(train.classes)},
-        "attack": {"method": "pgd", "norm": "linf", "targeted": False, "labels": "true",
+        "attack": {"method": "pgd", "norm": "linf", "targeted": False, "attack_labels": config.label,
+                   "stored_labels": "true",
                    "steps": list(config.steps), "eps": config.eps, "step_size": config.step_size,
                    "random_start": config.random_start, "batch_size": config.batch_size},
         "seed": config.seed,
@@ -520,6 +533,10 @@ class DPrimeStore:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.manifest["shape"][1:])
 
+    def dprime(self) -> DPrime:
+        """The in-memory view the defense takes (images stay memory-mapped)."""
+        return DPrime(self.images, self.labels, self.copy, self.copy_names)
+
     def copy_rows(self, name: str) -> slice:
         """Rows of one copy (copies are contiguous: copy-major layout)."""
         if name not in self.copy_names:
@@ -591,7 +608,7 @@ def config_from_manifest(manifest: dict) -> AugmentConfig:
     a = manifest["attack"]
     return AugmentConfig(steps=tuple(a["steps"]), eps=a["eps"], step_size=a["step_size"],
                          random_start=a["random_start"], seed=manifest["seed"], chunk_size=manifest["chunk_size"],
-                         batch_size=a["batch_size"], train_subset=manifest["train_subset"])
+                         batch_size=a["batch_size"], train_subset=manifest["train_subset"], label=a["attack_labels"])
 
 
 __all__ = ["AugmentConfig", "DPrimeStore", "ChunkTask", "StoreWriter", "build_dprime_store", "chunk_seed",

@@ -49,7 +49,7 @@ LABELS = {"fpa": "FPA", "gmsa-avg": "GMSA-AVG", "gmsa-min": "GMSA-MIN"}
 
 
 @dataclass
-class AdaptiveConfig:
+class AttackRowsConfig:
     attacks: list[str] = field(default_factory=lambda: ["gmsa-min"])   # defense-aware rows: fpa, gmsa-avg, gmsa-min
     rounds: int = 10                 # rounds per input: candidate -> RMC adapts -> state restored (Chen et al.: 10)
     steps: int = 40                  # PGD iterations per round and in the transfer PGD row (Chen et al.: 40)
@@ -66,24 +66,24 @@ class AdaptiveConfig:
         if isinstance(self.attacks, str):
             self.attacks = [self.attacks]
         if not isinstance(self.attacks, (list, tuple)):
-            raise RMCError(f"adaptive.attacks must be a list of {', '.join(KINDS)}; got {self.attacks!r}")
+            raise RMCError(f"attack_rows.attacks must be a list of {', '.join(KINDS)}; got {self.attacks!r}")
         self.attacks = [str(a).lower() for a in self.attacks]
         unknown = [a for a in self.attacks if a not in KINDS]
         if unknown:
             raise RMCError(f"unknown defense-aware attack {unknown[0]!r}; choose from {', '.join(KINDS)}")
         if len(set(self.attacks)) != len(self.attacks):
-            raise RMCError(f"adaptive.attacks repeats an attack ({self.attacks}); give each once")
+            raise RMCError(f"attack_rows.attacks repeats an attack ({self.attacks}); give each once")
         if self.loss not in LOSSES:
-            raise RMCError(f"adaptive.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        check_positive(self.rounds, "adaptive.rounds", integer=True)
-        check_positive(self.steps, "adaptive.steps", integer=True)
-        check_positive(self.eps, "adaptive.eps")
+            raise RMCError(f"attack_rows.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        check_positive(self.rounds, "attack_rows.rounds", integer=True)
+        check_positive(self.steps, "attack_rows.steps", integer=True)
+        check_positive(self.eps, "attack_rows.eps")
         if self.n is not None:
-            check_positive(self.n, "adaptive.n", integer=True)
+            check_positive(self.n, "attack_rows.n", integer=True)
         if self.step_size is not None:
-            check_positive(self.step_size, "adaptive.step_size")
+            check_positive(self.step_size, "attack_rows.step_size")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise RMCError(f"adaptive.seed must be an integer >= 0, got {self.seed!r}")
+            raise RMCError(f"attack_rows.seed must be an integer >= 0, got {self.seed!r}")
         check_attack_settings(self.eps, self.resolved_step_size, self.steps)
 
     @property
@@ -171,7 +171,7 @@ class InputResult:
                 "seconds": round(self.seconds, 3)}
 
 
-def initial_candidates(static_model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AdaptiveConfig) -> torch.Tensor:
+def initial_candidates(static_model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackRowsConfig) -> torch.Tensor:
     """Round 1 of every input: PGD against the static model (also the transfer PGD row, so they coincide)."""
     static_model.eval()
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "transfer-pgd"))
@@ -179,7 +179,7 @@ def initial_candidates(static_model: nn.Module, x: torch.Tensor, y: torch.Tensor
 
 
 def attack_input(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, y: int, kind: str,
-                 cfg: AdaptiveConfig, key, initial: torch.Tensor | None = None) -> InputResult:
+                 cfg: AttackRowsConfig, key, initial: torch.Tensor | None = None) -> InputResult:
     """Attack one input `x` (1 x C x H x W) of true class `y` against `rmc` in its current state, then let RMC
     process the chosen candidate so its state moves on (SPEC section 2). `key` is the key the defense uses for
     this input (`RMC.step`'s key); `initial` is round 1's candidate (default: PGD against the static model)."""
@@ -237,7 +237,7 @@ class StreamResult:
 
 
 def attack_stream(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, kind: str,
-                  cfg: AdaptiveConfig, keys: Sequence | None = None,
+                  cfg: AttackRowsConfig, keys: Sequence | None = None,
                   on_input: Callable[[int, InputResult], None] | None = None) -> StreamResult:
     """Attack the inputs `x` (N x C x H x W) in order against `rmc` from its current state (`rmc.reset()` first
     for a fresh stream). `keys[i]` is the key RMC uses for input i (default: i). Returns the chosen sequence."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from rmc.attacks.defense_aware import AdaptiveConfig
+from rmc.attacks.defense_aware import AttackRowsConfig
 from rmc.defense.core import RMCConfig
 from rmc.errors import RMCError
 from rmc.artifacts.dprime import AugmentConfig
@@ -60,7 +60,7 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     rmc: RMCConfig = field(default_factory=RMCConfig)
-    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)   # the attack rows (transfer / defense-aware)
+    attack_rows: AttackRowsConfig = field(default_factory=AttackRowsConfig)   # the attack rows (transfer / defense-aware)
     visualize: VisualizeConfig = field(default_factory=VisualizeConfig)
 
 
@@ -76,13 +76,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rmc.max_epochs": 3,                 # original 100 (early stopping with patience 5 rarely ends sooner)
         "rmc.lr": 1e-3,                      # original 1e-5, which moves the weights too little in 3 epochs
         "rmc.calib_k": 128,                  # original: K
-        "adaptive.n": 20,                    # attack rows on the first 20 inputs (GMSA-MIN: ~1-3 s per input)
-        "adaptive.rounds": 5,                # Chen et al. 10; most inputs fall by round 2-3 (the table states R, N)
+        "attack_rows.n": 20,                    # attack rows on the first 20 inputs (GMSA-MIN: ~1-3 s per input)
+        "attack_rows.rounds": 5,                # Chen et al. 10; most inputs fall by round 2-3 (the table states R, N)
     },
     "paper": {
         "attack.n": 1000,                    # the original sampled 10,000 ImageNet validation images
-        "adaptive.attacks": ["fpa", "gmsa-avg", "gmsa-min"],   # Chen et al.'s three defense-aware attacks
-        "adaptive.autoattack": True,         # and the transfer AutoAttack row
+        "attack_rows.attacks": ["fpa", "gmsa-avg", "gmsa-min"],   # Chen et al.'s three defense-aware attacks
+        "attack_rows.autoattack": True,         # and the transfer AutoAttack row
     },
 }
 

@@ -5,7 +5,7 @@ artifacts made with other settings, so re-running the same command resumes. Layo
 
     config.yaml                      the resolved configuration
     models/<base>.safetensors/.json  base models ("standard", and "adversarial" if enabled)
-    dprime/                          the augmented dataset D' (memory-mapped .npy + manifest.json)
+    dprime/<base>/                   each base model's augmented dataset D', crafted against it (.npy + manifest.json)
     features/<base>-dprime.npy/.json D' features from each base model's feature layer
     evalsets/<base>/                 evaluation sets made against each base model (transfer attacks)
     results/<base>/<set>/            per-example results (resumable)
@@ -23,7 +23,6 @@ from typing import Callable
 import yaml
 
 from rmc.cli.config import RunConfig, documented_yaml, to_dict
-from rmc.defense import DPrime
 from rmc.data import load_dataset
 from rmc.errors import RMCError
 from rmc.artifacts.evalsets import AttackSpec, load_eval_sets, make_eval_sets, save_eval_sets
@@ -132,15 +131,14 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
     models = {name: timer(f"train {name}", ensure_model, out / "models" / f"{name}.safetensors", train, test, c, log)
               for name, c in base_cfgs.items()}
 
-    std_model, std_info = models["standard"]
-    store = timer("augment", build_dprime_store, std_model, std_info, train, out / "dprime", cfg.augment, ray=ray,
-                  workers=workers)
-    log(f"  D' = {len(store)} images: {', '.join(store.copy_names)}")
-    dprime = DPrime(store.images, store.labels, store.copy, store.copy_names)
-
     results, notes = {}, {}
     attack_rows = {}   # base -> the attack rows (transfer / defense-aware), rmc.evaluation.attack_rows
+    stores = {}        # base -> its own D', crafted against it (the original's principle)
     for name, (model, info) in models.items():
+        store = stores[name] = timer(f"augment {name}", build_dprime_store, model, info, train, out / "dprime" / name,
+                                     cfg.augment, ray=ray, workers=workers)
+        log(f"  D' of {name} = {len(store)} images: {', '.join(store.copy_names)}")
+        dprime = store.dprime()
         layer = cfg.model.layer or default_layer(model)
         feats = timer(f"features {name}", ensure_features, model, info, layer, store,
                       out / "features" / f"{name}-dprime.npy")
@@ -150,8 +148,8 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
                     info.num_classes, with_rmc=with_rmc, ray=ray, workers=workers, shards=shards, batch=batch)
         results.update(res)
         from rmc.evaluation.attack_rows import evaluate_attacks, wants_attack_rows
-        if with_rmc and wants_attack_rows(cfg.adaptive):
-            attack_rows[name] = timer(f"attack rows {name}", evaluate_attacks, base, dprime, sets, cfg.rmc, cfg.adaptive,
+        if with_rmc and wants_attack_rows(cfg.attack_rows):
+            attack_rows[name] = timer(f"attack rows {name}", evaluate_attacks, base, dprime, sets, cfg.rmc, cfg.attack_rows,
                                       out / "results", info.num_classes, res[name].get("clean"), log=log)
         notes.update({s.name: "transfer" if s.attack["kind"] != "clean" else "clean" for s in sets})
         if name == "standard":
@@ -164,8 +162,8 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
         from rmc.evaluation.attack_rows import attack_table
         table.appendix.append(attack_table(attack_rows))
     meta = {"config": to_dict(cfg), "models": {n: dataclasses.asdict(i) for n, (_, i) in models.items()},
-            "store": {"path": str(store.path), "fingerprint": store.fingerprint, "size": len(store),
-                      "copies": store.copy_names}, "stages": timer.stages,
+            "stores": {n: {"path": str(st.path), "fingerprint": st.fingerprint, "size": len(st), "copies": st.copy_names,
+                           "model_sha256": st.model_sha256} for n, st in stores.items()}, "stages": timer.stages,
             "seconds_total": round(time.perf_counter() - t_start, 1), "table": table.to_dict(),
             "online_streams": online_streams(cfg.rmc, shards), "ray": ray, "workers": workers, "batch": batch}
     write_json(out / "results.json", meta)

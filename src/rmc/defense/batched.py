@@ -10,7 +10,7 @@ Two ways to run the B fine-tunings:
 - `vmap`: the B weight copies are stacked (`torch.func.stack_module_state`) and one vectorised call
   (`vmap(grad(functional_call))`) computes all B gradients; Adam updates the stacked tensors in place. One kernel
   launch serves B models, which is what a GPU needs. On a CPU it is slower than one model at a time (vmap turns each
-  convolution into a grouped, channels-first one; measured 2x slower here).
+  convolution into a grouped, channels-first one; see benchmarks/README.md).
 - `threads`: W workers, each fine-tuning its share of the inputs one at a time with its own model copy, on its own
   core. PyTorch releases the GIL inside operators, so W workers keep W cores busy without the barrier of intra-op
   parallelism (which, on a small shared machine, costs more than it gains). Results are those of `rmc.step`

@@ -20,6 +20,11 @@ class Scope(str, Enum):
     BN = "bn"       # only batch-norm affine parameters
 
 
+class Optimizer(str, Enum):
+    STREAM = "stream"          # the original: one Adam for the whole run, its moments carried from input to input
+    PER_INPUT = "per-input"    # a fresh Adam for every adaptation and every calibration
+
+
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -27,6 +32,7 @@ PRECISIONS = ("fp32", "bf16")
 class RMCConfig:
     k: int = 2048                  # neighbours of each test input in D' (original: 2048 ImageNet, 1024 CIFAR-10)
     lr: float = 1e-5               # Adam learning rate of the local fine-tuning (original: 1e-5)
+    optimizer: Optimizer = Optimizer.STREAM   # stream (original: one Adam for the run, part of the online state) | per-input
     batch_size: int = 128          # fine-tuning batch size (original: 128)
     max_epochs: int = 100          # epochs over the neighbours at most (original: 100)
     patience: int = 5              # stop when validation loss has not improved for this many epochs (original: 5)
@@ -47,9 +53,10 @@ class RMCConfig:
 
     def __post_init__(self):
         try:
-            self.mode, self.scope = Mode(self.mode), Scope(self.scope)
+            self.mode, self.scope, self.optimizer = Mode(self.mode), Scope(self.scope), Optimizer(self.optimizer)
         except ValueError as e:
-            raise RMCError(f"bad RMC setting: {e}; mode is online|episodic, scope is all|head|bn") from None
+            raise RMCError(f"bad RMC setting: {e}; mode is online|episodic, scope is all|head|bn, optimizer is "
+                           "stream|per-input") from None
         for name in ("k", "batch_size", "max_epochs", "patience"):
             check_positive(getattr(self, name), f"rmc.{name}", integer=True)
         check_positive(self.lr, "rmc.lr")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from rmc.data.augment import random_shift_flip
-from rmc.defense.config import Mode, RMCConfig
+from rmc.defense.config import Mode, Optimizer, RMCConfig
 from rmc.defense.dprime import DPrime
-from rmc.defense.optim import autocast_context, make_optimizer
+from rmc.defense.optim import (STATE_PREFIX, autocast_context, load_optimizer_state, make_optimizer,
+                               optimizer_state)
 from rmc.defense.scope import collect_params, configure_model
 from rmc.defense.forwards import Forward, PlainForward
 from rmc.errors import RMCError
@@ -35,11 +37,12 @@ Hook = Callable[[str | None], None]     # profiling: called with a phase name wh
 def split_neighbours(n: int, closest_fraction: float, val_fraction: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions (into the distance-sorted neighbour list) for training and validation.
 
-    The closest `closest_fraction` are shuffled and split: `val_fraction` of them validate, the rest join the
-    farther neighbours in the training set.
+    The closest `int(closest_fraction * n)` are shuffled and split: `ceil(val_fraction * that)` of them validate
+    (the original's int(0.2 K) and sklearn's train_test_split rounding), the rest join the farther neighbours in the
+    training set.
     """
-    n_close = max(2, int(round(n * closest_fraction))) if n >= 2 else n
-    n_val = max(1, int(round(n_close * val_fraction)))
+    n_close = max(2, int(n * closest_fraction)) if n >= 2 else n
+    n_val = max(1, math.ceil(n_close * val_fraction))
     close = torch.randperm(n_close, generator=gen)
     val = close[:n_val].sort().values
     train = torch.cat([close[n_val:].sort().values, torch.arange(n_close, n)])
@@ -60,17 +63,18 @@ def _no_hook(phase: str | None) -> None:
 def fine_tune(forward: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter], x_train: torch.Tensor,
               y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, cfg: RMCConfig, gen: torch.Generator,
               augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-              hook: Hook | None = None) -> FitResult:
+              hook: Hook | None = None, optimizer: torch.optim.Optimizer | None = None) -> FitResult:
     """Adam on (x_train, y_train) with early stopping on the validation loss (one forward pass per epoch).
 
     `forward` computes logits from a batch (a module, or a `Forward` sharing the parameters `params`); `augment`
     maps a batch (and the generator) to `forward`'s input. Each batch is one index into the tensors. Validation is
-    skipped where it cannot change the result (patience >= max_epochs and not restore_best).
+    skipped where it cannot change the result (patience >= max_epochs and not restore_best). `optimizer`: Adam over
+    `params` carried over from earlier calls (RMC's stream optimizer); None: a fresh one.
     """
     tick = hook or _no_hook
     for p in params:
         p.grad = None
-    opt = make_optimizer(params, cfg.lr)
+    opt = make_optimizer(params, cfg.lr) if optimizer is None else optimizer
     device = x_train.device
     amp = autocast_context(cfg.precision, device)
     validate = cfg.restore_best or cfg.patience < cfg.max_epochs
@@ -116,9 +120,15 @@ def fine_tune(forward: Callable[[torch.Tensor], torch.Tensor], params: list[nn.P
 
 @dataclass
 class Snapshot:
-    """Everything of an RMC that one input changes: its weights (and buffers) and its input count."""
-    weights: dict[str, torch.Tensor]
+    """Everything of an RMC that one input changes: its state (weights, buffers, the stream optimizer's moments)
+    and its input count."""
+    state: dict[str, torch.Tensor]
     steps_done: int
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The model's state dict alone (for `torch.func.functional_call`)."""
+        return {k: v for k, v in self.state.items() if not k.startswith(STATE_PREFIX)}
 
 
 @dataclass
@@ -159,26 +169,35 @@ class RMC:
         self.device = next(iter(self.model.parameters())).device
         self.make_forward = forward
         self.forward = forward(self.model)
+        stream = config.optimizer is Optimizer.STREAM
+        self.optimizer = make_optimizer(self.params, config.lr) if stream else None   # None: one per fine-tuning
         self.static_state = self.state_dict()
         self.steps_done = 0
         self.profile: Hook | None = None
 
     # -- online state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        """A copy of the online state: the weights and buffers, and the stream optimizer's state."""
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if self.optimizer is not None:
+            state.update(optimizer_state(self.optimizer, self.params))
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state, strict=True)
+        self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith(STATE_PREFIX)}, strict=True)
+        if self.optimizer is not None:
+            load_optimizer_state(self.optimizer, self.params,
+                                 {k: v for k, v in state.items() if k.startswith(STATE_PREFIX)})
 
     def reset(self) -> None:
-        """Back to the static weights."""
+        """Back to the static weights (and a fresh stream optimizer)."""
         self.load_state_dict(self.static_state)
 
     def snapshot(self) -> Snapshot:
         return Snapshot(self.state_dict(), self.steps_done)
 
     def restore(self, snap: Snapshot) -> None:
-        self.load_state_dict(snap.weights)
+        self.load_state_dict(snap.state)
         self.steps_done = snap.steps_done
 
     def clone(self, mode: Mode | None = None) -> "RMC":
@@ -186,6 +205,7 @@ class RMC:
         cfg = self.cfg if mode is None else dataclasses.replace(self.cfg, mode=mode)
         other = RMC(self.model, self.dprime, self.index, cfg, self.feature_layer, self.make_forward)
         other.static_state, other.steps_done = self.static_state, self.steps_done
+        other.load_state_dict(self.state_dict())
         return other
 
     # -- the per-input loop -----------------------------------------------------------------------------
@@ -214,14 +234,15 @@ class RMC:
             h, y = h.to(self.device), self.dprime.labels[torch.from_numpy(np.asarray(rows))].to(self.device)
         train, val = split_neighbours(len(rows), self.cfg.closest_fraction, self.cfg.val_fraction, gen)
         return fine_tune(self.forward, self.params, h[train], y[train], h[val], y[val], self.cfg, gen,
-                         hook=self.profile)
+                         hook=self.profile, optimizer=self.optimizer)
 
     def calibrate(self, gen: torch.Generator) -> FitResult:
-        """Pull the drifting online model back: fine-tune on random D' examples, 12.5% held out."""
+        """Pull the drifting online model back: fine-tune on K examples of D' drawn with replacement (as the
+        original's np.random.randint), ceil(12.5%) held out for early stopping."""
         k = self.cfg.calib_k or self.cfg.k
-        rows = torch.randperm(len(self.dprime), generator=gen)[:k].numpy()
+        rows = torch.randint(len(self.dprime), (k,), generator=gen).numpy()
         x, y = self._gather(rows)
-        n_val = max(1, int(round(k * self.cfg.calib_holdout)))
+        n_val = max(1, math.ceil(k * self.cfg.calib_holdout))
         fwd, augment, x_train = self.forward, None, x[n_val:]
         if self.cfg.calib_augment:      # augmentation acts on images, before `fwd.inputs`
             flip = self.cfg.calib_flip
@@ -229,7 +250,7 @@ class RMC:
         else:
             x_train = fwd.inputs(x_train)
         return fine_tune(fwd, self.params, x_train, y[n_val:], fwd.inputs(x[:n_val]), y[:n_val], self.cfg, gen,
-                         augment, hook=self.profile)
+                         augment, hook=self.profile, optimizer=self.optimizer)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

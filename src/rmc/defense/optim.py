@@ -22,3 +22,29 @@ def make_optimizer(params: list[nn.Parameter], lr: float) -> torch.optim.Optimiz
 def autocast_context(precision: str, device: torch.device | str = "cpu"):
     """bfloat16 autocast for precision 'bf16' (matrix products in bf16, accumulation and weights in fp32)."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+# The optimizer's state (Adam's step count and moments) travels with the weights in `RMC.state_dict()` under
+# this prefix, which no module name can start with.
+STATE_PREFIX = "__optimizer__."
+
+
+def optimizer_state(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+    """A copy of `opt`'s per-parameter state as flat tensors ('<prefix><param index>.<name>')."""
+    out = {}
+    for i, p in enumerate(params):
+        for name, v in opt.state.get(p, {}).items():
+            out[f"{STATE_PREFIX}{i}.{name}"] = v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, params: list[nn.Parameter],
+                         tensors: dict[str, torch.Tensor]) -> None:
+    """Replace `opt`'s state by `tensors` (from `optimizer_state`); none: a fresh optimizer."""
+    opt.state.clear()
+    fused = bool(opt.defaults.get("fused"))
+    for key, v in tensors.items():
+        i, name = key[len(STATE_PREFIX):].split(".", 1)
+        p = params[int(i)]
+        # Adam keeps its step count on the CPU unless it is fused (then beside the parameter).
+        opt.state[p][name] = v.clone().to(p.device if name != "step" or fused else "cpu")

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from rmc.attacks.defense_aware import LABELS, AdaptiveConfig, attack_input, initial_candidates
+from rmc.attacks.defense_aware import LABELS, AttackRowsConfig, attack_input, initial_candidates
 from rmc.defense import build_rmc
 from rmc.defense.config import Mode, RMCConfig
 from rmc.defense.dprime import DPrime
@@ -51,12 +51,12 @@ def _num(x: float) -> str:
     return f"{x:.6g}"
 
 
-def _pgd_text(acfg: AdaptiveConfig) -> str:
+def _pgd_text(acfg: AttackRowsConfig) -> str:
     step = "" if acfg.step_size is None else f", step {_num(acfg.step_size)}"
     return f"PGD-{acfg.steps}, eps {_num(acfg.eps)}{step}"
 
 
-def set_names(acfg: AdaptiveConfig) -> dict[str, str]:
+def set_names(acfg: AttackRowsConfig) -> dict[str, str]:
     """Row key -> evaluation-set name. Names carry the settings, so other settings never reuse old results."""
     suffix = f"pgd{acfg.steps}-eps{_num(acfg.eps)}" + ("" if acfg.step_size is None else f"-step{_num(acfg.step_size)}")
     names = {"transfer-pgd": f"transfer-{suffix}"}
@@ -67,7 +67,7 @@ def set_names(acfg: AdaptiveConfig) -> dict[str, str]:
     return names
 
 
-def row_labels(acfg: AdaptiveConfig, n: int) -> dict[str, str]:
+def row_labels(acfg: AttackRowsConfig, n: int) -> dict[str, str]:
     labels = {"transfer-pgd": f"transfer {_pgd_text(acfg)}",
               "transfer-autoattack": f"transfer AutoAttack (standard, eps {_num(acfg.eps)})"}
     for kind in acfg.attacks:
@@ -103,7 +103,7 @@ def _cached_set(folder: Path, name: str, base: BaseModel, meta: dict) -> EvalSet
 
 def _run_defense_aware(kind: str, set_name: str, base: BaseModel, dprime: DPrime, search: NeighbourSearch,
                        x: torch.Tensor, y: torch.Tensor, initial: torch.Tensor, cfg: RMCConfig,
-                       acfg: AdaptiveConfig, folder: Path, source: str,
+                       acfg: AttackRowsConfig, folder: Path, source: str,
                        progress: bool) -> tuple[torch.Tensor, list[dict]]:
     """Attack the stream `x` against a fresh online/episodic RMC, resumably. Returns (chosen images, records)."""
     n = len(x)
@@ -139,7 +139,7 @@ def _run_defense_aware(kind: str, set_name: str, base: BaseModel, dprime: DPrime
     return adv, stream.records
 
 
-def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], cfg: RMCConfig, acfg: AdaptiveConfig,
+def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], cfg: RMCConfig, acfg: AttackRowsConfig,
                      out_dir: str | Path, num_classes: int, clean_records: dict[str, list[dict]] | None = None,
                      progress: bool = True, log: Callable[[str], None] = print) -> list[AttackRow]:
     """The attack rows for one base model, in table order, ending with the worst case per input.
@@ -152,7 +152,7 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
     n = len(clean) if acfg.n is None else min(acfg.n, len(clean))   # the row labels state N
     if clean_records is not None and any(len(r) < n for r in clean_records.values()):
         raise RMCError(f"the clean results cover fewer than the {n} inputs of the attack rows; "
-                       "set adaptive.n to at most the number of evaluated inputs")
+                       "set attack_rows.n to at most the number of evaluated inputs")
     x, y = clean.images[:n], clean.labels[:n]
     search = NeighbourSearch(base.features, dprime)
     names, labels = set_names(acfg), row_labels(acfg, n)
@@ -276,5 +276,5 @@ def attack_table(rows_by_base: dict[str, list[AttackRow]]) -> Table:
                  title="Attack rows (transfer vs defense-aware), worst case per input")
 
 
-def wants_attack_rows(acfg: AdaptiveConfig) -> bool:
+def wants_attack_rows(acfg: AttackRowsConfig) -> bool:
     return bool(acfg.attacks or acfg.transfer_pgd or acfg.autoattack)

@@ -286,8 +286,6 @@ def _evaluate_base(ex, base: BaseModel, dprime: DPrime, search: NeighbourSearch,
     if len(base.features) != len(dprime):
         raise RMCError(f"{base.name}: {len(base.features)} feature rows but D' has {len(dprime)} examples; "
                        "the features belong to another store: re-run `rmc features`")
-    if with_rmc and cfg.k > len(dprime):
-        raise RMCError(f"rmc.k = {cfg.k} exceeds |D'| = {len(dprime)}; lower k")
     opened = [open_set(base, dprime, search, s, cfg, out_dir, num_classes, n) for s in eval_sets]
     results = {job.name: baselines for job, baselines in opened}
     if not with_rmc:

@@ -48,15 +48,15 @@ def add_batch_argument(p: argparse.ArgumentParser) -> None:
 
 
 def add_attack_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of the attack rows (evaluate, run); they override the config's `adaptive` section."""
+    """Flags of the attack rows (evaluate, run); they override the config's `attack_rows` section."""
     g = p.add_argument_group("attack rows", "transfer PGD (always), transfer AutoAttack and the defense-aware "
-                             "attacks FPA / GMSA-AVG / GMSA-MIN against RMC; the config's adaptive section")
+                             "attacks FPA / GMSA-AVG / GMSA-MIN against RMC; the config's attack_rows section")
     g.add_argument("--attacks", nargs="+", metavar="ATTACK",
                    choices=["fpa", "gmsa-avg", "gmsa-min", "autoattack", "none"],
                    help="rows beside transfer PGD: fpa gmsa-avg gmsa-min autoattack, or none (default: gmsa-min)")
-    g.add_argument("--rounds", type=int, help="rounds per input of the defense-aware attacks (adaptive.rounds)")
-    g.add_argument("--attack-n", type=int, help="inputs in the attack rows (adaptive.n; default: all)")
-    g.add_argument("--attack-eps", help="L-inf eps of the attack rows, e.g. 0.1 or 8/255 (adaptive.eps)")
+    g.add_argument("--rounds", type=int, help="rounds per input of the defense-aware attacks (attack_rows.rounds)")
+    g.add_argument("--attack-n", type=int, help="inputs in the attack rows (attack_rows.n; default: all)")
+    g.add_argument("--attack-eps", help="L-inf eps of the attack rows, e.g. 0.1 or 8/255 (attack_rows.eps)")
     g.add_argument("--no-attack-rows", action="store_true", help="skip the attack rows")
 
 
@@ -68,20 +68,20 @@ def add_shared_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def attack_overrides(args) -> list[tuple[str, object]]:
-    """The attack-row flags as config overrides (adaptive.*)."""
+    """The attack-row flags as config overrides (attack_rows.*)."""
     from rmc.artifacts.evalsets import parse_number
     out: list[tuple[str, object]] = []
     if args.attacks:
         if "none" in args.attacks and len(args.attacks) > 1:
             raise RMCError("--attacks none means no rows beside transfer PGD; do not combine it with other attacks")
-        out += [("adaptive.attacks", [a for a in args.attacks if a not in ("none", "autoattack")]),
-                ("adaptive.autoattack", "autoattack" in args.attacks)]
+        out += [("attack_rows.attacks", [a for a in args.attacks if a not in ("none", "autoattack")]),
+                ("attack_rows.autoattack", "autoattack" in args.attacks)]
     if args.rounds is not None:
-        out.append(("adaptive.rounds", args.rounds))
+        out.append(("attack_rows.rounds", args.rounds))
     if args.attack_n is not None:
-        out.append(("adaptive.n", args.attack_n))
+        out.append(("attack_rows.n", args.attack_n))
     if args.attack_eps is not None:
-        out.append(("adaptive.eps", parse_number(args.attack_eps, "--attack-eps")))
+        out.append(("attack_rows.eps", parse_number(args.attack_eps, "--attack-eps")))
     if args.no_attack_rows:
-        out += [("adaptive.attacks", []), ("adaptive.autoattack", False), ("adaptive.transfer_pgd", False)]
+        out += [("attack_rows.attacks", []), ("attack_rows.autoattack", False), ("attack_rows.transfer_pgd", False)]
     return out

@@ -5,6 +5,7 @@ import sys
 import time
 
 from rmc.cli.commands import model_and_split
+from rmc.cli.config import AttackConfig
 from rmc.errors import RMCError
 from rmc.artifacts.evalsets import AttackSpec, make_eval_sets, parse_number, save_eval_sets
 from rmc.training import predict
@@ -15,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="data set (default: the one the model was trained on)")
     p.add_argument("--data-dir", help="directory holding the data set (default: its standard location)")
     p.add_argument("--out", required=True, help="directory to write the sets and index.json into")
-    p.add_argument("--n", type=int, default=500,
+    p.add_argument("--n", type=int, default=AttackConfig.n,
                    help="number of test inputs, a seeded random sample (default: %(default)s)")
     p.add_argument("--eps", nargs="*", default=["0.1"], metavar="EPS",
                    help="FGSM budgets, e.g. 0.1 or 8/255; give --eps alone for no FGSM (default: 0.1)")

@@ -5,7 +5,7 @@ import time
 
 from rmc.cli.commands import add_ray_arguments, check_ray_arguments, model_and_split
 from rmc.artifacts.evalsets import parse_number
-from rmc.artifacts.dprime import AugmentConfig, build_dprime_store
+from rmc.artifacts.dprime import ATTACK_LABELS, AugmentConfig, build_dprime_store
 
 
 _D = AugmentConfig()
@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="images per unit of work; resuming restarts at most one chunk (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=_D.batch_size, help="PGD batch size (default: %(default)s)")
     p.add_argument("--train-subset", type=int, default=None, help="use this many seeded-random training images only")
+    p.add_argument("--label", choices=ATTACK_LABELS, default=_D.label,
+                   help="what PGD attacks: the static model's prediction (the original) or the true label; copies "
+                        "are stored with the true label either way (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_ray_arguments(p)
@@ -36,7 +39,7 @@ def main(args) -> int:
     config = AugmentConfig(steps=tuple(args.steps), eps=parse_number(args.eps, "--eps"),
                            step_size=parse_number(args.step_size, "--step-size"),
                            random_start=not args.no_random_start, seed=args.seed, chunk_size=args.chunk_size,
-                           batch_size=args.batch_size, train_subset=args.train_subset).validate()
+                           batch_size=args.batch_size, train_subset=args.train_subset, label=args.label).validate()
     model, info, train = model_and_split(args, "train")
     started = time.perf_counter()
     store = build_dprime_store(model, info, train, args.out, config, progress=not args.quiet, ray=args.ray,

@@ -5,8 +5,7 @@ import dataclasses
 from pathlib import Path
 
 from rmc.cli.commands import add_shared_arguments, attack_overrides, check_ray_arguments
-from rmc.cli.config import load_config, parse_override, to_dict
-from rmc.defense import DPrime
+from rmc.cli.config import PRESETS, load_config, parse_override, to_dict
 from rmc.artifacts.evalsets import load_eval_sets
 from rmc.evaluation.report import Table
 from rmc.evaluation.common import BaseModel
@@ -27,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", help="feature layer (default: the model's)")
     p.add_argument("--out", required=True, help="results directory (re-run the same command to resume)")
     p.add_argument("--config", help="YAML configuration; its rmc section sets the RMC hyperparameters")
-    p.add_argument("--preset", default="default", choices=["default", "paper"], help="RMC defaults to start from")
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="RMC defaults to start from")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. --set rmc.k=256")
     p.add_argument("--n", type=int, help="evaluate only the first N inputs of each set")
     p.add_argument("--mode", choices=["online", "episodic"], help="RMC mode")
@@ -45,7 +44,7 @@ def main(args) -> int:
     model, info = load_checkpoint(args.model)
     sets = load_eval_sets(args.evalsets, args.sets)
     from rmc.evaluation.attack_rows import attack_table, clean_set, evaluate_attacks, wants_attack_rows
-    attack_rows = not args.no_rmc and wants_attack_rows(cfg.adaptive)
+    attack_rows = not args.no_rmc and wants_attack_rows(cfg.attack_rows)
     if attack_rows:
         clean_set(sets)   # refuse now, not after the long evaluation, if the attack rows cannot run
     layer = args.layer or default_layer(model)
@@ -55,20 +54,20 @@ def main(args) -> int:
     else:
         feats = ensure_features(model, info, layer, store, out / f"features-{args.name}.npy")
     base = BaseModel(args.name, model, info.sha256, layer, feats)
-    dprime = DPrime(store.images, store.labels, store.copy, store.copy_names)
+    dprime = store.dprime()
     results = evaluate([base], dprime, sets, cfg.rmc, out / "results", info.num_classes, n=args.n,
                        with_rmc=not args.no_rmc, ray=args.ray, workers=args.workers, shards=args.shards,
                        batch=args.batch)
     notes = {s.name: "clean" if s.attack.get("kind") == "clean" else "transfer" for s in sets}
     table = Table.from_results(results, notes)
     if attack_rows:
-        acfg = cfg.adaptive
+        acfg = cfg.attack_rows
         if args.n is not None and (acfg.n is None or acfg.n > args.n):
             acfg = dataclasses.replace(acfg, n=args.n)   # the attack rows never use more inputs than the others
         rows = evaluate_attacks(base, dprime, sets, cfg.rmc, acfg, out / "results", info.num_classes,
                                 results[args.name].get("clean"))
         table.appendix.append(attack_table({args.name: rows}))
-    write_json(out / "results.json", {"rmc": to_dict(cfg.rmc), "adaptive": to_dict(cfg.adaptive),
+    write_json(out / "results.json", {"rmc": to_dict(cfg.rmc), "attack_rows": to_dict(cfg.attack_rows),
                                       "model": dataclasses.asdict(info),
                                       "store": store.fingerprint, "layer": layer, "table": table.to_dict(),
                                       "online_streams": online_streams(cfg.rmc, args.shards),

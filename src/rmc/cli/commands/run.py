@@ -4,18 +4,18 @@ import argparse
 import sys
 
 from rmc.cli.commands import add_shared_arguments, attack_overrides, check_ray_arguments
-from rmc.cli.config import documented_yaml, load_config, parse_override
+from rmc.cli.config import PRESETS, documented_yaml, load_config, parse_override
 from rmc.cli.pipeline import run_pipeline
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML configuration (see --print-config); omitted: the defaults")
-    p.add_argument("--preset", default="default", choices=["default", "paper"],
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS),
                    help="default: fits <= 15 min on 2 CPU cores; paper: the original's values (needs a GPU)")
     p.add_argument("--out", default="runs/default", help="run directory (re-run the same command to resume)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config entry, e.g. --set rmc.k=256 (repeatable)")
-    p.add_argument("--seed", type=int, help="set every seed of the run (train, augment, attack, rmc, adaptive)")
+    p.add_argument("--seed", type=int, help="set every seed of the run (train, augment, attack, rmc, attack_rows)")
     p.add_argument("--n", type=int, help="test inputs per evaluation set (attack.n)")
     p.add_argument("--mode", choices=["online", "episodic"], help="RMC mode (rmc.mode)")
     p.add_argument("--adversarial-base", action="store_true",
@@ -28,7 +28,7 @@ def main(args) -> int:
     check_ray_arguments(args)
     overrides = [parse_override(s) for s in args.set]
     if args.seed is not None:
-        overrides += [(f"{section}.seed", args.seed) for section in ("train", "augment", "attack", "rmc", "adaptive")]
+        overrides += [(f"{section}.seed", args.seed) for section in ("train", "augment", "attack", "rmc", "attack_rows")]
     if args.n is not None:
         overrides.append(("attack.n", args.n))
     if args.mode:

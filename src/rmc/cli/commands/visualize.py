@@ -3,7 +3,6 @@ from __future__ import annotations
 import argparse
 
 from rmc.cli.config import VisualizeConfig
-from rmc.defense import DPrime
 from rmc.artifacts.evalsets import load_eval_sets
 from rmc.evaluation.common import BaseModel
 from rmc.artifacts.features import load_features, store_source
@@ -37,7 +36,7 @@ def main(args) -> int:
     from rmc.data.idx import FASHION_CLASSES
     names = FASHION_CLASSES if "fashion" in info.dataset else []
     path = neighbour_grid(BaseModel("standard", model, info.sha256, layer, feats),
-                          DPrime(store.images, store.labels, store.copy, store.copy_names), sets, args.out,
+                          store.dprime(), sets, args.out,
                           VisualizeConfig(args.inputs, args.neighbours), class_names=names,
                           max_sets=len(sets) if args.sets else 2)
     print(f"wrote {path}")

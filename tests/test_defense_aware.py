@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from rmc.attacks.defense_aware import (AdaptedModels, AdaptiveConfig, attack_input, attack_stream, ensemble_loss,
+from rmc.attacks.defense_aware import (AdaptedModels, AttackRowsConfig, attack_input, attack_stream, ensemble_loss,
                                        initial_candidates)
 from rmc.attacks.autoattack import autoattack
 from rmc.cli.config import load_config
@@ -94,7 +94,7 @@ def test_attack_input_leaves_rmc_as_if_it_had_seen_only_the_chosen_candidate(bro
     dprime, feats = tiny_dprime
     test = digits[1]
     x, y = test.float_images()[:4], test.labels[:4]
-    acfg = AdaptiveConfig(rounds=3, steps=5, eps=0.5)
+    acfg = AttackRowsConfig(rounds=3, steps=5, eps=0.5)
     attacked, replay = _rmc(broken, dprime, feats), _rmc(broken, dprime, feats)
     chosen_rounds = []
     for i in range(len(x)):
@@ -116,7 +116,7 @@ def transfer_case(broken, tiny_dprime, digits):
     dprime, feats = tiny_dprime
     test = digits[1]
     x, y = test.float_images()[:16], test.labels[:16]
-    acfg = AdaptiveConfig(rounds=3, steps=10, eps=0.3)
+    acfg = AttackRowsConfig(rounds=3, steps=10, eps=0.3)
     keys = list(range(len(x)))
     transfer = initial_candidates(broken, x, y, acfg)
     assert (broken(x).argmax(1) == y).float().mean() < 0.2                          # the static model is broken
@@ -178,27 +178,27 @@ def test_ensemble_losses_and_functional_models(tiny_trained):
 
 @pytest.mark.parametrize("bad, match", [
     ({"attacks": ["cw"]}, "unknown defense-aware attack"), ({"attacks": ["fpa", "fpa"]}, "repeats"),
-    ({"rounds": 0}, "adaptive.rounds"), ({"steps": 2.5}, "adaptive.steps"), ({"eps": 8}, "larger than"),
-    ({"eps": -0.1}, "adaptive.eps"), ({"step_size": 0}, "adaptive.step_size"), ({"n": 0}, "adaptive.n"),
-    ({"seed": -1}, "adaptive.seed"), ({"loss": "dlr"}, "adaptive.loss")])
+    ({"rounds": 0}, "attack_rows.rounds"), ({"steps": 2.5}, "attack_rows.steps"), ({"eps": 8}, "larger than"),
+    ({"eps": -0.1}, "attack_rows.eps"), ({"step_size": 0}, "attack_rows.step_size"), ({"n": 0}, "attack_rows.n"),
+    ({"seed": -1}, "attack_rows.seed"), ({"loss": "dlr"}, "attack_rows.loss")])
 def test_bad_attack_settings_are_refused_in_one_line(bad, match):
     with pytest.raises(RMCError, match=match) as e:
-        AdaptiveConfig(**bad)
+        AttackRowsConfig(**bad)
     assert "\n" not in str(e.value)
 
 
 def test_bad_settings_from_config_and_calls(tiny_trained, tiny_dprime):
     with pytest.raises(RMCError, match="unknown defense-aware attack 'bpda'"):
-        load_config(overrides=[("adaptive.attacks", ["bpda"])])
-    with pytest.raises(RMCError, match=r"unknown config key .*adaptive\.round;"):
-        load_config(overrides=[("adaptive.round", 3)])
-    assert load_config(overrides=[("adaptive.attacks", "fpa")]).adaptive.attacks == ["fpa"]
+        load_config(overrides=[("attack_rows.attacks", ["bpda"])])
+    with pytest.raises(RMCError, match=r"unknown config key .*attack_rows\.round;"):
+        load_config(overrides=[("attack_rows.round", 3)])
+    assert load_config(overrides=[("attack_rows.attacks", "fpa")]).attack_rows.attacks == ["fpa"]
     dprime, feats = tiny_dprime
     r = _rmc(tiny_trained, dprime, feats)
     with pytest.raises(RMCError, match="unknown defense-aware attack 'gmsa'"):
-        attack_input(r, tiny_trained, "block3", torch.rand(1, 1, 8, 8), 0, "gmsa", AdaptiveConfig(), key=0)
+        attack_input(r, tiny_trained, "block3", torch.rand(1, 1, 8, 8), 0, "gmsa", AttackRowsConfig(), key=0)
     with pytest.raises(RMCError, match="one input"):
-        attack_input(r, tiny_trained, "block3", torch.rand(2, 1, 8, 8), 0, "fpa", AdaptiveConfig(), key=0)
+        attack_input(r, tiny_trained, "block3", torch.rand(2, 1, 8, 8), 0, "fpa", AttackRowsConfig(), key=0)
     with pytest.raises(RMCError, match="larger than"):
         autoattack(tiny_trained, torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), eps=3, n_classes=10)
 
@@ -226,7 +226,7 @@ def test_attack_rows_resume_after_interruption_and_fill_the_table(broken, tiny_d
     dprime, feats = tiny_dprime
     base, sets = _base_and_sets(broken, feats, digits, 5)
     cfg = _rmc(broken, dprime, feats).cfg                       # online
-    acfg = AdaptiveConfig(attacks=["fpa"], rounds=2, steps=5, eps=0.5)
+    acfg = AttackRowsConfig(attacks=["fpa"], rounds=2, steps=5, eps=0.5)
     full = ev.evaluate_attacks(base, dprime, sets, cfg, acfg, tmp_path / "a", 10, progress=False, log=lambda s: None)
 
     calls = {"n": 0}
@@ -277,19 +277,19 @@ def test_worst_case_counts_an_input_only_if_every_row_gets_it_right():
     assert w.kind == "worst case" and "clean" in w.label
 
 
-def test_cli_flags_set_the_adaptive_section():
+def test_cli_flags_set_the_attack_rows_section():
     from rmc.cli import build_parser
     from rmc.cli.commands.evaluate import attack_overrides
     parser = build_parser()
     common = ["run", "--out", "x"]
     args = parser.parse_args(common + ["--attacks", "fpa", "autoattack", "--rounds", "3", "--attack-eps", "8/255",
                                        "--attack-n", "7"])
-    a = load_config(overrides=attack_overrides(args)).adaptive
+    a = load_config(overrides=attack_overrides(args)).attack_rows
     assert (a.attacks, a.autoattack, a.transfer_pgd, a.rounds, a.n) == (["fpa"], True, True, 3, 7)
     assert a.eps == pytest.approx(8 / 255)
-    a = load_config(overrides=attack_overrides(parser.parse_args(common + ["--attacks", "none"]))).adaptive
+    a = load_config(overrides=attack_overrides(parser.parse_args(common + ["--attacks", "none"]))).attack_rows
     assert a.attacks == [] and not a.autoattack and a.transfer_pgd
-    a = load_config(overrides=attack_overrides(parser.parse_args(common + ["--no-attack-rows"]))).adaptive
+    a = load_config(overrides=attack_overrides(parser.parse_args(common + ["--no-attack-rows"]))).attack_rows
     assert not ev.wants_attack_rows(a)
     with pytest.raises(RMCError, match="--attacks none"):
         attack_overrides(parser.parse_args(common + ["--attacks", "none", "fpa"]))
