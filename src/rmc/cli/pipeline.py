@@ -98,7 +98,7 @@ def ensure_eval_sets(model, info, test, cfg, folder: Path):
 
 def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = print,
                  with_rmc: bool = True, ray: str | None = None, workers: int | None = None,
-                 shards: int = 1, batch: int = 1) -> Table:
+                 shards: int = 1, batch: int = 1, block: int | None = None) -> Table:
     """`ray` ("local" or a cluster address): augmentation chunks and RMC's per-input work run as Ray tasks (one Ray
     session for the whole run); `shards`: independent online streams per test stream, `batch`: episodic inputs
     adapted at once (see rmc.evaluation.driver)."""
@@ -107,11 +107,11 @@ def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = p
     with hold(ray, workers) as slots:
         if ray is not None:
             log(f"[ray] {slots} workers ready in {time.perf_counter() - t0:.1f} s ({ray})")
-        return _run(cfg, Path(out), log, with_rmc, ray, workers, shards, batch)
+        return _run(cfg, Path(out), log, with_rmc, ray, workers, shards, batch, block)
 
 
 def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, ray: str | None,
-         workers: int | None, shards: int, batch: int) -> Table:
+         workers: int | None, shards: int, batch: int, block: int | None) -> Table:
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.yaml"
     if saved.exists() and yaml.safe_load(saved.read_text()) != to_dict(cfg):
@@ -145,7 +145,8 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
         sets = timer(f"attack {name}", ensure_eval_sets, model, info, test, cfg.attack, out / "evalsets" / name)
         base = BaseModel(name, model, info.sha256, layer, feats)
         res = timer(f"evaluate {name}", evaluate, [base], dprime, sets, cfg.rmc, out / "results",
-                    info.num_classes, with_rmc=with_rmc, ray=ray, workers=workers, shards=shards, batch=batch)
+                    info.num_classes, with_rmc=with_rmc, ray=ray, workers=workers, shards=shards, batch=batch,
+                    block=block)
         results.update(res)
         from rmc.evaluation.attack_rows import evaluate_attacks, wants_attack_rows
         if with_rmc and wants_attack_rows(cfg.attack_rows):

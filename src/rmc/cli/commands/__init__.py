@@ -25,7 +25,7 @@ def add_ray_arguments(p: argparse.ArgumentParser, shards: bool = False) -> None:
     """--ray [ADDRESS] and --workers (augment, evaluate, run); evaluate and run also take --shards."""
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run the work as Ray tasks: --ray alone starts a local Ray on this machine; --ray ADDRESS "
-                        "joins a cluster (auto, HOST:6379 or ray://HOST:10001). Needs pip install 'rmc[ray]'")
+                        "joins a cluster (auto, HOST:6379 or ray://HOST:10001). Needs pip install 'rmc-defense[ray]'")
     p.add_argument("--workers", type=int, default=None,
                    help="with --ray: at most this many tasks at a time (a local Ray gets this many CPUs; "
                         "default: all CPUs)")
@@ -34,6 +34,9 @@ def add_ray_arguments(p: argparse.ArgumentParser, shards: bool = False) -> None:
                        help="online RMC: cut each test stream into S independent streams, each with its own "
                             "adapted state (run in parallel with --ray). Online results depend on S; S is recorded "
                             "in the results. Episodic mode ignores it (default: %(default)s)")
+        p.add_argument("--block", type=int, default=None, metavar="B",
+                       help="with --ray: inputs per task (online: the state is saved after each task, so a stopped "
+                            "run redoes at most B inputs per stream; default: about four tasks per worker, <= 16)")
 
 
 def check_ray_arguments(args) -> None:

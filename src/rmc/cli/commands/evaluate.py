@@ -56,7 +56,7 @@ def main(args) -> int:
     base = BaseModel(args.name, model, info.sha256, layer, feats)
     dprime = store.dprime()
     results = evaluate([base], dprime, sets, cfg.rmc, out / "results", info.num_classes, n=args.n,
-                       with_rmc=not args.no_rmc, ray=args.ray, workers=args.workers, shards=args.shards,
+                       with_rmc=not args.no_rmc, ray=args.ray, workers=args.workers, shards=args.shards, block=args.block,
                        batch=args.batch)
     notes = {s.name: "clean" if s.attack.get("kind") == "clean" else "transfer" for s in sets}
     table = Table.from_results(results, notes)

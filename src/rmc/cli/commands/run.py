@@ -40,7 +40,8 @@ def main(args) -> int:
     if args.print_config:
         sys.stdout.write(documented_yaml(cfg))
         return 0
-    table = run_pipeline(cfg, args.out, ray=args.ray, workers=args.workers, shards=args.shards, batch=args.batch)
+    table = run_pipeline(cfg, args.out, ray=args.ray, workers=args.workers, shards=args.shards, batch=args.batch,
+                         block=args.block)
     print()
     print(table.plain())
     print(f"results: {args.out}/results.md, {args.out}/results.json; neighbours: {args.out}/neighbours.png")
