@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -40,8 +40,17 @@ from rmc.errors import RMCError
 from rmc.models import extract_features
 from rmc.seeding import derive_seed
 
-if TYPE_CHECKING:   # the attack drives an RMC through its public methods only
-    from rmc.defense.core import RMC, Trial
+
+class RMC(Protocol):
+    """What the attacks need of the defense (rmc.defense.core.RMC): its adapting network, exact snapshots of its
+    state, and a step in two halves (`trial`: adapt and predict; `commit`: calibrate and move on)."""
+    model: nn.Module
+
+    def snapshot(self) -> Any: ...
+    def restore(self, snap: Any) -> None: ...
+    def trial(self, x: torch.Tensor, features: np.ndarray, key=None, rows=None, keep: bool = False) -> Any: ...
+    def commit(self, trial: Any) -> int: ...
+
 
 KINDS = ("fpa", "gmsa-avg", "gmsa-min")
 LOSSES = ("ce", "margin")
@@ -192,7 +201,7 @@ def attack_input(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor,
     start = rmc.snapshot()
     models: list[dict[str, torch.Tensor]] = []
     rounds: list[RoundInfo] = []
-    best: tuple[float, int, torch.Tensor, Trial] | None = None
+    best: tuple[float, int, torch.Tensor, Any] | None = None   # (margin, round, candidate, its trial)
     for r in range(1, cfg.rounds + 1):
         if r == 1:
             target = "static"

@@ -1,5 +1,5 @@
-"""How RMC's fine-tuning computes logits (the `Forward` handed to `rmc.defense.core.RMC`), and `build_rmc`, which
-picks the fastest equivalent one the config allows.
+"""How RMC's fine-tuning computes logits (the `Forward` handed to `rmc.defense.core.RMC`), and the factory that picks
+the fastest equivalent one the config allows (`rmc.defense.build_rmc` hands it to `RMC`).
 
 - `PlainForward`: the model on the images (the default; what the algorithm means).
 - the fast path (`rmc.config.fast_path`): the same function through a rewritten graph (rmc.defense.fastpath);
@@ -60,9 +60,3 @@ def forward_factory(dprime, index, config, feature_layer: str | None = None) -> 
                 return cached
         return PlainForward(speed(model))
     return build
-
-
-def build_rmc(model: nn.Module, dprime, index, config, feature_layer: str | None = None):
-    """An `RMC` over `model` that fine-tunes through `forward_factory`'s choice (same results, faster)."""
-    from rmc.defense.core import RMC
-    return RMC(model, dprime, index, config, feature_layer, forward_factory(dprime, index, config, feature_layer))
