@@ -1,8 +1,8 @@
 """The RMC algorithm (Wu, Yuan & Wu, ICML 2020): per test input, fine-tune on its nearest neighbours in D'.
 
 This module never opens a file: it takes a model, D' as tensors (`DPrime`), a neighbour index and a config.
-Pure helpers (`configure_model`, `collect_params`, `split_neighbours`, `fine_tune`) do one thing each; the `RMC`
-class holds the online state (the adapted weights) and runs the per-input loop of SPEC section 1:
+Pure helpers (`split_neighbours`, `fine_tune`) do one thing each; the `RMC` class holds the online state (the
+adapted weights and the stream's Adam) and runs the per-input loop of SPEC section 1:
 `trial` (neighbours -> split -> fine-tune -> predict) then `commit` (online: calibrate), which together are `step`.
 How fine-tuning computes logits (the plain model, a faster equivalent graph, a cached head) is handed in as a
 `Forward` factory (rmc.defense.forwards builds the fast ones); profiling is an optional hook (rmc.defense.profiling).
@@ -24,10 +24,9 @@ from torch import nn
 from rmc.data.augment import random_shift_flip
 from rmc.defense.config import Mode, Optimizer, RMCConfig
 from rmc.defense.dprime import DPrime
-from rmc.defense.optim import (STATE_PREFIX, autocast_context, load_optimizer_state, make_optimizer,
-                               optimizer_state)
-from rmc.defense.scope import collect_params, configure_model
 from rmc.defense.forwards import Forward, PlainForward
+from rmc.defense.optim import autocast_context, load_optimizer_state, make_optimizer, optimizer_state, split_state
+from rmc.defense.scope import collect_params, configure_model
 from rmc.errors import RMCError
 from rmc.seeding import generator
 
@@ -128,7 +127,7 @@ class Snapshot:
     @property
     def weights(self) -> dict[str, torch.Tensor]:
         """The model's state dict alone (for `torch.func.functional_call`)."""
-        return {k: v for k, v in self.state.items() if not k.startswith(STATE_PREFIX)}
+        return split_state(self.state)[0]
 
 
 @dataclass
@@ -184,10 +183,10 @@ class RMC:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith(STATE_PREFIX)}, strict=True)
+        weights, moments = split_state(state)
+        self.model.load_state_dict(weights, strict=True)
         if self.optimizer is not None:
-            load_optimizer_state(self.optimizer, self.params,
-                                 {k: v for k, v in state.items() if k.startswith(STATE_PREFIX)})
+            load_optimizer_state(self.optimizer, self.params, moments)
 
     def reset(self) -> None:
         """Back to the static weights (and a fresh stream optimizer)."""

@@ -38,6 +38,12 @@ def optimizer_state(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> d
     return out
 
 
+def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the model's weights and buffers, the optimizer's tensors) of a combined state dict."""
+    weights = {k: v for k, v in state.items() if not k.startswith(STATE_PREFIX)}
+    return weights, {k: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
+
+
 def load_optimizer_state(opt: torch.optim.Optimizer, params: list[nn.Parameter],
                          tensors: dict[str, torch.Tensor]) -> None:
     """Replace `opt`'s state by `tensors` (from `optimizer_state`); none: a fresh optimizer."""
