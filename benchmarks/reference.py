@@ -18,6 +18,7 @@ Same hyperparameters as `rmc.defense.core.RMCConfig`; its own random draws (so t
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections import defaultdict
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from rmc.defense.core import Mode, RMCConfig
+from rmc.defense.config import Mode, Optimizer, RMCConfig
 
 
 def naive_knn(features: np.ndarray, query: np.ndarray, k: int, batch: int = 1024,
@@ -85,6 +86,7 @@ class NaiveRMC:
         self.per_feature = per_feature_search
         self.seconds: dict[str, float] = defaultdict(float)   # search, data, train (forward+backward+Adam), validation
         self.steps = 0
+        self.stream = torch.optim.Adam(self.model.parameters(), lr=cfg.lr) if cfg.optimizer is Optimizer.STREAM else None
 
     def _timed_batches(self, loader):
         """The loader's batches, the time spent producing them counted as 'data'."""
@@ -101,7 +103,7 @@ class NaiveRMC:
 
     def fit(self, x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, augment: bool) -> int:
         cfg = self.cfg
-        opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        opt = self.stream or torch.optim.Adam(self.model.parameters(), lr=cfg.lr)   # the original: one for the run
         best, wait, epoch = float("inf"), 0, 0
         for epoch in range(1, cfg.max_epochs + 1):
             g = torch.Generator().manual_seed(int(self.rng.integers(2 ** 62)))
@@ -134,13 +136,15 @@ class NaiveRMC:
         cfg = self.cfg
         if cfg.mode is Mode.EPISODIC:
             self.model.load_state_dict(self.static)
+            if self.stream is not None:
+                self.stream.state.clear()
         t0 = time.perf_counter()
         rows = naive_knn(self.features, query, cfg.k, per_feature=self.per_feature)
         self.seconds["search"] += time.perf_counter() - t0
         self.steps += 1
         images, labels = np.asarray(self.images[rows]), np.asarray(self.labels[rows])   # host copies
-        n_close = max(2, int(round(cfg.k * cfg.closest_fraction)))
-        n_val = max(1, int(round(n_close * cfg.val_fraction)))
+        n_close = max(2, int(cfg.k * cfg.closest_fraction))
+        n_val = max(1, math.ceil(n_close * cfg.val_fraction))
         close = self.rng.permutation(n_close)
         val, train = np.sort(close[:n_val]), np.concatenate([np.sort(close[n_val:]), np.arange(n_close, cfg.k)])
         self.fit(images[train], labels[train], images[val], labels[val], augment=False)
@@ -148,9 +152,8 @@ class NaiveRMC:
             pred = int(self.model(x).argmax(1)[0])
         if cfg.mode is Mode.ONLINE and cfg.calibrate:
             k = cfg.calib_k or cfg.k
-            r = np.sort(self.rng.choice(len(self.labels), size=k, replace=False))
-            r = self.rng.permutation(r)
+            r = self.rng.integers(len(self.labels), size=k)          # with replacement, as the original
             ci, cl = np.asarray(self.images[r]), np.asarray(self.labels[r])
-            h = max(1, int(round(k * cfg.calib_holdout)))
+            h = max(1, math.ceil(k * cfg.calib_holdout))
             self.fit(ci[h:], cl[h:], ci[:h], cl[:h], augment=cfg.calib_augment)
         return pred

@@ -41,7 +41,6 @@ BASELINES = ("undefended", "deepnn", "webnn")
 MAX_BLOCK = 16             # inputs per Ray task at most (online streams save their state once per task)
 
 
-
 def stream_fingerprint(base: BaseModel, dprime: DPrime, eval_set, cfg: RMCConfig, n: int | None) -> str:
     """What the RMC records of one (base, set) stream depend on; a record stream refuses to resume under another."""
     return digest(base.sha256, base.layer, asdict(cfg), evalset_source(eval_set), len(dprime), n)
