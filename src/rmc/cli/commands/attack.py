@@ -11,22 +11,25 @@ from rmc.artifacts.evalsets import AttackSpec, make_eval_sets, parse_number, sav
 from rmc.training import predict
 
 
+_D = AttackConfig()   # the defaults of `rmc run`'s attack section
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="static model written by `rmc train` (.safetensors)")
     p.add_argument("--dataset", help="data set (default: the one the model was trained on)")
     p.add_argument("--data-dir", help="directory holding the data set (default: its standard location)")
     p.add_argument("--out", required=True, help="directory to write the sets and index.json into")
-    p.add_argument("--n", type=int, default=AttackConfig.n,
+    p.add_argument("--n", type=int, default=_D.n,
                    help="number of test inputs, a seeded random sample (default: %(default)s)")
-    p.add_argument("--eps", nargs="*", default=["0.1"], metavar="EPS",
-                   help="FGSM budgets, e.g. 0.1 or 8/255; give --eps alone for no FGSM (default: 0.1)")
-    p.add_argument("--pgd", nargs="*", default=["10:0.1"], metavar="STEPS:EPS[:STEP]",
-                   help="PGD settings; step defaults to 2.5*eps/steps; --pgd alone for none (default: 10:0.1)")
+    p.add_argument("--eps", nargs="*", default=[f"{e:g}" for e in _D.fgsm_eps], metavar="EPS",
+                   help="FGSM budgets, e.g. 0.1 or 8/255; --eps alone for none (default: %(default)s)")
+    p.add_argument("--pgd", nargs="*", default=[f"{int(s)}:{e:g}" for s, e in _D.pgd], metavar="STEPS:EPS[:STEP]",
+                   help="PGD settings; step defaults to 2.5*eps/steps; --pgd alone for none (default: %(default)s)")
     p.add_argument("--targeted", action="store_true", help="write targeted sets (random wrong class)")
     p.add_argument("--untargeted", action="store_true",
                    help="write untargeted sets; with neither flag, both are written")
     p.add_argument("--no-random-start", action="store_true", help="start PGD at the clean image")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=int, default=_D.seed,
                    help="chooses test inputs, targets and PGD starts (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=500, help="attack batch size (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
