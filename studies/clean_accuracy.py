@@ -69,7 +69,7 @@ def load_run(run: Path):
     feats, _ = load_features(need(run / "features" / "standard-dprime.npy", "D' features"), info.sha256, layer,
                              store_source(store))
     sets = load_eval_sets(need(run / "evalsets" / "standard", "evaluation sets"), list(SETS.values()), info.sha256)
-    return saved, model, info, store, BaseModel("standard", model, info.sha256, layer, feats.numpy()), sets
+    return saved, info, store, BaseModel("standard", model, info.sha256, layer, feats.numpy()), sets
 
 
 def rmc_config(saved: dict, overrides: dict, seed: int):
@@ -87,14 +87,22 @@ def rate(records) -> dict:
     return Rate(sum(r["pred"] == r["label"] for r in records), len(records)).to_dict()
 
 
+def versus_static(rmc, static) -> dict:
+    """Paired with the static model on the same inputs (sharper than two CIs): inputs RMC got wrong that the
+    static model got right (lost), and the other way round (gained)."""
+    pairs = [(a["pred"] == a["label"], b["pred"] == b["label"]) for a, b in zip(rmc, static)]
+    return {"lost": sum(s and not r for r, s in pairs), "gained": sum(r and not s for r, s in pairs)}
+
+
 def plot(summary: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.8))
     colours = ["tab:blue", "tab:orange", "tab:green"]
-    refs = [("static", "static model", "black", "-"), ("deepnn", "DeepNN (K=256)", "tab:purple", "--"),
-            ("webnn", "WebNN (K=256)", "tab:brown", ":")]
+    d = summary["configs"]["default"]["settings"]
+    refs = [("static", "static model", "black", "-"), ("deepnn", f"DeepNN (K={d['k']})", "tab:purple", "--"),
+            ("webnn", f"WebNN (K={d['k']})", "tab:brown", ":")]
     for ax, (key, title) in zip(axes, [("clean", "clean inputs"), ("pgd", "PGD-10 eps 0.1 (transfer)")]):
         ticks, labels, x = [], [], 0
         for (group, points), colour in zip(GROUPS.items(), colours):
@@ -125,8 +133,9 @@ def plot(summary: dict, path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=2, frameon=False)
-    fig.suptitle(f"Online RMC, one knob at a time from K=256, lr 1e-3 x 3 epochs, stream Adam (open squares): "
-                 f"N={summary['n']} per set, |D'|={summary['dprime_size']:,}")
+    lr = f"{d['lr']:.0e}".replace("e-0", "e-")   # 1e-3, as the tick labels write it
+    fig.suptitle(f"Online RMC, one knob at a time from K={d['k']}, lr {lr} x {d['max_epochs']} epochs, "
+                 f"{d['optimizer']} Adam (open squares): N={summary['n']} per set, |D'|={summary['dprime_size']:,}")
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -141,10 +150,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads; 1 is kind to a shared machine and, for "
                    "RMC's small batches, rarely slower")
     args = p.parse_args()
+    if args.n < 1 or args.threads < 1:
+        p.error("--n and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     run, out = Path(args.run), Path(args.out)
     try:
-        saved, model, info, store, base, sets = load_run(run)
+        saved, info, store, base, sets = load_run(run)
         dprime = store.dprime()
         summary = {"run": str(run), "n": args.n, "seed": args.seed, "threads": args.threads,
                    "dprime_size": len(dprime), "sets": SETS, "configs": {}}
@@ -159,15 +170,19 @@ def main() -> None:
             # seconds: RMC's per-input time summed from the records (survives resumes); wall: this invocation only
             seconds = sum(r["seconds"] for recs in rmc.values() for r in recs)
             settings = to_dict(cfg)
+            paired = versus_static(rmc["clean"], res[SETS["clean"]]["undefended"])
             summary["configs"][name] = {"overrides": overrides, "settings": {k: settings[k] for k in SHOWN},
-                                        **{k: rate(v) for k, v in rmc.items()}, "seconds": round(seconds, 1),
+                                        **{k: rate(v) for k, v in rmc.items()}, "clean_vs_static": paired,
+                                        "seconds": round(seconds, 1),
                                         "wall_seconds_this_invocation": round(wall, 1)}
             acc = "  ".join(f"{k} {100 * rate(v)['value']:.0f}%" for k, v in rmc.items())
-            print(f"[{name}] {acc}  (RMC {seconds:.0f} s, wall {wall:.0f} s)", flush=True)
+            print(f"[{name}] {acc}; clean vs static: {paired['lost']} lost, {paired['gained']} gained  "
+                  f"(RMC {seconds:.0f} s, wall {wall:.0f} s)", flush=True)
             if name == "default":   # the K=256 baselines are the figure's reference lines
                 summary["reference"] = {d: {k: rate(res[s][d]) for k, s in SETS.items()}
                                         for d in ("undefended", "deepnn", "webnn")}
                 summary["reference"]["static"] = summary["reference"].pop("undefended")
+        summary["seconds"] = round(sum(c["seconds"] for c in summary["configs"].values()), 1)
         summary["wall_seconds_this_invocation"] = round(time.perf_counter() - t_all, 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot(summary, out / "clean_accuracy.png")
