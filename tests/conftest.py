@@ -1,10 +1,9 @@
 import pytest
 import torch
 
-from rmc.defense.dprime import DPrime
 from rmc.data import load_dataset
+from rmc.defense.dprime import DPrime
 from rmc.models import build_model, extract_features
-
 
 # One thread: the tests' tiny convolutions are dominated by threading overhead, and several test processes
 # may share the two cores.

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from rmc.defense.batched import BatchedEpisodic
 from rmc.defense import RMCConfig, build_rmc
-from rmc.errors import RMCError
+from rmc.defense.batched import BatchedEpisodic
 from rmc.defense.knn import NeighbourIndex
+from rmc.errors import RMCError
 from rmc.models import extract_features
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from rmc.defense.classifier import RMCClassifier
 from rmc.defense import RMCConfig, build_rmc
-from rmc.errors import RMCError
+from rmc.defense.classifier import RMCClassifier
 from rmc.defense.knn import NeighbourIndex
+from rmc.errors import RMCError
 from rmc.models import extract_features
 
 

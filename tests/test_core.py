@@ -10,9 +10,9 @@ from torch import nn
 from rmc.defense import build_rmc
 from rmc.defense.config import Mode, RMCConfig, Scope
 from rmc.defense.core import fine_tune, split_neighbours
+from rmc.defense.knn import NeighbourIndex
 from rmc.defense.scope import collect_params, configure_model
 from rmc.errors import RMCError
-from rmc.defense.knn import NeighbourIndex
 from rmc.models import extract_features
 
 

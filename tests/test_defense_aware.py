@@ -6,17 +6,17 @@ import json
 import pytest
 import torch
 
+from rmc.artifacts.evalsets import EvalSet
+from rmc.attacks.autoattack import autoattack
 from rmc.attacks.defense_aware import (AdaptedModels, AttackRowsConfig, attack_input, attack_stream, ensemble_loss,
                                        initial_candidates)
-from rmc.attacks.autoattack import autoattack
 from rmc.cli.config import load_config
 from rmc.defense import build_rmc
 from rmc.defense.config import RMCConfig
+from rmc.defense.knn import NeighbourIndex
 from rmc.errors import RMCError
-from rmc.artifacts.evalsets import EvalSet
 from rmc.evaluation import attack_rows as ev
 from rmc.evaluation.driver import BaseModel
-from rmc.defense.knn import NeighbourIndex
 from rmc.models import extract_features
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from rmc.artifacts.evalsets import AttackSpec, list_eval_sets, load_eval_sets, make_eval_sets, save_eval_sets
 from rmc.data import load_dataset
 from rmc.errors import RMCError
-from rmc.artifacts.evalsets import AttackSpec, list_eval_sets, load_eval_sets, make_eval_sets, save_eval_sets
 from rmc.io import sha256_file
 from rmc.training import TrainConfig, predict, train_model
 

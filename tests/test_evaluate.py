@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
+from rmc.artifacts.evalsets import AttackSpec, make_eval_sets
 from rmc.cli import main as cli
 from rmc.cli.config import documented_yaml, load_config
 from rmc.defense import RMC, Mode, RMCConfig
 from rmc.errors import RMCError
-from rmc.artifacts.evalsets import AttackSpec, make_eval_sets
-from rmc.evaluation.report import Table
 from rmc.evaluation.common import BaseModel
 from rmc.evaluation.driver import evaluate
+from rmc.evaluation.report import Table
 from rmc.io import load_tensors
 from rmc.models import ModelInfo
 

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from rmc.cli import main as cli_main
-from rmc.errors import RMCError
 from rmc.artifacts import features as features_mod
+from rmc.artifacts.dprime import AugmentConfig, build_dprime_store
 from rmc.artifacts.features import (compute_features, ensure_features, evalset_features_path, evalset_source,
                                     load_features, make_provenance, save_features, store_features_path, store_source,
                                     tensor_source)
+from rmc.cli import main as cli_main
+from rmc.errors import RMCError
 from rmc.models import ModelInfo, build_model, extract_features, save_checkpoint
-from rmc.artifacts.dprime import AugmentConfig, build_dprime_store
 
 CFG = AugmentConfig(steps=(2,), eps=0.1, step_size=0.02, chunk_size=64, batch_size=64, train_subset=100)
 

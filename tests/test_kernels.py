@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rmc.defense import kernels
-from rmc.defense.scope import configure_model
 from rmc.defense.fastpath import ConvPoolRelu, ConvReluGap, FoldedConvBN, _PoolReluKernel, _ReluGapKernel, fast_forward
+from rmc.defense.scope import configure_model
 from rmc.models import build_model
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,

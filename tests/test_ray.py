@@ -11,14 +11,14 @@ import torch
 
 ray = pytest.importorskip("ray")
 
+from rmc.artifacts.dprime import AugmentConfig, build_dprime_store  # noqa: E402
+from rmc.artifacts.evalsets import EvalSet, save_eval_sets  # noqa: E402
 from rmc.cli import main as cli_main  # noqa: E402
 from rmc.defense import RMCConfig  # noqa: E402
-from rmc.artifacts.evalsets import EvalSet, save_eval_sets  # noqa: E402
 from rmc.evaluation import driver  # noqa: E402
 from rmc.evaluation.common import BaseModel  # noqa: E402
 from rmc.evaluation.driver import evaluate  # noqa: E402
 from rmc.models import ModelInfo, save_checkpoint  # noqa: E402
-from rmc.artifacts.dprime import AugmentConfig, build_dprime_store  # noqa: E402
 from rmc.scaleout import executors  # noqa: E402
 
 pytestmark = pytest.mark.slow   # starts Ray once (~10 s) and runs a few dozen RMC steps on 2 workers

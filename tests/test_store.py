@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from rmc.artifacts import dprime as store_mod
+from rmc.artifacts.dprime import (AugmentConfig, StoreWriter, build_dprime_store, chunk_tasks, copy_names,
+                                  open_dprime_store, partial_path, quantize_within_eps, run_chunk)
 from rmc.attacks import pgd
 from rmc.cli import main as cli_main
 from rmc.errors import RMCError
 from rmc.models import ModelInfo, build_model, save_checkpoint
-from rmc.artifacts.dprime import (AugmentConfig, StoreWriter, build_dprime_store, chunk_tasks, copy_names, open_dprime_store,
-                       partial_path, quantize_within_eps, run_chunk)
 
 CFG = AugmentConfig(steps=(2, 3), eps=0.1, step_size=0.02, seed=0, chunk_size=48, batch_size=32, train_subset=120)
 FILES = ["copy.npy", "images.npy", "labels.npy", "manifest.json", "progress.json", "source_index.npy"]

@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
+from rmc.artifacts.dprime import AugmentConfig
 from rmc.attacks.defense_aware import AttackRowsConfig
 from rmc.defense.core import RMCConfig
 from rmc.errors import RMCError
-from rmc.artifacts.dprime import AugmentConfig
 from rmc.training import TrainConfig
 
 

@@ -22,18 +22,18 @@ from typing import Callable
 
 import yaml
 
+from rmc.artifacts.dprime import build_dprime_store
+from rmc.artifacts.evalsets import AttackSpec, load_eval_sets, make_eval_sets, save_eval_sets
+from rmc.artifacts.features import ensure_features
 from rmc.cli.config import RunConfig, documented_yaml, to_dict
 from rmc.data import load_dataset
 from rmc.errors import RMCError
-from rmc.artifacts.evalsets import AttackSpec, load_eval_sets, make_eval_sets, save_eval_sets
-from rmc.evaluation.report import Table
 from rmc.evaluation.common import BaseModel
 from rmc.evaluation.driver import check_batch, evaluate, online_streams
-from rmc.artifacts.features import ensure_features
+from rmc.evaluation.report import Table
 from rmc.io import read_json, write_json, write_text
 from rmc.models import default_layer, load_checkpoint, save_checkpoint
 from rmc.models.checkpoint import meta_path
-from rmc.artifacts.dprime import build_dprime_store
 from rmc.scaleout.executors import hold
 from rmc.training import train_model
 

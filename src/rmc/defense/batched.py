@@ -33,8 +33,8 @@ from torch.func import functional_call, grad, vmap
 
 from rmc.defense.config import Mode
 from rmc.defense.core import RMC, StepResult, split_neighbours
-from rmc.seeding import generator
 from rmc.errors import RMCError
+from rmc.seeding import generator
 
 BACKENDS = ("auto", "vmap", "threads")
 

@@ -23,17 +23,17 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from rmc.artifacts.evalsets import EvalSet, list_eval_sets, load_eval_sets, save_eval_sets
+from rmc.artifacts.features import evalset_source
 from rmc.attacks.defense_aware import LABELS, AttackRowsConfig, attack_input, initial_candidates
 from rmc.defense import build_rmc
 from rmc.defense.config import Mode, RMCConfig
 from rmc.defense.dprime import DPrime
 from rmc.errors import RMCError
-from rmc.artifacts.evalsets import EvalSet, list_eval_sets, load_eval_sets, save_eval_sets
-from rmc.evaluation.records import RecordStream
-from rmc.evaluation.report import Table, cell_from_records, row_label
 from rmc.evaluation.common import BaseModel, NeighbourSearch, digest
 from rmc.evaluation.driver import evaluate_set
-from rmc.artifacts.features import evalset_source
+from rmc.evaluation.records import RecordStream
+from rmc.evaluation.report import Table, cell_from_records, row_label
 
 TRANSFER, AWARE, WORST = "transfer", "defense-aware", "worst case"
 

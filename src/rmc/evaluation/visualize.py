@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from rmc.defense.core import DPrime  # noqa: E402
-from rmc.io import atomic_path  # noqa: E402
 from rmc.defense.knn import NeighbourIndex  # noqa: E402
+from rmc.io import atomic_path  # noqa: E402
 from rmc.models import extract_features  # noqa: E402
 
 

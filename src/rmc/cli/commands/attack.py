@@ -4,12 +4,11 @@ import argparse
 import sys
 import time
 
+from rmc.artifacts.evalsets import AttackSpec, make_eval_sets, parse_number, save_eval_sets
 from rmc.cli.commands import model_and_split
 from rmc.cli.config import AttackConfig
 from rmc.errors import RMCError
-from rmc.artifacts.evalsets import AttackSpec, make_eval_sets, parse_number, save_eval_sets
 from rmc.training import predict
-
 
 _D = AttackConfig()   # the defaults of `rmc run`'s attack section
 

@@ -3,10 +3,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from rmc.cli.commands import add_ray_arguments, check_ray_arguments, model_and_split
-from rmc.artifacts.evalsets import parse_number
 from rmc.artifacts.dprime import ATTACK_LABELS, AugmentConfig, build_dprime_store
-
+from rmc.artifacts.evalsets import parse_number
+from rmc.cli.commands import add_ray_arguments, check_ray_arguments, model_and_split
 
 _D = AugmentConfig()
 

@@ -4,16 +4,16 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from rmc.artifacts.dprime import open_dprime_store
+from rmc.artifacts.evalsets import load_eval_sets
+from rmc.artifacts.features import ensure_features, load_features, store_source
 from rmc.cli.commands import add_shared_arguments, attack_overrides, check_ray_arguments
 from rmc.cli.config import PRESETS, load_config, parse_override, to_dict
-from rmc.artifacts.evalsets import load_eval_sets
-from rmc.evaluation.report import Table
 from rmc.evaluation.common import BaseModel
 from rmc.evaluation.driver import check_batch, evaluate, online_streams
-from rmc.artifacts.features import ensure_features, load_features, store_source
+from rmc.evaluation.report import Table
 from rmc.io import write_json, write_text
 from rmc.models import default_layer, load_checkpoint
-from rmc.artifacts.dprime import open_dprime_store
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

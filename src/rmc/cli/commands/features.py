@@ -4,12 +4,12 @@ import argparse
 import sys
 import time
 
-from rmc.errors import RMCError
+from rmc.artifacts.dprime import open_dprime_store
 from rmc.artifacts.features import (compute_features, evalset_features_path, evalset_source, make_provenance,
-                              save_features, store_features_path, store_source)
+                                    save_features, store_features_path, store_source)
+from rmc.errors import RMCError
 from rmc.models import default_layer, load_checkpoint
 from rmc.models.features import get_layer
-from rmc.artifacts.dprime import open_dprime_store
 from rmc.training import resolve_device
 
 

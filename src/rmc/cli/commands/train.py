@@ -3,9 +3,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from rmc.artifacts.evalsets import parse_number
 from rmc.data import DatasetName, load_dataset
 from rmc.errors import RMCError
-from rmc.artifacts.evalsets import parse_number
 from rmc.models import save_checkpoint
 from rmc.training import TrainConfig, train_model
 

@@ -2,13 +2,13 @@ from __future__ import annotations
 
 import argparse
 
-from rmc.cli.config import VisualizeConfig
-from rmc.artifacts.evalsets import load_eval_sets
-from rmc.evaluation.common import BaseModel
-from rmc.artifacts.features import load_features, store_source
-from rmc.models import default_layer, load_checkpoint
 from rmc.artifacts.dprime import open_dprime_store
+from rmc.artifacts.evalsets import load_eval_sets
+from rmc.artifacts.features import load_features, store_source
+from rmc.cli.config import VisualizeConfig
+from rmc.evaluation.common import BaseModel
 from rmc.evaluation.visualize import neighbour_grid
+from rmc.models import default_layer, load_checkpoint
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
