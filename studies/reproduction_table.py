@@ -1,0 +1,56 @@
+"""The results table of a run directory from its per-input records, finished or not (for the reproduction run at the
+paper's settings, which takes longer than one session): baselines over every input, RMC over the inputs done so far.
+
+    python studies/reproduction_table.py runs/paper [--base standard]
+
+Reads only `results/<base>/<set>/baselines.json` and `rmc.jsonl` (what `rmc run` writes as it goes); prints the
+table in markdown with N per cell, and the mean seconds per RMC input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rmc.errors import RMCError
+from rmc.evaluation.driver import BASELINES
+from rmc.evaluation.report import Table
+
+
+def read_records(run: Path, base: str) -> tuple[dict, list[float]]:
+    """{base: {set: {defense: records}}} and the seconds of every RMC input, from the run's results folder."""
+    folder = run / "results" / base
+    if not folder.is_dir():
+        raise RMCError(f"{folder} not found: is {run} a run directory of `rmc run` that reached its evaluate stage?")
+    results, seconds = {base: {}}, []
+    for set_dir in sorted(p for p in folder.iterdir() if (p / "baselines.json").exists()):
+        saved = json.loads((set_dir / "baselines.json").read_text())
+        defenses = {name: saved[name] for name in BASELINES}          # the report's row order
+        stream = set_dir / "rmc.jsonl"
+        if stream.exists():
+            rmc = [json.loads(line) for line in stream.read_text().splitlines() if line.strip()]
+            defenses["rmc"] = rmc
+            seconds += [r["seconds"] for r in rmc]
+        results[base][set_dir.name] = defenses
+    return results, seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path)
+    p.add_argument("--base", default="standard")
+    args = p.parse_args()
+    results, seconds = read_records(args.run, args.base)
+    table = Table.from_results(results)
+    lines = ["| defense | " + " | ".join(table.columns) + " |", "|---|" + "---|" * len(table.columns)]
+    for label, cells in table.rows.items():
+        lines.append(f"| {label} | " + " | ".join(f"{cells[c].text()} (N={cells[c].accuracy.n})" if c in cells else "-"
+                                                  for c in table.columns) + " |")
+    print("\n".join(lines))
+    if seconds:
+        print(f"\nRMC: {len(seconds)} inputs, {sum(seconds) / len(seconds):.1f} s per input on average")
+
+
+if __name__ == "__main__":
+    main()
