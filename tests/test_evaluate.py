@@ -232,3 +232,20 @@ def test_cli_tunes_the_allocator_unless_told_not_to(monkeypatch, env, tuned):
         monkeypatch.setenv(k, v)
     assert cli(["layers", "--arch", "small_cnn"]) == 0
     assert calls == ([1] if tuned else [])
+
+
+def test_ray_workers_tune_the_allocator_and_threads_once(monkeypatch):
+    # A Ray worker is a process rmc owns, like the command's: untuned, PGD spent most of its time in the kernel.
+    import rmc.cpu
+    from rmc.scaleout import executors
+    calls = []
+    monkeypatch.setattr(rmc.cpu, "tune_malloc", lambda: calls.append(1) or True)
+    monkeypatch.setattr(executors, "_WORKER_READY", False)
+    monkeypatch.delenv("RMC_DEFAULT_MALLOC", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert executors._entry(lambda a, b: a + b, 2, 5) == 7 and executors._entry(lambda: 1) == 1
+        assert calls == [1] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -65,4 +65,13 @@ def tune_malloc(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) 
         return False
 
 
-__all__ = ["configure_openblas", "cpu_info", "openblas_coretype_for_avx512", "tune_malloc"]
+def tune_allocator() -> bool:
+    """`tune_malloc` for a process rmc owns (the `rmc` command, Ray's workers), unless told not to:
+    RMC_DEFAULT_MALLOC=1, or the user's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, leave glibc as it is."""
+    if os.environ.get("RMC_DEFAULT_MALLOC") == "1" or any(
+            v in os.environ for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    return tune_malloc()
+
+
+__all__ = ["configure_openblas", "cpu_info", "openblas_coretype_for_avx512", "tune_allocator", "tune_malloc"]

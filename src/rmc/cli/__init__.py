@@ -4,10 +4,10 @@ defines `add_arguments(parser)` and `main(args) -> int`."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from rmc.cli.commands import attack, augment, evaluate, features, layers, run, train, visualize
+from rmc.cpu import tune_allocator
 from rmc.errors import RMCError
 
 # sub-command -> (module, one-line help)
@@ -37,21 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def tune_allocator() -> bool:
-    """The `rmc` command owns its process: let glibc keep freed memory for reuse. With its defaults every large
-    tensor freed and allocated again is a fresh memory map faulted in page by page: `rmc augment` (PGD over batches
-    of 512) spent 40% of its CPU time in the kernel and runs 1.7x faster tuned. RMC_DEFAULT_MALLOC=1, or the user's
-    own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, leave glibc as it is."""
-    if os.environ.get("RMC_DEFAULT_MALLOC") == "1" or any(
-            v in os.environ for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
-        return False
-    from rmc.cpu import tune_malloc
-    return tune_malloc()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tune_allocator()
+    tune_allocator()   # the command owns its process
     try:
         if args.threads is not None:
             if args.threads < 1:

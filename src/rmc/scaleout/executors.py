@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from rmc.cpu import tune_allocator
 from rmc.errors import RMCError
 
 LOCAL = "local"            # --ray with no address: start a Ray on this machine
@@ -182,15 +183,23 @@ class InlineExecutor:
         _CACHE.clear()   # what tasks cached here is keyed by object ids, which a later job may reuse
 
 
+_WORKER_READY = False
+
+
 def _entry(fn: Callable, *args):
-    """What a Ray worker runs: one thread per task (each task holds one CPU), then the task."""
-    if torch.get_num_threads() != 1:
+    """What a Ray worker runs: once per worker process, one thread per task (each task holds one CPU) and the
+    memory allocator tuned as the `rmc` command tunes its own (without it, PGD and fine-tuning spent most of their
+    time in the kernel faulting in freshly mapped pages); then the task."""
+    global _WORKER_READY
+    if not _WORKER_READY:
         torch.set_num_threads(1)
         try:
             import faiss
             faiss.omp_set_num_threads(1)
         except Exception:   # noqa: BLE001 - only a thread setting
             pass
+        tune_allocator()
+        _WORKER_READY = True
     return fn(*args)
 
 
