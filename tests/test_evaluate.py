@@ -213,6 +213,10 @@ def test_run_and_evaluate_refuse_batch_in_online_mode_before_any_work(tmp_path, 
     assert cli(["run", "--batch", "4", "--out", str(tmp_path / "run")]) == 2
     assert "needs episodic mode" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    for flag, message in (("--block", "--block must be a whole number >= 1"), ("--shards", "--shards must be")):
+        assert cli(["run", flag, "0", "--out", str(tmp_path / "run")]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
     # checked before the store is even opened (it does not exist here)
     assert cli(["evaluate", "--model", "m", "--store", "s", "--evalsets", "e", "--out", str(tmp_path / "ev"),
                 "--batch", "4"]) == 2

@@ -29,7 +29,7 @@ from rmc.cli.config import RunConfig, documented_yaml, to_dict
 from rmc.data import load_dataset
 from rmc.errors import RMCError
 from rmc.evaluation.common import BaseModel
-from rmc.evaluation.driver import check_batch, evaluate, online_streams
+from rmc.evaluation.driver import check_work_split, evaluate, online_streams
 from rmc.evaluation.report import Table
 from rmc.io import read_json, write_json, write_text
 from rmc.models import default_layer, load_checkpoint, save_checkpoint
@@ -102,7 +102,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = p
     """`ray` ("local" or a cluster address): augmentation chunks and RMC's per-input work run as Ray tasks (one Ray
     session for the whole run); `shards`: independent online streams per test stream, `batch`: episodic inputs
     adapted at once (see rmc.evaluation.driver)."""
-    check_batch(batch, cfg.rmc, ray, shards)      # before hours of work, not after
+    check_work_split(batch, cfg.rmc, ray, shards, block)      # before hours of work, not after
     t0 = time.perf_counter()
     with hold(ray, workers) as slots:
         if ray is not None:

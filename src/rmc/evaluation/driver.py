@@ -57,8 +57,9 @@ def online_streams(cfg: RMCConfig, shards: int = 1) -> int | None:
     return shards if cfg.mode is Mode.ONLINE else None
 
 
-def check_batch(batch: int, cfg: RMCConfig, ray: str | None = None, shards: int = 1) -> None:
-    """Refuse a `batch` the evaluation cannot honour, with the fix."""
+def check_work_split(batch: int, cfg: RMCConfig, ray: str | None = None, shards: int = 1,
+                     block: int | None = None) -> None:
+    """Refuse a `batch`, `shards` or `block` the evaluation cannot honour, with the fix (before any work)."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise RMCError(f"--batch must be a whole number >= 1, got {batch!r}")
     if batch > 1 and cfg.mode is not Mode.EPISODIC:
@@ -67,6 +68,10 @@ def check_batch(batch: int, cfg: RMCConfig, ray: str | None = None, shards: int 
     if batch > 1 and (ray is not None or shards != 1):
         raise RMCError("--batch adapts inputs side by side in this process; with --ray or --shards Ray's workers "
                        "share the inputs instead: drop --batch")
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise RMCError(f"--shards must be a whole number >= 1, got {shards!r}")
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise RMCError(f"--block must be a whole number >= 1, got {block!r}")
 
 
 # ---------------------------------------------------------------- one set: features, neighbours, baselines
@@ -314,11 +319,7 @@ def evaluate(bases: Sequence[BaseModel], dprime: DPrime, eval_sets: Sequence, cf
     `block`: inputs per task (default: see the module docstring). `on_record(set name, record)` is called after
     each RMC record is on disk; `fault()`, if given, by each task after its first input (tests kill workers with it).
     """
-    check_batch(batch, cfg, ray, shards)
-    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
-        raise RMCError(f"--shards must be a whole number >= 1, got {shards!r}")
-    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
-        raise RMCError(f"block must be a whole number >= 1, got {block!r}")
+    check_work_split(batch, cfg, ray, shards, block)
     if cfg.mode is Mode.EPISODIC:
         shards = 1   # episodic inputs are independent: every split gives the same results
     with executor(ray, workers) as ex:
@@ -338,5 +339,5 @@ def evaluate_set(base: BaseModel, dprime: DPrime, search: NeighbourSearch, eval_
                               progress)[eval_set.name]
 
 
-__all__ = ["BASELINES", "BaseModel", "MAX_BLOCK", "NeighbourSearch", "SetJob", "check_batch", "evaluate",
+__all__ = ["BASELINES", "BaseModel", "MAX_BLOCK", "NeighbourSearch", "SetJob", "check_work_split", "evaluate",
            "evaluate_set", "online_streams", "open_set", "rmc_task", "stream_fingerprint", "stream_names"]

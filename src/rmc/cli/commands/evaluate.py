@@ -10,7 +10,7 @@ from rmc.artifacts.features import ensure_features, load_features, store_source
 from rmc.cli.commands import add_shared_arguments, attack_overrides, check_ray_arguments
 from rmc.cli.config import PRESETS, load_config, parse_override, to_dict
 from rmc.evaluation.common import BaseModel
-from rmc.evaluation.driver import check_batch, evaluate, online_streams
+from rmc.evaluation.driver import check_work_split, evaluate, online_streams
 from rmc.evaluation.report import Table
 from rmc.io import write_json, write_text
 from rmc.models import default_layer, load_checkpoint
@@ -39,7 +39,7 @@ def main(args) -> int:
     overrides = [parse_override(s) for s in args.set] + ([("rmc.mode", args.mode)] if args.mode else [])
     overrides += attack_overrides(args)
     cfg = load_config(args.config, args.preset, overrides)
-    check_batch(args.batch, cfg.rmc, args.ray, args.shards)   # before features are computed, not after
+    check_work_split(args.batch, cfg.rmc, args.ray, args.shards, args.block)   # before any work
     store = open_dprime_store(args.store)
     model, info = load_checkpoint(args.model)
     sets = load_eval_sets(args.evalsets, args.sets)
