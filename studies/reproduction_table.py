@@ -45,8 +45,9 @@ def main() -> None:
     table = Table.from_results(results)
     lines = ["| defense | " + " | ".join(table.columns) + " |", "|---|" + "---|" * len(table.columns)]
     for label, cells in table.rows.items():
-        lines.append(f"| {label} | " + " | ".join(f"{cells[c].text()} (N={cells[c].accuracy.n})" if c in cells else "-"
-                                                  for c in table.columns) + " |")
+        lines.append(f"| {label} | " + " | ".join(
+            f"{cells[c].text()} (N={cells[c].accuracy.n})" if c in cells and cells[c].accuracy.n else "- (N=0)"
+            for c in table.columns) + " |")
     print("\n".join(lines))
     if seconds:
         print(f"\nRMC: {len(seconds)} inputs, {sum(seconds) / len(seconds):.1f} s per input on average")
