@@ -38,7 +38,7 @@ from rmc.attacks.gradient import check_attack_settings, pgd
 from rmc.checks import check_positive
 from rmc.errors import RMCError
 from rmc.models import extract_features
-from rmc.seeding import derive_seed
+from rmc.seeding import generator
 
 
 class RMC(Protocol):
@@ -183,7 +183,7 @@ class InputResult:
 def initial_candidates(static_model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackRowsConfig) -> torch.Tensor:
     """Round 1 of every input: PGD against the static model (also the transfer PGD row, so they coincide)."""
     static_model.eval()
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "transfer-pgd"))
+    gen = generator(cfg.seed, "transfer-pgd")
     return pgd(static_model, x, y, cfg.eps, cfg.resolved_step_size, cfg.steps, random_start=True, generator=gen)
 
 
@@ -212,7 +212,7 @@ def attack_input(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor,
         else:
             attacked = models[-1:] if kind == "fpa" else models
             target = "adapted" if kind == "fpa" else f"adapted x {len(attacked)}"
-            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, kind, key, r))
+            gen = generator(cfg.seed, kind, key, r)
             with torch.enable_grad():
                 cand = pgd(AdaptedModels(rmc.model, attacked), x, label, cfg.eps, step, cfg.steps,
                            random_start=True, generator=gen, loss_fn=ensemble_loss(kind, cfg.loss))
