@@ -40,7 +40,7 @@ def test_interrupted_evaluation_resumes_to_the_same_table(setup, tmp_path, monke
 
     def dying_step(self, *a, **kw):
         calls["n"] += 1
-        if calls["n"] == 8:          # mid-way through the second set
+        if calls["n"] == 8:          # the sets take turns: the 8th input is the second set's 4th
             raise KeyboardInterrupt
         return real_step(self, *a, **kw)
 
@@ -48,8 +48,8 @@ def test_interrupted_evaluation_resumes_to_the_same_table(setup, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         evaluate([base], dprime, sets, _cfg(mode), tmp_path / "b", 10, progress=False)
     monkeypatch.setattr(RMC, "step", real_step)
-    done = sum(1 for _ in (tmp_path / "b" / "standard" / sets[1].name / "rmc.jsonl").open())
-    assert done == 1                 # one example of the second set was saved before the kill
+    done = [sum(1 for _ in (tmp_path / "b" / "standard" / s.name / "rmc.jsonl").open()) for s in sets]
+    assert done == [4, 3]            # both sets advanced (one worker does not run one set to its end first)
     resumed = evaluate([base], dprime, sets, _cfg(mode), tmp_path / "b", 10, progress=False)
     assert Table.from_results(resumed).to_dict() == Table.from_results(full).to_dict()
     strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
@@ -253,3 +253,14 @@ def test_ray_workers_tune_the_allocator_and_threads_once(monkeypatch):
         assert calls == [1] and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_paper_preset_evaluates_the_originals_targeted_columns():
+    from rmc.cli.pipeline import attack_specs
+    names = [s.resolved().name for s in attack_specs(load_config(preset="paper").attack)]
+    assert names == ["clean", "pgd10-eps0.05-targeted", "pgd10-eps0.1-targeted", "pgd100-eps0.1-targeted"]
+    both = [s.resolved().name for s in attack_specs(load_config(overrides=[("attack.pgd", [[10, 0.1]])]).attack)]
+    assert both == ["clean", "pgd10-eps0.1", "pgd10-eps0.1-targeted"]
+    neither = load_config(overrides=[("attack.targeted", False), ("attack.untargeted", False)]).attack
+    with pytest.raises(RMCError, match="makes no set"):
+        attack_specs(neither)

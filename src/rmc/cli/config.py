@@ -42,7 +42,8 @@ class AttackConfig:
     fgsm_eps: list[float] = field(default_factory=list)   # FGSM sets, one per eps
     pgd: list[list[float]] = field(default_factory=lambda: [[10, 0.1], [10, 0.2]])   # PGD sets: [steps, eps] pairs
     pgd_step_size: float | None = None   # PGD step size; None: 2.5 * eps / steps (Madry et al.)
-    targeted: bool = True            # also a targeted copy of each PGD set (random wrong class, fixed by the seed)
+    untargeted: bool = True          # an untargeted set per PGD setting (moves away from the true label)
+    targeted: bool = True            # a targeted set per PGD setting (random wrong class, fixed by the seed)
     seed: int = 0                    # picks the test inputs, random starts and targets
 
 
@@ -81,6 +82,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "paper": {
         "attack.n": 1000,                    # the original sampled 10,000 ImageNet validation images
+        # The original's columns: targeted PGD-10 at the small eps, PGD-10 and PGD-100 at the large eps (ImageNet:
+        # 8/255 and 16/255, D' crafted at the large one). Fashion-MNIST: D' at 0.1, so large 0.1 and small 0.05.
+        "attack.pgd": [[10, 0.05], [10, 0.1], [100, 0.1]],
+        "attack.untargeted": False,
         "attack_rows.attacks": ["fpa", "gmsa-avg", "gmsa-min"],   # Chen et al.'s three defense-aware attacks
         "attack_rows.autoattack": True,         # and the transfer AutoAttack row
     },

@@ -72,12 +72,15 @@ def ensure_model(path: Path, train, test, cfg, log):
 
 
 def attack_specs(cfg) -> list[AttackSpec]:
+    if cfg.pgd and not (cfg.untargeted or cfg.targeted):
+        raise RMCError("attack.untargeted and attack.targeted are both false, so attack.pgd makes no set; "
+                       "set one of them to true or attack.pgd to []")
     specs = [AttackSpec("clean")] + [AttackSpec("fgsm", eps=float(e)) for e in cfg.fgsm_eps]
     for pair in cfg.pgd:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise RMCError(f"attack.pgd entries are [steps, eps] pairs, got {pair!r}")
         steps, eps = int(pair[0]), float(pair[1])
-        for targeted in (False, True) if cfg.targeted else (False,):
+        for targeted in [t for t, on in ((False, cfg.untargeted), (True, cfg.targeted)) if on]:
             specs.append(AttackSpec("pgd", eps=eps, steps=steps, step_size=cfg.pgd_step_size, targeted=targeted))
     return specs
 

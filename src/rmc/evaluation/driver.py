@@ -253,14 +253,16 @@ def _run_streams(ex, source: RMCSource, streams: list[_Stream], block: int | Non
                   st.state if st.sequential else None, batch, fault)
         st.submitted, st.busy = b, True
 
+    turn = 0   # the stream served first in the next round: with fewer workers than streams, no set starves
     try:
         while True:
             progressed = True
             while ex.has_room() and progressed:   # one task per stream per round: the sets advance together
                 progressed = False
-                for si, st in enumerate(streams):
-                    if ex.has_room() and st.can_submit():
+                for si in [(turn + j) % len(streams) for j in range(len(streams))]:
+                    if ex.has_room() and streams[si].can_submit():
                         submit(si)
+                        turn = (si + 1) % len(streams)
                         progressed = True
             if not len(ex):
                 break
