@@ -21,6 +21,7 @@ from rmc.checks import check_images, check_labels, check_positive
 from rmc.data.base import ImageDataset
 from rmc.errors import RMCError
 from rmc.models import ModelInfo, build_model
+from rmc.models.denoising import DenoiseOp
 
 
 @dataclass
@@ -36,6 +37,7 @@ class TrainConfig:
     adv_eps: float = 0.1           # L-inf radius of the training attack (0.1 suits Fashion-MNIST)
     adv_step_size: float = 0.025   # PGD step (2.5 x 0.01): 7 steps travel 1.75 eps, enough to cross the ball
     adv_steps: int = 7             # PGD steps per batch; each costs a forward + backward, so an epoch ~8x dearer
+    denoise: str | None = None     # Xie et al.'s feature-denoising blocks after each feature stage: nonlocal | mean | median
     train_subset: int | None = None   # train on the first n of a seeded permutation (None: everything)
     device: str = "cpu"            # torch device string, e.g. "cpu" or "cuda"
 
@@ -48,6 +50,8 @@ class TrainConfig:
             raise RMCError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.train_subset is not None:
             check_positive(self.train_subset, "train subset", integer=True)
+        if self.denoise is not None and self.denoise not in [o.value for o in DenoiseOp]:
+            raise RMCError(f"train.denoise must be one of {[o.value for o in DenoiseOp]} or empty, got {self.denoise!r}")
         if self.adversarial:
             check_attack_settings(self.adv_eps, self.adv_step_size, self.adv_steps)
         resolve_device(self.device)
@@ -136,7 +140,7 @@ def train_model(train: ImageDataset, test: ImageDataset, config: TrainConfig | N
     # Initialise under a forked RNG so the caller's global random state is neither used nor changed.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = build_model(config.arch, num_classes, train.input_shape[0], train.mean, train.std)
+        model = build_model(config.arch, num_classes, train.input_shape[0], train.mean, train.std, config.denoise)
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
@@ -192,6 +196,6 @@ def train_model(train: ImageDataset, test: ImageDataset, config: TrainConfig | N
         arch=config.arch, num_classes=num_classes, input_shape=tuple(train.input_shape),
         mean=list(train.mean) if train.mean is not None else None,
         std=list(train.std) if train.std is not None else None,
-        dataset=train.name, adversarial=config.adversarial, test_accuracy=test_acc, seed=config.seed,
+        dataset=train.name, adversarial=config.adversarial, denoise=config.denoise, test_accuracy=test_acc, seed=config.seed,
         config={**asdict(config), "train_seconds": round(elapsed, 1), "train_size": len(x_train)})
     return model, info

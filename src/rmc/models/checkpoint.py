@@ -24,6 +24,7 @@ class ModelInfo:
     std: list[float] | None = None
     dataset: str = ""
     adversarial: bool = False
+    denoise: str | None = None          # feature-denoising operation of the blocks inside the model, if any
     test_accuracy: float | None = None
     seed: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
@@ -59,7 +60,7 @@ def load_checkpoint(weights: str | Path, device: str | torch.device = "cpu") -> 
     if info.sha256 and info.sha256 != actual:
         raise RMCError(f"{weights} does not match its metadata (hash differs); the pair was mixed up or edited")
     info.sha256 = actual
-    model = build_model(info.arch, info.num_classes, info.input_shape[0], info.mean, info.std)
+    model = build_model(info.arch, info.num_classes, info.input_shape[0], info.mean, info.std, info.denoise)
     state = load_tensors(weights, "model weights")
     try:
         model.load_state_dict(state, strict=True)

@@ -8,6 +8,7 @@ from typing import Sequence
 from torch import nn
 
 from rmc.errors import RMCError
+from rmc.models.denoising import DenoiseOp, add_denoising
 from rmc.models.resnet import ResNet18
 from rmc.models.small_cnn import SmallCNN
 
@@ -15,8 +16,10 @@ BUILTIN = {"small_cnn": SmallCNN, "resnet18": ResNet18}
 
 
 def build_model(arch: str, num_classes: int, in_channels: int,
-                mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Module:
-    """A fresh model taking images in [0, 1] and returning logits.
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                denoise: str | None = None) -> nn.Module:
+    """A fresh model taking images in [0, 1] and returning logits; `denoise` (a `DenoiseOp` value) puts a
+    feature-denoising block after each of a built-in architecture's feature stages.
 
     A user factory `pkg.mod:fn` is called as `fn(num_classes=..., in_channels=...)`; it must put its own
     normalisation inside the model.
@@ -25,7 +28,18 @@ def build_model(arch: str, num_classes: int, in_channels: int,
         kwargs = {}
         if mean is not None:
             kwargs = {"mean": tuple(mean), "std": tuple(std)}
-        return BUILTIN[arch](num_classes=num_classes, in_channels=in_channels, **kwargs)
+        model = BUILTIN[arch](num_classes=num_classes, in_channels=in_channels, **kwargs)
+        if denoise is not None:
+            try:
+                op = DenoiseOp(denoise)
+            except ValueError:
+                raise RMCError(f"unknown denoising operation {denoise!r}; use one of "
+                               f"{[o.value for o in DenoiseOp]}") from None
+            add_denoising(model, op, model.denoise_stages)
+        return model
+    if denoise is not None:
+        raise RMCError(f"denoising blocks are built into {sorted(BUILTIN)} only; put them inside your factory "
+                       f"{arch!r} (rmc.models.denoising.add_denoising) and leave train.denoise empty")
     if ":" not in arch:
         raise RMCError(f"unknown architecture {arch!r}; use one of {sorted(BUILTIN)} or 'package.module:factory'")
     module_name, _, fn_name = arch.partition(":")

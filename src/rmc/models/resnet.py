@@ -30,6 +30,7 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     # The last residual stage, globally average-pooled (512-d), as in the original's ResNet feature layer.
     default_feature_layer = "layer4"
+    denoise_stages = ("layer1", "layer2", "layer3", "layer4")   # after each residual stage, as Xie et al.
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3,
                  mean: Sequence[float] = (0.4914, 0.4822, 0.4465), std: Sequence[float] = (0.2470, 0.2435, 0.2616)):

@@ -20,6 +20,7 @@ class SmallCNN(nn.Module):
     # Features for RMC's neighbour search come from the last conv block, globally average-pooled (128-d),
     # mirroring the original's "late convolutional block then global average pooling".
     default_feature_layer = "block3"
+    denoise_stages = ("block1", "block2", "block3")   # where feature-denoising blocks go (rmc.models.denoising)
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1,
                  mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,), width: int = 32):

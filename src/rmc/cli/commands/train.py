@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", action="store_true", help="random flips and 2-pixel shifts")
     p.add_argument("--seed", type=int, default=_D["seed"], help="default: %(default)s")
     p.add_argument("--adversarial", action="store_true", help="Madry-style PGD adversarial training")
+    p.add_argument("--denoise", choices=["nonlocal", "mean", "median"],
+                   help="feature-denoising blocks after each feature stage (Xie et al. 2019; use with --adversarial)")
     p.add_argument("--adv-eps", default=str(_D["adv_eps"]),
                    help="PGD training eps, e.g. 0.1 or 8/255 (default: %(default)s)")
     p.add_argument("--adv-step-size", default=str(_D["adv_step_size"]), help="PGD training step (default: %(default)s)")
@@ -42,12 +44,14 @@ def main(args) -> int:
                          weight_decay=args.weight_decay, augment=args.augment, seed=args.seed,
                          adversarial=args.adversarial, adv_eps=parse_number(args.adv_eps, "--adv-eps"),
                          adv_step_size=parse_number(args.adv_step_size, "--adv-step-size"),
-                         adv_steps=args.adv_steps, train_subset=args.train_subset, device=args.device).validate()
+                         adv_steps=args.adv_steps, denoise=args.denoise, train_subset=args.train_subset,
+                         device=args.device).validate()
     train = load_dataset(args.dataset, "train", args.data_dir)
     test = load_dataset(args.dataset, "test", args.data_dir)
     model, info = train_model(train, test, config, progress=not args.quiet)
     info = save_checkpoint(model.cpu(), info, args.out)
     kind = "adversarially trained" if info.adversarial else "trained"
-    print(f"{kind} {info.arch} on {info.dataset}: clean test accuracy {info.test_accuracy:.4f} "
+    arch = info.arch + (f" with {info.denoise} denoising blocks" if info.denoise else "")
+    print(f"{kind} {arch} on {info.dataset}: clean test accuracy {info.test_accuracy:.4f} "
           f"({info.config['train_seconds']:.0f} s); wrote {args.out} (sha256 {info.sha256[:12]})")
     return 0
