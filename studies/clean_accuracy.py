@@ -23,6 +23,7 @@ from rmc.artifacts.dprime import open_dprime_store
 from rmc.artifacts.evalsets import load_eval_sets
 from rmc.artifacts.features import load_features, store_source
 from rmc.cli.config import load_config, to_dict
+from rmc.cli.pipeline import run_folders
 from rmc.errors import RMCError
 from rmc.evaluation.common import BaseModel
 from rmc.evaluation.driver import evaluate
@@ -59,16 +60,12 @@ def load_run(run: Path):
     if not run.is_dir():
         raise RMCError(f"run directory {run} not found; run `rmc run --out {run}` first")
     saved = yaml.safe_load(need(run / "config.yaml", "the run's configuration").read_text()) or {}
-    model, info = load_checkpoint(need(run / "models" / "standard.safetensors", "the static model"))
-    # D' moved from dprime/ to dprime/standard/ when adversarially trained bases got their own store; accept both.
-    dp = next((p for p in (run / "dprime" / "standard", run / "dprime") if (p / "manifest.json").exists()), None)
-    if dp is None:
-        raise RMCError(f"no finished D' under {run / 'dprime'}; run `rmc run --out {run}` first")
-    store = open_dprime_store(dp)
+    where = run_folders(run, "standard")
+    model, info = load_checkpoint(need(where["model"], "the static model"))
+    store = open_dprime_store(need(where["dprime"], "D'"))
     layer = (saved.get("model") or {}).get("layer") or default_layer(model)
-    feats, _ = load_features(need(run / "features" / "standard-dprime.npy", "D' features"), info.sha256, layer,
-                             store_source(store))
-    sets = load_eval_sets(need(run / "evalsets" / "standard", "evaluation sets"), list(SETS.values()), info.sha256)
+    feats, _ = load_features(need(where["features"], "D' features"), info.sha256, layer, store_source(store))
+    sets = load_eval_sets(need(where["evalsets"], "evaluation sets"), list(SETS.values()), info.sha256)
     return saved, info, store, BaseModel("standard", model, info.sha256, layer, feats.numpy()), sets
 
 

@@ -3,7 +3,7 @@ paper's settings, which takes longer than one session): baselines over every inp
 
     python studies/reproduction_table.py runs/paper [--base standard]
 
-Reads only `results/<base>/<set>/baselines.json` and `rmc.jsonl` (what `rmc run` writes as it goes); prints the
+Reads only `results/<key>/<base>/<set>/baselines.json` and `rmc.jsonl` (what `rmc run` writes as it goes); prints the
 table in markdown with N per cell, and the mean seconds per RMC input.
 """
 
@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from rmc.cli.pipeline import run_folders
 from rmc.errors import RMCError
 from rmc.evaluation.driver import BASELINES
 from rmc.evaluation.report import Table
@@ -20,9 +21,10 @@ from rmc.evaluation.report import Table
 
 def read_records(run: Path, base: str) -> tuple[dict, list[float]]:
     """{base: {set: {defense: records}}} and the seconds of every RMC input, from the run's results folder."""
-    folder = run / "results" / base
-    if not folder.is_dir():
-        raise RMCError(f"{folder} not found: is {run} a run directory of `rmc run` that reached its evaluate stage?")
+    folder = run_folders(run, base).get("results")
+    if folder is None or not folder.is_dir():
+        raise RMCError(f"no results of {base} under {run}: is it a run directory of `rmc run` that reached its "
+                       "evaluate stage?")
     results, seconds = {base: {}}, []
     for set_dir in sorted(p for p in folder.iterdir() if (p / "baselines.json").exists()):
         saved = json.loads((set_dir / "baselines.json").read_text())

@@ -1,6 +1,7 @@
 """Evaluation: the table, resume after an interruption, and the configuration's error messages."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,13 +157,45 @@ def test_rmc_run_end_to_end_on_digits_and_resume(tmp_path, capsys):
     # Each base model has its own D', crafted against it (the original's principle).
     for base in ("standard", "adversarial"):
         model_sha = meta["models"][base]["sha256"]
-        manifest = json.loads((tmp_path / "run" / "dprime" / base / "manifest.json").read_text())
+        manifest = json.loads((Path(meta["stage_dirs"][base]["dprime"]) / "manifest.json").read_text())
         assert manifest["model"]["sha256"] == meta["stores"][base]["model_sha256"] == model_sha
     assert meta["models"]["standard"]["sha256"] != meta["models"]["adversarial"]["sha256"]
     assert (tmp_path / "run" / "neighbours.png").stat().st_size > 1000
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert cli(args) == 0                                  # a second run reuses every stage
     assert json.loads((tmp_path / "run" / "results.json").read_text())["table"] == meta["table"]
-    assert cli(args[:-2] + ["--set", "rmc.k=16"]) == 2      # same --out, other config: refused
+    changed = sorted({p.name for p, t in stamps.items() if p.stat().st_mtime_ns != t})
+    # Nothing expensive is recomputed: only the tables, the picture and the kNN baselines (a vote, cheap).
+    assert set(changed) <= {"results.json", "results.md", "config.yaml", "neighbours.png", "baselines.json"}, changed
+
+    # Another rmc.k: the models, D', features and evaluation sets are reused; only the rows are re-made, into
+    # their own folder beside the first configuration's.
+    assert cli(args + ["--set", "rmc.k=16"]) == 0
+    other = json.loads((tmp_path / "run" / "results.json").read_text())
+    for base, where in meta["stage_dirs"].items():
+        assert {k: v for k, v in other["stage_dirs"][base].items() if k != "results"} == \
+            {k: v for k, v in where.items() if k != "results"}
+        assert other["stage_dirs"][base]["results"] != where["results"] and Path(where["results"]).is_dir()
+    for p, t in stamps.items():
+        top = p.relative_to(tmp_path / "run").parts[0]
+        if top in ("models", "dprime", "features", "evalsets"):
+            assert p.stat().st_mtime_ns == t, p
+    assert other["config"]["rmc"]["k"] == 16
+
+    # Fewer base models: the remaining one's records are those of the run with both (keyed per base).
+    records = Path(other["stage_dirs"]["standard"]["results"]) / "clean" / "rmc.jsonl"
+    before = records.stat().st_mtime_ns
+    standard_only = [a for a in args if a != "--adversarial-base"]
+    assert cli(standard_only + ["--set", "rmc.k=16"]) == 0
+    alone = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert alone["stage_dirs"] == {"standard": other["stage_dirs"]["standard"]}
+    assert records.stat().st_mtime_ns == before and alone["table"]["rows"]["RMC"] == other["table"]["rows"]["RMC"]
+
+    # Another training setting: a new model (and everything downstream) beside the old one, the old one kept.
+    assert cli(standard_only + ["--set", "train.epochs=2"]) == 0
+    newest = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert newest["stage_dirs"]["standard"]["model"] != meta["stage_dirs"]["standard"]["model"]
+    assert Path(meta["stage_dirs"]["standard"]["model"]).exists() and "adversarial" not in newest["models"]
 
 
 def test_threads_flag_is_checked():
@@ -264,3 +297,14 @@ def test_paper_preset_evaluates_the_originals_targeted_columns():
     neither = load_config(overrides=[("attack.targeted", False), ("attack.untargeted", False)]).attack
     with pytest.raises(RMCError, match="makes no set"):
         attack_specs(neither)
+
+
+def test_table_rows_follow_the_originals_order_with_every_base():
+    rec = lambda ok: [{"pred": 0, "label": 0 if ok else 1}]  # noqa: E731
+    results = {b: {"clean": {"undefended": rec(True), "deepnn": rec(True), "webnn": rec(False), "rmc": rec(True)}}
+               for b in ("standard", "adversarial", "denoising")}
+    table = Table.from_results(results)
+    assert list(table.rows) == ["None", "Adv. trained", "Denoising block", "DeepNN", "WebNN", "RMC",
+                                "Adv. trained + DeepNN", "Adv. trained + WebNN", "Adv. trained + RMC",
+                                "Denoising block + DeepNN", "Denoising block + WebNN", "Denoising block + RMC"]
+    assert table.rows["WebNN"]["clean"].accuracy.value == 0.0 and table.rows["RMC"]["clean"].accuracy.value == 1.0

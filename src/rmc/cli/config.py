@@ -7,6 +7,7 @@ and in those of training, store and core), each with a comment saying what it do
 from __future__ import annotations
 
 import dataclasses
+import enum
 import inspect
 import re
 import typing
@@ -20,6 +21,7 @@ from rmc.artifacts.dprime import AugmentConfig
 from rmc.attacks.defense_aware import AttackRowsConfig
 from rmc.defense.core import RMCConfig
 from rmc.errors import RMCError
+from rmc.models.denoising import DenoiseOp
 from rmc.training import TrainConfig
 
 
@@ -30,10 +32,25 @@ class DataConfig:
     image_size: int | None = None    # imagefolder only: resize + centre-crop to this size
 
 
+class BaseKind(str, enum.Enum):
+    STANDARD = "standard"            # trained on clean images (train.*)
+    ADVERSARIAL = "adversarial"      # Madry et al.'s PGD adversarial training (train.adv_*)
+    DENOISING = "denoising"          # Xie et al.'s feature-denoising blocks, adversarially trained as above
+
+
 @dataclass
 class ModelConfig:
     layer: str | None = None         # hidden layer for the neighbour search; None: the architecture's default
-    adversarial_base: bool = False   # also train a PGD adversarially trained base model; evaluate it alone and + RMC
+    bases: list[str] = field(default_factory=lambda: ["standard"])   # base models (standard | adversarial | denoising): each gets its own D', features and evaluation sets, and a row alone and one + RMC
+    denoise_op: str = "nonlocal"     # the denoising base's operation: nonlocal (Xie et al.'s best) | mean | median
+
+    def validate(self) -> "ModelConfig":
+        kinds = [k.value for k in BaseKind]
+        if not self.bases or any(b not in kinds for b in self.bases) or len(set(self.bases)) != len(self.bases):
+            raise RMCError(f"model.bases must list distinct base models among {kinds}, got {self.bases!r}")
+        if self.denoise_op not in [o.value for o in DenoiseOp]:
+            raise RMCError(f"model.denoise_op must be one of {[o.value for o in DenoiseOp]}, got {self.denoise_op!r}")
+        return self
 
 
 @dataclass
@@ -86,6 +103,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 8/255 and 16/255, D' crafted at the large one). Fashion-MNIST: D' at 0.1, so large 0.1 and small 0.05.
         "attack.pgd": [[10, 0.05], [10, 0.1], [100, 0.1]],
         "attack.untargeted": False,
+        "model.bases": ["standard", "adversarial", "denoising"],   # the original's rows: None, Adv. trained, Denoising
         "attack_rows.attacks": ["fpa", "gmsa-avg", "gmsa-min"],   # Chen et al.'s three defense-aware attacks
         "attack_rows.autoattack": True,         # and the transfer AutoAttack row
     },
@@ -136,11 +154,18 @@ def _coerce(value: Any, default: Any, hint: Any, where: str) -> Any:
     return value
 
 
+# Keys of older versions, and what replaced them (so an old config.yaml gets a hint rather than a bare refusal).
+RENAMED = {"model.adversarial_base": "model.bases (e.g. [standard, adversarial]; --adversarial-base adds one)"}
+
+
 def _build(cls, values: dict, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(values) - set(fields))
     if unknown:
+        key = f"{where}.{unknown[0]}".removeprefix("config.")
+        if key in RENAMED:
+            raise RMCError(f"config key {key} was replaced by {RENAMED[key]}")
         raise RMCError(f"unknown config key {where}.{unknown[0]}; known keys: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():

@@ -1,15 +1,15 @@
-"""`rmc run`: train -> augment -> features -> attack -> evaluate -> visualize, into one run directory.
+"""`rmc run`: train each base model, augment, extract features, attack, evaluate, tabulate; one call per stage.
 
-Every stage reuses what an earlier (possibly interrupted) run with the same settings left behind, and refuses
-artifacts made with other settings, so re-running the same command resumes. Layout of a run directory:
+Every stage's output lives in a folder named after the base model and a short hash of the stage's own inputs, so
+re-running resumes, and a changed setting re-runs only the stages that depend on it (changing `rmc.k` reuses the
+models, D' and features; changing `attack.n` also reuses D'), each result beside the others. Layout:
 
-    config.yaml                      the resolved configuration
-    models/<base>.safetensors/.json  base models ("standard", and "adversarial" if enabled)
-    dprime/<base>/                   each base model's augmented dataset D', crafted against it (.npy + manifest.json)
-    features/<base>-dprime.npy/.json D' features from each base model's feature layer
-    evalsets/<base>/                 evaluation sets made against each base model (transfer attacks)
-    results/<base>/<set>/            per-example results (resumable)
-    results.json, results.md         the table and its metadata
+    config.yaml, results.json/.md    the latest run's configuration and table (results.json names its stage folders)
+    models/<base>-<key>.safetensors  base models; key: data + training settings
+    dprime/<base>-<key>/             each base model's augmented dataset D', crafted against it; key: model + augment
+    features/<base>-<key>.npy        D' features at the base model's feature layer; key: D' + layer
+    evalsets/<base>-<key>/           evaluation sets made against each base model (transfer); key: model + attack
+    results/<key>/<base>/<set>/      per-example records (resumable); key: model, D', layer, attack, rmc, attack rows
     neighbours.png                   test inputs beside their nearest neighbours in D'
 """
 
@@ -17,25 +17,30 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
-
-import yaml
 
 from rmc.artifacts.dprime import build_dprime_store
-from rmc.artifacts.evalsets import AttackSpec, load_eval_sets, make_eval_sets, save_eval_sets
+from rmc.artifacts.evalsets import (
+    AttackSpec,
+    load_eval_sets,
+    make_eval_sets,
+    save_eval_sets,
+)
 from rmc.artifacts.features import ensure_features
-from rmc.cli.config import RunConfig, documented_yaml, to_dict
+from rmc.cli.config import BaseKind, RunConfig, documented_yaml, to_dict
 from rmc.data import load_dataset
 from rmc.errors import RMCError
-from rmc.evaluation.common import BaseModel
+from rmc.evaluation.attack_rows import attack_table, evaluate_attacks, wants_attack_rows
+from rmc.evaluation.common import BaseModel, digest
 from rmc.evaluation.driver import check_work_split, evaluate, online_streams
 from rmc.evaluation.report import Table
+from rmc.evaluation.visualize import neighbour_grid
 from rmc.io import read_json, write_json, write_text
 from rmc.models import default_layer, load_checkpoint, save_checkpoint
 from rmc.models.checkpoint import meta_path
 from rmc.scaleout.executors import hold
-from rmc.training import train_model
+from rmc.training import TrainConfig, train_model
 
 
 class StageTimer:
@@ -59,7 +64,7 @@ def ensure_model(path: Path, train, test, cfg, log):
     want = to_dict(cfg)
     if path.exists() and meta_path(path).exists():
         meta = read_json(meta_path(path), "model metadata")
-        if meta.get("config") != want:
+        if settled(meta.get("config")) != settled(want):
             raise RMCError(f"{path} was trained with other settings; use a new --out or delete {path.parent}")
         model, info = load_checkpoint(path, cfg.device)
         log(f"  reusing {path} (test accuracy {info.test_accuracy:.4f})")
@@ -113,63 +118,112 @@ def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = p
         return _run(cfg, Path(out), log, with_rmc, ray, workers, shards, batch, block)
 
 
+def settled(tree):
+    """A config tree without its unset (None) entries: a key added later with None as its default (off) leaves
+    the hashes of stages made before it unchanged."""
+    if isinstance(tree, dict):
+        return {k: settled(v) for k, v in tree.items() if v is not None}
+    return [settled(v) for v in tree] if isinstance(tree, list) else tree
+
+
+def stage_key(*inputs) -> str:
+    """8 hex digits naming a stage's output by everything it depends on."""
+    return digest(*[settled(x) for x in inputs])[:8]
+
+
+def base_train_config(kind: str, cfg: RunConfig) -> TrainConfig:
+    """The training settings of one base model (the run's `train` section, with the base's kind)."""
+    kind = BaseKind(kind)
+    return dataclasses.replace(cfg.train, adversarial=kind is not BaseKind.STANDARD,
+                               denoise=cfg.model.denoise_op if kind is BaseKind.DENOISING else None)
+
+
+def results_key(cfg: RunConfig, model_sha256: str, dprime_key: str, layer: str, shards: int, with_rmc: bool) -> str:
+    """One base model's rows depend on it, its D' and layer, the evaluation settings and the online streams."""
+    return stage_key(model_sha256, dprime_key, layer, to_dict(cfg.attack), to_dict(cfg.rmc),
+                     online_streams(cfg.rmc, shards),
+                     to_dict(cfg.attack_rows) if with_rmc and wants_attack_rows(cfg.attack_rows) else None, with_rmc)
+
+
 def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, ray: str | None,
          workers: int | None, shards: int, batch: int, block: int | None) -> Table:
     out.mkdir(parents=True, exist_ok=True)
-    saved = out / "config.yaml"
-    if saved.exists() and yaml.safe_load(saved.read_text()) != to_dict(cfg):
-        raise RMCError(f"{out} holds a run with another configuration ({saved}); use a new --out to start a "
-                       "new run, or the same settings to resume it")
-    write_text(saved, documented_yaml(cfg))
     timer = StageTimer(log)
     t_start = time.perf_counter()
     train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size)
     test = load_dataset(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.image_size)
     if cfg.data.dataset == "digits":
         cfg.rmc.calib_flip = False   # a flipped digit is another (or no) digit
+    data = to_dict(cfg.data)
 
-    base_cfgs = {"standard": dataclasses.replace(cfg.train, adversarial=False)}
-    if cfg.model.adversarial_base:
-        base_cfgs["adversarial"] = dataclasses.replace(cfg.train, adversarial=True)
-    models = {name: timer(f"train {name}", ensure_model, out / "models" / f"{name}.safetensors", train, test, c, log)
-              for name, c in base_cfgs.items()}
-
+    models, stages = {}, {}   # base -> (model, info); base -> the folders of its stages
     results, notes = {}, {}
     attack_rows = {}   # base -> the attack rows (transfer / defense-aware), rmc.evaluation.attack_rows
     stores = {}        # base -> its own D', crafted against it (the original's principle)
-    for name, (model, info) in models.items():
-        store = stores[name] = timer(f"augment {name}", build_dprime_store, model, info, train, out / "dprime" / name,
-                                     cfg.augment, ray=ray, workers=workers)
+    for name in cfg.model.bases:   # one base after the other: the first one's rows come before the next is trained
+        tcfg = base_train_config(name, cfg)
+        path = out / "models" / f"{name}-{stage_key(data, to_dict(tcfg))}.safetensors"
+        model, info = models[name] = timer(f"train {name}", ensure_model, path, train, test, tcfg, log)
+        where = stages[name] = {"model": str(path)}
+        dkey = stage_key(info.sha256, to_dict(cfg.augment))
+        store = stores[name] = timer(f"augment {name}", build_dprime_store, model, info, train,
+                                     out / "dprime" / f"{name}-{dkey}", cfg.augment, ray=ray, workers=workers)
         log(f"  D' of {name} = {len(store)} images: {', '.join(store.copy_names)}")
         dprime = store.dprime()
         layer = cfg.model.layer or default_layer(model)
-        feats = timer(f"features {name}", ensure_features, model, info, layer, store,
-                      out / "features" / f"{name}-dprime.npy")
-        sets = timer(f"attack {name}", ensure_eval_sets, model, info, test, cfg.attack, out / "evalsets" / name)
+        feats_path = out / "features" / f"{name}-{stage_key(store.fingerprint, layer)}.npy"
+        feats = timer(f"features {name}", ensure_features, model, info, layer, store, feats_path)
+        sets_dir = out / "evalsets" / f"{name}-{stage_key(info.sha256, to_dict(cfg.attack))}"
+        sets = timer(f"attack {name}", ensure_eval_sets, model, info, test, cfg.attack, sets_dir)
+        where.update(dprime=str(store.path), features=str(feats_path), evalsets=str(sets_dir))
+        rows_dir = out / "results" / results_key(cfg, info.sha256, dkey, layer, shards, with_rmc)
+        where.update(results=str(rows_dir / name))
         base = BaseModel(name, model, info.sha256, layer, feats)
-        res = timer(f"evaluate {name}", evaluate, [base], dprime, sets, cfg.rmc, out / "results",
+        res = timer(f"evaluate {name}", evaluate, [base], dprime, sets, cfg.rmc, rows_dir,
                     info.num_classes, with_rmc=with_rmc, ray=ray, workers=workers, shards=shards, batch=batch,
                     block=block)
         results.update(res)
-        from rmc.evaluation.attack_rows import evaluate_attacks, wants_attack_rows
         if with_rmc and wants_attack_rows(cfg.attack_rows):
-            attack_rows[name] = timer(f"attack rows {name}", evaluate_attacks, base, dprime, sets, cfg.rmc, cfg.attack_rows,
-                                      out / "results", info.num_classes, res[name].get("clean"), log=log)
+            attack_rows[name] = timer(f"attack rows {name}", evaluate_attacks, base, dprime, sets, cfg.rmc,
+                                      cfg.attack_rows, rows_dir, info.num_classes, res[name].get("clean"), log=log)
         notes.update({s.name: "transfer" if s.attack["kind"] != "clean" else "clean" for s in sets})
-        if name == "standard":
-            from rmc.evaluation.visualize import neighbour_grid
+        if name == cfg.model.bases[0]:
             timer("visualize", neighbour_grid, base, dprime, sets, out / "neighbours.png", cfg.visualize,
                   class_names=train.classes)
 
     table = Table.from_results(results, notes)
     if attack_rows:
-        from rmc.evaluation.attack_rows import attack_table
         table.appendix.append(attack_table(attack_rows))
     meta = {"config": to_dict(cfg), "models": {n: dataclasses.asdict(i) for n, (_, i) in models.items()},
             "stores": {n: {"path": str(st.path), "fingerprint": st.fingerprint, "size": len(st), "copies": st.copy_names,
-                           "model_sha256": st.model_sha256} for n, st in stores.items()}, "stages": timer.stages,
+                           "model_sha256": st.model_sha256} for n, st in stores.items()},
+            "stage_dirs": stages, "stages": timer.stages,
             "seconds_total": round(time.perf_counter() - t_start, 1), "table": table.to_dict(),
             "online_streams": online_streams(cfg.rmc, shards), "ray": ray, "workers": workers, "batch": batch}
+    # The latest run's table (an earlier configuration's is re-made in seconds by re-running its command).
+    write_text(out / "config.yaml", documented_yaml(cfg))
     write_json(out / "results.json", meta)
     write_text(out / "results.md", table.markdown())
     return table
+
+
+def run_folders(run: str | Path, base: str = "standard") -> dict[str, Path]:
+    """The stage folders of `base` in a run directory (model, dprime, features, evalsets, results): those of the
+    latest finished run (results.json), else, for a run still going, the newest of each kind."""
+    run = Path(run)
+    if not run.is_dir():
+        raise RMCError(f"run directory {run} not found; run `rmc run --out {run}` first")
+    if (run / "results.json").exists():
+        meta = read_json(run / "results.json", "run results")
+        if base in meta.get("stage_dirs", {}):
+            return {k: Path(v) for k, v in meta["stage_dirs"][base].items()}
+    newest = {}
+    for kind, pattern in (("model", f"models/{base}-*.safetensors"), ("dprime", f"dprime/{base}-*"),
+                          ("features", f"features/{base}-*.npy"), ("evalsets", f"evalsets/{base}-*"),
+                          ("results", f"results/*/{base}")):
+        found = sorted(run.glob(pattern), key=lambda p: p.stat().st_mtime)
+        if found:
+            newest[kind] = found[-1]
+    if not newest:
+        raise RMCError(f"{run} holds no stage of base model {base!r}; is it a run directory of `rmc run`?")
+    return newest

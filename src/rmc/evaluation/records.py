@@ -50,9 +50,12 @@ class RecordStream:
         return state
 
     def rewrite(self) -> None:
-        """Make the file hold exactly `self.records` (after trimming on resume)."""
+        """Make the file hold exactly `self.records` (after trimming on resume); a file that does is left alone."""
+        text = "".join(json.dumps(r) + "\n" for r in self.records)
+        if self.path.exists() and self.path.read_text() == text:
+            return
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        tmp.write_text(text)
         os.replace(tmp, self.path)
 
     def append(self, record: dict, state: dict[str, torch.Tensor] | None = None) -> None:

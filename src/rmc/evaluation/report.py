@@ -10,11 +10,23 @@ from rmc.evaluation.stats import Rate
 ROW_LABELS = {"undefended": "None", "deepnn": "DeepNN", "webnn": "WebNN", "rmc": "RMC"}
 
 
+BASE_LABELS = {"adversarial": "Adv. trained", "denoising": "Denoising block"}   # the original's row names
+
+
 def row_label(base: str, defense: str) -> str:
     if base == "standard":
         return ROW_LABELS.get(defense, defense)
-    prefix = "Adv. trained" if base == "adversarial" else base
+    prefix = BASE_LABELS.get(base, base)
     return prefix if defense == "undefended" else f"{prefix} + {ROW_LABELS.get(defense, defense)}"
+
+
+def row_order(results: dict) -> list[tuple[str, str]]:
+    """(base, defense) in the original's order: every static model first (None, Adv. trained, Denoising block),
+    then the first base's defenses (DeepNN, WebNN, RMC), then the other bases' ("Adv. trained + RMC", ...)."""
+    pairs = [(b, d) for b, sets in results.items() for defenses in sets.values() for d in defenses]
+    pairs = list(dict.fromkeys(pairs))
+    bases = list(results)
+    return sorted(pairs, key=lambda p: (p[1] != "undefended", p[0] != bases[0], bases.index(p[0])))
 
 
 @dataclass
@@ -51,14 +63,11 @@ class Table:
 
     @classmethod
     def from_results(cls, results: dict, notes: dict[str, str] | None = None) -> "Table":
-        columns: list[str] = []
+        columns = list(dict.fromkeys(name for sets in results.values() for name in sets))
         rows: dict[str, dict[str, Cell]] = {}
-        for base, sets in results.items():
-            for set_name, defenses in sets.items():
-                if set_name not in columns:
-                    columns.append(set_name)
-                for defense, records in defenses.items():
-                    rows.setdefault(row_label(base, defense), {})[set_name] = cell_from_records(records)
+        for base, defense in row_order(results):
+            rows[row_label(base, defense)] = {name: cell_from_records(defenses[defense])
+                                              for name, defenses in results[base].items() if defense in defenses}
         return cls(columns, notes or {}, rows)
 
     def header(self) -> list[str]:

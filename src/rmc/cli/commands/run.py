@@ -18,8 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="set every seed of the run (train, augment, attack, rmc, attack_rows)")
     p.add_argument("--n", type=int, help="test inputs per evaluation set (attack.n)")
     p.add_argument("--mode", choices=["online", "episodic"], help="RMC mode (rmc.mode)")
+    p.add_argument("--bases", nargs="+", choices=["standard", "adversarial", "denoising"],
+                   help="base models, each alone and + RMC with its own D' (model.bases; default: standard)")
     p.add_argument("--adversarial-base", action="store_true",
-                   help="also train an adversarially trained base model; evaluate it alone and with RMC")
+                   help="add the adversarially trained base model to model.bases")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
     add_shared_arguments(p)
 
@@ -33,10 +35,12 @@ def main(args) -> int:
         overrides.append(("attack.n", args.n))
     if args.mode:
         overrides.append(("rmc.mode", args.mode))
-    if args.adversarial_base:
-        overrides.append(("model.adversarial_base", True))
+    if args.bases:
+        overrides.append(("model.bases", args.bases))
     overrides += attack_overrides(args)
     cfg = load_config(args.config, args.preset, overrides)
+    if args.adversarial_base and "adversarial" not in cfg.model.bases:
+        cfg.model.bases.append("adversarial")
     if args.print_config:
         sys.stdout.write(documented_yaml(cfg))
         return 0
