@@ -1,10 +1,11 @@
 """The results table of a run directory from its per-input records, finished or not (for the reproduction run at the
 paper's settings, which takes longer than one session): baselines over every input, RMC over the inputs done so far.
 
-    python studies/reproduction_table.py runs/paper [--base standard]
+    python studies/reproduction_table.py runs/paper [--bases standard adversarial denoising]
 
 Reads only `results/<key>/<base>/<set>/baselines.json` and `rmc.jsonl` (what `rmc run` writes as it goes); prints the
-table in markdown with N per cell, and the mean seconds per RMC input.
+table in markdown with N per cell, in the original's row order, and the mean seconds per RMC input. Bases without
+records yet are left out (and named).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from rmc.evaluation.report import Table
 
 def read_records(run: Path, base: str) -> tuple[dict, list[float]]:
     """{base: {set: {defense: records}}} and the seconds of every RMC input, from the run's results folder."""
-    folder = run_folders(run, base).get("results")
+    try:
+        folder = run_folders(run, base).get("results")
+    except RMCError:
+        folder = None
     if folder is None or not folder.is_dir():
-        raise RMCError(f"no results of {base} under {run}: is it a run directory of `rmc run` that reached its "
-                       "evaluate stage?")
+        return {}, []
     results, seconds = {base: {}}, []
     for set_dir in sorted(p for p in folder.iterdir() if (p / "baselines.json").exists()):
         saved = json.loads((set_dir / "baselines.json").read_text())
@@ -41,9 +44,17 @@ def read_records(run: Path, base: str) -> tuple[dict, list[float]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path)
-    p.add_argument("--base", default="standard")
+    p.add_argument("--bases", nargs="+", default=["standard", "adversarial", "denoising"])
     args = p.parse_args()
-    results, seconds = read_records(args.run, args.base)
+    results, seconds = {}, []
+    for base in args.bases:
+        res, sec = read_records(args.run, base)
+        results.update(res)
+        seconds += sec
+    if not results:
+        raise SystemExit(f"no results under {args.run}: is it a run directory of `rmc run` that reached its "
+                         "evaluate stage?")
+    missing = [b for b in args.bases if b not in results]
     table = Table.from_results(results)
     lines = ["| defense | " + " | ".join(table.columns) + " |", "|---|" + "---|" * len(table.columns)]
     for label, cells in table.rows.items():
@@ -51,6 +62,8 @@ def main() -> None:
             f"{cells[c].text()} (N={cells[c].accuracy.n})" if c in cells and cells[c].accuracy.n else "- (N=0)"
             for c in table.columns) + " |")
     print("\n".join(lines))
+    if missing:
+        print(f"\nNo records yet of: {', '.join(missing)}")
     if seconds:
         print(f"\nRMC: {len(seconds)} inputs, {sum(seconds) / len(seconds):.1f} s per input on average")
 
