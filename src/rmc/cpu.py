@@ -75,3 +75,21 @@ def tune_allocator() -> bool:
 
 
 __all__ = ["configure_openblas", "cpu_info", "openblas_coretype_for_avx512", "tune_allocator", "tune_malloc"]
+
+
+def pick_threads(cores: int | None = None, load: float | None = None) -> int:
+    """Torch intra-op threads for this machine now: the cores not already busy, at least one.
+
+    rmc's batches are small, so threads that must wait for a busy core cost more than they give: on the 2-core
+    machine of benchmarks/README.md one thread beat two while another job ran, and two beat one when it was quiet
+    (an epoch over 20k images: 22 s with two, 38 s with one). `cores`: those this process may use; `load`: the
+    1-minute load average (both read from the system when not given).
+    """
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            load = 0.0
+    return max(1, min(cores, int(cores - load + 0.5)))

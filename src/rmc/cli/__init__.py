@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from rmc.cli.commands import attack, augment, evaluate, features, layers, run, train, visualize
-from rmc.cpu import tune_allocator
+from rmc.cpu import pick_threads, tune_allocator
 from rmc.errors import RMCError
 
 # sub-command -> (module, one-line help)
@@ -27,8 +27,8 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmc", description="Runtime Masking and Cleansing, evaluated honestly.")
     parser.add_argument("--threads", type=int, metavar="N",
-                        help="torch CPU threads (default: torch's choice). On a shared or busy machine 1 is often "
-                             "several times faster than 2 for rmc's small batches")
+                        help="torch CPU threads (default: the cores not busy with other work when the command "
+                             "starts, at least 1; on a busy machine 1 is several times faster than 2)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -41,11 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tune_allocator()   # the command owns its process
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise RMCError(f"--threads must be >= 1, got {args.threads}")
-            import torch
-            torch.set_num_threads(args.threads)
+        if args.threads is not None and args.threads < 1:
+            raise RMCError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+        threads = args.threads or pick_threads()
+        if threads != torch.get_num_threads():
+            if args.threads is None:
+                print(f"[threads] {threads} torch thread(s): other work keeps the other cores busy "
+                      "(--threads N to choose)", file=sys.stderr)
+            torch.set_num_threads(threads)
         return int(args._main(args) or 0)
     except RMCError as e:
         print(f"error: {e}", file=sys.stderr)

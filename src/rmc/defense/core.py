@@ -25,7 +25,7 @@ from rmc.data.augment import random_shift_flip
 from rmc.defense.config import Mode, Optimizer, RMCConfig
 from rmc.defense.dprime import DPrime
 from rmc.defense.forwards import Forward, PlainForward
-from rmc.defense.optim import autocast_context, load_optimizer_state, make_optimizer, optimizer_state, split_state
+from rmc.defense.optim import autocast_context, check_precision, load_optimizer_state, make_optimizer, optimizer_state, split_state
 from rmc.defense.scope import collect_params, configure_model
 from rmc.errors import RMCError
 from rmc.seeding import generator
@@ -166,6 +166,7 @@ class RMC:
         self.model = configure_model(copy.deepcopy(model), config.scope, feature_layer)
         self.params = collect_params(self.model, config.scope, feature_layer)
         self.device = next(iter(self.model.parameters())).device
+        check_precision(config.precision, self.device)
         self.make_forward = forward
         self.forward = forward(self.model)
         stream = config.optimizer is Optimizer.STREAM

@@ -7,6 +7,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from rmc.errors import RMCError
+
 
 def make_optimizer(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """Adam; the fused kernel (one pass over all parameters) where the parameters allow it."""
@@ -17,6 +19,25 @@ def make_optimizer(params: list[nn.Parameter], lr: float) -> torch.optim.Optimiz
         except (RuntimeError, TypeError, ValueError):
             pass
     return torch.optim.Adam(params, lr=lr)
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether `device` does bfloat16 arithmetic in hardware: on CPUs, oneDNN's bf16 support (AVX-512 with BF16 or
+    AMX; honours ONEDNN_MAX_CPU_ISA); on GPUs, torch.cuda.is_bf16_supported(). Elsewhere bf16 is emulated and slower
+    than fp32 (6x on an AVX2 machine, benchmarks/README.md)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def check_precision(precision: str, device: torch.device | str = "cpu") -> None:
+    """Refuse bf16 where it would be emulated (one line naming the device and the fix)."""
+    if precision == "bf16" and not native_bf16(device):
+        raise RMCError(f"rmc.precision=bf16 needs native bfloat16 arithmetic, which {torch.device(device)} lacks "
+                       "here (it would run several times slower than fp32); use rmc.precision=fp32")
 
 
 def autocast_context(precision: str, device: torch.device | str = "cpu"):

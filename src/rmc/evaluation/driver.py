@@ -30,6 +30,7 @@ from tqdm import tqdm
 from rmc.artifacts.features import evalset_source
 from rmc.defense import DPrime, Mode, RMCConfig, build_rmc
 from rmc.defense.knn import vote
+from rmc.defense.optim import check_precision
 from rmc.errors import RMCError
 from rmc.evaluation.common import BaseModel, NeighbourSearch, digest
 from rmc.evaluation.records import RecordStream
@@ -322,6 +323,8 @@ def evaluate(bases: Sequence[BaseModel], dprime: DPrime, eval_sets: Sequence, cf
     each RMC record is on disk; `fault()`, if given, by each task after its first input (tests kill workers with it).
     """
     check_work_split(batch, cfg, ray, shards, block)
+    for base in bases:   # before any work, not in a worker hours later
+        check_precision(cfg.precision, next(base.model.parameters()).device)
     if cfg.mode is Mode.EPISODIC:
         shards = 1   # episodic inputs are independent: every split gives the same results
     with executor(ray, workers) as ex:
