@@ -308,3 +308,22 @@ def test_table_rows_follow_the_originals_order_with_every_base():
                                 "Adv. trained + DeepNN", "Adv. trained + WebNN", "Adv. trained + RMC",
                                 "Denoising block + DeepNN", "Denoising block + WebNN", "Denoising block + RMC"]
     assert table.rows["WebNN"]["clean"].accuracy.value == 0.0 and table.rows["RMC"]["clean"].accuracy.value == 1.0
+
+
+def test_records_carry_the_compute_path_and_a_stream_refuses_another(setup, tmp_path):
+    base, dprime, sets = setup
+    torch.set_num_threads(1)
+    stop = FailOnCall(3)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate([base], dprime, sets[:1], _cfg(Mode.ONLINE), tmp_path, 10, progress=False,
+                 on_record=lambda name, record: stop())          # interrupted after three inputs
+    path = tmp_path / "standard" / sets[0].name / "rmc.jsonl"
+    paths = {json.loads(line)["compute"] for line in path.read_text().splitlines()}
+    assert len(paths) == 1 and next(iter(paths)).endswith("/fp32/1t")
+    torch.set_num_threads(2)   # resumed under another thread count: refused, naming both
+    with pytest.raises(RMCError, match=r"computed with .*/1t, but this worker computes with .*/2t"):
+        evaluate([base], dprime, sets[:1], _cfg(Mode.ONLINE), tmp_path, 10, progress=False)
+    assert len(path.read_text().splitlines()) == 3          # nothing of the other compute path was written
+    torch.set_num_threads(1)
+    done = evaluate([base], dprime, sets[:1], _cfg(Mode.ONLINE), tmp_path, 10, progress=False)   # same path: fine
+    assert len(done["standard"][sets[0].name]["rmc"]) == len(done["standard"][sets[0].name]["undefended"]) == 6

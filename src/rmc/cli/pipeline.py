@@ -33,7 +33,7 @@ from rmc.data import load_dataset
 from rmc.errors import RMCError
 from rmc.evaluation.attack_rows import attack_table, evaluate_attacks, wants_attack_rows
 from rmc.evaluation.common import BaseModel, digest
-from rmc.evaluation.driver import check_work_split, evaluate, online_streams
+from rmc.evaluation.driver import check_work_split, compute_paths, evaluate, online_streams
 from rmc.evaluation.report import Table
 from rmc.evaluation.visualize import neighbour_grid
 from rmc.io import read_json, write_json, write_text
@@ -199,7 +199,8 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
                            "model_sha256": st.model_sha256} for n, st in stores.items()},
             "stage_dirs": stages, "stages": timer.stages,
             "seconds_total": round(time.perf_counter() - t_start, 1), "table": table.to_dict(),
-            "online_streams": online_streams(cfg.rmc, shards), "ray": ray, "workers": workers, "batch": batch}
+            "online_streams": online_streams(cfg.rmc, shards), "compute": compute_paths(results),
+            "ray": ray, "workers": workers, "batch": batch}
     # The latest run's table (an earlier configuration's is re-made in seconds by re-running its command).
     write_text(out / "config.yaml", documented_yaml(cfg))
     write_json(out / "results.json", meta)

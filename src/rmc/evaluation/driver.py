@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from rmc.artifacts.features import evalset_source
 from rmc.defense import DPrime, Mode, RMCConfig, build_rmc
+from rmc.defense.forwards import compute_path
 from rmc.defense.knn import vote
 from rmc.defense.optim import check_precision
 from rmc.errors import RMCError
@@ -166,8 +167,9 @@ def rmc_task(source: RMCSource, set_name: str, positions: list[int], x: torch.Te
         else:
             results = batched.run(x[a:b], None, keys, rows=rows[a:b])
         seconds = round((time.perf_counter() - t0) / (b - a), 4)
+        compute = compute_path(source.cfg, rmc.device)
         out += [{"pred": r.prediction, "adapt_epochs": r.adapt_epochs, "calib_epochs": r.calib_epochs,
-                 "seconds": seconds} for r in results]
+                 "seconds": seconds, "compute": compute} for r in results]
         if a == 0 and fault is not None:
             fault()
     return out, (rmc.state_dict() if online else None)
@@ -193,6 +195,22 @@ class _Stream:
 
     def can_submit(self) -> bool:
         return self.submitted < len(self.positions) and not (self.sequential and self.busy)
+
+
+def compute_paths(results: dict) -> list[str]:
+    """The compute paths RMC's records of `results` ({base: {set: {defense: records}}}) were made with."""
+    return sorted({r["compute"] for sets in results.values() for d in sets.values() for r in d.get("rmc", [])
+                   if "compute" in r})
+
+
+def check_compute(records: RecordStream, compute: str) -> None:
+    """Refuse to add to a stream a record computed another way than those before it (a resume on another machine,
+    other threads, or a mixed Ray cluster): results would silently combine two numerics."""
+    before = next((r["compute"] for r in records.records if "compute" in r), None)   # older records lack it
+    if before is not None and before != compute:
+        raise RMCError(f"{records.path} was computed with {before}, but this worker computes with {compute}; "
+                       "resume with the same compute path (e.g. --threads, the machine, rmc.fast_path) or delete "
+                       "the stream to recompute it")
 
 
 def _open_streams(job: SetJob, cfg: RMCConfig, shards: int) -> list[_Stream]:
@@ -236,8 +254,10 @@ def _run_streams(ex, source: RMCSource, streams: list[_Stream], block: int | Non
     hits = [0, 0]
 
     def emit(st: _Stream, k: int, res: dict, state=None) -> None:
+        check_compute(st.records, res["compute"])
         rec = st.job.record(st.positions[k], res["pred"], adapt_epochs=res["adapt_epochs"],
-                            calib_epochs=res["calib_epochs"], seconds=res["seconds"], **st.extra)
+                            calib_epochs=res["calib_epochs"], seconds=res["seconds"], compute=res["compute"],
+                            **st.extra)
         st.records.append(rec, state)
         hits[0] += rec["pred"] == rec["label"]
         hits[1] += 1

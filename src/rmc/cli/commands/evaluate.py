@@ -10,7 +10,7 @@ from rmc.artifacts.features import ensure_features, load_features, store_source
 from rmc.cli.commands import add_shared_arguments, attack_overrides, check_ray_arguments
 from rmc.cli.config import PRESETS, load_config, parse_override, to_dict
 from rmc.evaluation.common import BaseModel
-from rmc.evaluation.driver import check_work_split, evaluate, online_streams
+from rmc.evaluation.driver import check_work_split, compute_paths, evaluate, online_streams
 from rmc.evaluation.report import Table
 from rmc.io import write_json, write_text
 from rmc.models import default_layer, load_checkpoint
@@ -71,6 +71,7 @@ def main(args) -> int:
                                       "model": dataclasses.asdict(info),
                                       "store": store.fingerprint, "layer": layer, "table": table.to_dict(),
                                       "online_streams": online_streams(cfg.rmc, args.shards),
+                                      "compute": compute_paths(results),
                                       "ray": args.ray, "workers": args.workers, "batch": args.batch})
     write_text(out / "results.md", table.markdown())
     print(table.plain())
