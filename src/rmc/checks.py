@@ -22,6 +22,8 @@ def check_images(x: torch.Tensor, name: str = "images", shape: tuple[int, int, i
         raise RMCError(f"{name} have shape {tuple(x.shape)}; expected N x C x H x W (add a batch or channel dimension)")
     if shape is not None and tuple(x.shape[1:]) != tuple(shape):
         raise RMCError(f"{name} have shape C x H x W = {tuple(x.shape[1:])}; the model expects {tuple(shape)}")
+    if x.device.type == "meta":   # shapes only (PyTorch's meta device has no values: device-propagation tests)
+        return x.float() if x.dtype != torch.float32 else x
     if x.numel() and not torch.isfinite(x).all():
         raise RMCError(f"{name} contain NaN or infinite values; clean the input")
     if x.numel() and (x.min() < 0 or x.max() > 1):

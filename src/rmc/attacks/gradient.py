@@ -56,7 +56,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_siz
     device = x.device
     for start in range(0, len(x), batch_size):
         sl = slice(start, start + batch_size)
-        xb, yb = x[sl], y[sl]
+        xb, yb = x[sl], y[sl].to(device)
         goal, sign = (yb, 1.0) if targets is None else (targets[sl].to(device), -1.0)
         adv = xb.clone()
         if random_start:

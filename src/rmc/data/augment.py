@@ -18,5 +18,7 @@ def random_shift_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 2, flip:
         mirrored = torch.rand(n, generator=gen) < 0.5
         cols = torch.where(mirrored[:, None], cols.flip(-1), cols)
     # One gather over the flattened padded images (the same result as indexing rows and columns separately).
-    idx = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+    # The randomness is drawn on the CPU (the generator's device, so results do not depend on the device); the
+    # index then goes where the images are.
+    idx = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w).to(x.device)
     return padded.reshape(n, c, -1).gather(2, idx).view(n, c, h, w)

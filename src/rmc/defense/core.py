@@ -219,8 +219,7 @@ class RMC:
         return rows
 
     def _gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.dprime.gather(rows)
-        x, y = x.to(self.device), y.to(self.device)
+        x, y = self.dprime.gather(rows, self.device)
         self._tick("gather")
         return x, y
 
