@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rmc.cli.commands import attack, augment, evaluate, features, layers, run, train, visualize
+from rmc.cli.commands import attack, augment, evaluate, features, layers, report, run, train, visualize
 from rmc.cpu import pick_threads, tune_allocator
 from rmc.errors import RMCError
 
@@ -21,6 +21,7 @@ COMMANDS = {
     "layers": (layers, "list the layer names a model offers for feature extraction"),
     "evaluate": (evaluate, "run RMC and the baselines over evaluation sets and print the table"),
     "visualize": (visualize, "PNG grid of test inputs beside their nearest neighbours in D'"),
+    "report": (report, "report.html (self-contained, opens offline) and figures from a run directory's records"),
 }
 
 

@@ -11,6 +11,7 @@ models, D' and features; changing `attack.n` also reuses D'), each result beside
     evalsets/<base>-<key>/           evaluation sets made against each base model (transfer); key: model + attack
     results/<key>/<base>/<set>/      per-example records (resumable); key: model, D', layer, attack, rmc, attack rows
     neighbours.png                   test inputs beside their nearest neighbours in D'
+    report.html, figures/            `rmc report`: the tables and figures in one page (rmc.evaluation.html_report)
 """
 
 from __future__ import annotations
@@ -205,6 +206,11 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
     write_text(out / "config.yaml", documented_yaml(cfg))
     write_json(out / "results.json", meta)
     write_text(out / "results.md", table.markdown())
+    from rmc.evaluation.html_report import write_report
+    try:   # the results are on disk already: a report that cannot be drawn must not fail the run
+        timer("report", write_report, out, log=log)
+    except RMCError as e:
+        log(f"[report] not written: {e}")
     return table
 
 

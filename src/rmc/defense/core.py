@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -53,6 +53,7 @@ class FitResult:
     epochs: int            # epochs run
     best_val_loss: float   # NaN when validation could change nothing and was skipped
     stopped_early: bool
+    losses: list[float] = field(default_factory=list)   # mean training loss of each epoch (the report plots it)
 
 
 def _no_hook(phase: str | None) -> None:
@@ -79,8 +80,10 @@ def fine_tune(forward: Callable[[torch.Tensor], torch.Tensor], params: list[nn.P
     validate = cfg.restore_best or cfg.patience < cfg.max_epochs
     best, wait, best_state, epoch = float("inf"), 0, None, 0
     n = len(x_train)
+    losses: list[float] = []
     for epoch in range(1, cfg.max_epochs + 1):
         order = torch.randperm(n, generator=gen)
+        total = torch.zeros((), device=device)   # summed on the device: one sync per epoch, not per batch
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             xb = x_train[idx.to(device)] if device.type != "cpu" else x_train[idx]
@@ -92,10 +95,12 @@ def fine_tune(forward: Callable[[torch.Tensor], torch.Tensor], params: list[nn.P
                 loss = F.cross_entropy(forward(xb), yb)
             tick("forward")
             loss.backward()
+            total += loss.detach().float() * len(idx)
             tick("backward")
             opt.step()
             opt.zero_grad(set_to_none=True)
             tick("optimizer")
+        losses.append(total.item() / n)
         if not validate:
             continue
         with torch.no_grad():
@@ -114,7 +119,7 @@ def fine_tune(forward: Callable[[torch.Tensor], torch.Tensor], params: list[nn.P
         with torch.no_grad():
             for p, b in zip(params, best_state):
                 p.copy_(b)
-    return FitResult(epoch, best if validate else float("nan"), epoch < cfg.max_epochs)
+    return FitResult(epoch, best if validate else float("nan"), epoch < cfg.max_epochs, losses)
 
 
 @dataclass
@@ -138,6 +143,7 @@ class Trial:
     adapt_epochs: int
     gen: torch.Generator          # the step's generator after adaptation (calibration continues it)
     adapted: Snapshot | None      # the adapted state, if kept (to commit after trying other inputs)
+    adapt_losses: list[float] = field(default_factory=list)   # the adaptation's mean training loss per epoch
 
 
 @dataclass
@@ -147,6 +153,7 @@ class StepResult:
     neighbours: np.ndarray       # D' rows of the K neighbours, closest first
     adapt_epochs: int
     calib_epochs: int
+    adapt_losses: list[float] = field(default_factory=list)   # the adaptation's mean training loss per epoch
 
 
 class RMC:
@@ -272,7 +279,7 @@ class RMC:
             rows = self.neighbours(features)[0]
         fit = self.adapt(rows, gen)
         logits = self.predict(x)[0]
-        return Trial(logits, rows, fit.epochs, gen, self.snapshot() if keep else None)
+        return Trial(logits, rows, fit.epochs, gen, self.snapshot() if keep else None, fit.losses)
 
     def commit(self, t: Trial) -> int:
         """The second half: from the trial's adapted state, calibrate (online) and count the input. Returns the
@@ -293,4 +300,4 @@ class RMC:
         """
         t = self.trial(x, features, key, rows)
         calib = self.commit(t)
-        return StepResult(int(t.logits.argmax()), t.logits.tolist(), t.rows, t.adapt_epochs, calib)
+        return StepResult(int(t.logits.argmax()), t.logits.tolist(), t.rows, t.adapt_epochs, calib, t.adapt_losses)

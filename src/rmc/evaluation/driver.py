@@ -33,6 +33,7 @@ from rmc.defense.forwards import compute_path
 from rmc.defense.knn import vote
 from rmc.defense.optim import check_precision
 from rmc.errors import RMCError
+from rmc.evaluation.anatomy import DriftMeter, confidences, record_fields
 from rmc.evaluation.common import BaseModel, NeighbourSearch, digest
 from rmc.evaluation.records import RecordStream
 from rmc.io import write_json
@@ -107,12 +108,15 @@ def open_set(base: BaseModel, dprime: DPrime, search: NeighbourSearch, eval_set,
     job = SetJob(eval_set.name, x, eval_set.labels[:n], None if eval_set.targets is None else eval_set.targets[:n],
                  feats, rows, out_dir / base.name / eval_set.name, stream_fingerprint(base, dprime, eval_set, cfg, n))
     with torch.no_grad():
-        static = base.model(x).argmax(1).numpy()
+        static_logits = base.model(x)
+        static = static_logits.argmax(1).numpy()
     labels = dprime.labels.numpy()
     clean_rows = search.clean.search(feats, min(cfg.k, search.clean.size))[1]
     preds = {"undefended": static, "deepnn": vote(labels[clean_rows], num_classes),
              "webnn": vote(labels[rows], num_classes)}
     out = {name: [job.record(i, p[i]) for i in range(len(x))] for name, p in preds.items()}
+    for i, r in enumerate(out["undefended"]):   # the static model's confidence (rmc report's per-input anatomy)
+        r.update(confidences(static_logits[i], r["label"]))
     write_json(job.folder / "baselines.json", {"fingerprint": job.fingerprint, **out})
     return job, out
 
@@ -146,10 +150,11 @@ def _batched(source: RMCSource, rmc):
 
 def rmc_task(source: RMCSource, set_name: str, positions: list[int], x: torch.Tensor, feats: np.ndarray,
              rows: np.ndarray, state: dict[str, torch.Tensor] | None, batch: int,
-             fault: Callable[[], None] | None) -> tuple[list[dict], dict | None]:
+             fault: Callable[[], None] | None, y: torch.Tensor | None = None) -> tuple[list[dict], dict | None]:
     """RMC on the inputs at `positions` of one set, in order, `batch` at a time (episodic). Online: starts from
     `state` (None: the static weights) and returns the state after the last input; episodic: every input starts
-    from the static weights and the returned state is None. `fault()` is called after the first input (tests)."""
+    from the static weights and the returned state is None. `fault()` is called after the first input (tests).
+    `y`: the true labels, for the records' report fields (rmc.evaluation.anatomy)."""
     rmc = cached("rmc", source.key(), source.build)   # built once per worker (or per job, in this process)
     online = source.cfg.mode is Mode.ONLINE
     if online and state is not None:
@@ -157,6 +162,8 @@ def rmc_task(source: RMCSource, set_name: str, positions: list[int], x: torch.Te
     else:
         rmc.reset()
     batched = cached("batched", source.key(), lambda: _batched(source, rmc)) if batch > 1 else None
+    drift = cached("drift", source.key(), lambda: DriftMeter(rmc.model, rmc.static_state)) if online else None
+    dprime = get(source.dprime)
     out = []
     for a in range(0, len(positions), batch):
         b = min(a + batch, len(positions))
@@ -169,7 +176,9 @@ def rmc_task(source: RMCSource, set_name: str, positions: list[int], x: torch.Te
         seconds = round((time.perf_counter() - t0) / (b - a), 4)
         compute = compute_path(source.cfg, rmc.device)
         out += [{"pred": r.prediction, "adapt_epochs": r.adapt_epochs, "calib_epochs": r.calib_epochs,
-                 "seconds": seconds, "compute": compute} for r in results]
+                 "seconds": seconds, "compute": compute,
+                 **record_fields(r, dprime.labels, dprime.copy, None if y is None else int(y[a + j]), drift)}
+                for j, r in enumerate(results)]
         if a == 0 and fault is not None:
             fault()
     return out, (rmc.state_dict() if online else None)
@@ -255,9 +264,7 @@ def _run_streams(ex, source: RMCSource, streams: list[_Stream], block: int | Non
 
     def emit(st: _Stream, k: int, res: dict, state=None) -> None:
         check_compute(st.records, res["compute"])
-        rec = st.job.record(st.positions[k], res["pred"], adapt_epochs=res["adapt_epochs"],
-                            calib_epochs=res["calib_epochs"], seconds=res["seconds"], compute=res["compute"],
-                            **st.extra)
+        rec = st.job.record(st.positions[k], **res, **st.extra)
         st.records.append(rec, state)
         hits[0] += rec["pred"] == rec["label"]
         hits[1] += 1
@@ -271,7 +278,7 @@ def _run_streams(ex, source: RMCSource, streams: list[_Stream], block: int | Non
         a, b = st.submitted, min(st.submitted + block, len(st.positions))
         pos = st.positions[a:b]
         ex.submit((si, a), rmc_task, source, st.job.name, pos, st.job.x[pos], st.job.feats[pos], st.job.rows[pos],
-                  st.state if st.sequential else None, batch, fault)
+                  st.state if st.sequential else None, batch, fault, st.job.y[pos])
         st.submitted, st.busy = b, True
 
     turn = 0   # the stream served first in the next round: with fewer workers than streams, no set starves

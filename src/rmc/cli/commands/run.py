@@ -6,6 +6,9 @@ import sys
 from rmc.cli.commands import add_shared_arguments, attack_overrides, check_ray_arguments
 from rmc.cli.config import PRESETS, documented_yaml, load_config, parse_override
 from rmc.cli.pipeline import run_pipeline
+from rmc.errors import RMCError
+
+DEFAULT_SWEEP_STEPS = 10   # PGD steps of --eps-sweep when attack.pgd is empty
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,8 +25,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="base models, each alone and + RMC with its own D' (model.bases; default: standard)")
     p.add_argument("--adversarial-base", action="store_true",
                    help="add the adversarially trained base model to model.bases")
+    p.add_argument("--eps-sweep", nargs="+", metavar="EPS",
+                   help="evaluate PGD at each of these L-inf eps (e.g. 0.05 0.1 0.15 0.2 or 8/255), replacing "
+                        "attack.pgd's eps values (steps: its first entry's), so `rmc report` draws a curve with "
+                        "that many points; each eps costs one more set per attack direction (opt-in)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
     add_shared_arguments(p)
+
+
+def eps_sweep(pgd: list, values: list[str]) -> list[list[float]]:
+    """attack.pgd for --eps-sweep: [steps, eps] per eps, steps from the configured first entry (10 if none)."""
+    from rmc.artifacts.evalsets import parse_number
+    steps = int(pgd[0][0]) if pgd else DEFAULT_SWEEP_STEPS
+    eps = sorted({parse_number(v, "--eps-sweep") for v in values})
+    bad = [e for e in eps if not 0 < e <= 1]
+    if bad:
+        raise RMCError(f"--eps-sweep values are L-inf radii in (0, 1] pixel units, got {bad}")
+    return [[steps, e] for e in eps]
 
 
 def main(args) -> int:
@@ -41,6 +59,8 @@ def main(args) -> int:
     cfg = load_config(args.config, args.preset, overrides)
     if args.adversarial_base and "adversarial" not in cfg.model.bases:
         cfg.model.bases.append("adversarial")
+    if args.eps_sweep:
+        cfg.attack.pgd = eps_sweep(cfg.attack.pgd, args.eps_sweep)
     if args.print_config:
         sys.stdout.write(documented_yaml(cfg))
         return 0
@@ -48,5 +68,6 @@ def main(args) -> int:
                          block=args.block)
     print()
     print(table.plain())
-    print(f"results: {args.out}/results.md, {args.out}/results.json; neighbours: {args.out}/neighbours.png")
+    print(f"results: {args.out}/results.md, {args.out}/results.json; neighbours: {args.out}/neighbours.png; "
+          f"report: {args.out}/report.html")
     return 0

@@ -1,0 +1,239 @@
+"""Read a run directory's records for `rmc report`, streaming, and say what is missing.
+
+What it reads (the layout of rmc.cli.pipeline): config.yaml, results.json, evalsets/<base>/index.json and
+results/<base>/attack-sets/index.json (each set's attack settings), results/<base>/<set>/baselines.json and the RMC
+record streams (rmc.jsonl, or rmc.stream<s>of<S>.jsonl), attack.jsonl of the defense-aware rows, and single images
+of the evaluation sets (read by index from their safetensors files, never the whole file). It never opens model
+weights or online states. Whatever is absent or unreadable is named in `missing` instead of failing, so a
+partial run still gets a report; a directory that is not a run at all raises a one-line RMCError.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import yaml
+
+from rmc.errors import RMCError
+
+CLEAN, TRANSFER, AWARE = "clean", "transfer", "defense-aware"
+AWARE_KINDS = ("fpa", "gmsa-avg", "gmsa-min")          # defense-aware attacks (rmc.attacks.defense_aware)
+AWARE_LABELS = {"fpa": "FPA", "gmsa-avg": "GMSA-AVG", "gmsa-min": "GMSA-MIN"}
+REPORT_FIELDS = ("conf", "neighbours")                 # per-input fields of newer runs (rmc.evaluation.anatomy)
+
+
+@dataclass
+class SetInfo:
+    """One evaluation set of one base model, as the report sees it."""
+    base: str
+    name: str
+    attack: dict                  # the set's attack settings from its index (empty if the index is missing)
+    folder: Path                  # results/<base>/<name>/
+    images: Path | None           # the set's safetensors file
+
+    @property
+    def kind(self) -> str:
+        k = self.attack.get("kind", "clean" if self.name == "clean" else "")
+        return CLEAN if k == "clean" else AWARE if k in AWARE_KINDS else TRANSFER
+
+    @property
+    def eps(self) -> float | None:
+        return 0.0 if self.kind == CLEAN else self.attack.get("eps")
+
+    @property
+    def targeted(self) -> bool:
+        return bool(self.attack.get("targeted"))
+
+    @property
+    def n(self) -> int | None:
+        return self.attack.get("n")
+
+    @property
+    def attack_row(self) -> bool:
+        """One of the attack rows (rmc.evaluation.attack_rows), not of the main table."""
+        k = self.attack.get("kind", "")
+        return k.startswith("transfer-") or k in AWARE_KINDS
+
+    @property
+    def family(self) -> str:
+        """The attack without its eps: the points of one curve (e.g. "PGD-10", "PGD-10 targeted", "GMSA-MIN r5")."""
+        a, k = self.attack, self.attack.get("kind", "")
+        if k in ("pgd", "transfer-pgd"):
+            text = f"PGD-{a.get('steps')}"
+        elif k == "fgsm":
+            text = "FGSM"
+        elif k == "transfer-autoattack":
+            text = "AutoAttack"
+        elif k in AWARE_KINDS:
+            text = f"{AWARE_LABELS[k]} r{a.get('rounds')}"
+        else:
+            text = k or self.name
+        if self.attack_row:
+            text += f" (attack rows, N={a.get('n')})"
+        return text + (" targeted" if self.targeted else "")
+
+
+def _read_json(path: Path, missing: list[str]):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        missing.append(f"{path.name} ({path.parent})")
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        missing.append(f"{path} is unreadable ({type(e).__name__})")
+    return None
+
+
+class RunRecords:
+    """The records of one run directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise RMCError(f"run directory {self.root} not found; pass the --out of an `rmc run`")
+        if not (self.root / "results").is_dir() and not (self.root / "results.json").exists():
+            raise RMCError(f"{self.root} holds no results (no results/ folder, no results.json): not an `rmc run` "
+                           "directory, or its evaluation has not started")
+        self.missing: list[str] = []
+        self.config = self._config()
+        self.results = None
+        if (self.root / "results.json").exists():
+            self.results = _read_json(self.root / "results.json", self.missing)
+        else:
+            self.missing.append("results.json (the run has not finished: tables are rebuilt from the records)")
+        self.sets = self._sets()
+
+    def _config(self) -> dict:
+        path = self.root / "config.yaml"
+        if not path.exists():
+            self.missing.append("config.yaml (settings unknown)")
+            return {}
+        try:
+            return yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError:
+            self.missing.append("config.yaml is unreadable (settings unknown)")
+            return {}
+
+    @property
+    def dataset(self) -> str:
+        return (self.config.get("data") or {}).get("dataset") or "unknown"
+
+    @property
+    def mode(self) -> str:
+        return (self.config.get("rmc") or {}).get("mode") or "unknown"
+
+    @cached_property
+    def class_names(self) -> list[str]:
+        from rmc.data.cifar10 import CIFAR10_CLASSES
+        from rmc.data.idx import FASHION_CLASSES
+        return {"fashion-mnist": FASHION_CLASSES, "cifar10": CIFAR10_CLASSES}.get(self.dataset, [])
+
+    def class_name(self, c: int) -> str:
+        return self.class_names[c] if 0 <= c < len(self.class_names) else str(c)
+
+    @property
+    def bases(self) -> list[str]:
+        return list(dict.fromkeys(s.base for s in self.sets))
+
+    def _index(self, folder: Path) -> dict[str, dict]:
+        """{set name: index entry} of an evaluation-set folder; {} (and a note) if missing or unreadable."""
+        index = _read_json(folder / "index.json", self.missing) if folder.is_dir() else None
+        if folder.is_dir() and index is None:
+            return {}
+        if index is None:
+            self.missing.append(f"{folder.relative_to(self.root)}/ (attack settings unknown: no eps on the curve)")
+            return {}
+        return {e["name"]: e for e in index.get("sets", []) if isinstance(e, dict) and "name" in e}
+
+    def _sets(self) -> list[SetInfo]:
+        results = self.root / "results"
+        bases = sorted(p.name for p in results.iterdir() if p.is_dir()) if results.is_dir() else []
+        if not bases:
+            self.missing.append("results/ (no per-input records)")
+        order = {"standard": 0, "adversarial": 1}
+        out = []
+        for base in sorted(bases, key=lambda b: (order.get(b, 2), b)):
+            folders = {
+                self.root / "evalsets" / base: self._index(self.root / "evalsets" / base),
+                results / base / "attack-sets": (self._index(results / base / "attack-sets")
+                                                 if (results / base / "attack-sets").exists() else {}),
+            }
+            known = set()
+            for folder, entries in folders.items():
+                for name, e in entries.items():
+                    known.add(name)
+                    info = SetInfo(base, name, e.get("attack") or {}, results / base / name, folder / e.get("file", ""))
+                    if not info.folder.is_dir():
+                        self.missing.append(f"results/{base}/{name}/ (set not evaluated yet)")
+                    out.append(info)
+            for p in sorted(results.joinpath(base).iterdir()):
+                if p.is_dir() and p.name != "attack-sets" and p.name not in known:
+                    out.append(SetInfo(base, p.name, {}, p, None))
+        return out
+
+    # -- records -----------------------------------------------------------------------------------------
+    def baselines(self, s: SetInfo) -> dict[str, list[dict]]:
+        """{"undefended"|"deepnn"|"webnn": records} of a set ({} and a note if missing)."""
+        data = _read_json(s.folder / "baselines.json", self.missing) if s.folder.is_dir() else None
+        return {k: v for k, v in (data or {}).items() if isinstance(v, list)}
+
+    def rmc_streams(self, s: SetInfo) -> list[Path]:
+        one = s.folder / "rmc.jsonl"
+        return [one] if one.exists() else sorted(s.folder.glob("rmc.stream*of*.jsonl"))
+
+    def iter_jsonl(self, path: Path) -> Iterator[dict]:
+        """Records of one stream, one line at a time; a torn or corrupt line ends the stream (and is noted)."""
+        with open(path) as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    self.missing.append(f"{path.relative_to(self.root)}: line {i + 1} is corrupt; records after it "
+                                        "are left out")
+                    return
+                if isinstance(rec, dict) and "pred" in rec and "label" in rec:
+                    yield rec
+
+    def rmc(self, s: SetInfo) -> Iterator[dict]:
+        """RMC's records of a set, stream by stream (each in input order)."""
+        for path in self.rmc_streams(s):
+            yield from self.iter_jsonl(path)
+
+    def attack(self, s: SetInfo) -> Iterator[dict]:
+        path = s.folder / "attack.jsonl"
+        if path.exists():
+            yield from self.iter_jsonl(path)
+
+    def records(self, s: SetInfo) -> dict[str, list[dict]]:
+        """Every defense's records of a set (RMC sorted by index), for the tables and the curve: baselines, then
+        RMC. Only the fields the tables need are kept, so even large runs stay small in memory."""
+        keep = ("index", "label", "pred", "target")
+        slim = lambda r: {k: r[k] for k in keep if k in r}  # noqa: E731
+        out = {k: [slim(r) for r in v] for k, v in self.baselines(s).items()}
+        rmc = sorted((slim(r) for r in self.rmc(s)), key=lambda r: r["index"])
+        if rmc:
+            out["rmc"] = rmc
+        return out
+
+    # -- images ------------------------------------------------------------------------------------------
+    def images(self, s: SetInfo, indices: list[int]) -> torch.Tensor | None:
+        """The set's images at `indices` (read one by one from the safetensors file), or None if unavailable."""
+        if s.images is None or not s.images.is_file():
+            return None
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(s.images), "pt") as f:
+                sl = f.get_slice("images")
+                return torch.stack([sl[i:i + 1][0] for i in indices]) if indices else None
+        except (SafetensorError, OSError, ValueError, IndexError):
+            self.missing.append(f"{s.images.relative_to(self.root)} is unreadable (inputs not shown)")
+            return None
+
+
+__all__ = ["AWARE", "CLEAN", "REPORT_FIELDS", "RunRecords", "SetInfo", "TRANSFER"]
