@@ -264,3 +264,33 @@ def test_defense_aware_sets_are_dashed_rmc_only(run_dir, tmp_path):
     line = next(ln for ax in fig.axes for ln in ax.get_lines() if ln.get_gid() == aware[0].label)
     assert line.get_linestyle() == "--"
     assert torch.is_tensor(run.images(run.sets[0], [0]))
+
+
+def _browser():
+    """Playwright and a Chromium (Debian's chromium-headless-shell or chromium), or None where either is missing."""
+    try:
+        from playwright import sync_api
+    except ImportError:
+        return None, None
+    return sync_api, shutil.which("chromium-headless-shell") or shutil.which("chromium")
+
+
+def test_every_figure_renders_in_a_headless_browser_offline(run_dir, tmp_path):
+    sync_api, exe = _browser()
+    if sync_api is None or exe is None:
+        pytest.skip("needs `pip install playwright` and a Chromium (apt-get install chromium-headless-shell)")
+    page_path = write_report(run_dir, tmp_path, log=lambda m: None)
+    requests = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(page_path.as_uri())
+        page.wait_for_load_state("load")
+        images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, "
+                               "i.getBoundingClientRect().width])")
+        browser.close()
+    assert len(images) >= 4
+    for alt, complete, natural, shown in images:
+        assert complete and natural > 100 and shown > 100, alt
+    assert [u for u in requests if not u.startswith(("file:", "data:"))] == []   # nothing from the network

@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")   # files only; no screen on these machines
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -173,6 +174,7 @@ def draw_anatomy(items: list[Anatomy], images: list[torch.Tensor | None], class_
         ax_pred.set_title("prediction, confidence (red: wrong)", fontsize=7)
         if a.adapt_loss:
             ax_loss.plot(range(1, len(a.adapt_loss) + 1), a.adapt_loss, "o-", ms=3, gid="adapt_loss")
+            ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs are whole
         else:
             ax_loss.text(0.5, 0.5, "not recorded", ha="center", va="center", fontsize=7)
         ax_loss.set_title("adaptation: training loss per epoch", fontsize=7)
@@ -188,7 +190,7 @@ def draw_purity(groups: list[PurityGroup]):
     """RMC's accuracy per bin of neighbour purity (share of the K neighbours with the input's true class), with
     95% intervals, one panel per base model; bar labels give the number of inputs per bin."""
     bases = list(dict.fromkeys(g.base for g in groups))
-    fig, axes = _panels(max(1, len(bases)), 5.2, 3.6)
+    fig, axes = _panels(max(1, len(bases)), 6.4, 4.0)
     if not groups:
         axes[0].text(0.5, 0.5, "neighbour labels not recorded by this run (older records)", ha="center",
                      va="center", fontsize=8)
@@ -214,7 +216,8 @@ def draw_purity(groups: list[PurityGroup]):
         ax.set_title(f"{row_label(base, 'rmc')}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Neighbour purity vs correctness: RMC is right where its neighbours carry the true label", fontsize=9)
+    fig.suptitle("Neighbour purity vs correctness (is RMC right where its neighbours carry the true label?)",
+                 fontsize=8)
     fig.tight_layout()
     return fig
 

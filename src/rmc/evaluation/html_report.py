@@ -16,14 +16,18 @@ from typing import Callable
 
 from rmc.evaluation import figure_data as fd
 from rmc.evaluation import figures as fg
-from rmc.evaluation.report import Cell, Table
-from rmc.evaluation.run_records import CLEAN, RunRecords
+from rmc.evaluation.attack_rows import NOTES as ATTACK_NOTES
+from rmc.evaluation.figure_data import ATTACK_ROW_DEFENSES
+from rmc.evaluation.report import Cell, Table, cell_from_records, row_label
+from rmc.evaluation.run_records import AWARE, RunRecords
 from rmc.evaluation.stats import Rate
 from rmc.io import write_text
 
 FIGURES_DIR = "figures"          # beside report.html
 ROUNDS_GLOB = "*rounds*.png"     # the defense-aware per-round figure (issue 13 draws it; the page only embeds it)
 MAX_EMBEDDED_EXTRA = 4           # per-round PNGs embedded at most (a run has one per base model and attack)
+BASE_ORDER = ("standard", "adversarial")                       # rows of the main table, as the text table
+KIND_ORDER = ("transfer", "defense-aware", "worst case")        # rows of the attack table, as the text table
 CSS = """body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:.5em 0}td,th{border:1px solid #bbb;padding:3px 6px;text-align:left}
 th{background:#eee}img{max-width:100%;border:1px solid #ddd}.missing{background:#fff4e0;border:1px solid #e0a040;
@@ -37,9 +41,18 @@ def _cell_from_dict(d: dict) -> Cell:
     return Cell(rate(d["accuracy"]), rate(d["attack_success"]) if "attack_success" in d else None)
 
 
+def _row_order(label: str) -> tuple:
+    """results.json keeps rows in alphabetical order (sorted keys): back to the text table's order."""
+    canonical = [row_label(b, d) for b in BASE_ORDER for d in fd.CURVE_DEFENSES]
+    kinds = [f"[{k}]" for k in KIND_ORDER]
+    kind = next((i for i, k in enumerate(kinds) if label.endswith(k)), len(kinds))
+    return (canonical.index(label) if label in canonical else len(canonical), kind)
+
+
 def table_from_dict(d: dict) -> Table:
     """A Table back from results.json's `table` (Table.to_dict), appendix included."""
-    rows = {label: {c: _cell_from_dict(cell) for c, cell in r.items()} for label, r in d.get("rows", {}).items()}
+    items = sorted(d.get("rows", {}).items(), key=lambda kv: _row_order(kv[0]))   # stable: ties keep their order
+    rows = {label: {c: _cell_from_dict(cell) for c, cell in r.items()} for label, r in items}
     return Table(list(d.get("columns", [])), dict(d.get("column_notes", {})), rows, d.get("corner", "defense"),
                  list(d.get("notes", [])), d.get("title", ""), [table_from_dict(a) for a in d.get("appendix", [])])
 
@@ -50,16 +63,26 @@ def tables(run: RunRecords) -> tuple[Table, str]:
         return table_from_dict(run.results["table"]), "results.json"
     results: dict = {}
     notes = {}
+    rows: dict = {}
+    columns: list[str] = []
     for s in run.sets:
-        if s.folder.is_dir() and s.kind in (CLEAN, "transfer") and s.folder.parent.name == s.base and \
-                not s.attack.get("kind", "").startswith("transfer-"):
-            recs = run.records(s)
-            if recs:
-                results.setdefault(s.base, {})[s.name] = recs
-                notes[s.name] = s.kind
+        recs = run.records(s) if s.folder.is_dir() else {}
+        if not recs:
+            continue
+        if not s.attack_row:
+            results.setdefault(s.base, {})[s.name] = recs
+            notes[s.name] = s.kind
+            continue
+        for defense in ATTACK_ROW_DEFENSES:   # the attack rows' columns, as rmc.evaluation.attack_rows
+            if defense in recs and not (s.kind == AWARE and defense != "rmc"):
+                col = row_label(s.base, defense)
+                columns += [col] if col not in columns else []
+                rows.setdefault(f"{s.name} [{s.kind}]", {})[col] = cell_from_records(recs[defense])
     t = Table.from_results(results, notes)
-    t.notes.append("Rebuilt from the per-input records of a run that has not finished (no results.json); "
-                   "attack rows are not shown until it has.")
+    t.notes.append("Rebuilt from the per-input records of a run that has not finished (no results.json).")
+    if rows:
+        t.appendix.append(Table(columns, {}, rows, corner="attack", notes=list(ATTACK_NOTES),
+                                title="Attack rows, rebuilt from the records (no worst case until the run ends)"))
     return t, "the records (partial run)"
 
 
@@ -160,6 +183,7 @@ def build(run: RunRecords, fig_dir: Path, log: Callable[[str], None]) -> str:
         run.missing.append("neighbours.png (drawn at the end of `rmc run`)")
     if old:
         run.missing.append(old)
+    run.missing += run.incomplete()
     log(f"  report: {len(series)} curves, {len(drift)} streams, {len(items)} anatomies, {len(groups)} purity groups")
     return "".join(parts)
 

@@ -221,6 +221,18 @@ class RunRecords:
             out["rmc"] = rmc
         return out
 
+    def incomplete(self) -> list[str]:
+        """Sets whose RMC records cover fewer inputs than the set has (a run still under way or stopped)."""
+        out = []
+        for s in self.sets:
+            if not s.folder.is_dir():
+                continue
+            n = s.n or len(self.baselines(s).get("undefended", []))
+            done = sum(1 for _ in self.rmc(s))
+            if n and done < n:
+                out.append(f"results/{s.base}/{s.name}/: RMC has {done} of {n} inputs")
+        return out
+
     # -- images ------------------------------------------------------------------------------------------
     def images(self, s: SetInfo, indices: list[int]) -> torch.Tensor | None:
         """The set's images at `indices` (read one by one from the safetensors file), or None if unavailable."""
