@@ -29,6 +29,11 @@ from rmc.io import load_tensors, write_json, write_text
 from rmc.models import ModelInfo
 
 K = 32
+KEY = "0123abcd"   # a stage key, as rmc.cli.pipeline names stage folders
+
+
+def _res(root):
+    return root / "results" / KEY / "standard"
 
 
 def _cfg():
@@ -43,14 +48,15 @@ def run_dir(tmp_path_factory, tiny_trained, tiny_dprime, digits):
     info = ModelInfo("small_cnn", 10, (1, 8, 8), sha256="t" * 64, dataset="digits")
     specs = [AttackSpec("clean")] + [AttackSpec("pgd", eps=e, steps=3) for e in (0.1, 0.3)]
     sets = make_eval_sets(tiny_trained, info, digits[1], 8, specs, seed=0)
-    save_eval_sets(root / "evalsets" / "standard", sets)
+    save_eval_sets(root / "evalsets" / f"standard-{KEY}", sets)
     cfg = RunConfig()
     cfg.data.dataset, cfg.rmc = "digits", _cfg()
     write_text(root / "config.yaml", documented_yaml(cfg))
     base = BaseModel("standard", tiny_trained, info.sha256, "block3", feats)
-    res = evaluate([base], dprime, sets, _cfg(), root / "results", 10, progress=False)
+    res = evaluate([base], dprime, sets, _cfg(), root / "results" / KEY, 10, progress=False)
     notes = {s.name: "clean" if s.name == "clean" else "transfer" for s in sets}
-    write_json(root / "results.json", {"table": Table.from_results(res, notes).to_dict()})
+    stage_dirs = {"standard": {"evalsets": str(root / "evalsets" / f"standard-{KEY}"), "results": str(_res(root))}}
+    write_json(root / "results.json", {"table": Table.from_results(res, notes).to_dict(), "stage_dirs": stage_dirs})
     return root
 
 
@@ -65,7 +71,7 @@ def _jsonl(path):
 
 
 def test_records_carry_the_report_fields_and_drift_is_the_saved_states_distance(run_dir, tiny_trained):
-    folder = run_dir / "results" / "standard" / "clean"
+    folder = _res(run_dir) / "clean"
     recs = _jsonl(folder / "rmc.jsonl")
     for r in recs:
         nb = r["neighbours"]
@@ -98,6 +104,22 @@ def test_curve_points_equal_the_tables_accuracies(run_dir):
         assert lines[s.label].get_linestyle() == "-"
 
 
+def test_older_layout_and_other_configurations_are_read(run_dir, tmp_path):
+    """Runs made before stage keys (results/<base>/, evalsets/<base>/) give the same curve; a second configuration's
+    results beside the latest are named, not mixed in."""
+    root = _copy(run_dir, tmp_path)
+    want = [(s.label, [(p.eps, p.rate.hits, p.rate.n) for p in s.points]) for s in fd.curve_data(RunRecords(root))]
+    shutil.copytree(_res(root), root / "results" / "89abcdef" / "standard")
+    assert "other configuration" in " ".join(RunRecords(root).missing)
+    shutil.rmtree(root / "results" / "89abcdef")
+    (root / "results" / KEY / "standard").rename(root / "results" / "standard")
+    (root / "evalsets" / f"standard-{KEY}").rename(root / "evalsets" / "standard")
+    (root / "results" / KEY).rmdir()
+    (root / "results.json").unlink()
+    got = [(s.label, [(p.eps, p.rate.hits, p.rate.n) for p in s.points]) for s in fd.curve_data(RunRecords(root))]
+    assert got == want and len(want) == 4
+
+
 def test_drift_series_equal_the_records(run_dir):
     run = RunRecords(run_dir)
     series = fd.drift_data(run)
@@ -105,7 +127,7 @@ def test_drift_series_equal_the_records(run_dir):
     fig = fg.draw_drift(series)
     top, bottom = fig.axes
     for s in series:
-        recs = _jsonl(run_dir / "results" / "standard" / s.set_name / "rmc.jsonl")
+        recs = _jsonl(_res(run_dir) / s.set_name / "rmc.jsonl")
         assert s.drift == [r["drift"] for r in recs]
         hits = [r["pred"] == r["label"] for r in recs]
         assert s.running_accuracy == [sum(hits[:i + 1]) / (i + 1) for i in range(len(hits))]
@@ -118,7 +140,7 @@ def test_purity_bins_count_every_record_by_its_true_label_share(run_dir):
     groups = {g.group: g for g in fd.purity_data(run)}
     assert set(groups) == {"clean", "transfer"}
     for group, names in (("clean", ["clean"]), ("transfer", ["pgd3-eps0.1", "pgd3-eps0.3"])):
-        recs = [r for n in names for r in _jsonl(run_dir / "results" / "standard" / n / "rmc.jsonl")]
+        recs = [r for n in names for r in _jsonl(_res(run_dir) / n / "rmc.jsonl")]
         want = [[0, 0] for _ in range(fd.PURITY_BINS)]
         for r in recs:
             y = str(r["label"])
@@ -134,7 +156,7 @@ def test_anatomy_shows_right_and_wrong_inputs_with_their_records(run_dir):
     items = fd.anatomy_data(run)
     assert items and all(a.set_name in ("clean", "pgd3-eps0.1") for a in items)
     for a in items:
-        rec = next(r for r in _jsonl(run_dir / "results" / "standard" / a.set_name / "rmc.jsonl")
+        rec = next(r for r in _jsonl(_res(run_dir) / a.set_name / "rmc.jsonl")
                    if r["index"] == a.index)
         assert (a.rmc_pred, a.correct, a.adapt_loss, a.neighbours) == (rec["pred"], rec["pred"] == rec["label"],
                                                                       rec["adapt_loss"], rec["neighbours"])
@@ -201,8 +223,8 @@ def _any_png(tmp_path):
 def test_partial_run_gets_a_page_naming_what_is_missing(run_dir, tmp_path):
     root = _copy(run_dir, tmp_path)
     (root / "results.json").unlink()
-    shutil.rmtree(root / "results" / "standard" / "pgd3-eps0.3")
-    stream = root / "results" / "standard" / "pgd3-eps0.1" / "rmc.jsonl"
+    shutil.rmtree(_res(root) / "pgd3-eps0.3")
+    stream = _res(root) / "pgd3-eps0.1" / "rmc.jsonl"
     lines = stream.read_text().splitlines()
     stream.write_text("\n".join(lines[:3] + ["{torn"] + lines[4:]) + "\n")
     path = write_report(root, log=lambda m: None)
@@ -250,10 +272,10 @@ def test_eps_sweep_replaces_the_pgd_eps_values():
 def test_defense_aware_sets_are_dashed_rmc_only(run_dir, tmp_path):
     """An attack-row set (as rmc.evaluation.attack_rows writes it) joins the curve as a dashed RMC series."""
     root = _copy(run_dir, tmp_path)
-    src = root / "results" / "standard" / "pgd3-eps0.1"
-    dst = root / "results" / "standard" / "gmsa-min-r2-margin-pgd40-eps0.1"
+    src = _res(root) / "pgd3-eps0.1"
+    dst = _res(root) / "gmsa-min-r2-margin-pgd40-eps0.1"
     shutil.copytree(src, dst)
-    write_json(root / "results" / "standard" / "attack-sets" / "index.json",
+    write_json(_res(root) / "attack-sets" / "index.json",
                {"format": "rmc-evalsets/1", "sets": [{"name": dst.name, "file": "x.safetensors", "n": 8,
                                                       "attack": {"kind": "gmsa-min", "eps": 0.1, "rounds": 2,
                                                                  "n": 8, "targeted": False}}]})

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from rmc.evaluation.figure_data import PURITY_BINS, Anatomy, CurveSeries, DriftSeries, PurityGroup  # noqa: E402
-from rmc.evaluation.report import ROW_LABELS, row_label  # noqa: E402
+from rmc.evaluation.report import BASE_LABELS, ROW_LABELS, row_label  # noqa: E402
 from rmc.io import atomic_path  # noqa: E402
 
 DPI = 100                                        # PNGs stay small enough to embed several in one page
@@ -26,7 +26,6 @@ DEFENSE_COLORS = {"undefended": "tab:gray", "deepnn": "tab:blue", "webnn": "tab:
 THREAT_STYLES = {"transfer": "-", "defense-aware": "--"}
 MARKERS = "osD^v<>ph*"                           # one per attack family within a panel
 BAND_ALPHA = 0.12                                # 95% interval bands: visible, not hiding the lines
-BASE_TITLES = {"standard": "standard", "adversarial": "adversarially trained"}
 GROUP_COLORS = {"clean": "tab:blue", "transfer": "tab:orange", "defense-aware": "tab:red"}
 
 
@@ -67,7 +66,7 @@ def draw_curve(series: list[CurveSeries]):
                     label=f"{ROW_LABELS.get(s.defense, s.defense)}, {s.family} [{s.threat}]", gid=s.label)
             ax.fill_between(eps, [100 * v for v in lo], [100 * v for v in hi], color=color, alpha=BAND_ALPHA, lw=0)
         base, targeted = key
-        ax.set_title(f"{BASE_TITLES.get(base, base)} base model, {'targeted' if targeted else 'untargeted'} attacks",
+        ax.set_title(f"{BASE_LABELS.get(base, base)} base model, {'targeted' if targeted else 'untargeted'} attacks",
                      fontsize=9)
         ax.set_xlabel("eps (L-inf, [0, 1] pixels)")
         ax.set_ylabel("accuracy %")

@@ -18,7 +18,7 @@ from rmc.evaluation import figure_data as fd
 from rmc.evaluation import figures as fg
 from rmc.evaluation.attack_rows import NOTES as ATTACK_NOTES
 from rmc.evaluation.figure_data import ATTACK_ROW_DEFENSES
-from rmc.evaluation.report import Cell, Table, cell_from_records, row_label
+from rmc.evaluation.report import Cell, Table, cell_from_records, row_label, row_order
 from rmc.evaluation.run_records import AWARE, RunRecords
 from rmc.evaluation.stats import Rate
 from rmc.io import write_text
@@ -26,7 +26,7 @@ from rmc.io import write_text
 FIGURES_DIR = "figures"          # beside report.html
 ROUNDS_GLOB = "*rounds*.png"     # the defense-aware per-round figure (issue 13 draws it; the page only embeds it)
 MAX_EMBEDDED_EXTRA = 4           # per-round PNGs embedded at most (a run has one per base model and attack)
-BASE_ORDER = ("standard", "adversarial")                       # rows of the main table, as the text table
+BASE_ORDER = ("standard", "adversarial", "denoising")          # base models of a run without a readable config
 KIND_ORDER = ("transfer", "defense-aware", "worst case")        # rows of the attack table, as the text table
 CSS = """body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:.5em 0}td,th{border:1px solid #bbb;padding:3px 6px;text-align:left}
@@ -41,26 +41,28 @@ def _cell_from_dict(d: dict) -> Cell:
     return Cell(rate(d["accuracy"]), rate(d["attack_success"]) if "attack_success" in d else None)
 
 
-def _row_order(label: str) -> tuple:
+def _row_order(label: str, bases: list[str]) -> tuple:
     """results.json keeps rows in alphabetical order (sorted keys): back to the text table's order."""
-    canonical = [row_label(b, d) for b in BASE_ORDER for d in fd.CURVE_DEFENSES]
+    canonical = [row_label(b, d) for b, d in row_order({b: {"": dict.fromkeys(fd.CURVE_DEFENSES)} for b in bases})]
     kinds = [f"[{k}]" for k in KIND_ORDER]
     kind = next((i for i, k in enumerate(kinds) if label.endswith(k)), len(kinds))
     return (canonical.index(label) if label in canonical else len(canonical), kind)
 
 
-def table_from_dict(d: dict) -> Table:
-    """A Table back from results.json's `table` (Table.to_dict), appendix included."""
-    items = sorted(d.get("rows", {}).items(), key=lambda kv: _row_order(kv[0]))   # stable: ties keep their order
+def table_from_dict(d: dict, bases: list[str] = BASE_ORDER) -> Table:
+    """A Table back from results.json's `table` (Table.to_dict), appendix included; rows in the text table's
+    order for these base models."""
+    items = sorted(d.get("rows", {}).items(), key=lambda kv: _row_order(kv[0], list(bases)))   # stable sort
     rows = {label: {c: _cell_from_dict(cell) for c, cell in r.items()} for label, r in items}
     return Table(list(d.get("columns", [])), dict(d.get("column_notes", {})), rows, d.get("corner", "defense"),
-                 list(d.get("notes", [])), d.get("title", ""), [table_from_dict(a) for a in d.get("appendix", [])])
+                 list(d.get("notes", [])), d.get("title", ""),
+                 [table_from_dict(a, bases) for a in d.get("appendix", [])])
 
 
 def tables(run: RunRecords) -> tuple[Table, str]:
     """The run's table (results.json's, or rebuilt from the records of a partial run) and where it came from."""
     if run.results and isinstance(run.results.get("table"), dict):
-        return table_from_dict(run.results["table"]), "results.json"
+        return table_from_dict(run.results["table"], run.config_bases), "results.json"
     results: dict = {}
     notes = {}
     rows: dict = {}

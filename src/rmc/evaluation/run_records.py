@@ -11,6 +11,7 @@ partial run still gets a report; a directory that is not a run at all raises a o
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -24,7 +25,7 @@ from rmc.errors import RMCError
 CLEAN, TRANSFER, AWARE = "clean", "transfer", "defense-aware"
 AWARE_KINDS = ("fpa", "gmsa-avg", "gmsa-min")          # defense-aware attacks (rmc.attacks.defense_aware)
 AWARE_LABELS = {"fpa": "FPA", "gmsa-avg": "GMSA-AVG", "gmsa-min": "GMSA-MIN"}
-REPORT_FIELDS = ("conf", "neighbours")                 # per-input fields of newer runs (rmc.evaluation.anatomy)
+STAGE_KEY = re.compile(r"[0-9a-f]{8}")                  # a stage folder's key (rmc.cli.pipeline.stage_key)
 
 
 @dataclass
@@ -139,38 +140,74 @@ class RunRecords:
     def bases(self) -> list[str]:
         return list(dict.fromkeys(s.base for s in self.sets))
 
+    @property
+    def config_bases(self) -> list[str]:
+        """Base models in the configuration's order (model.bases; older runs: standard, adversarial)."""
+        model = self.config.get("model") or {}
+        return list(model.get("bases") or ["standard"] + (["adversarial"] if model.get("adversarial_base") else []))
+
     def _index(self, folder: Path) -> dict[str, dict]:
         """{set name: index entry} of an evaluation-set folder; {} (and a note) if missing or unreadable."""
-        index = _read_json(folder / "index.json", self.missing) if folder.is_dir() else None
-        if folder.is_dir() and index is None:
-            return {}
-        if index is None:
+        if not folder.is_dir():
             self.missing.append(f"{folder.relative_to(self.root)}/ (attack settings unknown: no eps on the curve)")
+            return {}
+        index = _read_json(folder / "index.json", self.missing)
+        if not isinstance(index, dict):
             return {}
         return {e["name"]: e for e in index.get("sets", []) if isinstance(e, dict) and "name" in e}
 
-    def _sets(self) -> list[SetInfo]:
+    def _stage(self, base: str, kind: str) -> Path | None:
+        """A stage folder of `base` named in results.json (`stage_dirs`), re-rooted here (the run may have moved or
+        been made with a relative --out)."""
+        where = ((self.results or {}).get("stage_dirs") or {}).get(base, {}).get(kind)
+        if not where:
+            return None
+        parts = Path(where).parts
+        return self.root / (Path("results", *parts[-2:]) if kind == "results" else Path(kind, parts[-1]))
+
+    def _newest(self, pattern: str) -> Path | None:
+        found = sorted(self.root.glob(pattern), key=lambda p: p.stat().st_mtime)
+        return found[-1] if found else None
+
+    def _folders(self) -> list[tuple[str, Path, Path]]:
+        """(base, its results folder, its evaluation-set folder). Layouts: results/<key>/<base>/ with
+        evalsets/<base>-<key>/ (the stage-keyed runs: results.json names the latest, else the newest), and the
+        older results/<base>/ with evalsets/<base>/."""
         results = self.root / "results"
-        bases = sorted(p.name for p in results.iterdir() if p.is_dir()) if results.is_dir() else []
-        if not bases:
-            self.missing.append("results/ (no per-input records)")
-        order = {"standard": 0, "adversarial": 1}
+        keyed = {p.name for p in results.glob("*/*") if p.is_dir() and STAGE_KEY.fullmatch(p.parent.name)}
+        order = lambda b: (self.config_bases.index(b) if b in self.config_bases else len(self.config_bases), b)  # noqa: E731
         out = []
-        for base in sorted(bases, key=lambda b: (order.get(b, 2), b)):
-            folders = {
-                self.root / "evalsets" / base: self._index(self.root / "evalsets" / base),
-                results / base / "attack-sets": (self._index(results / base / "attack-sets")
-                                                 if (results / base / "attack-sets").exists() else {}),
-            }
+        if keyed:
+            for base in sorted(keyed, key=order):
+                res = self._stage(base, "results") or self._newest(f"results/*/{base}")
+                sets = self._stage(base, "evalsets") or self._newest(f"evalsets/{base}-*") or \
+                    self.root / "evalsets" / base
+                others = [p for p in results.glob(f"*/{base}") if p != res]
+                if others:
+                    self.missing.append(f"results of {len(others)} other configuration(s) of base {base} under "
+                                        f"results/ are not shown (this page shows {res.relative_to(self.root)})")
+                out.append((base, res, sets))
+            return out
+        bases = sorted((p.name for p in results.iterdir() if p.is_dir()) if results.is_dir() else [], key=order)
+        return [(b, results / b, self.root / "evalsets" / b) for b in bases]
+
+    def _sets(self) -> list[SetInfo]:
+        folders = self._folders()
+        if not folders:
+            self.missing.append("results/ (no per-input records)")
+        out = []
+        for base, res, sets_dir in folders:
             known = set()
-            for folder, entries in folders.items():
+            for folder, entries in ((sets_dir, self._index(sets_dir)),
+                                    (res / "attack-sets", self._index(res / "attack-sets")
+                                     if (res / "attack-sets").exists() else {})):
                 for name, e in entries.items():
                     known.add(name)
-                    info = SetInfo(base, name, e.get("attack") or {}, results / base / name, folder / e.get("file", ""))
+                    info = SetInfo(base, name, e.get("attack") or {}, res / name, folder / e.get("file", ""))
                     if not info.folder.is_dir():
-                        self.missing.append(f"results/{base}/{name}/ (set not evaluated yet)")
+                        self.missing.append(f"{info.folder.relative_to(self.root)}/ (set not evaluated yet)")
                     out.append(info)
-            for p in sorted(results.joinpath(base).iterdir()):
+            for p in sorted(res.iterdir()) if res.is_dir() else []:
                 if p.is_dir() and p.name != "attack-sets" and p.name not in known:
                     out.append(SetInfo(base, p.name, {}, p, None))
         return out
@@ -230,7 +267,7 @@ class RunRecords:
             n = s.n or len(self.baselines(s).get("undefended", []))
             done = sum(1 for _ in self.rmc(s))
             if n and done < n:
-                out.append(f"results/{s.base}/{s.name}/: RMC has {done} of {n} inputs")
+                out.append(f"{s.folder.relative_to(self.root)}/: RMC has {done} of {n} inputs")
         return out
 
     # -- images ------------------------------------------------------------------------------------------
@@ -248,4 +285,4 @@ class RunRecords:
             return None
 
 
-__all__ = ["AWARE", "CLEAN", "REPORT_FIELDS", "RunRecords", "SetInfo", "TRANSFER"]
+__all__ = ["AWARE", "CLEAN", "RunRecords", "SetInfo", "TRANSFER"]
