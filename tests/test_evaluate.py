@@ -161,12 +161,15 @@ def test_rmc_run_end_to_end_on_digits_and_resume(tmp_path, capsys):
         assert manifest["model"]["sha256"] == meta["stores"][base]["model_sha256"] == model_sha
     assert meta["models"]["standard"]["sha256"] != meta["models"]["adversarial"]["sha256"]
     assert (tmp_path / "run" / "neighbours.png").stat().st_size > 1000
+    assert "Adv. trained + RMC" in (tmp_path / "run" / "report.html").read_text()   # rmc report ran at the end
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert cli(args) == 0                                  # a second run reuses every stage
     assert json.loads((tmp_path / "run" / "results.json").read_text())["table"] == meta["table"]
     changed = sorted({p.name for p, t in stamps.items() if p.stat().st_mtime_ns != t})
-    # Nothing expensive is recomputed: only the tables, the picture and the kNN baselines (a vote, cheap).
-    assert set(changed) <= {"results.json", "results.md", "config.yaml", "neighbours.png", "baselines.json"}, changed
+    # Nothing expensive is recomputed: only the tables, the pictures, the report and the kNN baselines (cheap).
+    report = {"report.html", "robustness.png", "drift.png", "anatomy.png", "purity.png"}   # rmc report, redrawn
+    assert set(changed) <= {"results.json", "results.md", "config.yaml", "neighbours.png", "baselines.json"} | report, \
+        changed
 
     # Another rmc.k: the models, D', features and evaluation sets are reused; only the rows are re-made, into
     # their own folder beside the first configuration's.
