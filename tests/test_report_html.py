@@ -125,7 +125,7 @@ def test_drift_series_equal_the_records(run_dir):
     series = fd.drift_data(run)
     assert len(series) == 3
     fig = fg.draw_drift(series)
-    top, bottom = fig.axes
+    _, bottom = fig.axes
     for s in series:
         recs = _jsonl(_res(run_dir) / s.set_name / "rmc.jsonl")
         assert s.drift == [r["drift"] for r in recs]

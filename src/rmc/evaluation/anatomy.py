@@ -74,4 +74,4 @@ def record_fields(result, labels: torch.Tensor, copy: torch.Tensor, true: int | 
     return out
 
 
-__all__ = ["DriftMeter", "NB_TOP", "confidences", "neighbour_histogram", "record_fields"]
+__all__ = ["NB_TOP", "DriftMeter", "confidences", "neighbour_histogram", "record_fields"]

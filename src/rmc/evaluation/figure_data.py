@@ -211,5 +211,18 @@ def purity_data(run: RunRecords) -> list[PurityGroup]:
     return list(groups.values())
 
 
-__all__ = ["ANATOMY_PER_KIND", "Anatomy", "CurvePoint", "CurveSeries", "DriftSeries", "PURITY_BINS", "PurityGroup",
-           "anatomy_data", "curve_data", "drift_data", "purity", "purity_bin", "purity_data"]
+__all__ = [
+    "ANATOMY_PER_KIND",
+    "PURITY_BINS",
+    "Anatomy",
+    "CurvePoint",
+    "CurveSeries",
+    "DriftSeries",
+    "PurityGroup",
+    "anatomy_data",
+    "curve_data",
+    "drift_data",
+    "purity",
+    "purity_bin",
+    "purity_data",
+]

@@ -12,14 +12,14 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")   # files only; no screen on these machines
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.ticker import MaxNLocator
 
-from rmc.evaluation.figure_data import PURITY_BINS, Anatomy, CurveSeries, DriftSeries, PurityGroup  # noqa: E402
-from rmc.evaluation.report import BASE_LABELS, ROW_LABELS, row_label  # noqa: E402
-from rmc.io import atomic_path  # noqa: E402
+from rmc.evaluation.figure_data import PURITY_BINS, Anatomy, CurveSeries, DriftSeries, PurityGroup
+from rmc.evaluation.report import BASE_LABELS, ROW_LABELS, row_label
+from rmc.io import atomic_path
 
 DPI = 100                                        # PNGs stay small enough to embed several in one page
 DEFENSE_COLORS = {"undefended": "tab:gray", "deepnn": "tab:blue", "webnn": "tab:green", "rmc": "tab:red"}

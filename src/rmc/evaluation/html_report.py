@@ -11,8 +11,8 @@ from __future__ import annotations
 import base64
 import html
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from rmc.evaluation import figure_data as fd
 from rmc.evaluation import figures as fg
@@ -37,7 +37,7 @@ padding:.5em 1em}.note{font-size:13px;color:#444}figure{margin:1.5em 0}figcaptio
 # ---------------------------------------------------------------- tables
 
 def _cell_from_dict(d: dict) -> Cell:
-    rate = lambda r: Rate(int(r["hits"]), int(r["n"]))  # noqa: E731
+    rate = lambda r: Rate(int(r["hits"]), int(r["n"]))
     return Cell(rate(d["accuracy"]), rate(d["attack_success"]) if "attack_success" in d else None)
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import yaml
@@ -175,7 +175,7 @@ class RunRecords:
         older results/<base>/ with evalsets/<base>/."""
         results = self.root / "results"
         keyed = {p.name for p in results.glob("*/*") if p.is_dir() and STAGE_KEY.fullmatch(p.parent.name)}
-        order = lambda b: (self.config_bases.index(b) if b in self.config_bases else len(self.config_bases), b)  # noqa: E731
+        order = lambda b: (self.config_bases.index(b) if b in self.config_bases else len(self.config_bases), b)
         out = []
         if keyed:
             for base in sorted(keyed, key=order):
@@ -251,7 +251,7 @@ class RunRecords:
         """Every defense's records of a set (RMC sorted by index), for the tables and the curve: baselines, then
         RMC. Only the fields the tables need are kept, so even large runs stay small in memory."""
         keep = ("index", "label", "pred", "target")
-        slim = lambda r: {k: r[k] for k in keep if k in r}  # noqa: E731
+        slim = lambda r: {k: r[k] for k in keep if k in r}
         out = {k: [slim(r) for r in v] for k, v in self.baselines(s).items()}
         rmc = sorted((slim(r) for r in self.rmc(s)), key=lambda r: r["index"])
         if rmc:
@@ -285,4 +285,4 @@ class RunRecords:
             return None
 
 
-__all__ = ["AWARE", "CLEAN", "RunRecords", "SetInfo", "TRANSFER"]
+__all__ = ["AWARE", "CLEAN", "TRANSFER", "RunRecords", "SetInfo"]
