@@ -26,6 +26,7 @@ DEFENSE_COLORS = {"undefended": "tab:gray", "deepnn": "tab:blue", "webnn": "tab:
 THREAT_STYLES = {"transfer": "-", "defense-aware": "--"}
 MARKERS = "osD^v<>ph*"                           # one per attack family within a panel
 BAND_ALPHA = 0.12                                # 95% interval bands: visible, not hiding the lines
+PANEL_COLUMNS = 2                                # panels per row (a run may have several base models)
 GROUP_COLORS = {"clean": "tab:blue", "transfer": "tab:orange", "defense-aware": "tab:red"}
 
 
@@ -41,8 +42,14 @@ def save_png(fig, path: str | Path) -> bytes:
 
 
 def _panels(n: int, width: float = 5.2, height: float = 3.6):
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
-    return fig, list(axes[0])
+    """`n` panels, at most PANEL_COLUMNS a row; the unused ones are hidden."""
+    cols = min(n, PANEL_COLUMNS)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
 
 
 # ---------------------------------------------------------------- robustness curve
