@@ -26,6 +26,7 @@ DEFENSE_COLORS = {"undefended": "tab:gray", "deepnn": "tab:blue", "webnn": "tab:
 THREAT_STYLES = {"transfer": "-", "defense-aware": "--"}
 MARKERS = "osD^v<>ph*"                           # one per attack family within a panel
 BAND_ALPHA = 0.12                                # 95% interval bands: visible, not hiding the lines
+MAX_LEGEND = 16                                  # drift lines named in a legend at most (sharded runs have many)
 PANEL_COLUMNS = 2                                # panels per row (a run may have several base models)
 GROUP_COLORS = {"clean": "tab:blue", "transfer": "tab:orange", "defense-aware": "tab:red"}
 
@@ -103,7 +104,8 @@ def draw_drift(series: list[DriftSeries]):
     top.set_ylabel("running accuracy %")
     top.set_ylim(-3, 103)
     top.grid(alpha=0.3)
-    top.legend(fontsize=6, ncol=2)
+    if len(series) <= MAX_LEGEND:
+        top.legend(fontsize=6, ncol=2)
     bottom.set_ylabel("||w - w_static||_2")
     bottom.set_xlabel("position in the stream")
     bottom.grid(alpha=0.3)
