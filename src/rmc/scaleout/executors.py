@@ -59,6 +59,11 @@ def connect(address: str | None = LOCAL, workers: int | None = None) -> int:
                                       runtime_env={"env_vars": env} if env else None)
         try:
             if address in (None, "", LOCAL):
+                # Ray starts its workers 15 steps nicer than the driver, so that its own services stay responsive;
+                # here the workers do all of the work while the driver waits, and at nice 19 any other process on
+                # the machine starved them (a paper-scale run made no progress for 20 minutes beside a test run).
+                # Same priority as this process, unless the user set RAY_worker_niceness.
+                os.environ.setdefault("RAY_worker_niceness", "0")
                 ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, **kwargs)
             else:
                 ray.init(address=address, **kwargs)
