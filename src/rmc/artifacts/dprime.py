@@ -42,6 +42,7 @@ from rmc.checks import check_positive
 from rmc.data.base import ImageDataset
 from rmc.defense.dprime import DPrime
 from rmc.errors import RMCError
+from rmc.artifacts.provenance import check_model_data
 from rmc.artifacts.verify import matches_hash, remember
 from rmc.io import atomic_path, check_free_space, preallocate, read_json, sha256_file, write_json
 from rmc.models.checkpoint import ModelInfo
@@ -78,7 +79,7 @@ class AugmentConfig:
     def validate(self) -> "AugmentConfig":
         steps = tuple(self.steps)
         if not steps:
-            raise RMCError("no PGD copies requested; give at least one step count (e.g. --steps 10 30 100)")
+            raise RMCError("no PGD copies requested; give at least one step count (augment --steps 10 30 100; rmc run: augment.steps)")
         for s in steps:
             check_positive(s, "PGD steps of each copy", integer=True)
         check_attack_settings(self.eps, self.step_size, 1)
@@ -420,15 +421,7 @@ class StoreWriter:
 
 
 def _check_model_and_data(info: ModelInfo, train: ImageDataset) -> None:
-    if tuple(info.input_shape) != tuple(train.input_shape):
-        raise RMCError(f"the model takes C x H x W = {tuple(info.input_shape)} but the training set "
-                       f"{train.name or ''} has {tuple(train.input_shape)}; use the model trained on this data set")
-    if len(train) and int(train.labels.max()) >= info.num_classes:
-        raise RMCError(f"the training set has class {int(train.labels.max())} but the model has "
-                       f"{info.num_classes} classes; use the model trained on this data set")
-    if info.dataset and train.name and info.dataset != train.name:
-        raise RMCError(f"the model was trained on {info.dataset!r} but the training set is {train.name!r}; "
-                       "D' must be made from the static model's own training set")
+    check_model_data(info, train, "the training set")
     if not info.sha256:
         raise RMCError("the model has no weights hash (ModelInfo.sha256); load it with load_checkpoint "
                        "or save it with save_checkpoint first")

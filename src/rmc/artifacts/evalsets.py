@@ -116,7 +116,7 @@ def select_test_inputs(test: ImageDataset, n: int, seed: int) -> torch.Tensor:
     """Indices of the first `n` of a seeded permutation of the test split."""
     check_positive(n, "n (number of test inputs)", integer=True)
     if n > len(test):
-        raise RMCError(f"asked for {n} test inputs but the test split has {len(test)}; lower --n")
+        raise RMCError(f"asked for {n} test inputs but the test split has {len(test)}; lower --n (rmc run: attack.n)")
     return torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n]
 
 
