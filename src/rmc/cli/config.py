@@ -278,6 +278,9 @@ def validate_before_work(cfg: RunConfig) -> None:
     from rmc.models import build_model, default_layer
     from rmc.models.features import get_layer
 
+    import torch
+    if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
+        raise RMCError(f"train.device = {cfg.train.device!r} but CUDA is not available here; set train.device: cpu")
     train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size)
     test = load_dataset(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.image_size)
     n_train = len(train) if cfg.train.train_subset is None else min(cfg.train.train_subset, len(train))

@@ -11,6 +11,7 @@ from rmc.checks import check_positive
 from rmc.cli.commands import (add_shared_arguments, add_trust_arch_argument, add_verify_argument, attack_overrides,
                               check_ray_arguments, load_model, open_store)
 from rmc.cli.config import PRESETS, load_config, parse_override, to_dict
+from rmc.errors import RMCError
 from rmc.evaluation.common import BaseModel
 from rmc.evaluation.driver import check_work_split, evaluate, online_streams
 from rmc.evaluation.report import Table
@@ -50,6 +51,8 @@ def main(args) -> int:
     model, info = load_model(args)
     sets = load_eval_sets(args.evalsets, args.sets)
     check_together(info, store, sets)
+    if cfg.rmc.k > len(store):
+        raise RMCError(f"rmc.k = {cfg.rmc.k} exceeds |D'| = {len(store)} ({args.store}); lower rmc.k (--set rmc.k=...)")
     from rmc.evaluation.attack_rows import attack_table, clean_set, evaluate_attacks, wants_attack_rows
     attack_rows = not args.no_rmc and wants_attack_rows(cfg.attack_rows)
     if attack_rows:
