@@ -225,6 +225,16 @@ def write(path: str, text: str | bytes):
     return setup
 
 
+def flip_bytes(path: str, count: int = 8):
+    """Invert `count` bytes in the middle of the file (a change whatever the bytes were)."""
+    def setup(d: Path) -> None:
+        data = bytearray((d / path).read_bytes())
+        mid = len(data) // 2
+        data[mid:mid + count] = bytes(b ^ 0xFF for b in data[mid:mid + count])
+        (d / path).write_bytes(bytes(data))
+    return setup
+
+
 def chain(*fns):
     def setup(d: Path) -> None:
         for f in fns:
@@ -410,8 +420,8 @@ def cases(sweep: Sweep) -> list[Case]:
     add("evaluate-config-missing", "values", ev(extra=["--config", "nope.yaml"]), keyword="not found")
     add("evaluate-config-not-yaml", "values", ev(extra=["--config", "bad.yaml"]), keyword="not valid YAML",
         setup=write("bad.yaml", "rmc: [unclosed"))
-    add("evaluate-config-wrong-type", "values", ev(extra=["--config", "bad.yaml"]), keyword="rmc.k",
-        setup=write("bad.yaml", "rmc:\n  k: lots\n"))
+    add("evaluate-config-wrong-type", "values", ev(extra=["--config", "bad.yaml"]), keyword="rmc.lr",
+        setup=write("bad.yaml", "rmc:\n  lr: lots\n"))
     add("threads-zero", "values", ["--threads", "0", "layers", "--arch", "small_cnn"], keyword="--threads")
     add("augment-steps-zero", "values", ["augment", "--model", "{M}", "--out", "{O}", *AUG[:0], "--steps", "0"],
         keyword="steps")
@@ -426,7 +436,7 @@ def cases(sweep: Sweep) -> list[Case]:
     add("augment-subset-larger-than-data", "values",
         ["augment", "--model", "{M}", "--out", "{O}", "--steps", "1", "--chunk-size", "512", "--train-subset",
          "99999", "--quiet"], expect="ok",
-        check=lambda d, r: json.loads((d / "out" / "manifest.json").read_text())["total"] == 2 * 1437)
+        check=lambda d, r: json.loads((d / "out" / "manifest.json").read_text())["total"] == 2 * _digits_train())
     add("augment-seed-negative", "values", ["augment", "--model", "{M}", "--out", "{O}", "--seed", "-1"],
         keyword="seed")
     add("attack-n-negative", "values", ["attack", "--model", "{M}", "--n", "-1", "--out", "{O}"], keyword="n")
@@ -444,7 +454,7 @@ def cases(sweep: Sweep) -> list[Case]:
     add("train-unknown-arch", "values", ["train", "--dataset", "digits", "--arch", "nope", "--out", "x.safetensors"],
         keyword="nope")
     add("train-lr-negative", "values", ["train", "--dataset", "digits", "--lr", "-1", "--out", "x.safetensors"],
-        keyword="lr")
+        keyword="learning rate")
     add("visualize-inputs-zero", "values", ["visualize", "--model", "{M}", "--store", "{S}", "--features", "{F}",
                                             "--evalsets", "{E}", "--inputs", "0", "--out", "n.png"],
         keyword="--inputs")
@@ -515,14 +525,13 @@ def cases(sweep: Sweep) -> list[Case]:
         setup=lambda d: (d / "feats" / "dprime.json").unlink())
     add("features-truncated", "artifacts", ev(), keyword="dprime.npy", setup=truncate("feats/dprime.npy", 200))
     add("evalset-tampered", "artifacts", ev(), keyword="clean",
-        setup=lambda d: (d / "sets" / "clean.safetensors").write_bytes(
-            (d / "sets" / "clean.safetensors").read_bytes()[:-8] + b"\0" * 8))
+        setup=flip_bytes("sets/clean.safetensors"))
     add("evalset-index-missing", "artifacts", ev(), keyword="index",
         setup=lambda d: (d / "sets" / "index.json").unlink())
     add("evalsets-of-another-model", "artifacts", ev(model="other.safetensors", store="dprime-other", features=None,
                                                      extra=["--no-rmc"]), expect="ok")
     add("model-weights-edited", "artifacts", ev(), keyword="hash",
-        setup=lambda d: (d / "m.safetensors").write_bytes((d / "m.safetensors").read_bytes()[:-4] + b"\1\2\3\4"))
+        setup=flip_bytes("m.safetensors"))
     add("model-json-garbage", "artifacts", ev(), keyword="not valid JSON", setup=write("m.json", "{"))
     add("model-json-num-classes-text", "artifacts", ev(), keyword="invalid fields",
         setup=edit_json("m.json", num_classes="ten"))
@@ -594,6 +603,11 @@ def cases(sweep: Sweep) -> list[Case]:
                    "api-rmc-k-exceeds-dprime": "exceeds", "api-sidecar-factory": "--arch"}.get(name, "")
         C.append(Case(name, "api", expect=expect, keyword=keyword, api=API[name]))
     return C
+
+
+def _digits_train() -> int:
+    from rmc.data import load_dataset
+    return len(load_dataset("digits", "train"))
 
 
 def _fmt(argv, **kw):

@@ -139,6 +139,12 @@ class OutputLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
+            blocker = next((p for p in self.path.parent.parents if p.exists() and not p.is_dir()), None)
+            if self.path.parent.exists() and not self.path.parent.is_dir():
+                blocker = self.path.parent
+            if blocker is not None:
+                raise RMCError(f"{blocker} is a file, so {self.out} cannot be created under it; choose another "
+                               "--out") from None
             raise RMCError(f"cannot create {self.path.parent} for {self.out} ({e.strerror}); choose a writable --out") from None
         while True:
             try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from rmc.errors import RMCError
-from rmc.io import load_tensors, save_tensors, write_text
+from rmc.io import describe_os_error, load_tensors, save_tensors, write_text
 
 
 class RecordStream:
@@ -79,10 +79,16 @@ class RecordStream:
 
     def append(self, record: dict, state: dict[str, torch.Tensor] | None = None) -> None:
         record = {**record, "fingerprint": self.fingerprint}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:   # a torn last line is dropped on resume; name the file for the user
+            if describe_os_error(e) is None:
+                raise
+            e.filename = str(self.path)
+            raise RMCError(describe_os_error(e)) from None
         self.records.append(record)
         if state is not None:
             save_tensors(self.state_path, {**state, "__n_done__": torch.tensor(len(self.records))})
