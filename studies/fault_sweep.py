@@ -386,10 +386,6 @@ API = {
 }
 
 
-def _rows_kw(bad):
-    return bad
-
-
 # ---------------------------------------------------------------- the cases
 
 def cases(sweep: Sweep) -> list[Case]:
@@ -476,12 +472,23 @@ def cases(sweep: Sweep) -> list[Case]:
                             ("run-mnist-without-data", ["--set", "data.dataset=mnist"], "data_dir"),
                             ("run-eps-not-a-number", ["--set", "augment.eps=abc"], "augment.eps"),
                             ("run-pgd-bad-pair", ["--set", "attack.pgd=[[10]]"], "attack.pgd"),
-                            ("run-visualize-zero", ["--set", "visualize.neighbours=0"], "visualize.neighbours")]:
+                            ("run-visualize-zero", ["--set", "visualize.neighbours=0"], "visualize.neighbours"),
+                            ("run-no-pgd-set", ["--set", "attack.targeted=false", "--set", "attack.untargeted=false"],
+                             "makes no set"),
+                            ("run-cuda-missing", ["--set", "train.device=cuda"], "CUDA")]:
         add(name, "values", run + extra, keyword=kw)
         C[-1].check = no_out
     add("run-default-subset-on-small-data", "values",
         ["run", "--out", "{O}", "--set", "data.dataset=digits", "--print-config"], expect="ok",
         check=lambda d, r: "train_subset: 10000" in r.out)
+
+    add("evaluate-model-missing", "values", ev(model="nope.safetensors"), keyword="not found")
+    add("evaluate-store-is-a-file", "values", ev(store="m.json"), keyword="m.json")
+    add("evaluate-evalsets-is-a-file", "values", ev(extra=["--evalsets", "m.json"]), keyword="m.json")
+    add("features-unknown-layer", "values", ["features", "--model", "{M}", "--store", "{S}", "--layer", "nope",
+                                             "--out", "{O}"], keyword="nope")
+    add("augment-out-is-a-foreign-dir", "values", ["augment", "--model", "{M}", "--out", "mine", *AUG],
+        keyword="not an augmented dataset", setup=write("mine/notes.txt", "mine"), protect=["mine/notes.txt"])
 
     # data sets
     add("imagefolder-empty-class", "data", ["train", "--dataset", "imagefolder", "--data-dir", "imgs", "--out",

@@ -170,6 +170,7 @@ def check_input(x, image_shape: tuple[int, ...], what: str = "RMC.step", batch: 
         raise RMCError(f"{what} got an image of C x H x W = {tuple(x.shape[1:])}; D' holds {tuple(image_shape)}")
     if x.numel() == 0:
         return
+    x = x.detach()   # the checks read values only (an attack's input may require grad)
     if not torch.isfinite(x).all():
         raise RMCError(f"{what} got an image with NaN or infinite values")
     lo, hi = float(x.min()), float(x.max())
