@@ -728,9 +728,13 @@ def main() -> int:
     ap.add_argument("--root", default="/tmp/f15-sweep")
     ap.add_argument("--only", help="run only cases whose name contains this")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--src", help="run the cases against this rmc source tree (e.g. an older commit's src); the "
+                                  "workspace is still built with this tree's rmc")
     args = ap.parse_args()
     sweep = Sweep(Path(args.root))
     sweep.build_workspace()
+    if args.src:
+        sweep.env = {**sweep.env, "PYTHONPATH": str(Path(args.src).resolve())}
     results = []
     counts: dict[str, int] = {}
     for case in cases(sweep):
