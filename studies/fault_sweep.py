@@ -595,6 +595,8 @@ def cases(sweep: Sweep) -> list[Case]:
     C.append(Case("disk-full-evaluate", "faults", keyword="disk", root_only=True,
                   custom=lambda d: _on_small_disk(sweep, d, "24k", lambda small: ev(
                       out=str(small / "r"), features=None, extra=["--no-rmc"]))))
+    C.append(Case("disk-full-evaluate-records", "faults", keyword="disk is full", root_only=True,
+                  custom=lambda d: _on_small_disk(sweep, d, "12k", lambda small: ev(out=str(small / "r")))))
     C.append(Case("read-only-out", "faults", keyword="writable", root_only=True,
                   custom=lambda d: _on_small_disk(sweep, d, "1M", lambda small: ev(out=str(small / "r")),
                                                   readonly=True)))

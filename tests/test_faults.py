@@ -435,3 +435,15 @@ def test_an_unwritable_out_is_refused_before_work(ws, tmp_path, capsys, monkeypa
     monkeypatch.setattr(os, "open", denied)
     assert cli(_eval_args(ws, tmp_path / "res", extra=["--no-rmc"])) == 2
     assert "choose a writable --out" in _one_line_error(capsys)
+
+
+def test_disk_full_inside_safetensors_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import rmc.io as io
+    from safetensors import SafetensorError
+
+    def full(*a, **kw):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(io, "save_file", full)
+    with pytest.raises(RMCError, match=r"disk is full writing .*state.safetensors"):
+        io.save_tensors(tmp_path / "state.safetensors", {"w": torch.zeros(3)})
+    assert list(tmp_path.iterdir()) == []
