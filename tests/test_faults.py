@@ -447,3 +447,11 @@ def test_disk_full_inside_safetensors_is_one_line_and_leaves_no_temporary(tmp_pa
     with pytest.raises(RMCError, match=r"disk is full writing .*state.safetensors"):
         io.save_tensors(tmp_path / "state.safetensors", {"w": torch.zeros(3)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_spellings_of_one_output_share_one_lock(ws, tmp_path, capsys):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with OutputLock(tmp_path / "real" / "res", "rmc evaluate (first)"):
+        assert cli(_eval_args(ws, tmp_path / "link" / "res", extra=["--no-rmc"])) == 2
+        assert "in use by another rmc process" in _one_line_error(capsys)

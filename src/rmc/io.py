@@ -109,7 +109,7 @@ LOCK_SUFFIX = ".rmc-lock"
 def lock_path(out: str | Path) -> Path:
     """The lock of an output (directory or file) lives beside it, so it exists before the output does and a
     store renamed into place (`<out>.partial` -> `<out>`) stays covered."""
-    out = Path(out).absolute()
+    out = Path(out).resolve()   # two spellings of one output (a symlink, ..) share one lock
     return out.with_name(f"{LOCK_PREFIX}{out.name}{LOCK_SUFFIX}")
 
 
