@@ -51,5 +51,5 @@ def check_positive(value, name: str, integer: bool = False, allow_zero: bool = F
     if isinstance(value, bool) or not ok_type or value != value or value < 0 or (value == 0 and not allow_zero):
         kind = "integer" if integer else "number"
         bound = ">= 0" if allow_zero else "> 0"
-        raise RMCError(f"{name} must be a {kind} {bound}, got {value!r}")
+        raise RMCError(f"{name} must be {'an' if integer else 'a'} {kind} {bound}, got {value!r}")
     return value

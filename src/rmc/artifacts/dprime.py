@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,9 @@ from rmc.checks import check_positive
 from rmc.data.base import ImageDataset
 from rmc.defense.dprime import DPrime
 from rmc.errors import RMCError
-from rmc.io import atomic_path, read_json, sha256_file, write_json
+from rmc.artifacts.provenance import check_model_data
+from rmc.artifacts.verify import matches_hash, remember
+from rmc.io import atomic_path, check_free_space, preallocate, read_json, sha256_file, write_json
 from rmc.models.checkpoint import ModelInfo
 from rmc.scaleout.executors import cached, executor, get, handle_key
 
@@ -76,7 +79,7 @@ class AugmentConfig:
     def validate(self) -> "AugmentConfig":
         steps = tuple(self.steps)
         if not steps:
-            raise RMCError("no PGD copies requested; give at least one step count (e.g. --steps 10 30 100)")
+            raise RMCError("no PGD copies requested; give at least one step count (augment --steps 10 30 100; rmc run: augment.steps)")
         for s in steps:
             check_positive(s, "PGD steps of each copy", integer=True)
         check_attack_settings(self.eps, self.step_size, 1)
@@ -208,12 +211,10 @@ def dataset_sha256(data: ImageDataset) -> str:
 
 
 def select_subset(n: int, config: AugmentConfig) -> torch.Tensor:
-    """Training-set indices used: all, or the first `train_subset` of a seeded permutation (kept in data order)."""
-    if config.train_subset is None:
-        return torch.arange(n, dtype=torch.int64)
-    if config.train_subset > n:
-        raise RMCError(f"train subset {config.train_subset} is larger than the training set ({n} examples); "
-                       "lower --train-subset or leave it out")
+    """Training-set indices used: all, or the first `train_subset` of a seeded permutation (kept in data order).
+    `train_subset` is an upper bound: a training set no larger than it is used whole."""
+    if config.train_subset is None or config.train_subset >= n:
+        return torch.arange(n, dtype=torch.int64)   # "at most train_subset": a smaller set is used whole
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
     return perm[:config.train_subset].sort().values
 
@@ -316,6 +317,23 @@ class StoreWriter:
         self.out, self.partial = out, partial_path(out)
         self.manifest, self.subset, self.tasks, self.done = manifest, subset, tasks, done
         self.images = images   # None when the store is already complete
+        self.hashes: dict[int, str] = {}   # sha256 of each finished chunk's rows, as written
+
+    def check_done_chunks(self) -> None:
+        """Re-hash the chunks progress.json calls finished; a chunk whose rows differ from what was written (a
+        truncated or edited file, a progress file from before chunk hashes) is rebuilt, never trusted."""
+        bad = [i for i in sorted(self.done) if self.hashes.get(i) != _rows_hash(self.images, self.tasks[i])]
+        if bad:
+            print(f"note: {self.partial}: {len(bad)} finished chunk(s) do not match their recorded hashes "
+                  f"(chunks {bad[:8]}{' ...' if len(bad) > 8 else ''}); rebuilding them", file=sys.stderr)
+            self.done -= set(bad)
+            for i in bad:
+                self.hashes.pop(i, None)
+            self._save_progress()
+
+    def _save_progress(self) -> None:
+        write_json(self.partial / PROGRESS, {"done": sorted(self.done), "total": len(self.tasks),
+                                             "hashes": {str(i): self.hashes[i] for i in sorted(self.hashes)}})
 
     @property
     def complete(self) -> bool:
@@ -343,19 +361,22 @@ class StoreWriter:
         if (partial / MANIFEST).exists():
             existing = _check_manifest(read_json(partial / MANIFEST, "store manifest"), partial / MANIFEST)
             _refuse_if_different(existing, manifest, partial)
-            images = _open_partial_images(partial, manifest)
-            done = _read_progress(partial, len(tasks))
-            return cls(out, existing, subset, tasks, done, images)
+            _repair_partial_arrays(partial, train, subset, manifest)
+            images, rebuilt = _open_partial_images(partial, manifest)
+            done, hashes = _read_progress(partial, len(tasks), with_hashes=True)
+            if rebuilt:
+                done, hashes = set(), {}
+            writer = cls(out, existing, subset, tasks, done, images)
+            writer.hashes = hashes
+            writer.check_done_chunks()
+            return writer
         # Fresh start (or a start killed before its manifest was written: everything is rewritten).
+        need = int(np.prod(manifest["shape"])) + manifest["total"] * 18 + (1 << 20)
+        check_free_space(partial, need, "the augmented dataset")
         partial.mkdir(parents=True, exist_ok=True)
-        n = len(subset)
-        k = len(manifest["copy_names"])
-        _save_npy(partial / FILES["labels"], np.tile(train.labels[subset].numpy().astype(np.int64), k))
-        _save_npy(partial / FILES["copy"], np.repeat(np.arange(k, dtype=np.int16), n))
-        _save_npy(partial / FILES["source_index"], np.tile(subset.numpy().astype(np.int64), k))
-        images = np.lib.format.open_memmap(partial / FILES["images"], mode="w+", dtype=np.uint8,
-                                           shape=tuple(manifest["shape"]))
-        images.flush()
+        for name, arr in _small_arrays(train, subset, manifest).items():
+            _save_npy(partial / FILES[name], arr)
+        images = _create_images(partial / FILES["images"], manifest)
         write_json(partial / MANIFEST, manifest)   # last: its presence marks a usable partial store
         return cls(out, manifest, subset, tasks, set(), images)
 
@@ -369,10 +390,12 @@ class StoreWriter:
         expect = (len(task), *self.manifest["shape"][1:])
         if data.dtype != torch.uint8 or tuple(data.shape) != expect:
             raise ValueError(f"chunk {task.index}: expected uint8 {expect}, got {data.dtype} {tuple(data.shape)}")
-        self.images[task.row_start:task.row_start + len(task)] = data.numpy()
+        rows = data.numpy()
+        self.images[task.row_start:task.row_start + len(task)] = rows
         self.images.flush()
         self.done.add(task.index)
-        write_json(self.partial / PROGRESS, {"done": sorted(self.done), "total": len(self.tasks)})
+        self.hashes[task.index] = hashlib.sha256(np.ascontiguousarray(rows).tobytes()).hexdigest()
+        self._save_progress()
 
     def finalize(self) -> "DPrimeStore":
         """Hash the files into the manifest and rename `<out>.partial` to `<out>`."""
@@ -389,47 +412,110 @@ class StoreWriter:
             if self.out.exists():
                 self.out.rmdir()   # an empty directory the user made; anything else was refused in prepare()
             os.replace(self.partial, self.out)
+            for name, fname in FILES.items():   # just hashed: the next open need not hash them again
+                remember(self.out / fname, content[name])
+        elif partial_path(self.out).exists():
+            print(f"note: {partial_path(self.out)} is left over beside the finished store {self.out} (an earlier "
+                  "build); it is not used: delete it", file=sys.stderr)
         return open_dprime_store(self.out)
 
 
 def _check_model_and_data(info: ModelInfo, train: ImageDataset) -> None:
-    if tuple(info.input_shape) != tuple(train.input_shape):
-        raise RMCError(f"the model takes C x H x W = {tuple(info.input_shape)} but the training set "
-                       f"{train.name or ''} has {tuple(train.input_shape)}; use the model trained on this data set")
-    if len(train) and int(train.labels.max()) >= info.num_classes:
-        raise RMCError(f"the training set has class {int(train.labels.max())} but the model has "
-                       f"{info.num_classes} classes; use the model trained on this data set")
-    if info.dataset and train.name and info.dataset != train.name:
-        raise RMCError(f"the model was trained on {info.dataset!r} but the training set is {train.name!r}; "
-                       "D' must be made from the static model's own training set")
+    check_model_data(info, train, "the training set")
     if not info.sha256:
         raise RMCError("the model has no weights hash (ModelInfo.sha256); load it with load_checkpoint "
                        "or save it with save_checkpoint first")
 
 
-def _open_partial_images(partial: Path, manifest: dict) -> np.memmap:
-    for fname in FILES.values():
-        if not (partial / fname).exists():
-            raise RMCError(f"partial store {partial} is missing {fname}; delete {partial} and re-run `rmc augment`")
-    try:
-        images = np.lib.format.open_memmap(partial / FILES["images"], mode="r+")
-    except (ValueError, OSError) as e:
-        raise RMCError(f"partial store {partial}: cannot open {FILES['images']} ({e}); "
-                       f"delete {partial} and re-run `rmc augment`") from None
-    if images.dtype != np.uint8 or list(images.shape) != list(manifest["shape"]):
-        raise RMCError(f"partial store {partial}: {FILES['images']} is {images.dtype} {list(images.shape)}, "
-                       f"expected uint8 {manifest['shape']}; delete {partial} and re-run `rmc augment`")
+def _small_arrays(train: ImageDataset, subset: torch.Tensor, manifest: dict) -> dict[str, np.ndarray]:
+    """labels, copy and source_index of a store: a function of the training set and the subset alone."""
+    n, k = len(subset), len(manifest["copy_names"])
+    return {"labels": np.tile(train.labels[subset].numpy().astype(np.int64), k),
+            "copy": np.repeat(np.arange(k, dtype=np.int16), n),
+            "source_index": np.tile(subset.numpy().astype(np.int64), k)}
+
+
+def _repair_partial_arrays(partial: Path, train: ImageDataset, subset: torch.Tensor, manifest: dict) -> None:
+    """The small arrays of a partial store are re-derived, never trusted: rewritten where they differ."""
+    for name, want in _small_arrays(train, subset, manifest).items():
+        f = partial / FILES[name]
+        try:
+            ok = np.array_equal(np.load(f, allow_pickle=False), want)
+        except (ValueError, OSError, EOFError):
+            ok = False
+        if not ok:
+            print(f"note: {f} is missing or damaged; rewriting it", file=sys.stderr)
+            _save_npy(f, want)
+
+
+def _create_images(path: Path, manifest: dict) -> np.memmap:
+    """A zero images.npy of the store's shape, its space reserved on disk (no SIGBUS on a full disk later)."""
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=tuple(manifest["shape"]))
+    images.flush()
+    _reserve(path)
     return images
 
 
-def _read_progress(partial: Path, total: int) -> set[int]:
+def _reserve(path: Path) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        preallocate(fd, os.fstat(fd).st_size, path)
+    finally:
+        os.close(fd)
+
+
+def _open_partial_images(partial: Path, manifest: dict) -> tuple[np.memmap, bool]:
+    """The partial store's images (memory-mapped, space reserved) and whether the file had to be re-created
+    (unreadable header, wrong shape): then no finished chunk survives. A short file (truncated) is extended with
+    zeros; the chunk hashes then find the chunks it lost."""
+    path = partial / FILES["images"]
+    shape = tuple(manifest["shape"])
+    want = int(np.prod(shape))
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            header_shape, _, dtype = read(f)
+            offset = f.tell()
+        if dtype != np.uint8 or tuple(header_shape) != shape:
+            raise ValueError(f"{dtype} {list(header_shape)}")
+        if os.path.getsize(path) < offset + want:
+            os.truncate(path, offset + want)   # lost rows read as zeros; their chunks fail their hashes
+        _reserve(path)
+        return np.lib.format.open_memmap(path, mode="r+"), False
+    except (ValueError, OSError, EOFError) as e:
+        if isinstance(e, OSError) and e.errno is not None and not isinstance(e, FileNotFoundError):
+            raise
+        print(f"note: {path} is missing or unreadable ({e}); re-creating it and rebuilding every chunk",
+              file=sys.stderr)
+        return _create_images(path, manifest), True
+
+
+def _rows_hash(images: np.ndarray, task: ChunkTask) -> str:
+    return hashlib.sha256(np.ascontiguousarray(images[task.row_start:task.row_start + len(task)]).tobytes()).hexdigest()
+
+
+def _read_progress(partial: Path, total: int, with_hashes: bool = False):
+    """The finished chunks (and, `with_hashes`, their recorded hashes). A damaged progress file on resume means
+    nothing is trusted: every chunk is rebuilt."""
+    empty = (set(), {}) if with_hashes else set()
     if not (partial / PROGRESS).exists():
-        return set()
-    progress = read_json(partial / PROGRESS, "store progress")
+        return empty
+    try:
+        progress = read_json(partial / PROGRESS, "store progress")
+    except RMCError:
+        progress = None
     done = progress.get("done") if isinstance(progress, dict) else None
-    if not isinstance(done, list) or not all(isinstance(i, int) and 0 <= i < total for i in done):
-        raise RMCError(f"{partial / PROGRESS} is damaged; delete {partial} and re-run `rmc augment`")
-    return set(done)
+    hashes = progress.get("hashes", {}) if isinstance(progress, dict) else None
+    if (not isinstance(done, list) or not all(isinstance(i, int) and 0 <= i < total for i in done)
+            or not isinstance(hashes, dict)):
+        if not with_hashes:
+            raise RMCError(f"{partial / PROGRESS} is damaged; re-run `rmc augment` (its chunks are rebuilt)")
+        print(f"note: {partial / PROGRESS} is damaged; rebuilding every chunk", file=sys.stderr)
+        return empty
+    if not with_hashes:
+        return set(done)
+    return set(done), {int(k): v for k, v in hashes.items() if str(k).isdigit() and isinstance(v, str)}
 
 
 def _chunk_inputs(images: np.ndarray, labels: np.ndarray, subset: np.ndarray,
@@ -549,17 +635,31 @@ class DPrimeStore:
         """Images at `index` as float32 in [0, 1] (reads only those rows)."""
         return self.images[index].float().div_(255)
 
-    def verify(self) -> None:
-        """Re-hash the files against the manifest (reads everything once)."""
-        content = self.manifest.get("content", {})
-        for name, fname in FILES.items():
-            if sha256_file(self.path / fname) != content.get(name):
-                raise RMCError(f"{self.path / fname} does not match its manifest hash; the store was modified: "
-                               "delete it and re-run `rmc augment`")
+    def verify(self, full: bool = True) -> None:
+        """Check the files against the manifest's content hashes. `full`: re-hash everything (reads the whole store
+        once); else the images are re-hashed only when their size or mtime changed since they last verified (the
+        small arrays always are: they cost little)."""
+        _verify_content(self.path, self.manifest, full)
 
 
-def open_dprime_store(path: str | Path) -> DPrimeStore:
-    """Open a finished store read-only (memory-mapped); clear RMCError for missing, partial or damaged stores."""
+def _verify_content(path: Path, manifest: dict, full: bool) -> None:
+    content = manifest.get("content")
+    if not isinstance(content, dict):
+        raise RMCError(f"store {path} has no content hashes in its manifest (an unfinished or damaged store); "
+                       "delete it and re-run `rmc augment`")
+    for name, fname in FILES.items():
+        if not matches_hash(path / fname, content.get(name), full=full or name != "images"):
+            raise RMCError(f"{path / fname} does not match its manifest hash; the store was modified or damaged: "
+                           "delete it and re-run `rmc augment`")
+
+
+def open_dprime_store(path: str | Path, verify: str = "auto") -> DPrimeStore:
+    """Open a finished store read-only (memory-mapped); clear RMCError for missing, partial or damaged stores.
+
+    `verify`: "auto" (shapes, dtypes and sizes; hashes of the small arrays; the images re-hashed only when their
+    size or mtime changed since they last verified), "full" (every file re-hashed) or "none" (structure only)."""
+    if verify not in ("auto", "full", "none"):
+        raise ValueError(f"verify must be auto, full or none, got {verify!r}")
     path = Path(path)
     if not (path / MANIFEST).exists():
         partial = partial_path(path)
@@ -590,6 +690,8 @@ def open_dprime_store(path: str | Path) -> DPrimeStore:
         if arr.dtype != DTYPES[name] or list(arr.shape) != list(want_shape):
             raise RMCError(f"store {path}: {FILES[name]} is {arr.dtype} {list(arr.shape)}, expected "
                            f"{np.dtype(DTYPES[name])} {want_shape}; delete the store and re-run `rmc augment`")
+    if verify != "none":
+        _verify_content(path, manifest, verify == "full")
     return DPrimeStore(path, manifest, arrays["images"], *(torch.from_numpy(arrays[k])
                                                               for k in ("labels", "copy", "source_index")))
 

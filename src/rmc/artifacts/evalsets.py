@@ -21,7 +21,7 @@ from rmc.attacks.gradient import check_attack_settings, fgsm, pgd, random_target
 from rmc.checks import check_images, check_labels, check_positive
 from rmc.data.base import ImageDataset
 from rmc.errors import RMCError
-from rmc.io import load_tensors, read_json, save_tensors, sha256_file, write_json
+from rmc.io import check_free_space, load_tensors, read_json, save_tensors, sha256_file, write_json
 from rmc.models import ModelInfo
 
 INDEX = "index.json"
@@ -116,7 +116,7 @@ def select_test_inputs(test: ImageDataset, n: int, seed: int) -> torch.Tensor:
     """Indices of the first `n` of a seeded permutation of the test split."""
     check_positive(n, "n (number of test inputs)", integer=True)
     if n > len(test):
-        raise RMCError(f"asked for {n} test inputs but the test split has {len(test)}; lower --n")
+        raise RMCError(f"asked for {n} test inputs but the test split has {len(test)}; lower --n (rmc run: attack.n)")
     return torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n]
 
 
@@ -198,6 +198,8 @@ def save_eval_sets(directory: str | Path, sets: list[EvalSet]) -> Path:
     if len(origins) > 1:
         raise RMCError(f"{directory} would mix sets made against different models or test inputs "
                        "(model, dataset, n or seed differ); write to a new --out")
+    check_free_space(directory, sum(4 * s.images.numel() + 32 * len(s) for s in sets) + (1 << 16),
+                     "the evaluation sets")
     directory.mkdir(parents=True, exist_ok=True)
     for s in sets:
         tensors = {"images": check_images(s.images, f"eval set {s.name!r} images").float(),

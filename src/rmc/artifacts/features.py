@@ -18,7 +18,7 @@ from torch import nn
 
 import rmc
 from rmc.errors import RMCError
-from rmc.io import atomic_path, read_json, write_json
+from rmc.io import atomic_path, check_free_space, read_json, write_json
 from rmc.models.checkpoint import ModelInfo
 from rmc.models.features import FeatureHook, default_layer
 
@@ -117,6 +117,7 @@ def save_features(path: str | Path, feats: torch.Tensor | np.ndarray, provenance
         raise RMCError(f"feature provenance lacks {missing}; build it with make_provenance()")
     prov = {**provenance, "count": int(arr.shape[0]), "dim": int(arr.shape[1]), "dtype": "float32",
             "format": FORMAT}
+    check_free_space(path.parent, arr.nbytes + (1 << 16), f"the features {path.name}")
     side = sidecar_path(path)
     side.unlink(missing_ok=True)
     with atomic_path(path) as tmp:

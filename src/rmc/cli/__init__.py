@@ -4,6 +4,7 @@ defines `add_arguments(parser)` and `main(args) -> int`."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rmc.cli.commands import attack, augment, evaluate, features, layers, report, run, train, visualize
@@ -38,6 +39,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What each command's --out is: a directory, or a file (None: the command writes nothing to lock).
+OUTPUT_KIND = {"run": "dir", "train": "file", "attack": "dir", "augment": "dir", "features": "dir",
+               "evaluate": "dir", "visualize": "file", "layers": None}
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def output_lock(args, argv: list[str] | None):
+    """Check the command's --out can be written, lock it for this process and clean what an interrupted run left
+    in it (before any work). A context manager; a no-op for commands that write nothing."""
+    from contextlib import nullcontext
+    from pathlib import Path
+
+    from rmc.io import OutputLock, clean_stray_temporaries
+    kind = OUTPUT_KIND.get(args.command)
+    out = getattr(args, "out", None)
+    if kind is None or out is None or getattr(args, "print_config", False):
+        return nullcontext()
+    path = Path(out)
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise RMCError(f"--out {path} is a file; `rmc {args.command}` writes a directory: name a directory")
+    if kind == "file" and path.is_dir():
+        raise RMCError(f"--out {path} is a directory; `rmc {args.command}` writes a file: name a file")
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise RMCError(f"--out {path} is not writable; choose a writable --out or fix its permissions")
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise RMCError(f"--out {path} is not writable; choose a writable --out or fix its permissions")
+    command = "rmc " + " ".join(sys.argv[1:] if argv is None else argv)
+    lock = OutputLock(path, command, _note).acquire()
+    try:
+        if kind == "dir":
+            clean_stray_temporaries(path, _note)
+            if args.command == "augment":
+                clean_stray_temporaries(path.with_name(path.name + ".partial"), _note)
+        else:
+            for f in path.absolute().parent.glob(f".{path.name}.*.tmp"):
+                f.unlink(missing_ok=True)
+                _note(f"note: removed {f}, left by an interrupted run")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tune_allocator()   # the command owns its process
@@ -51,9 +98,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[threads] {threads} torch thread(s): other work keeps the other cores busy "
                       "(--threads N to choose)", file=sys.stderr)
             torch.set_num_threads(threads)
-        return int(args._main(args) or 0)
+        with output_lock(args, argv):
+            return int(args._main(args) or 0)
     except RMCError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        from rmc.io import describe_os_error
+        message = describe_os_error(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished work is saved; re-run the same command to resume", file=sys.stderr)

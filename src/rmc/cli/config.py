@@ -20,6 +20,7 @@ import yaml
 from rmc.artifacts.dprime import AugmentConfig
 from rmc.attacks.defense_aware import AttackRowsConfig
 from rmc.defense.core import RMCConfig
+from rmc.checks import check_positive
 from rmc.errors import RMCError
 from rmc.models.denoising import DenoiseOp
 from rmc.training import TrainConfig
@@ -30,6 +31,13 @@ class DataConfig:
     dataset: str = "fashion-mnist"   # fashion-mnist (embedded default) | mnist | cifar10 | imagefolder | digits
     data_dir: str | None = None      # directory holding the data set; None: fashion-mnist's Debian package path
     image_size: int | None = None    # imagefolder only: resize + centre-crop to this size
+
+    def validate(self) -> "DataConfig":
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise RMCError(f"data.dataset must name a data set, got {self.dataset!r}")
+        if self.image_size is not None:
+            check_positive(self.image_size, "data.image_size", integer=True)
+        return self
 
 
 class BaseKind(str, enum.Enum):
@@ -52,6 +60,11 @@ class ModelConfig:
             raise RMCError(f"model.denoise_op must be one of {[o.value for o in DenoiseOp]}, got {self.denoise_op!r}")
         return self
 
+    def validate(self) -> "ModelConfig":
+        if self.layer is not None and (not isinstance(self.layer, str) or not self.layer):
+            raise RMCError(f"model.layer must be a layer name (`rmc layers` lists them) or null, got {self.layer!r}")
+        return self
+
 
 @dataclass
 class AttackConfig:
@@ -63,11 +76,33 @@ class AttackConfig:
     targeted: bool = True            # a targeted set per PGD setting (random wrong class, fixed by the seed)
     seed: int = 0                    # picks the test inputs, random starts and targets
 
+    def validate(self) -> "AttackConfig":
+        check_positive(self.n, "attack.n", integer=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise RMCError(f"attack.seed must be an integer >= 0, got {self.seed!r}")
+        for e in self.fgsm_eps:
+            if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 < e <= 1:
+                raise RMCError(f"attack.fgsm_eps entries must be numbers in (0, 1], got {e!r}")
+        for pair in self.pgd:
+            if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or isinstance(pair[0], bool)
+                    or not isinstance(pair[0], (int, float)) or pair[0] < 1 or not float(pair[0]).is_integer()
+                    or isinstance(pair[1], bool)
+                    or not isinstance(pair[1], (int, float)) or not 0 < pair[1] <= 1):
+                raise RMCError(f"attack.pgd entries are [steps, eps] pairs (steps >= 1, 0 < eps <= 1), got {pair!r}")
+        if self.pgd_step_size is not None:
+            check_positive(self.pgd_step_size, "attack.pgd_step_size")
+        return self
+
 
 @dataclass
 class VisualizeConfig:
     inputs: int = 6                  # test inputs shown per evaluation set
     neighbours: int = 8              # nearest D' examples shown beside each input
+
+    def validate(self) -> "VisualizeConfig":
+        check_positive(self.inputs, "visualize.inputs", integer=True)
+        check_positive(self.neighbours, "visualize.neighbours", integer=True)
+        return self
 
 
 @dataclass
@@ -255,3 +290,36 @@ def documented_yaml(cfg: RunConfig) -> str:
             dumped = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
             lines.append(f"  {key}: {dumped}" + (f"   # {notes[key]}" if key in notes else ""))
     return "\n".join(lines) + "\n"
+
+
+def validate_before_work(cfg: RunConfig) -> None:
+    """What `rmc run` can only know from the data, checked before anything is trained or written (config.yaml
+    included): the data sets load, every class has images, |D'| (from the training set's size and augment.*)
+    holds rmc.k neighbours, the test set holds attack.n inputs, the model has model.layer."""
+    from rmc.data import load_dataset
+    from rmc.models import build_model, default_layer
+    from rmc.models.features import get_layer
+
+    import torch
+    if cfg.attack.pgd and not (cfg.attack.untargeted or cfg.attack.targeted):
+        raise RMCError("attack.untargeted and attack.targeted are both false, so attack.pgd makes no set; "
+                       "set one of them to true or attack.pgd to []")
+    if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
+        raise RMCError(f"train.device = {cfg.train.device!r} but CUDA is not available here; set train.device: cpu")
+    train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size)
+    test = load_dataset(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.image_size)
+    n_train = len(train) if cfg.train.train_subset is None else min(cfg.train.train_subset, len(train))
+    if n_train < 2:
+        raise RMCError(f"training needs at least 2 images, got {n_train}; raise train.train_subset")
+    n = len(train) if cfg.augment.train_subset is None else min(cfg.augment.train_subset, len(train))
+    size = n * (1 + len(cfg.augment.steps))
+    if cfg.rmc.k > size:
+        raise RMCError(f"rmc.k = {cfg.rmc.k} exceeds |D'| = {size} ({n:,} training images x {1 + len(cfg.augment.steps)} "
+                       "copies); lower rmc.k or raise augment.train_subset / add augment.steps")
+    if cfg.attack.n > len(test):
+        raise RMCError(f"attack.n = {cfg.attack.n} exceeds the {len(test):,} images of the {test.name} test set; "
+                       "lower attack.n (--n)")
+    layer = cfg.model.layer
+    if layer is not None:
+        model = build_model(cfg.train.arch, len(train.classes) or int(train.labels.max()) + 1, train.input_shape[0])
+        get_layer(model, layer or default_layer(model))

@@ -29,7 +29,7 @@ from rmc.artifacts.evalsets import (
     save_eval_sets,
 )
 from rmc.artifacts.features import ensure_features
-from rmc.cli.config import BaseKind, RunConfig, documented_yaml, to_dict
+from rmc.cli.config import BaseKind, RunConfig, documented_yaml, to_dict, validate_before_work
 from rmc.data import load_dataset
 from rmc.errors import RMCError
 from rmc.evaluation.attack_rows import attack_table, evaluate_attacks, wants_attack_rows
@@ -67,7 +67,7 @@ def ensure_model(path: Path, train, test, cfg, log):
         meta = read_json(meta_path(path), "model metadata")
         if settled(meta.get("config")) != settled(want):
             raise RMCError(f"{path} was trained with other settings; use a new --out or delete {path.parent}")
-        model, info = load_checkpoint(path, cfg.device)
+        model, info = load_checkpoint(path, cfg.device, trust_arch=cfg.arch)   # the run's own config names it
         log(f"  reusing {path} (test accuracy {info.test_accuracy:.4f})")
         return model, info
     model, info = train_model(train, test, cfg)
@@ -112,6 +112,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = p
     session for the whole run); `shards`: independent online streams per test stream, `batch`: episodic inputs
     adapted at once (see rmc.evaluation.driver)."""
     check_work_split(batch, cfg.rmc, ray, shards, block)      # before hours of work, not after
+    validate_before_work(cfg)                                 # and before config.yaml is written
     t0 = time.perf_counter()
     with hold(ray, workers) as slots:
         if ray is not None:

@@ -76,6 +76,6 @@ def load_fashion_mnist(split: str, root: str | Path | None = None) -> ImageDatas
 
 def load_mnist(split: str, root: str | Path | None = None) -> ImageDataset:
     if root is None:
-        raise RMCError("mnist needs --data-dir: a directory with the four MNIST *-ubyte(.gz) files")
+        raise RMCError("mnist needs --data-dir (rmc run: data.data_dir): a directory with the four MNIST *-ubyte(.gz) files")
     how = "download the four MNIST *-ubyte(.gz) files into it (or its raw/ sub-folder)"
     return load_idx_dataset(root, split, "mnist", MNIST_CLASSES, how)

@@ -62,7 +62,7 @@ def load_imagefolder(split: str, root: str | Path | None, image_size: int = 224)
     if split not in _SPLIT_DIRS:
         raise RMCError(f"unknown split {split!r}; use 'train' or 'test'")
     if root is None:
-        raise RMCError(f"imagefolder needs --data-dir; {LAYOUT}")
+        raise RMCError(f"imagefolder needs --data-dir (rmc run: data.data_dir); {LAYOUT}")
     check_positive(image_size, "image_size", integer=True)
     root = Path(root)
     if not root.is_dir():
@@ -84,6 +84,13 @@ def load_imagefolder(split: str, root: str | Path | None, image_size: int = 224)
                   if p.is_file() and p.suffix.lower() in EXTENSIONS]
     if not files:
         raise RMCError(f"no .png/.jpg/.jpeg images under {folder}; {LAYOUT}")
+    if split == "train":
+        have = {label for _, label in files}
+        empty = [classes[i] for i in range(len(classes)) if i not in have]
+        if empty:   # a class the model could never learn, yet counted in its outputs
+            raise RMCError(f"class folder {folder / empty[0]} has no .png/.jpg/.jpeg images"
+                           f"{f' (nor {len(empty) - 1} other class folders)' if len(empty) > 1 else ''}; add images "
+                           "or remove the folder")
     images = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
     for i, (path, _) in enumerate(files):
         images[i] = _load_image(path, image_size)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from rmc.defense.core import RMC
+from rmc.defense.core import RMC, check_input
 from rmc.errors import RMCError
 from rmc.models import extract_features
 
@@ -78,19 +78,28 @@ class RMCClassifier(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise RMCError(f"RMCClassifier takes images N x C x H x W, got {shape}")
+        """Logits N x classes for images N x C x H x W (floats in [0, 1]): row i is input i, classified in batch
+        order (stateful: each input starts where the one before left the defense). The whole batch is checked
+        before any input is classified; an empty batch gives an empty 0 x classes result."""
+        check_input(x, tuple(self.rmc.dprime.images.shape[1:]), "RMCClassifier", batch=True)
         device = next(self.rmc.model.parameters()).device
         xs = x.to(device)
+        if len(xs) == 0:
+            with torch.no_grad():
+                return self.static(xs).to(x.device)   # 0 x classes: the shape every caller expects
         feats = extract_features(self.static, self.layer, xs.detach()).numpy()
         out = []
         for i in range(len(xs)):
             xi = xs[i:i + 1]
             with torch.enable_grad():   # the fine-tuning needs autograd even when the caller is under no_grad
                 if self.stateful:
-                    t = self.rmc.trial(xi.detach(), feats[i:i + 1], keep=True)
-                    self.rmc.commit(t)
+                    before = self.rmc.snapshot()
+                    try:
+                        t = self.rmc.trial(xi.detach(), feats[i:i + 1], keep=True)
+                        self.rmc.commit(t)
+                    except BaseException:
+                        self.rmc.restore(before)   # inputs before i stay classified; input i left no trace
+                        raise
                 else:
                     snap = self.rmc.snapshot()
                     try:

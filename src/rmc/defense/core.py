@@ -156,6 +156,36 @@ class StepResult:
     adapt_losses: list[float] = field(default_factory=list)   # the adaptation's mean training loss per epoch
 
 
+def check_input(x, image_shape: tuple[int, ...], what: str = "RMC.step", batch: bool = False) -> None:
+    """Refuse what RMC cannot classify, before any state is touched: exactly one image (1 x C x H x W; `batch`:
+    any number N x C x H x W) of the D' image shape, floating point, finite, in [0, 1]."""
+    if not isinstance(x, torch.Tensor):
+        raise RMCError(f"{what} takes a torch.Tensor image (1 x C x H x W, floats in [0, 1]), got {type(x).__name__}")
+    if x.dtype == torch.uint8:
+        raise RMCError(f"{what} got uint8 pixels (0-255); pass floats in [0, 1]: x.float() / 255")
+    if not x.is_floating_point():
+        raise RMCError(f"{what} got dtype {x.dtype}; pass float images in [0, 1]")
+    if x.dim() != 4:
+        form = "images as N x C x H x W" if batch else "one image as 1 x C x H x W"
+        raise RMCError(f"{what} takes {form}, got shape {tuple(x.shape)} (add a batch dimension: x[None])")
+    if x.shape[0] == 0 and not batch:
+        raise RMCError(f"{what} got an empty batch (0 images); it classifies exactly one image")
+    if x.shape[0] != 1 and not batch:
+        raise RMCError(f"{what} classifies exactly one image, got a batch of {x.shape[0]}: call it once per image "
+                       "(or use RMCClassifier, which runs a batch in order)")
+    if tuple(x.shape[1:]) != tuple(image_shape):
+        raise RMCError(f"{what} got an image of C x H x W = {tuple(x.shape[1:])}; D' holds {tuple(image_shape)}")
+    if x.numel() == 0:
+        return
+    x = x.detach()   # the checks read values only (an attack's input may require grad)
+    if not torch.isfinite(x).all():
+        raise RMCError(f"{what} got an image with NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        hint = " (looks like 0-255 pixels: divide by 255)" if hi > 1.5 else ""
+        raise RMCError(f"{what} got pixel values in [{lo:.3g}, {hi:.3g}]; expected [0, 1]{hint}")
+
+
 class RMC:
     """Runtime Masking and Cleansing around a static model.
 
@@ -225,6 +255,28 @@ class RMC:
         self._tick("search")
         return rows
 
+    def _check_features(self, features) -> np.ndarray:
+        if features is None:
+            raise RMCError("RMC needs the input's static-model features (or its neighbour rows) to find neighbours")
+        if not isinstance(features, (torch.Tensor, np.ndarray)):
+            raise RMCError(f"features must be a tensor or an array, got {type(features).__name__}")
+        f = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+        dim = getattr(self.index, "dim", None)
+        if f.ndim not in (1, 2) or (f.ndim == 2 and f.shape[0] != 1) or (dim is not None and f.shape[-1] != dim):
+            raise RMCError(f"features of one input must be 1 x {dim if dim is not None else 'd'}, got shape "
+                           f"{tuple(f.shape)}")
+        if not np.issubdtype(f.dtype, np.floating) or not np.isfinite(f).all():
+            raise RMCError("the input's features contain NaN or infinite values (or are not floats)")
+        return f.reshape(1, -1)
+
+    def _check_rows(self, rows) -> np.ndarray:
+        r = np.asarray(rows)
+        if r.ndim != 1 or len(r) != self.cfg.k or not np.issubdtype(r.dtype, np.integer):
+            raise RMCError(f"neighbour rows must be {self.cfg.k} integer D' rows (rmc.k), got {r.dtype} {r.shape}")
+        if len(r) and (r.min() < 0 or r.max() >= len(self.dprime)):
+            raise RMCError(f"neighbour rows must lie in [0, {len(self.dprime)}), got [{r.min()}, {r.max()}]")
+        return r
+
     def _gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.dprime.gather(rows, self.device)
         self._tick("gather")
@@ -269,6 +321,11 @@ class RMC:
         """The first half of a step: neighbours of `x` (from its static-model `features`, or the given `rows`),
         adaptation and prediction. The model is left adapted; `keep` also returns a copy of that state, so that
         the caller may try other inputs (restoring a snapshot in between) and still `commit` this one."""
+        check_input(x, tuple(self.dprime.images.shape[1:]), "RMC")
+        if rows is None:
+            features = self._check_features(features)
+        else:
+            rows = self._check_rows(rows)
         self._tick(None)
         key = self.steps_done if key is None else key
         gen = generator(self.cfg.seed, "step", key)
@@ -298,6 +355,12 @@ class RMC:
         `key` identifies the input for its randomness (default: the running count), so results do not
         depend on what ran before in episodic mode and are reproducible in online mode.
         """
-        t = self.trial(x, features, key, rows)
-        calib = self.commit(t)
+        check_input(x, tuple(self.dprime.images.shape[1:]), "RMC.step")   # before any state is touched
+        before = self.snapshot()
+        try:
+            t = self.trial(x, features, key, rows)
+            calib = self.commit(t)
+        except BaseException:
+            self.restore(before)   # atomic: a failed (or interrupted) step leaves the state as it found it
+            raise
         return StepResult(int(t.logits.argmax()), t.logits.tolist(), t.rows, t.adapt_epochs, calib, t.adapt_losses)

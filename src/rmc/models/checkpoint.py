@@ -11,7 +11,7 @@ from torch import nn
 
 from rmc.errors import RMCError
 from rmc.io import load_tensors, read_json, save_tensors, sha256_file, write_json
-from rmc.models.registry import build_model
+from rmc.models.registry import BUILTIN, build_model
 
 
 @dataclass
@@ -31,6 +31,23 @@ class ModelInfo:
     sha256: str = ""               # hash of the weights file; filled in on save
 
 
+def check_metadata(info: ModelInfo, where: Path) -> None:
+    """Types and ranges of the sidecar's fields (it is a file anyone may have edited)."""
+    shape = info.input_shape
+    ok = (isinstance(info.arch, str) and isinstance(info.num_classes, int) and not isinstance(info.num_classes, bool)
+          and info.num_classes >= 1 and len(shape) == 3
+          and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+          and isinstance(info.dataset, str))
+    for stats in (info.mean, info.std):
+        ok = ok and (stats is None or (isinstance(stats, list) and len(stats) == shape[0]
+                                       and all(isinstance(v, (int, float)) for v in stats)))
+    if ok and info.std is not None:
+        ok = all(v > 0 for v in info.std)
+    if not ok:
+        raise RMCError(f"model metadata {where} has invalid fields (arch, num_classes, input_shape, mean/std or "
+                       "dataset); re-create it with `rmc train`")
+
+
 def meta_path(weights: str | Path) -> Path:
     return Path(weights).with_suffix(".json")
 
@@ -45,8 +62,13 @@ def save_checkpoint(model: nn.Module, info: ModelInfo, weights: str | Path) -> M
     return info
 
 
-def load_checkpoint(weights: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelInfo]:
-    """Rebuild the model described by the JSON beside `weights` and load the weights (strictly)."""
+def load_checkpoint(weights: str | Path, device: str | torch.device = "cpu",
+                    trust_arch: str | None = None) -> tuple[nn.Module, ModelInfo]:
+    """Rebuild the model described by the JSON beside `weights` and load the weights (strictly).
+
+    The JSON is data, never code: its `arch` may name a built-in architecture only. A "package.module:factory"
+    architecture is built only when the caller names that same factory in `trust_arch` (the user's --arch, or
+    the run's own config), so a model file someone sends cannot choose code to run."""
     weights = Path(weights)
     if not weights.exists():
         raise RMCError(f"model weights not found: {weights}; train one with `rmc train`")
@@ -60,6 +82,10 @@ def load_checkpoint(weights: str | Path, device: str | torch.device = "cpu") -> 
     if info.sha256 and info.sha256 != actual:
         raise RMCError(f"{weights} does not match its metadata (hash differs); the pair was mixed up or edited")
     info.sha256 = actual
+    check_metadata(info, meta_path(weights))
+    if info.arch not in BUILTIN and info.arch != trust_arch:
+        raise RMCError(f"{meta_path(weights)} names architecture {info.arch!r}, which is code outside rmc; rmc runs "
+                       f"it only when you name it yourself: add --arch {info.arch} if you trust it")
     model = build_model(info.arch, info.num_classes, info.input_shape[0], info.mean, info.std, info.denoise)
     state = load_tensors(weights, "model weights")
     try:

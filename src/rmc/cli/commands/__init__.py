@@ -8,17 +8,46 @@ import argparse
 from rmc.errors import RMCError
 
 
+def add_trust_arch_argument(p: argparse.ArgumentParser) -> None:
+    """--arch FACTORY: the user's own consent to build a package.module:factory architecture named in --model's JSON
+    (a model file never chooses code to run by itself)."""
+    p.add_argument("--arch", metavar="PKG.MODULE:FACTORY",
+                   help="build --model with this user architecture factory (needed when the model's JSON names one; "
+                        "the JSON alone is never trusted to choose code to run)")
+
+
+def load_model(args, device: str = "cpu"):
+    """(model, info) of --model, on `device`, trusting only the factory the user named with --arch."""
+    from rmc.models import load_checkpoint
+    return load_checkpoint(args.model, device, trust_arch=getattr(args, "arch", None))
+
+
 def model_and_split(args, split: str):
     """The model named by --model (on --device) and the `split` of --dataset, default the model's own data set."""
     from rmc.data import load_dataset
-    from rmc.models import load_checkpoint
     from rmc.training import resolve_device
 
-    model, info = load_checkpoint(args.model, resolve_device(args.device))
+    from rmc.artifacts.provenance import check_model_data
+
+    model, info = load_model(args, resolve_device(args.device))
     dataset = args.dataset or info.dataset
     if not dataset:
         raise RMCError(f"{args.model} does not record its data set; pass --dataset")
-    return model, info, load_dataset(dataset, split, args.data_dir)
+    data = load_dataset(dataset, split, args.data_dir)
+    check_model_data(info, data, f"the {split} set")
+    return model, info, data
+
+
+def add_verify_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verify-store", action="store_true",
+                   help="re-hash every file of the D' against its manifest (default: shapes, sizes and the small "
+                        "arrays always; the images only when they changed since they last verified)")
+
+
+def open_store(args):
+    """--store, verified (fully with --verify-store)."""
+    from rmc.artifacts.dprime import open_dprime_store
+    return open_dprime_store(args.store, verify="full" if getattr(args, "verify_store", False) else "auto")
 
 
 def add_ray_arguments(p: argparse.ArgumentParser, shards: bool = False) -> None:

@@ -5,7 +5,7 @@ import sys
 import time
 
 from rmc.artifacts.evalsets import AttackSpec, make_eval_sets, parse_number, save_eval_sets
-from rmc.cli.commands import model_and_split
+from rmc.cli.commands import add_trust_arch_argument, model_and_split
 from rmc.cli.config import AttackConfig
 from rmc.errors import RMCError
 from rmc.training import predict
@@ -15,6 +15,7 @@ _D = AttackConfig()   # the defaults of `rmc run`'s attack section
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="static model written by `rmc train` (.safetensors)")
+    add_trust_arch_argument(p)
     p.add_argument("--dataset", help="data set (default: the one the model was trained on)")
     p.add_argument("--data-dir", help="directory holding the data set (default: its standard location)")
     p.add_argument("--out", required=True, help="directory to write the sets and index.json into")

@@ -5,13 +5,14 @@ import time
 
 from rmc.artifacts.dprime import ATTACK_LABELS, AugmentConfig, build_dprime_store
 from rmc.artifacts.evalsets import parse_number
-from rmc.cli.commands import add_ray_arguments, check_ray_arguments, model_and_split
+from rmc.cli.commands import add_trust_arch_argument, add_ray_arguments, check_ray_arguments, model_and_split
 
 _D = AugmentConfig()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="static model written by `rmc train` (.safetensors)")
+    add_trust_arch_argument(p)
     p.add_argument("--dataset", help="data set (default: the one the model was trained on)")
     p.add_argument("--data-dir", help="directory holding the data set (default: its standard location)")
     p.add_argument("--out", required=True, help="store directory to write (built in <out>.partial, then renamed)")

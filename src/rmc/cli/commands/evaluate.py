@@ -4,20 +4,24 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from rmc.artifacts.dprime import open_dprime_store
+from rmc.artifacts.provenance import check_together
 from rmc.artifacts.evalsets import load_eval_sets
 from rmc.artifacts.features import ensure_features, load_features, store_source
-from rmc.cli.commands import add_shared_arguments, attack_overrides, check_ray_arguments
+from rmc.checks import check_positive
+from rmc.cli.commands import (add_shared_arguments, add_trust_arch_argument, add_verify_argument, attack_overrides,
+                              check_ray_arguments, load_model, open_store)
 from rmc.cli.config import PRESETS, load_config, parse_override, to_dict
+from rmc.errors import RMCError
 from rmc.evaluation.common import BaseModel
 from rmc.evaluation.driver import check_work_split, compute_paths, evaluate, online_streams
 from rmc.evaluation.report import Table
 from rmc.io import write_json, write_text
-from rmc.models import default_layer, load_checkpoint
+from rmc.models import default_layer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="static base model (.safetensors from `rmc train`)")
+    add_trust_arch_argument(p)
     p.add_argument("--name", default="standard", help="base-model name for the rows: standard | adversarial | any")
     p.add_argument("--store", required=True, help="augmented dataset D' (`rmc augment`)")
     p.add_argument("--evalsets", required=True, help="evaluation sets (`rmc attack`)")
@@ -31,18 +35,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, help="evaluate only the first N inputs of each set")
     p.add_argument("--mode", choices=["online", "episodic"], help="RMC mode")
     p.add_argument("--no-rmc", action="store_true", help="baselines only (fast)")
+    add_verify_argument(p)
     add_shared_arguments(p)
 
 
 def main(args) -> int:
     check_ray_arguments(args)
+    if args.n is not None:
+        check_positive(args.n, "--n (inputs per evaluation set)", integer=True)
     overrides = [parse_override(s) for s in args.set] + ([("rmc.mode", args.mode)] if args.mode else [])
     overrides += attack_overrides(args)
     cfg = load_config(args.config, args.preset, overrides)
     check_work_split(args.batch, cfg.rmc, args.ray, args.shards, args.block)   # before any work
-    store = open_dprime_store(args.store)
-    model, info = load_checkpoint(args.model)
+    store = open_store(args)
+    model, info = load_model(args)
     sets = load_eval_sets(args.evalsets, args.sets)
+    check_together(info, store, sets)
+    if cfg.rmc.k > len(store):
+        raise RMCError(f"rmc.k = {cfg.rmc.k} exceeds |D'| = {len(store)} ({args.store}); lower rmc.k (--set rmc.k=...)")
     from rmc.evaluation.attack_rows import attack_table, clean_set, evaluate_attacks, wants_attack_rows
     attack_rows = not args.no_rmc and wants_attack_rows(cfg.attack_rows)
     if attack_rows:

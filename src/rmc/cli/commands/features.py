@@ -1,20 +1,21 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
-from rmc.artifacts.dprime import open_dprime_store
+from rmc.artifacts.provenance import check_together
 from rmc.artifacts.features import (compute_features, evalset_features_path, evalset_source, make_provenance,
                                     save_features, store_features_path, store_source)
+from rmc.cli.commands import add_trust_arch_argument, add_verify_argument, load_model, open_store
 from rmc.errors import RMCError
-from rmc.models import default_layer, load_checkpoint
+from rmc.models import default_layer
 from rmc.models.features import get_layer
 from rmc.training import resolve_device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="static model written by `rmc train` (.safetensors)")
+    add_trust_arch_argument(p)
     p.add_argument("--store", required=True, help="augmented dataset D' written by `rmc augment`")
     p.add_argument("--layer", help="feature layer (default: the model's; `rmc layers` lists them)")
     p.add_argument("--evalsets", help="directory of evaluation sets written by `rmc attack` (also embedded)")
@@ -22,22 +23,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_verify_argument(p)
 
 
 def main(args) -> int:
     if args.batch_size <= 0:
         raise RMCError(f"--batch-size must be > 0, got {args.batch_size}")
-    store = open_dprime_store(args.store)   # cheap checks first: the store and eval sets before the model runs
+    store = open_store(args)   # cheap checks first: the store and eval sets before the model runs
     sets = []
     if args.evalsets:
         from rmc.artifacts.evalsets import load_eval_sets
         sets = load_eval_sets(args.evalsets)
-    model, info = load_checkpoint(args.model, resolve_device(args.device))
+    model, info = load_model(args, resolve_device(args.device))
     layer = args.layer or default_layer(model)
     get_layer(model, layer)
-    if store.model_sha256 != info.sha256:
-        print(f"note: {args.store} was made against model {store.model_sha256[:12]}, features use "
-              f"{info.sha256[:12]} ({args.model})", file=sys.stderr)
+    check_together(info, store, sets)
     started = time.perf_counter()
     feats = compute_features(model, info, layer, store.images, args.batch_size, progress=not args.quiet,
                              desc="features D'")

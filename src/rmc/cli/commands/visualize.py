@@ -2,17 +2,20 @@ from __future__ import annotations
 
 import argparse
 
-from rmc.artifacts.dprime import open_dprime_store
+from rmc.artifacts.provenance import check_together
 from rmc.artifacts.evalsets import load_eval_sets
 from rmc.artifacts.features import load_features, store_source
 from rmc.cli.config import VisualizeConfig
+from rmc.cli.commands import add_trust_arch_argument, add_verify_argument, load_model, open_store
+from rmc.errors import RMCError
 from rmc.evaluation.common import BaseModel
 from rmc.evaluation.visualize import neighbour_grid
-from rmc.models import default_layer, load_checkpoint
+from rmc.models import default_layer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="static model (.safetensors)")
+    add_trust_arch_argument(p)
     p.add_argument("--store", required=True, help="augmented dataset D'")
     p.add_argument("--features", required=True, help="D' features of this model (`rmc features`)")
     p.add_argument("--evalsets", required=True, help="evaluation sets (`rmc attack`)")
@@ -22,17 +25,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--neighbours", type=int, default=VisualizeConfig.neighbours,
                    help="neighbours per input (default: %(default)s)")
     p.add_argument("--out", default="neighbours.png", help="PNG to write (default: %(default)s)")
+    add_verify_argument(p)
 
 
 def main(args) -> int:
     from rmc.checks import check_positive
     check_positive(args.inputs, "--inputs", integer=True)
     check_positive(args.neighbours, "--neighbours", integer=True)
-    store = open_dprime_store(args.store)
-    model, info = load_checkpoint(args.model)
+    if not args.out.lower().endswith(".png"):
+        raise RMCError(f"--out {args.out!r} must end in .png")
+    store = open_store(args)
+    model, info = load_model(args)
+    sets = load_eval_sets(args.evalsets, args.sets)
+    check_together(info, store, sets)
     layer = args.layer or default_layer(model)
     feats = load_features(args.features, info.sha256, layer, store_source(store))[0].numpy()
-    sets = load_eval_sets(args.evalsets, args.sets)
     from rmc.data.idx import FASHION_CLASSES
     names = FASHION_CLASSES if "fashion" in info.dataset else []
     path = neighbour_grid(BaseModel("standard", model, info.sha256, layer, feats),
