@@ -501,3 +501,22 @@ def test_autoattack_rand_draws_a_new_key_per_call_and_stays_in_the_ball(tiny_tra
     assert len(d.keys) > 6 and len(set(d.keys)) == len(d.keys)        # every call a fresh key (EOT sees randomness)
     with pytest.raises(RMCError, match="no `key`"):
         NewKeyEachCall(tiny_trained)
+
+
+def test_rounds_figure_from_results_folders_uses_the_re_scored_inputs(tmp_path):
+    from rmc.evaluation.rounds_figure import load_panel, main
+    row = tmp_path / "standard" / "gmsa-min-chen2022-r3-pgd40-eps0.1"
+    row.mkdir(parents=True)
+    attack = [{"label": 1, "pred": 1, "protocol": "chen2022", "round_preds": [1, 1, 1]},
+              {"label": 1, "pred": 2, "protocol": "chen2022", "round_preds": [2]},
+              {"label": 1, "pred": 2, "protocol": "chen2022", "round_preds": [1, 2]}]   # attacked, not re-scored yet
+    (row / "attack.jsonl").write_text("".join(json.dumps(r) + "\n" for r in attack))
+    (row / "rmc.jsonl").write_text("".join(json.dumps({"label": 1, "pred": p}) + "\n" for p in (1, 2)))
+    curves, rounds = load_panel(tmp_path / "standard")
+    assert rounds == 3 and list(curves) == ["GMSA-MIN [chen2022]"] and len(curves["GMSA-MIN [chen2022]"][0]) == 2
+    assert main([str(tmp_path / "out.png"), f"standard={tmp_path / 'standard'}"]) == 0
+    assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(RMCError, match="no finished defense-aware rows"):
+        load_panel(tmp_path)
+    with pytest.raises(RMCError, match="usage"):
+        main(["out.png", "no-equals-sign"])

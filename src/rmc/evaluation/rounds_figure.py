@@ -82,7 +82,11 @@ def load_panel(results_dir: str | Path) -> tuple[dict[str, tuple[list[dict], lis
         if kind is None or found is None:
             continue
         rounds = max(rounds, int(found.group(1)))
-        curves[f"{LABELS[kind]} [{attack[0].get('protocol', '?')}]"] = (attack, read(rescored_path))
+        rescored = read(rescored_path)
+        if not rescored:
+            continue
+        # the attack may have run ahead of the re-score (a run resumed with a smaller N): the same first inputs
+        curves[f"{LABELS[kind]} [{attack[0].get('protocol', '?')}]"] = (attack[:len(rescored)], rescored)
     if not curves:
         raise RMCError(f"no finished defense-aware rows (attack.jsonl + rmc.jsonl) under {results_dir}")
     return curves, rounds
