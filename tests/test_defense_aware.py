@@ -8,8 +8,9 @@ import torch
 
 from rmc.artifacts.evalsets import EvalSet
 from rmc.attacks.autoattack import autoattack
-from rmc.attacks.defense_aware import (AdaptedModels, AttackRowsConfig, attack_input, attack_stream, ensemble_loss,
-                                       initial_candidates)
+from rmc.attacks import defense_aware as da
+from rmc.attacks.defense_aware import (AttackRowsConfig, ModelSet, attack_input, attack_stream, ensemble_loss,
+                                       initial_candidates, pgd_best)
 from rmc.cli.config import load_config
 from rmc.defense import build_rmc
 from rmc.defense.config import RMCConfig
@@ -88,7 +89,8 @@ def test_state_snapshot_restore_is_exact(tiny_trained, tiny_dprime, digits):
     assert _states_equal(before, r.model.state_dict())
 
 
-def test_attack_input_leaves_rmc_as_if_it_had_seen_only_the_chosen_candidate(broken, tiny_dprime, digits):
+@pytest.mark.parametrize("protocol", ["chen2022", "strong"])
+def test_attack_input_leaves_rmc_as_if_it_had_seen_only_the_chosen_candidate(broken, tiny_dprime, digits, protocol):
     """Every round is undone exactly: after the attack, RMC's state is what one step on the chosen candidate
     from the saved state gives, and its verdict during the attack is the one a fresh run reproduces."""
     dprime, feats = tiny_dprime
@@ -96,18 +98,20 @@ def test_attack_input_leaves_rmc_as_if_it_had_seen_only_the_chosen_candidate(bro
     x, y = test.float_images()[:4], test.labels[:4]
     acfg = AttackRowsConfig(rounds=3, steps=5, eps=0.5)
     attacked, replay = _rmc(broken, dprime, feats), _rmc(broken, dprime, feats)
-    chosen_rounds = []
+    rounds_run = []
     for i in range(len(x)):
-        res = attack_input(attacked, broken, "block3", x[i:i + 1], int(y[i]), "gmsa-min", acfg, key=i)
-        chosen_rounds.append(res.chosen_round)
+        res = attack_input(attacked, broken, "block3", x[i:i + 1], int(y[i]), "gmsa-min", acfg, key=i,
+                           protocol=protocol)
+        rounds_run.append(len(res.rounds))
         q = extract_features(broken, "block3", res.x_adv).numpy()
         step = replay.step(res.x_adv, q, key=i)
         assert step.logits == res.logits and step.prediction == res.prediction
         assert _states_equal(attacked.state_dict(), replay.state_dict())
         assert attacked.steps_done == replay.steps_done == i + 1
         assert (res.x_adv - x[i:i + 1]).abs().max() <= 0.5 + 1e-6 and 0 <= res.x_adv.min() <= res.x_adv.max() <= 1
-        assert len(res.rounds) == 3 or res.rounds[-1].margin < 0       # stops early only on success
-    assert max(chosen_rounds) > 1     # later rounds (run after restores) were chosen, so the check above bites
+        main = [r for r in res.rounds if r.lane == protocol]
+        assert len(main) == 3 or main[-1].margin < 0       # stops early only on success
+    assert max(rounds_run) > 1     # several rounds were tried and undone before RMC's real step: the check bites
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +129,16 @@ def transfer_case(broken, tiny_dprime, digits):
     return x, y, keys, acfg, transfer_acc
 
 
-@pytest.mark.parametrize("kind", ["fpa", "gmsa-avg", "gmsa-min"])
-def test_defense_aware_attacks_beat_the_transfer_attack(broken, tiny_dprime, transfer_case, kind):
+# strong: on this model chen2022's cross-entropy stalls (the static model's gradient is zero; the adapted models
+# are confident enough for it to underflow), which is the gradient masking the margin loss is there for.
+@pytest.mark.parametrize("kind, protocol", [("fpa", "strong"), ("gmsa-avg", "strong"), ("gmsa-min", "strong")])
+def test_defense_aware_attacks_beat_the_transfer_attack(broken, tiny_dprime, transfer_case, kind, protocol):
     """Transfer PGD against the broken static model has no gradient to follow, so RMC (which recovers) stays
     accurate on it; the defense-aware attacks follow the adapted models' gradients and must do much better."""
     dprime, feats = tiny_dprime
     x, y, keys, acfg, transfer_acc = transfer_case
-    res = attack_stream(_rmc(broken, dprime, feats, mode="episodic"), broken, "block3", x, y, kind, acfg, keys)
+    res = attack_stream(_rmc(broken, dprime, feats, mode="episodic"), broken, "block3", x, y, kind, acfg, keys,
+                        protocol=protocol)
     rescored = _score(broken, dprime, feats, res.images, keys, mode="episodic")
     assert rescored.tolist() == res.predictions          # the fresh run confirms the attack's verdicts
     attack_acc = (rescored == y).float().mean().item()
@@ -148,7 +155,7 @@ def test_cross_entropy_gradient_vanishes_on_an_overconfident_adapted_model_margi
     r = _rmc(broken, dprime, feats, mode="episodic")
     t = r.trial(x, extract_features(broken, "block3", x).numpy(), 0, keep=True)
     assert int(t.logits.argmax()) == int(y)
-    model = AdaptedModels(r.model, [t.adapted.weights])
+    model = ModelSet(r.model, [t.adapted.weights])
     grads = {}
     for loss in ("ce", "margin"):
         xg = x.clone().requires_grad_(True)
@@ -171,7 +178,7 @@ def test_ensemble_losses_and_functional_models(tiny_trained):
         other.fc.bias.add_(1.0)
     states = [tiny_trained.state_dict(), other.state_dict()]
     x = torch.rand(3, 1, 8, 8)
-    out = AdaptedModels(copy.deepcopy(tiny_trained), states)(x)
+    out = ModelSet(copy.deepcopy(tiny_trained), states)(x)
     assert out.shape == (3, 2, 10)
     assert torch.allclose(out[:, 0], tiny_trained(x), atol=1e-6) and torch.allclose(out[:, 1], other(x), atol=1e-6)
 
@@ -180,7 +187,10 @@ def test_ensemble_losses_and_functional_models(tiny_trained):
     ({"attacks": ["cw"]}, "unknown defense-aware attack"), ({"attacks": ["fpa", "fpa"]}, "repeats"),
     ({"rounds": 0}, "attack_rows.rounds"), ({"steps": 2.5}, "attack_rows.steps"), ({"eps": 8}, "larger than"),
     ({"eps": -0.1}, "attack_rows.eps"), ({"step_size": 0}, "attack_rows.step_size"), ({"n": 0}, "attack_rows.n"),
-    ({"seed": -1}, "attack_rows.seed"), ({"loss": "dlr"}, "attack_rows.loss")])
+    ({"seed": -1}, "attack_rows.seed"), ({"protocols": ["madry"]}, "unknown attack protocol"),
+    ({"protocols": []}, "protocols is empty"), ({"strong_restarts": 0}, "attack_rows.strong_restarts"),
+    ({"rand_n": -1}, "attack_rows.rand_n"), ({"rand_eot": 0}, "attack_rows.rand_eot"),
+    ({"strong_fallback": "yes"}, "strong_fallback")])
 def test_bad_attack_settings_are_refused_in_one_line(bad, match):
     with pytest.raises(RMCError, match=match) as e:
         AttackRowsConfig(**bad)
@@ -226,32 +236,38 @@ def test_attack_rows_resume_after_interruption_and_fill_the_table(broken, tiny_d
     dprime, feats = tiny_dprime
     base, sets = _base_and_sets(broken, feats, digits, 5)
     cfg = _rmc(broken, dprime, feats).cfg                       # online
-    acfg = AttackRowsConfig(attacks=["fpa"], rounds=2, steps=5, eps=0.5)
+    acfg = AttackRowsConfig(attacks=["fpa"], protocols=["chen2022", "strong"], rounds=2, steps=5, eps=0.5)
     full = ev.evaluate_attacks(base, dprime, sets, cfg, acfg, tmp_path / "a", 10, progress=False, log=lambda s: None)
 
+    from rmc.evaluation import aware_stream
     calls = {"n": 0}
-    real = ev.attack_input
+    real = aware_stream.attack_input
 
     def dies_after_three(*a, **k):
         if calls["n"] == 3:
             raise KeyboardInterrupt
         calls["n"] += 1
         return real(*a, **k)
-    monkeypatch.setattr(ev, "attack_input", dies_after_three)
+    monkeypatch.setattr(aware_stream, "attack_input", dies_after_three)
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate_attacks(base, dprime, sets, cfg, acfg, tmp_path / "b", 10, progress=False, log=lambda s: None)
-    stream = tmp_path / "b" / "standard" / "fpa-r2-margin-pgd5-eps0.5" / "attack.jsonl"
-    assert len(stream.read_text().splitlines()) == 3
-    monkeypatch.setattr(ev, "attack_input", real)
+    stream = tmp_path / "b" / "standard" / "fpa-chen2022-r2-pgd5-eps0.5" / "attack.jsonl"
+    strong = tmp_path / "b" / "standard" / "fpa-strong-r2-pgd5-eps0.5-x2-rs2-fb" / "attack.jsonl"
+    # the rows take turns input by input: a stopped run has the same first inputs in every row
+    assert len(stream.read_text().splitlines()) == 2 and len(strong.read_text().splitlines()) == 1
+    monkeypatch.setattr(aware_stream, "attack_input", real)
     resumed = ev.evaluate_attacks(base, dprime, sets, cfg, acfg, tmp_path / "b", 10, progress=False, log=lambda s: None)
 
     strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
     for a, b in zip(full, resumed):
         assert a.label == b.label and a.kind == b.kind
         assert {d: strip(r) for d, r in a.records.items()} == {d: strip(r) for d, r in b.records.items()}
-    assert [r.kind for r in full] == ["transfer", "defense-aware", "worst case"]
+    assert [r.kind for r in full] == ["transfer", "defense-aware", "defense-aware", "worst case"]
     fpa = full[1]
-    assert fpa.info["rescore_agrees"] == 5 and set(fpa.records) == {"rmc"}   # a defense-aware row: RMC only
+    assert "[chen2022]" in fpa.label and "[strong]" in full[2].label and "N=5" in fpa.label
+    for row in full[1:3]:   # the attack's verdict (RMC's own key) is what a fresh run gives
+        assert row.info["rescore_agrees"] == 5 and set(row.records) == {"rmc"}   # a defense-aware row: RMC only
+    assert (tmp_path / "a" / "standard" / "rounds.png").stat().st_size > 1000
     attack_log = [json.loads(line) for line in stream.read_text().splitlines()]
     assert [r["index"] for r in attack_log] == list(range(5)) and all(r["rounds"] in (1, 2) for r in attack_log)
 
@@ -287,6 +303,11 @@ def test_cli_flags_set_the_attack_rows_section():
     a = load_config(overrides=attack_overrides(args)).attack_rows
     assert (a.attacks, a.autoattack, a.transfer_pgd, a.rounds, a.n) == (["fpa"], True, True, 3, 7)
     assert a.eps == pytest.approx(8 / 255)
+    args = parser.parse_args(common + ["--protocols", "strong", "--rand-n", "4", "--rand-eot", "3"])
+    a = load_config(overrides=attack_overrides(args)).attack_rows
+    assert (a.protocols, a.rand_n, a.rand_eot) == (["strong"], 4, 3)
+    with pytest.raises(SystemExit):
+        parser.parse_args(common + ["--protocols", "madry"])
     a = load_config(overrides=attack_overrides(parser.parse_args(common + ["--attacks", "none"]))).attack_rows
     assert a.attacks == [] and not a.autoattack and a.transfer_pgd
     a = load_config(overrides=attack_overrides(parser.parse_args(common + ["--no-attack-rows"]))).attack_rows
@@ -297,3 +318,205 @@ def test_cli_flags_set_the_attack_rows_section():
         attack_overrides(parser.parse_args(common + ["--attack-eps", "eight"]))
     with pytest.raises(SystemExit):
         parser.parse_args(common + ["--attacks", "bpda"])
+
+
+# -- each protocol choice, by behaviour ---------------------------------------------------------------------------
+class _Recorder:
+    """Stands in for ModelSet inside the attack: records every model set attacked and counts its forward calls."""
+
+    def __init__(self):
+        self.sets = []
+        recorder = self
+
+        class Recording(ModelSet):
+            def __init__(self, module, models):
+                super().__init__(module, models)
+                self.calls = 0
+                recorder.sets.append(self)
+
+            def forward(self, x):
+                self.calls += 1
+                return super().forward(x)
+        self.cls = Recording
+
+
+def _drifted_online(model, dprime, feats, digits):
+    """An online RMC that has processed two inputs: its weights are no longer the static ones."""
+    r = _rmc(model, dprime, feats)
+    x = digits[1].float_images()[-2:]
+    q = extract_features(model, "block3", x).numpy()
+    for i in range(2):
+        r.step(x[i:i + 1], q[i:i + 1], key=("drift", i))
+    return r
+
+
+def _robust_input(model, digits):
+    """A test digit the model gets right by a wide margin (at a tiny eps no round fools RMC: every round runs)."""
+    x, y = digits[1].float_images()[:20], digits[1].labels[:20]
+    with torch.no_grad():
+        logits = model(x)
+    m = logits.gather(1, y[:, None])[:, 0] - logits.masked_fill(torch.nn.functional.one_hot(y, 10).bool(), -1e9).max(1).values
+    i = int(m.argmax())
+    return x[i:i + 1], int(y[i])
+
+
+@pytest.mark.parametrize("protocol, restarts, factor", [("chen2022", 1, 1), ("strong", 2, 2)])
+def test_gmsa_min_iterations_grow_with_the_number_of_models(tiny_trained, tiny_dprime, digits, monkeypatch,
+                                                            protocol, restarts, factor):
+    dprime, feats = tiny_dprime
+    rec = _Recorder()
+    monkeypatch.setattr(da, "ModelSet", rec.cls)
+    x, y = _robust_input(tiny_trained, digits)
+    acfg = AttackRowsConfig(rounds=3, steps=4, eps=1e-3, strong_fallback=False)
+    res = attack_input(_rmc(tiny_trained, dprime, feats), tiny_trained, "block3", x, y, "gmsa-min", acfg, key=0,
+                       protocol=protocol)
+    assert len(res.rounds) == 3 and all(r.margin > 0 for r in res.rounds)
+    # round r attacks r models with steps x r iterations (+ the clean input and the last iterate, per restart)
+    assert [len(s.models) for s in rec.sets] == [1, 2, 3]
+    assert [s.calls for s in rec.sets] == [restarts * (4 * factor * r + 2) for r in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("kind", ["fpa", "gmsa-avg", "gmsa-min"])
+def test_round_one_targets_the_online_model_and_gmsa_keeps_it_in_the_set(tiny_trained, tiny_dprime, digits,
+                                                                         monkeypatch, kind):
+    dprime, feats = tiny_dprime
+    r = _drifted_online(tiny_trained, dprime, feats, digits)
+    online = copy.deepcopy(r.model).eval()
+    probe = digits[1].float_images()[20:28]
+    with torch.no_grad():
+        assert not torch.allclose(online(probe), tiny_trained(probe), atol=1e-3)   # it has drifted
+    rec = _Recorder()
+    monkeypatch.setattr(da, "ModelSet", rec.cls)
+    x, y = _robust_input(tiny_trained, digits)
+    attack_input(r, tiny_trained, "block3", x, y, kind, AttackRowsConfig(rounds=3, steps=2, eps=1e-3), key=5)
+    with torch.no_grad():
+        outs = [s(probe) for s in rec.sets]
+        want = online(probe)
+    assert torch.allclose(outs[0][:, 0], want, atol=1e-5)                # round 1: the current online model
+    for out in outs[1:]:
+        first_is_online = torch.allclose(out[:, 0], want, atol=1e-5)
+        assert first_is_online == (kind != "fpa")    # GMSA: the model before adaptation stays; FPA: the last adapted
+        assert not torch.allclose(out[:, -1], want, atol=1e-3)
+
+
+def test_episodic_round_one_targets_the_static_model(tiny_trained, tiny_dprime, digits, monkeypatch):
+    dprime, feats = tiny_dprime
+    r = _rmc(tiny_trained, dprime, feats, mode="episodic")
+    x, y = _robust_input(tiny_trained, digits)
+    r.step(x, extract_features(tiny_trained, "block3", x).numpy(), key=0)   # leaves adapted weights in the module
+    rec = _Recorder()
+    monkeypatch.setattr(da, "ModelSet", rec.cls)
+    attack_input(r, tiny_trained, "block3", x, y, "gmsa-avg", AttackRowsConfig(rounds=2, steps=2, eps=1e-3), key=1)
+    probe = digits[1].float_images()[20:28]
+    with torch.no_grad():
+        assert torch.allclose(rec.sets[0](probe)[:, 0], tiny_trained(probe), atol=1e-5)
+
+
+def test_pgd_returns_the_best_iterate_with_the_clean_input_among_them():
+    # One pixel, loss -(x - 0.5)^2: maximal at the clean input 0.5. Sign steps of 0.3 from a random start
+    # overshoot and oscillate around it, so the last iterate is worse than the best one.
+    def model(x):
+        return torch.stack([(x.flatten(1) - 0.5).pow(2).sum(1), torch.zeros(len(x))], 1)
+    loss = ensemble_loss("fpa", "margin")
+    lifted = lambda x: model(x)[:, None]  # noqa: E731   (N x 1 model x classes)
+    x, y = torch.full((1, 1, 1, 1), 0.5), torch.tensor([0])
+    best, best_loss = pgd_best(lifted, x, y, 0.45, 0.3, 5, loss, torch.Generator().manual_seed(0))
+    assert torch.equal(best, x) and best_loss.item() == 0.0
+    # away from the optimum the best iterate is the highest-loss point visited, not the last one
+    seen = []
+    recorder = lambda z: (seen.append(z.detach().clone()), lifted(z))[1]  # noqa: E731
+    x2 = torch.full((1, 1, 1, 1), 0.1)
+    best, best_loss = pgd_best(recorder, x2, y, 0.45, 0.3, 6, loss, torch.Generator().manual_seed(1))
+    losses = [loss(lifted(z), y).item() for z in seen]
+    assert best_loss.item() == pytest.approx(max(losses)) and any(torch.equal(best, z) for z in seen)
+    assert losses[-1] < max(losses)       # the last iterate is not the best: returning it would be weaker
+    assert (best - x2).abs().max() <= 0.45 + 1e-6
+
+
+def test_chen2022_gives_rmc_the_clean_input_when_nothing_fools_it_strong_the_lowest_margin(tiny_trained, tiny_dprime,
+                                                                                          digits):
+    dprime, feats = tiny_dprime
+    x, y = _robust_input(tiny_trained, digits)
+    acfg = AttackRowsConfig(rounds=2, steps=3, eps=1e-3, strong_fallback=False)
+    chen = attack_input(_rmc(tiny_trained, dprime, feats), tiny_trained, "block3", x, y, "fpa", acfg, key=3)
+    strong = attack_input(_rmc(tiny_trained, dprime, feats), tiny_trained, "block3", x, y, "fpa", acfg, key=3,
+                          protocol="strong")
+    assert all(r.margin > 0 for r in chen.rounds + strong.rounds)      # nothing fooled RMC
+    assert torch.equal(chen.x_adv, x) and chen.chosen_round == 0
+    ref = _rmc(tiny_trained, dprime, feats).step(x, extract_features(tiny_trained, "block3", x).numpy(), key=3)
+    assert chen.logits == ref.logits                                    # RMC, with its own key, saw the clean input
+    assert not torch.equal(strong.x_adv, x) and strong.chosen_round >= 1
+    m = min(strong.rounds, key=lambda r: r.margin)
+    assert strong.chosen_round == m.round
+
+
+def test_strong_is_never_weaker_than_chen2022_on_any_input(tiny_trained, tiny_dprime, digits):
+    """Episodic RMC, the same keys: every input chen2022 gets past RMC (fresh re-score), strong does too."""
+    dprime, feats = tiny_dprime
+    x, y = digits[1].float_images()[16:24], digits[1].labels[16:24]
+    keys = [("row", i) for i in range(len(x))]
+    acfg = AttackRowsConfig(rounds=2, steps=5, eps=0.25)
+    wrong = {}
+    for protocol in ("chen2022", "strong"):
+        res = attack_stream(_rmc(tiny_trained, dprime, feats, mode="episodic"), tiny_trained, "block3", x, y, "fpa",
+                            acfg, keys, protocol=protocol)
+        rescored = _score(tiny_trained, dprime, feats, res.images, keys, mode="episodic")
+        assert rescored.tolist() == res.predictions
+        wrong[protocol] = rescored != y
+    assert wrong["chen2022"].any()                                       # the comparison is not vacuous
+    assert not (wrong["chen2022"] & ~wrong["strong"]).any(), (wrong["chen2022"], wrong["strong"])
+
+
+def test_rounds_figure_counts_an_input_fooled_from_its_first_fooling_round(tmp_path):
+    from rmc.evaluation.rounds_figure import accuracy_by_round, save_rounds_figure
+    recs = [{"label": 1, "round_preds": [1, 1, 2]}, {"label": 1, "round_preds": [3]},
+            {"label": 1, "round_preds": [1, 1, 1, 1]}, {"label": 2, "round_preds": [2, 0]}]
+    assert accuracy_by_round(recs, 4) == [0.75, 0.5, 0.25, 0.25]
+    with pytest.raises(RMCError, match="no attack records"):
+        accuracy_by_round([], 4)
+    path = save_rounds_figure({"standard": {"FPA [chen2022]": (recs, [{"label": 1, "pred": 1}])}}, 4,
+                              tmp_path / "f" / "rounds.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_autoattack_rand_draws_a_new_key_per_call_and_stays_in_the_ball(tiny_trained, digits):
+    from rmc.attacks.autoattack import NewKeyEachCall, autoattack_rand
+
+    class Keyed(torch.nn.Module):
+        """A randomised defense in miniature: the key picks a small random shift of the logits."""
+        def __init__(self):
+            super().__init__()
+            self.net, self.key, self.keys = tiny_trained, None, []
+
+        def forward(self, x):
+            self.keys.append(self.key)
+            g = torch.Generator().manual_seed(hash(self.key) % 2**31)
+            return self.net(x) + 0.1 * torch.randn(10, generator=g)
+    d = Keyed()
+    x, y = digits[1].float_images()[:3], digits[1].labels[:3]
+    with torch.no_grad():
+        assert (tiny_trained(x).argmax(1) == y).all()      # APGD only attacks inputs classified correctly
+    adv = autoattack_rand(d, x, y, eps=0.2, eot_iter=2, steps=3)
+    assert (adv - x).abs().max() <= 0.2 + 1e-6 and 0 <= adv.min() <= adv.max() <= 1
+    assert len(d.keys) > 6 and len(set(d.keys)) == len(d.keys)        # every call a fresh key (EOT sees randomness)
+    with pytest.raises(RMCError, match="no `key`"):
+        NewKeyEachCall(tiny_trained)
+
+
+def test_rounds_figure_from_results_folders_uses_the_re_scored_inputs(tmp_path):
+    from rmc.evaluation.rounds_figure import load_panel, main
+    row = tmp_path / "standard" / "gmsa-min-chen2022-r3-pgd40-eps0.1"
+    row.mkdir(parents=True)
+    attack = [{"label": 1, "pred": 1, "protocol": "chen2022", "round_preds": [1, 1, 1]},
+              {"label": 1, "pred": 2, "protocol": "chen2022", "round_preds": [2]},
+              {"label": 1, "pred": 2, "protocol": "chen2022", "round_preds": [1, 2]}]   # attacked, not re-scored yet
+    (row / "attack.jsonl").write_text("".join(json.dumps(r) + "\n" for r in attack))
+    (row / "rmc.jsonl").write_text("".join(json.dumps({"label": 1, "pred": p}) + "\n" for p in (1, 2)))
+    curves, rounds = load_panel(tmp_path / "standard")
+    assert rounds == 3 and list(curves) == ["GMSA-MIN [chen2022]"] and len(curves["GMSA-MIN [chen2022]"][0]) == 2
+    assert main([str(tmp_path / "out.png"), f"standard={tmp_path / 'standard'}"]) == 0
+    assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(RMCError, match="no finished defense-aware rows"):
+        load_panel(tmp_path)
+    with pytest.raises(RMCError, match="usage"):
+        main(["out.png", "no-equals-sign"])

@@ -1,31 +1,29 @@
-"""Defense-aware attacks on online RMC: FPA, GMSA-AVG and GMSA-MIN (Chen et al., ICLR 2022; SPEC section 2).
+"""Defense-aware attacks on RMC: FPA, GMSA-AVG and GMSA-MIN (Chen et al., ICLR 2022; SPEC section 2).
 
 RMC's prediction for an input comes from a model adapted *for that input*, so an attack crafted against the
 static model (the original paper's transfer setting) aims at the wrong function. These attacks aim at the
 models RMC actually adapts into. For each test input, in stream order:
 
-1. save RMC's state (the online weights and its step count);
-2. round 1: the candidate is PGD against the static model (as in Chen et al.);
-3. RMC adapts to the candidate (neighbours of the candidate, fine-tuning) and predicts it; the adapted weights
-   join the set of models, and RMC's state is restored exactly;
-4. rounds 2..R: the candidate is PGD, from the clean input, against
+1. save RMC's state; the model set starts with the model *before adaptation* (the current online model; in
+   episodic mode the static one);
+2. each round, the candidate is PGD from the clean input against
+   - round 1: the model before adaptation (every attack),
    - FPA: the model RMC adapted into for the previous candidate,
-   - GMSA-AVG: the mean of the per-model losses over all models adapted into so far,
-   - GMSA-MIN: the per-example minimum of those losses (every model must be fooled),
-   then step 3 again; rounds stop early once RMC misclassifies a candidate;
-5. the worst case is kept (the first candidate RMC got wrong, else the one with the lowest true-class margin),
-   and RMC processes it for real (adapt, predict, calibrate), so the stream moves on with the chosen input.
+   - GMSA-AVG / GMSA-MIN: the mean / per-example minimum of the losses over the whole set;
+3. RMC adapts to the candidate and predicts it; the adapted weights join the set; RMC's state is restored
+   exactly; rounds stop once RMC misclassifies a candidate;
+4. RMC processes the chosen candidate for real (adapt, predict, calibrate), so the stream moves on.
 
-The chosen sequence is then re-scored by a fresh RMC run (rmc.evaluation.attack_rows), which is what the
-report shows. The models of step 4 are held as state dicts and evaluated with `torch.func.functional_call`
-on RMC's own module, so no copy of the network is made per model.
+How candidates are crafted and chosen is the protocol (rmc.attacks.protocols: `chen2022` or `strong`). The
+chosen sequence is then re-scored by a fresh RMC run (rmc.evaluation.attack_rows). Adapted models are held as
+state dicts and evaluated with `torch.func.functional_call` on RMC's own module: no network copy per model.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -34,17 +32,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from rmc.attacks.gradient import check_attack_settings, pgd
-from rmc.checks import check_positive
+from rmc.attacks.gradient import pgd
+from rmc.attacks.protocols import KINDS, LABELS, PROTOCOLS, AttackRowsConfig, Lane, check_kind
 from rmc.errors import RMCError
 from rmc.models import extract_features
 from rmc.seeding import generator
 
+__all__ = ["KINDS", "LABELS", "PROTOCOLS", "AttackRowsConfig", "ModelSet", "attack_input", "attack_stream",
+           "ensemble_loss", "initial_candidates", "pgd_best"]
+
 
 class RMC(Protocol):
-    """What the attacks need of the defense (rmc.defense.core.RMC): its adapting network, exact snapshots of its
-    state, and a step in two halves (`trial`: adapt and predict; `commit`: calibrate and move on)."""
+    """What the attacks need of the defense (rmc.defense.core.RMC): its adapting network, its settings (mode),
+    exact snapshots of its state, and a step in two halves (`trial`: adapt and predict; `commit`: calibrate)."""
     model: nn.Module
+    cfg: Any
 
     def snapshot(self) -> Any: ...
     def restore(self, snap: Any) -> None: ...
@@ -52,84 +54,32 @@ class RMC(Protocol):
     def commit(self, trial: Any) -> int: ...
 
 
-KINDS = ("fpa", "gmsa-avg", "gmsa-min")
-LOSSES = ("ce", "margin")
-LABELS = {"fpa": "FPA", "gmsa-avg": "GMSA-AVG", "gmsa-min": "GMSA-MIN"}
+# -- losses over a set of models -------------------------------------------------------------------------------
+class ModelSet(nn.Module):
+    """Logits of every model of the set on a batch: N x M x classes. A model is a module, or a state dict
+    of `module` (evaluated with functional_call)."""
 
-
-@dataclass
-class AttackRowsConfig:
-    attacks: list[str] = field(default_factory=lambda: ["gmsa-min"])   # defense-aware rows: fpa, gmsa-avg, gmsa-min
-    rounds: int = 10                 # rounds per input: candidate -> RMC adapts -> state restored (Chen et al.: 10)
-    steps: int = 40                  # PGD iterations per round and in the transfer PGD row (Chen et al.: 40)
-    eps: float = 0.1                 # L-inf radius in [0, 1] pixel units, all attack rows (Chen et al.: 8/255, CIFAR-10)
-    step_size: float | None = None   # PGD step; None: 2.5 * eps / steps (Madry et al.; Chen et al. used eps / 8)
-    n: int | None = None             # inputs in the attack rows: the first n of the evaluation sets; None: all
-    transfer_pgd: bool = True        # the transfer row: the same PGD against the static model, then fed to RMC
-    autoattack: bool = False         # the transfer AutoAttack row (standard, L-inf, eps) against the static model
-    seed_known: bool = True          # the attacker's RMC trials use the defense's own random keys (False: other ones)
-    loss: str = "margin"             # rounds 2..R: margin (best other logit - true; never vanishes) | ce (Chen et al.)
-    seed: int = 0                    # PGD random starts and AutoAttack's seed
-
-    def __post_init__(self):
-        if isinstance(self.attacks, str):
-            self.attacks = [self.attacks]
-        if not isinstance(self.attacks, (list, tuple)):
-            raise RMCError(f"attack_rows.attacks must be a list of {', '.join(KINDS)}; got {self.attacks!r}")
-        self.attacks = [str(a).lower() for a in self.attacks]
-        unknown = [a for a in self.attacks if a not in KINDS]
-        if unknown:
-            raise RMCError(f"unknown defense-aware attack {unknown[0]!r}; choose from {', '.join(KINDS)}")
-        if len(set(self.attacks)) != len(self.attacks):
-            raise RMCError(f"attack_rows.attacks repeats an attack ({self.attacks}); give each once")
-        if self.loss not in LOSSES:
-            raise RMCError(f"attack_rows.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        check_positive(self.rounds, "attack_rows.rounds", integer=True)
-        check_positive(self.steps, "attack_rows.steps", integer=True)
-        check_positive(self.eps, "attack_rows.eps")
-        if self.n is not None:
-            check_positive(self.n, "attack_rows.n", integer=True)
-        if self.step_size is not None:
-            check_positive(self.step_size, "attack_rows.step_size")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise RMCError(f"attack_rows.seed must be an integer >= 0, got {self.seed!r}")
-        check_attack_settings(self.eps, self.resolved_step_size, self.steps)
-
-    @property
-    def resolved_step_size(self) -> float:
-        return float(self.step_size) if self.step_size is not None else 2.5 * self.eps / self.steps
-
-
-def check_kind(kind: str) -> str:
-    if kind not in KINDS:
-        raise RMCError(f"unknown defense-aware attack {kind!r}; choose from {', '.join(KINDS)}")
-    return kind
-
-
-# -- losses over the set of adapted models ---------------------------------------------------------------------
-class AdaptedModels(nn.Module):
-    """Logits of every adapted model on a batch: N x M x classes. The models are state dicts of `module`."""
-
-    def __init__(self, module: nn.Module, states: Sequence[dict[str, torch.Tensor]]):
+    def __init__(self, module: nn.Module, models: Sequence[nn.Module | dict[str, torch.Tensor]]):
         super().__init__()
-        if not states:
-            raise RMCError("no adapted models to attack")
-        self.module, self.states = module, list(states)
+        if not models:
+            raise RMCError("no models to attack")
+        self.module, self.models = module, list(models)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([functional_call(self.module, s, (x,)) for s in self.states], 1)
+        return torch.stack([m(x) if isinstance(m, nn.Module) else functional_call(self.module, m, (x,))
+                            for m in self.models], 1)
 
 
-def ensemble_loss(kind: str, loss: str = "margin") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """(N x M x classes logits, labels) -> per-example loss: the mean (GMSA-AVG, and FPA's single model) or the
-    minimum (GMSA-MIN) over the M models of each model's loss of the true label.
+def ensemble_loss(kind: str, loss: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(N x M x classes logits, labels) -> per-example loss to ascend: the mean (FPA's single model, GMSA-AVG) or
+    the minimum (GMSA-MIN: every model must be fooled) over the models of each model's loss.
 
     `loss`: "ce", the cross-entropy (Chen et al.), or "margin", the best other logit minus the true one. RMC's
     fine-tuning can make the adapted network so confident that the cross-entropy's gradient underflows to exactly
     zero (PGD then stalls: gradient masking); the margin's gradient does not vanish."""
     check_kind(kind)
-    if loss not in LOSSES:
-        raise RMCError(f"attack loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if loss not in ("ce", "margin"):
+        raise RMCError(f"attack loss must be ce or margin, got {loss!r}")
 
     def per_example(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n, m, c = logits.shape
@@ -152,92 +102,159 @@ def margin(logits: torch.Tensor, label: int) -> float:
     return float(logits[label] - other.max())
 
 
+def pgd_best(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, eps: float,
+             step_size: float, steps: int, loss_fn: Callable, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """L-inf PGD from a random start that returns, per example, the iterate with the highest loss seen, the clean
+    input and the final iterate included (Chen et al.'s `elementwise_best`). Returns (images, their losses)."""
+    with torch.no_grad():
+        best_loss = loss_fn(model(x), y)
+    best = x.clone()
+    adv = (x + (2 * torch.rand(x.shape, generator=gen).to(x.device) - 1) * eps).clamp(0, 1)
+    for i in range(steps + 1):
+        adv = adv.detach().requires_grad_(i < steps)
+        with torch.set_grad_enabled(i < steps):
+            loss = loss_fn(model(adv), y)
+        better = loss.detach() > best_loss
+        best[better], best_loss = adv.detach()[better], torch.where(better, loss.detach(), best_loss)
+        if i == steps:
+            break
+        (grad,) = torch.autograd.grad(loss.sum(), adv)
+        adv = adv.detach() + step_size * grad.sign()
+        adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1)
+    return best, best_loss
+
+
 # -- the attack ------------------------------------------------------------------------------------------------
 @dataclass
 class RoundInfo:
     round: int            # 1-based
-    target: str           # what the candidate was crafted against: "static", "adapted" (FPA) or "adapted x M"
-    prediction: int       # RMC's prediction of the candidate
-    margin: float         # its true-class margin (negative: RMC fooled)
+    lane: str             # the protocol whose rounds these are (strong's fallback rounds: "chen2022")
+    models: int           # models attacked (1: the model before adaptation, or FPA's last adapted one)
+    iterations: int       # PGD iterations per restart
+    prediction: int       # RMC's prediction of the candidate in the attacker's trial
+    margin: float         # its true-class margin there (negative: RMC fooled)
     adapt_epochs: int
 
 
 @dataclass
 class InputResult:
-    x_adv: torch.Tensor           # 1 x C x H x W: the chosen candidate
-    prediction: int               # RMC's prediction of it during the attack
+    x_adv: torch.Tensor           # 1 x C x H x W: what RMC received
+    prediction: int               # RMC's prediction of it (with the defense's own key)
     logits: list[float]
-    chosen_round: int             # 1-based
+    chosen_round: int             # 1-based round of the chosen candidate; 0: the clean input
     rounds: list[RoundInfo]
     calib_epochs: int
     seconds: float
+    protocol: str
 
     def record(self) -> dict:
-        """The per-example fields the evaluation writes (besides index, label and pred)."""
-        return {"attack_pred": self.prediction, "chosen_round": self.chosen_round, "rounds": len(self.rounds),
-                "round_preds": [r.prediction for r in self.rounds],
-                "round_margins": [round(r.margin, 4) for r in self.rounds], "calib_epochs": self.calib_epochs,
-                "seconds": round(self.seconds, 3)}
+        """The per-example fields the evaluation writes (besides index, label and pred). `round_preds` are the
+        attacker's trials of its own rounds (rmc.evaluation.rounds_figure draws them); `fallback_preds` those of
+        strong's fallback to Chen et al.'s rounds."""
+        main = [r for r in self.rounds if r.lane == self.protocol]
+        rec = {"attack_pred": self.prediction, "protocol": self.protocol, "chosen_round": self.chosen_round,
+               "rounds": len(main), "round_preds": [r.prediction for r in main],
+               "round_margins": [round(r.margin, 4) for r in main], "iterations": [r.iterations for r in main],
+               "calib_epochs": self.calib_epochs, "seconds": round(self.seconds, 3)}
+        fallback = [r.prediction for r in self.rounds if r.lane != self.protocol]
+        if fallback:
+            rec["fallback_preds"] = fallback
+        return rec
 
 
 def initial_candidates(static_model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackRowsConfig) -> torch.Tensor:
-    """Round 1 of every input: PGD against the static model (also the transfer PGD row, so they coincide)."""
+    """The transfer PGD row: PGD against the static model (cross-entropy, random start, the last iterate)."""
     static_model.eval()
     gen = generator(cfg.seed, "transfer-pgd")
     return pgd(static_model, x, y, cfg.eps, cfg.resolved_step_size, cfg.steps, random_start=True, generator=gen)
 
 
+def _before_adaptation(rmc: RMC, static_model: nn.Module, start: Any) -> nn.Module | dict[str, torch.Tensor]:
+    """The model RMC starts adapting from: the online weights, or in episodic mode the static model."""
+    return static_model if getattr(rmc.cfg, "mode", None) == "episodic" else start.weights
+
+
+def _rounds(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, label: torch.Tensor, kind: str,
+            lane: Lane, cfg: AttackRowsConfig, key, start: Any) -> list[tuple[torch.Tensor, Any, RoundInfo]]:
+    """One protocol's rounds from the saved state `start`: (candidate, RMC's trial of it, info) per round run.
+    Stops after the first candidate RMC misclassifies in the attacker's trial. RMC is left restored to `start`."""
+    models = [_before_adaptation(rmc, static_model, start)]
+    loss_fn = ensemble_loss(kind, lane.loss)
+    out = []
+    for r in range(1, cfg.rounds + 1):
+        targets = models[-1:] if kind == "fpa" else models
+        iterations = lane.steps * (len(targets) if kind == "gmsa-min" else 1)   # Chen et al.: 40 x models
+        ensemble = ModelSet(rmc.model, targets)
+        best, best_loss = None, None
+        for restart in range(lane.restarts):
+            gen = generator(cfg.seed, kind, lane.protocol, key, r, restart)
+            with torch.enable_grad():
+                cand, loss = pgd_best(ensemble, x, label, cfg.eps, lane.step_size, iterations, loss_fn, gen)
+            if best is None or loss.item() > best_loss:
+                best, best_loss = cand.detach(), loss.item()
+        feats = extract_features(static_model, layer, best).numpy()
+        trial_key = key if lane.keys_known else ("attacker", key, r)   # Chen et al.: RMC's randomness unknown
+        t = rmc.trial(best, feats, trial_key, keep=True)
+        rmc.restore(start)
+        models.append(t.adapted.weights)
+        m = margin(t.logits, int(label))
+        out.append((best, t, RoundInfo(r, lane.protocol, len(targets), iterations, int(t.logits.argmax()), m,
+                                       t.adapt_epochs)))
+        if m < 0:
+            break
+    return out
+
+
+def _real_trial(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, key, start: Any):
+    """RMC's own trial (the defense's key) of `x` from `start`; RMC is left restored to `start`."""
+    t = rmc.trial(x, extract_features(static_model, layer, x).numpy(), key, keep=True)
+    rmc.restore(start)
+    return t
+
+
 def attack_input(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, y: int, kind: str,
-                 cfg: AttackRowsConfig, key, initial: torch.Tensor | None = None) -> InputResult:
+                 cfg: AttackRowsConfig, key, protocol: str = "chen2022") -> InputResult:
     """Attack one input `x` (1 x C x H x W) of true class `y` against `rmc` in its current state, then let RMC
-    process the chosen candidate so its state moves on (SPEC section 2). `key` is the key the defense uses for
-    this input (`RMC.step`'s key); `initial` is round 1's candidate (default: PGD against the static model)."""
+    process what it receives so its state moves on (SPEC section 2). `key` is the key the defense uses for this
+    input (`RMC.step`'s key)."""
     check_kind(kind)
     if x.dim() != 4 or len(x) != 1:
         raise RMCError(f"attack_input takes one input (1 x C x H x W), got shape {tuple(x.shape)}")
+    lane = cfg.lane(protocol)
     t0 = time.perf_counter()
-    step = cfg.resolved_step_size
     label = torch.tensor([int(y)])
     start = rmc.snapshot()
-    models: list[dict[str, torch.Tensor]] = []
-    rounds: list[RoundInfo] = []
-    best: tuple[float, int, torch.Tensor, Any] | None = None   # (margin, round, candidate, its trial)
-    for r in range(1, cfg.rounds + 1):
-        if r == 1:
-            target = "static"
-            if initial is None:
-                with torch.enable_grad():
-                    initial = initial_candidates(static_model, x, label, cfg)
-            cand = initial
-        else:
-            attacked = models[-1:] if kind == "fpa" else models
-            target = "adapted" if kind == "fpa" else f"adapted x {len(attacked)}"
-            gen = generator(cfg.seed, kind, key, r)
-            with torch.enable_grad():
-                cand = pgd(AdaptedModels(rmc.model, attacked), x, label, cfg.eps, step, cfg.steps,
-                           random_start=True, generator=gen, loss_fn=ensemble_loss(kind, cfg.loss))
-        cand = cand.detach()
-        feats = extract_features(static_model, layer, cand).numpy()
-        t = rmc.trial(cand, feats, key if cfg.seed_known else ("attacker", key, r), keep=True)
-        models.append(t.adapted.weights)
-        m = margin(t.logits, int(y))
-        rounds.append(RoundInfo(r, target, int(t.logits.argmax()), m, t.adapt_epochs))
-        if best is None or m < best[0]:
-            best = (m, r, cand, t)
-        rmc.restore(start)
-        if m < 0:
-            break   # RMC got it wrong: that is the worst case
-    _, chosen, cand, t = best
+    done = _rounds(rmc, static_model, layer, x, label, kind, lane, cfg, key, start)
+    rounds = [info for _, _, info in done]
+    if lane.keep_clean:
+        # Chen et al.: the first candidate that fooled the attacker's RMC, else the clean input; RMC (its own
+        # randomness) then classifies it.
+        fooled = [(c, info.round) for c, _, info in done if info.margin < 0]
+        chosen, chosen_round = fooled[0] if fooled else (x, 0)
+        t = _real_trial(rmc, static_model, layer, chosen, key, start)
+    else:
+        # Known keys: the attacker's trials are RMC's own verdicts. Keep the lowest margin (a fooling one if any).
+        chosen, t, info = min(done, key=lambda d: d[2].margin)
+        chosen_round = info.round
+        if info.margin >= 0 and protocol == "strong" and cfg.strong_fallback:
+            # Chen et al.'s rounds from the same state, their pick judged by RMC's own key: never weaker than them.
+            chen = _rounds(rmc, static_model, layer, x, label, kind, cfg.lane("chen2022"), cfg, key, start)
+            rounds += [i for _, _, i in chen]
+            fooled = [c for c, _, i in chen if i.margin < 0]
+            pick = fooled[0] if fooled else x
+            tc = _real_trial(rmc, static_model, layer, pick, key, start)
+            if margin(tc.logits, int(y)) < margin(t.logits, int(y)):
+                chosen, t, chosen_round = pick, tc, (-1 if fooled else 0)   # -1: strong's fallback lane
     calib = rmc.commit(t)
-    return InputResult(cand, int(t.logits.argmax()), t.logits.tolist(), chosen, rounds, calib,
-                       time.perf_counter() - t0)
+    return InputResult(chosen, int(t.logits.argmax()), t.logits.tolist(), chosen_round, rounds, calib,
+                       time.perf_counter() - t0, protocol)
 
 
 @dataclass
 class StreamResult:
     images: torch.Tensor          # N x C x H x W: the chosen adversarial sequence
     labels: list[int]
-    predictions: list[int]        # RMC's predictions during the attack
+    predictions: list[int]        # RMC's predictions during the attack (its own keys)
     inputs: list[InputResult]
 
     @property
@@ -246,22 +263,20 @@ class StreamResult:
 
 
 def attack_stream(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, kind: str,
-                  cfg: AttackRowsConfig, keys: Sequence | None = None,
+                  cfg: AttackRowsConfig, keys: Sequence | None = None, protocol: str = "chen2022",
                   on_input: Callable[[int, InputResult], None] | None = None) -> StreamResult:
     """Attack the inputs `x` (N x C x H x W) in order against `rmc` from its current state (`rmc.reset()` first
     for a fresh stream). `keys[i]` is the key RMC uses for input i (default: i). Returns the chosen sequence."""
     check_kind(kind)
+    cfg.lane(protocol)
     if len(x) != len(y):
         raise RMCError(f"{len(x)} inputs but {len(y)} labels")
     keys = list(range(len(x))) if keys is None else list(keys)
-    with torch.enable_grad():
-        initial = initial_candidates(static_model, x, y, cfg)
     results = []
     for i in range(len(x)):
-        res = attack_input(rmc, static_model, layer, x[i:i + 1], int(y[i]), kind, cfg, keys[i], initial[i:i + 1])
+        res = attack_input(rmc, static_model, layer, x[i:i + 1], int(y[i]), kind, cfg, keys[i], protocol)
         results.append(res)
         if on_input is not None:
             on_input(i, res)
     images = torch.cat([r.x_adv for r in results]) if results else x[:0].clone()
     return StreamResult(images, [int(v) for v in y], [r.prediction for r in results], results)
-

@@ -129,8 +129,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rmc.max_epochs": 3,                 # original 100 (early stopping with patience 5 rarely ends sooner)
         "rmc.lr": 1e-3,                      # original 1e-5, which moves the weights too little in 3 epochs
         "rmc.calib_k": 128,                  # original: K
-        "attack_rows.n": 20,                    # attack rows on the first 20 inputs (GMSA-MIN: ~1-3 s per input)
-        "attack_rows.rounds": 5,                # Chen et al. 10; most inputs fall by round 2-3 (the table states R, N)
+        "attack_rows.n": 20,                    # attack rows on the first 20 inputs (GMSA-MIN, each protocol: ~1-10 s per input)
+        "attack_rows.rounds": 5,                # Chen et al. 10; most inputs fall by round 1-3 (the table states R, N)
     },
     "paper": {
         "attack.n": 1000,                    # the original sampled 10,000 ImageNet validation images
@@ -139,7 +139,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attack.pgd": [[10, 0.05], [10, 0.1], [100, 0.1]],
         "attack.untargeted": False,
         "model.bases": ["standard", "adversarial", "denoising"],   # the original's rows: None, Adv. trained, Denoising
-        "attack_rows.attacks": ["fpa", "gmsa-avg", "gmsa-min"],   # Chen et al.'s three defense-aware attacks
+        "attack_rows.attacks": ["fpa", "gmsa-avg", "gmsa-min"],   # Chen et al.'s three defense-aware attacks (x both protocols)
         "attack_rows.autoattack": True,         # and the transfer AutoAttack row
     },
 }

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,17 +25,18 @@ from tqdm import tqdm
 
 from rmc.artifacts.evalsets import EvalSet, list_eval_sets, load_eval_sets, save_eval_sets
 from rmc.artifacts.features import evalset_source
-from rmc.attacks.defense_aware import LABELS, AttackRowsConfig, attack_input, initial_candidates
+from rmc.attacks.defense_aware import LABELS, AttackRowsConfig, initial_candidates
 from rmc.defense import build_rmc
 from rmc.defense.config import Mode, RMCConfig
 from rmc.defense.dprime import DPrime
 from rmc.errors import RMCError
-from rmc.evaluation.common import BaseModel, NeighbourSearch, digest
+from rmc.evaluation.common import BaseModel, NeighbourSearch
+from rmc.evaluation.aware_stream import AwareStream
 from rmc.evaluation.driver import evaluate_set
-from rmc.evaluation.records import RecordStream
 from rmc.evaluation.report import Table, cell_from_records, row_label
 
 TRANSFER, AWARE, WORST = "transfer", "defense-aware", "worst case"
+EOT = "EOT through RMC, adaptation held fixed"   # AutoAttack rand: gradients of the adapted net (BPDA-like)
 
 
 @dataclass
@@ -56,23 +57,43 @@ def _pgd_text(acfg: AttackRowsConfig) -> str:
     return f"PGD-{acfg.steps}, eps {_num(acfg.eps)}{step}"
 
 
+def _lane_text(acfg: AttackRowsConfig, protocol: str, kind: str) -> str:
+    lane = acfg.lane(protocol)
+    per_round = f"PGD-{lane.steps}" + (" x models" if kind == "gmsa-min" else "") + (f" x {lane.restarts} restarts" if lane.restarts > 1 else "")
+    keys = "RMC's keys known" if lane.keys_known else "RMC's keys unknown"
+    extra = ", + chen2022 fallback" if protocol == "strong" and acfg.strong_fallback else ""
+    return f"{per_round}, {lane.loss}, step {_num(lane.step_size)}, {keys}{extra}"
+
+
+def aware_key(kind: str, protocol: str) -> str:
+    return f"{kind}/{protocol}"
+
+
 def set_names(acfg: AttackRowsConfig) -> dict[str, str]:
     """Row key -> evaluation-set name. Names carry the settings, so other settings never reuse old results."""
     suffix = f"pgd{acfg.steps}-eps{_num(acfg.eps)}" + ("" if acfg.step_size is None else f"-step{_num(acfg.step_size)}")
     names = {"transfer-pgd": f"transfer-{suffix}"}
     if acfg.autoattack:
         names["transfer-autoattack"] = f"transfer-autoattack-eps{_num(acfg.eps)}"
+    if acfg.rand_n:
+        names["rand-autoattack"] = f"rand-autoattack-eps{_num(acfg.eps)}-eot{acfg.rand_eot}-steps{acfg.rand_steps}"
     for kind in acfg.attacks:
-        names[kind] = f"{kind}-r{acfg.rounds}-{acfg.loss}-{suffix}" + ("" if acfg.seed_known else "-hiddenseed")
+        for protocol in acfg.protocols:
+            strong = (f"-x{acfg.strong_steps_factor}-rs{acfg.strong_restarts}" + ("-fb" if acfg.strong_fallback else "")
+                      if protocol == "strong" else "")
+            names[aware_key(kind, protocol)] = f"{kind}-{protocol}-r{acfg.rounds}-{suffix}{strong}"
     return names
 
 
 def row_labels(acfg: AttackRowsConfig, n: int) -> dict[str, str]:
     labels = {"transfer-pgd": f"transfer {_pgd_text(acfg)}",
-              "transfer-autoattack": f"transfer AutoAttack (standard, eps {_num(acfg.eps)})"}
+              "transfer-autoattack": f"transfer AutoAttack (standard, eps {_num(acfg.eps)})",
+              "rand-autoattack": f"AutoAttack rand (APGD-CE + APGD-DLR, {acfg.rand_steps} steps, EOT {acfg.rand_eot}, "
+                                 f"eps {_num(acfg.eps)}) against episodic stateless RMC, N={min(acfg.rand_n, n)}"}
     for kind in acfg.attacks:
-        hidden = "" if acfg.seed_known else ", RMC's seed hidden"
-        labels[kind] = f"{LABELS[kind]} ({acfg.rounds} rounds of {_pgd_text(acfg)}, {acfg.loss} loss{hidden}, N={n})"
+        for protocol in acfg.protocols:
+            labels[aware_key(kind, protocol)] = (f"{LABELS[kind]} [{protocol}] ({acfg.rounds} rounds of "
+                                                 f"{_lane_text(acfg, protocol, kind)}, N={n})")
     return labels
 
 
@@ -99,44 +120,6 @@ def _cached_set(folder: Path, name: str, base: BaseModel, meta: dict) -> EvalSet
     if not same:
         raise RMCError(f"{folder} holds a set {name!r} made with other settings; delete it or use a new --out")
     return s
-
-
-def _run_defense_aware(kind: str, set_name: str, base: BaseModel, dprime: DPrime, search: NeighbourSearch,
-                       x: torch.Tensor, y: torch.Tensor, initial: torch.Tensor, cfg: RMCConfig,
-                       acfg: AttackRowsConfig, folder: Path, source: str,
-                       progress: bool) -> tuple[torch.Tensor, list[dict]]:
-    """Attack the stream `x` against a fresh online/episodic RMC, resumably. Returns (chosen images, records)."""
-    n = len(x)
-    settings = {k: v for k, v in asdict(acfg).items() if k not in ("attacks", "autoattack", "transfer_pgd", "n")}
-    fp = digest(base.sha256, base.layer, asdict(cfg), settings, kind, source, n, len(dprime))
-    rmc = build_rmc(base.model, dprime, search.all, cfg, base.layer)
-    stream = RecordStream(folder, "attack", fp)
-    adv = x.clone()
-    state = stream.load_state()
-    if state is not None:
-        done = state.pop("__adv__")
-        rmc.steps_done = int(state.pop("__steps_done__").item())
-        adv[:len(done)] = done
-        if cfg.mode is Mode.ONLINE:
-            rmc.load_state_dict(state)
-    stream.rewrite()
-    wrong = sum(r["pred"] != r["label"] for r in stream.records)
-    bar = tqdm(total=n, initial=len(stream), desc=f"{LABELS[kind]} {base.name}", unit="input",
-               disable=not progress, dynamic_ncols=True)
-    for i in range(len(stream), n):
-        res = attack_input(rmc, base.model, base.layer, x[i:i + 1], int(y[i]), kind, acfg, key=(set_name, i),
-                           initial=initial[i:i + 1])
-        adv[i] = res.x_adv[0]
-        rec = {"index": i, "label": int(y[i]), "pred": res.prediction, **res.record()}
-        saved = {"__adv__": adv[:i + 1].clone(), "__steps_done__": torch.tensor(rmc.steps_done)}
-        if cfg.mode is Mode.ONLINE:
-            saved.update(rmc.state_dict())
-        stream.append(rec, saved)
-        wrong += rec["pred"] != rec["label"]
-        bar.update(1)
-        bar.set_postfix(acc=f"{1 - wrong / len(stream):.3f}", rounds=len(res.rounds))
-    bar.close()
-    return adv, stream.records
 
 
 def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], cfg: RMCConfig, acfg: AttackRowsConfig,
@@ -176,8 +159,8 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
     pgd_meta = _attack_meta(clean, base, n, kind="transfer-pgd", eps=acfg.eps, steps=acfg.steps, step_size=step,
                             random_start=True, attack_seed=acfg.seed)
     t0 = time.perf_counter()
-    pgd_set = ensure(names["transfer-pgd"], pgd_meta, lambda: initial_candidates(base.model, x, y, acfg))
     if acfg.transfer_pgd:
+        pgd_set = ensure(names["transfer-pgd"], pgd_meta, lambda: initial_candidates(base.model, x, y, acfg))
         log(f"  {base.name}: {labels['transfer-pgd']} -> RMC")
         rows.append(AttackRow(pgd_set.name, labels["transfer-pgd"], TRANSFER, score(pgd_set),
                               {"seconds": round(time.perf_counter() - t0, 1)}))
@@ -191,34 +174,102 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
                     lambda: autoattack(base.model, x, y, acfg.eps, num_classes, seed=acfg.seed))
         rows.append(AttackRow(aa.name, labels["transfer-autoattack"], TRANSFER, score(aa),
                               {"seconds": round(time.perf_counter() - t0, 1)}))
-    for kind in acfg.attacks:
-        name = names[kind]
-        t0 = time.perf_counter()
-        log(f"  {base.name}: {labels[kind]} against RMC ({cfg.mode.value})")
-        meta = _attack_meta(clean, base, n, kind=kind, eps=acfg.eps, steps=acfg.steps, step_size=step,
-                            rounds=acfg.rounds, seed_known=acfg.seed_known, attack_seed=acfg.seed, loss=acfg.loss,
-                            rmc=asdict(cfg) | {"mode": cfg.mode.value, "scope": cfg.scope.value})
-        attack_records: list[dict] = []
-
-        def make(kind=kind, name=name):
-            adv, recs = _run_defense_aware(kind, name, base, dprime, search, x, y, pgd_set.images, cfg, acfg,
-                                           out_dir / base.name / name, evalset_source(clean), progress)
-            attack_records.extend(recs)
-            return adv
-
-        s = ensure(name, meta, make)
-        records = score(s)
-        if not attack_records:   # the set was made by an earlier run: its attack log is on disk
-            stream_path = out_dir / base.name / name / "attack.jsonl"
-            if stream_path.exists():
-                attack_records = [json.loads(line) for line in stream_path.read_text().splitlines() if line.strip()]
-        agree = sum(a["pred"] == r["pred"] for a, r in zip(attack_records, records["rmc"]))
-        info = {"seconds": round(time.perf_counter() - t0, 1), "rescore_agrees": agree,
-                "n": n, "rounds_run": sum(a.get("rounds", 0) for a in attack_records)}
-        # The static model's accuracy on a sequence crafted against RMC is no attack on it: RMC column only.
-        rows.append(AttackRow(name, labels[kind], AWARE, {"rmc": records["rmc"]}, info))
+    if acfg.rand_n:
+        rows.append(_rand_row(base, dprime, search, clean, cfg, acfg, n, num_classes, names["rand-autoattack"],
+                              labels["rand-autoattack"], sets_dir, score, log))
+    aware = [(kind, protocol) for kind in acfg.attacks for protocol in acfg.protocols]
+    metas = {a: _aware_meta(*a, clean, base, cfg, acfg, n) for a in aware}
+    pending = {a: AwareStream(*a, names[aware_key(*a)], base, dprime, search, x, y, cfg, acfg,
+                              out_dir / base.name / names[aware_key(*a)], evalset_source(clean))
+               for a in aware if _cached_set(sets_dir, names[aware_key(*a)], base, metas[a]) is None}
+    if pending:
+        _attack_in_turn(pending, n, labels, base.name, cfg, progress, log)
+    for a in aware:
+        name = names[aware_key(*a)]
+        stream = pending.get(a)
+        made = ensure(name, metas[a], lambda: stream.adv)   # noqa: B023 (called at once)
+        rows.append(_aware_row(*a, made, labels[aware_key(*a)], out_dir / base.name / name, n, acfg, score))
     rows.append(worst_case(rows, clean_records, n))
+    _figure(rows, acfg, out_dir / base.name / "rounds.png", base.name, log)
     return rows
+
+
+def _aware_meta(kind, protocol, clean, base, cfg, acfg, n) -> dict:
+    lane = acfg.lane(protocol)
+    return _attack_meta(clean, base, n, kind=kind, protocol=protocol, eps=acfg.eps, steps=lane.steps,
+                        step_size=lane.step_size, restarts=lane.restarts, loss=lane.loss, keys_known=lane.keys_known,
+                        rounds=acfg.rounds, attack_seed=acfg.seed,
+                        fallback=protocol == "strong" and acfg.strong_fallback,
+                        rmc=asdict(cfg) | {"mode": cfg.mode.value, "scope": cfg.scope.value})
+
+
+def _attack_in_turn(pending: dict, n: int, labels: dict, base_name: str, cfg: RMCConfig, progress: bool,
+                    log) -> None:
+    """Step every unfinished defense-aware row input by input, in turn: a run stopped early has the same first
+    inputs in every row (each resumes from its own records)."""
+    for kind, protocol in pending:
+        log(f"  {base_name}: {labels[aware_key(kind, protocol)]} against RMC ({cfg.mode.value})")
+    start = min(s.done for s in pending.values())
+    bar = tqdm(total=n, initial=start, desc=f"defense-aware rows {base_name}", unit="input", disable=not progress,
+               dynamic_ncols=True)
+    for i in range(start, n):
+        for stream in pending.values():
+            if stream.done == i:
+                stream.step()
+        accs = [sum(r["pred"] == r["label"] for r in s.records) / max(1, s.done) for s in pending.values()]
+        bar.update(1)
+        bar.set_postfix(acc="/".join(f"{a:.2f}" for a in accs))
+    bar.close()
+
+
+def _aware_row(kind, protocol, made: EvalSet, label: str, folder: Path, n: int, acfg: AttackRowsConfig,
+               score) -> AttackRow:
+    """One defense-aware row: its chosen sequence re-scored by a fresh RMC run, beside the attack's own records."""
+    t0 = time.perf_counter()
+    records = score(made)
+    stream_path = folder / "attack.jsonl"
+    attack_records = [json.loads(line) for line in stream_path.read_text().splitlines() if line.strip()][:n] \
+        if stream_path.exists() else []
+    agree = sum(a["pred"] == r["pred"] for a, r in zip(attack_records, records["rmc"]))
+    attack_s = sum(a.get("seconds", 0) for a in attack_records)
+    info = {"seconds": round(attack_s + time.perf_counter() - t0, 1), "attack_seconds": round(attack_s, 1),
+            "rescore_agrees": agree, "n": n, "kind": kind, "protocol": protocol, "rounds": acfg.rounds,
+            "attack_records": attack_records, "rounds_run": sum(a.get("rounds", 0) for a in attack_records)}
+    # The static model's accuracy on a sequence crafted against RMC is no attack on it: RMC column only.
+    return AttackRow(made.name, label, AWARE, {"rmc": records["rmc"]}, info)
+
+
+def _rand_row(base, dprime, search, clean, cfg, acfg, n, num_classes, name, label, sets_dir, score, log) -> AttackRow:
+    """AutoAttack's rand version against RMCClassifier (episodic, stateless, a new RMC key per call: EOT averages
+    the gradient over RMC's randomness) on the first rand_n inputs; fed to RMC like the other rows."""
+    from rmc.attacks.autoattack import autoattack_rand
+    from rmc.defense.classifier import RMCClassifier
+    t0 = time.perf_counter()
+    m = min(acfg.rand_n, n)
+    log(f"  {base.name}: {label}")
+    meta = _attack_meta(clean, base, m, kind="rand-autoattack", eps=acfg.eps, version="rand", norm="Linf",
+                        eot_iter=acfg.rand_eot, steps=acfg.rand_steps, attack_seed=acfg.seed,
+                        rmc=asdict(cfg) | {"mode": "episodic", "scope": cfg.scope.value})
+    sets_dir = sets_dir.parent / f"{sets_dir.name}-rand"    # a folder's sets share N; this row has its own
+    s = _cached_set(sets_dir, name, base, meta)
+    if s is None:
+        episodic = build_rmc(base.model, dprime, search.all, replace(cfg, mode=Mode.EPISODIC), base.layer)
+        clf = RMCClassifier(episodic, base.model, base.layer, stateful=False)
+        adv = autoattack_rand(clf, clean.images[:m], clean.labels[:m], acfg.eps, acfg.rand_eot, acfg.rand_steps,
+                              seed=acfg.seed)
+        s = EvalSet(name, adv.contiguous(), clean.labels[:m].clone(), None, clean.indices[:m].clone(), meta)
+        save_eval_sets(sets_dir, [s])
+    # Crafted against RMC: the static model's column would be no attack on it; RMC column only.
+    return AttackRow(s.name, label, EOT, {"rmc": score(s)["rmc"]}, {"seconds": round(time.perf_counter() - t0, 1)})
+
+
+def _figure(rows, acfg, path: Path, base_name: str, log) -> None:
+    curves = {r.label.split(" (")[0]: (r.info["attack_records"], r.records["rmc"]) for r in rows
+              if r.kind == AWARE and "attack_records" in r.info}
+    if curves:
+        from rmc.evaluation.rounds_figure import save_rounds_figure
+        save_rounds_figure({base_name: curves}, acfg.rounds, path)
+        log(f"  {base_name}: per-round accuracy figure {path}")
 
 
 def worst_case(rows: Sequence[AttackRow], clean_records: dict[str, list[dict]] | None, n: int) -> AttackRow:
@@ -232,8 +283,9 @@ def worst_case(rows: Sequence[AttackRow], clean_records: dict[str, list[dict]] |
             continue
         recs = []
         for i in range(n):
-            label = sources[0][i]["label"]
-            wrong = [s[i]["pred"] for s in sources if s[i]["pred"] != label]
+            here = [s[i] for s in sources if i < len(s)]   # a row on fewer inputs (AutoAttack rand) counts where it ran
+            label = here[0]["label"]
+            wrong = [r["pred"] for r in here if r["pred"] != label]
             recs.append({"index": i, "label": label, "pred": wrong[0] if wrong else label})
         out[defense] = recs
     label = "worst case per input (every row above" + (" and clean)" if clean_records else ")")
@@ -245,12 +297,17 @@ NOTES = [
     "robustness). defense-aware: crafted against the models RMC adapts into (FPA, GMSA; Chen et al., ICLR 2022), "
     "then re-scored by a fresh RMC run. Worst case: an input counts as correct only if every row (and the clean "
     "input) is classified correctly.",
+    "[chen2022]: Chen et al.'s protocol as they ran it (cross-entropy, step eps/8, best-loss iterate, GMSA-MIN with "
+    "steps x models iterations, RMC's random keys unknown to the attacker, the clean input when no round fools RMC). "
+    "[strong]: RMC's keys known, margin loss, more iterations and random restarts, then chen2022's rounds when its "
+    "own fail: never weaker than chen2022 from the same state and keys.",
     "AutoAttack's own check flags RMC as a dynamic defense (its forward pass fine-tunes the network), and "
-    "RobustBench does not list defenses with an optimisation loop in the forward pass: AutoAttack is run only "
-    "against the static model (a transfer row); it is not an AutoAttack evaluation of RMC.",
-    "Defense-aware rows use the defense's own random keys (seed_known) unless labelled otherwise; a row with "
-    "fewer rounds or inputs than the defaults (10 rounds, every input) is a weaker attack: its accuracy is an "
-    "upper bound.",
+    "RobustBench does not list defenses with an optimisation loop in the forward pass. Transfer AutoAttack attacks "
+    "only the static model; the AutoAttack rand row (if any) attacks episodic stateless RMC through gradients "
+    "that hold the adaptation fixed (BPDA-like), with reduced steps, EOT samples and N: neither is an AutoAttack "
+    "evaluation of RMC, and a high accuracy there proves nothing.",
+    "Every row is an upper bound on robust accuracy (a fixed attack budget); a row with fewer rounds or inputs "
+    "than the paper setting (10 rounds, every input) is weaker still.",
 ]
 
 
@@ -258,7 +315,7 @@ def attack_table(rows_by_base: dict[str, list[AttackRow]]) -> Table:
     """Rows = attacks (each labelled transfer / defense-aware / worst case), columns = static and + RMC per base."""
     columns: list[str] = []
     rows: dict = {}
-    checks = []
+    checks, times = [], []
     for base, attack_rows in rows_by_base.items():
         for defense in ("undefended", "rmc"):
             columns.append(row_label(base, defense))
@@ -266,15 +323,20 @@ def attack_table(rows_by_base: dict[str, list[AttackRow]]) -> Table:
             label = f"{r.label} [{r.kind}]"
             for defense, records in r.records.items():
                 rows.setdefault(label, {})[row_label(base, defense)] = cell_from_records(records)
+            short = r.label.split(" (")[0]
             if "rescore_agrees" in r.info:
-                checks.append(f"{row_label(base, 'rmc')} / {r.label.split(' (')[0]}: {r.info['rescore_agrees']} of "
+                checks.append(f"{row_label(base, 'rmc')} / {short}: {r.info['rescore_agrees']} of "
                               f"{r.info['n']}, {r.info['rounds_run']} rounds")
+            if "seconds" in r.info:
+                times.append(f"{row_label(base, 'rmc')} / {short}: {r.info['seconds']:.0f} s")
     notes = list(NOTES)
     if checks:
         notes.append("Fresh re-score agrees with the attack's own verdict on: " + "; ".join(checks) + ".")
+    if times:
+        notes.append("Wall time per row (attack + re-score): " + "; ".join(times) + ".")
     return Table(columns, {}, rows, corner="attack", notes=notes,
                  title="Attack rows (transfer vs defense-aware), worst case per input")
 
 
 def wants_attack_rows(acfg: AttackRowsConfig) -> bool:
-    return bool(acfg.attacks or acfg.transfer_pgd or acfg.autoattack)
+    return bool(acfg.attacks or acfg.transfer_pgd or acfg.autoattack or acfg.rand_n)

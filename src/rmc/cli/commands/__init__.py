@@ -82,10 +82,17 @@ def add_batch_argument(p: argparse.ArgumentParser) -> None:
 def add_attack_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of the attack rows (evaluate, run); they override the config's `attack_rows` section."""
     g = p.add_argument_group("attack rows", "transfer PGD (always), transfer AutoAttack and the defense-aware "
-                             "attacks FPA / GMSA-AVG / GMSA-MIN against RMC; the config's attack_rows section")
+                             "attacks FPA / GMSA-AVG / GMSA-MIN against RMC under each protocol; the config's attack_rows section")
     g.add_argument("--attacks", nargs="+", metavar="ATTACK",
                    choices=["fpa", "gmsa-avg", "gmsa-min", "autoattack", "none"],
                    help="rows beside transfer PGD: fpa gmsa-avg gmsa-min autoattack, or none (default: gmsa-min)")
+    g.add_argument("--protocols", nargs="+", metavar="PROTOCOL", choices=["chen2022", "strong"],
+                   help="protocols of the defense-aware attacks: chen2022 (Chen et al., ICLR 2022, as they ran it) "
+                        "and/or strong (every choice that strengthens it); default: both (attack_rows.protocols)")
+    g.add_argument("--rand-n", type=int, metavar="N",
+                   help="add AutoAttack's rand version (EOT) against episodic stateless RMC on the first N inputs "
+                        "(attack_rows.rand_n; each gradient is a full adaptation: keep N small)")
+    g.add_argument("--rand-eot", type=int, metavar="E", help="its EOT samples per gradient (attack_rows.rand_eot)")
     g.add_argument("--rounds", type=int, help="rounds per input of the defense-aware attacks (attack_rows.rounds)")
     g.add_argument("--attack-n", type=int, help="inputs in the attack rows (attack_rows.n; default: all)")
     g.add_argument("--attack-eps", help="L-inf eps of the attack rows, e.g. 0.1 or 8/255 (attack_rows.eps)")
@@ -108,12 +115,16 @@ def attack_overrides(args) -> list[tuple[str, object]]:
             raise RMCError("--attacks none means no rows beside transfer PGD; do not combine it with other attacks")
         out += [("attack_rows.attacks", [a for a in args.attacks if a not in ("none", "autoattack")]),
                 ("attack_rows.autoattack", "autoattack" in args.attacks)]
-    if args.rounds is not None:
-        out.append(("attack_rows.rounds", args.rounds))
+    if args.protocols:
+        out.append(("attack_rows.protocols", list(args.protocols)))
+    for flag, key in (("rand_n", "rand_n"), ("rand_eot", "rand_eot"), ("rounds", "rounds")):
+        if getattr(args, flag) is not None:
+            out.append((f"attack_rows.{key}", getattr(args, flag)))
     if args.attack_n is not None:
         out.append(("attack_rows.n", args.attack_n))
     if args.attack_eps is not None:
         out.append(("attack_rows.eps", parse_number(args.attack_eps, "--attack-eps")))
     if args.no_attack_rows:
-        out += [("attack_rows.attacks", []), ("attack_rows.autoattack", False), ("attack_rows.transfer_pgd", False)]
+        out += [("attack_rows.attacks", []), ("attack_rows.autoattack", False), ("attack_rows.transfer_pgd", False),
+                ("attack_rows.rand_n", 0)]
     return out
