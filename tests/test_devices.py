@@ -1,7 +1,13 @@
 """Device cleanliness without a GPU: PyTorch's meta device runs the arithmetic without values and refuses any CPU
 tensor that reaches a meta model, so a path that forgets to move a tensor fails here as it would on a GPU."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
 from rmc.attacks.gradient import fgsm, pgd
@@ -41,3 +47,14 @@ def test_calibration_augmentation_and_dprime_rows_follow_the_device():
     assert xs.device.type == ys.device.type == "meta" and xs.dtype == torch.float32
     xs, ys = dprime.gather(np.array([3, 1, 2]))                   # the CPU: values, in the order asked
     assert torch.equal(ys, torch.tensor([3, 1, 2])) and torch.equal(xs[0], images[3].float() / 255)
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_the_cpu_as_a_smoke_test(tmp_path):
+    out = tmp_path / "gc.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    subprocess.run([sys.executable, str(script), "--device", "cpu", "--dprime", "500", "--inputs", "2", "--batch", "2",
+                    "--out", str(out)], check=True, timeout=600, capture_output=True)
+    got = json.loads(out.read_text())
+    assert got["device"] == "cpu" and "/cpu-" in got["compute"] and "/fp32/" in got["compute"]
+    assert got["online_s_per_input"] > 0 and got["batched_agreement"] == 1.0
