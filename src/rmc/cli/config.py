@@ -91,6 +91,9 @@ class AttackConfig:
                 raise RMCError(f"attack.pgd entries are [steps, eps] pairs (steps >= 1, 0 < eps <= 1), got {pair!r}")
         if self.pgd_step_size is not None:
             check_positive(self.pgd_step_size, "attack.pgd_step_size")
+        if self.pgd and not (self.untargeted or self.targeted):
+            raise RMCError("attack.untargeted and attack.targeted are both false, so attack.pgd makes no set; "
+                           "set one of them to true or attack.pgd to []")
         return self
 
 
@@ -301,9 +304,6 @@ def validate_before_work(cfg: RunConfig) -> None:
     from rmc.models.features import get_layer
 
     import torch
-    if cfg.attack.pgd and not (cfg.attack.untargeted or cfg.attack.targeted):
-        raise RMCError("attack.untargeted and attack.targeted are both false, so attack.pgd makes no set; "
-                       "set one of them to true or attack.pgd to []")
     if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
         raise RMCError(f"train.device = {cfg.train.device!r} but CUDA is not available here; set train.device: cpu")
     train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size)

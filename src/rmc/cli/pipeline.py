@@ -78,9 +78,6 @@ def ensure_model(path: Path, train, test, cfg, log):
 
 
 def attack_specs(cfg) -> list[AttackSpec]:
-    if cfg.pgd and not (cfg.untargeted or cfg.targeted):
-        raise RMCError("attack.untargeted and attack.targeted are both false, so attack.pgd makes no set; "
-                       "set one of them to true or attack.pgd to []")
     specs = [AttackSpec("clean")] + [AttackSpec("fgsm", eps=float(e)) for e in cfg.fgsm_eps]
     for pair in cfg.pgd:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
