@@ -462,7 +462,7 @@ def main(argv=None):
     unknown = sorted(set(sections) - set(ALL_SECTIONS))
     if unknown:
         ap.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(ALL_SECTIONS)}")
-    c_kernels = kernels.load() is not None          # built here on first use (a second or two), then cached
+    c_kernels = kernels.load()          # built here on first use (~20 s), then cached
     log(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}, {args.threads} thread(s), C kernels "
         f"{'on' if c_kernels else 'OFF (no compiler?)'}, load average {os.getloadavg()[0]:.2f}")
     t0 = time.perf_counter()

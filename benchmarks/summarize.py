@@ -48,13 +48,13 @@ def main(path):
     ab = r.get("ablation")
     if ab:
         no_kernels = ab.get("fast-path-no-kernels")   # (older results files have no such variant)
-        nk = f" (without its C kernels {no_kernels['s_per_input']:.3f})" if no_kernels else ""
+        nk = f" (without its kernels {no_kernels['s_per_input']:.3f})" if no_kernels else ""
         out.append(f"- ablation ({ab['inputs']} inputs, fp32): fast path {ab['fast-path']['s_per_input']:.3f} s/input{nk}, "
                    f"plain model {ab['plain-model']['s_per_input']:.3f} s/input; same predictions {ab['same_predictions'] * 100:.0f}%")
         st = ab.get("step")
         if st:
             nk = st["step_s"].get("fast_path_no_kernels")
-            nk = f" (without its C kernels {nk * 1e3:.1f} ms)" if nk else ""
+            nk = f" (without its kernels {nk * 1e3:.1f} ms)" if nk else ""
             out.append(f"- one training step of {st['batch']}: fast path {st['step_s']['fast_path'] * 1e3:.1f} ms{nk}, plain "
                        f"model {st['step_s']['plain_model'] * 1e3:.1f} ms; the 3x3 convolutions alone "
                        f"{st['convolutions_s'] * 1e3:.1f} ms ({st['convolutions_share_of_fast_step'] * 100:.0f}% of the fast step)")

@@ -8,9 +8,9 @@ if command -v apt-get >/dev/null 2>&1 && [ ! -f /usr/share/datasets/fashion-mnis
     # The embedded default data set (Fashion-MNIST, IDX files) comes from Debian.
     apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
-if command -v apt-get >/dev/null 2>&1 && ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
-    # A C compiler for the fast path's kernels (rmc.kernels, built on first use; without one rmc runs slower).
-    apt-get update -qq && apt-get install -y -qq gcc >/dev/null
+if command -v apt-get >/dev/null 2>&1 && ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1; then
+    # A C++ compiler for the fast path's kernels (rmc.defense.kernels, built on first use; without one rmc runs slower).
+    apt-get update -qq && apt-get install -y -qq g++ >/dev/null
 fi
 python3 -m pip install -q torch==2.13.0
 if [ "${1:-}" = "test" ]; then

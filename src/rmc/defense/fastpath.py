@@ -13,11 +13,11 @@
 - A first convolution with a tiny reduction (C_in x kh x kw <= 32) runs on the CPU as a matrix product over image
   patches (`_PatchConv`), bias included as a column of ones; its weight gradient is one more matrix product.
 - **Convolution -> 2 x 2 max-pooling -> ReLU** and **convolution -> ReLU -> global average pooling** become one
-  module each (`ConvPoolRelu`, `ConvReluGap`). On the CPU, with the compiled C kernels of `rmc.defense.kernels`, a first
+  module each (`ConvPoolRelu`, `ConvReluGap`). On the CPU, with the kernels of `rmc.defense.kernels` (operators `torch.ops.rmc.*`), a first
   layer runs as one pass that never writes the full-resolution map (forward: convolution, pooling, ReLU and a
   one-byte argmax; backward: the weight and bias gradients straight from the pooled gradient); other layers run
   the convolution without its bias and add the bias in the pooling kernel (it commutes with max-pooling), whose
-  backward writes the input gradient once and gives the bias gradient. Without a C compiler the same modules run
+  backward writes the input gradient once and gives the bias gradient. Without a C++ compiler the same modules run
   the PyTorch operations above.
 
 The returned module shares every parameter and buffer with `model` (nothing is copied), so optimising `model`'s
@@ -161,103 +161,8 @@ def relu_global_avg_pool(x: torch.Tensor) -> torch.Tensor:
     return _ReluGlobalAvgPool.apply(x)
 
 
-class _ConvPoolReluKernel(torch.autograd.Function):
-    """relu(max_pool(conv(x))) through the C kernel (`rmc/kernels/conv_pool_relu.c`); x needs no gradient."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, padding, lib):
-        n, c, h, w = x.shape
-        co, _, kh, kw = weight.shape
-        (ph, pw), dims = padding, (n, c, h, w, kh, kw, padding[0], padding[1], co)
-        ho, wo = (h + 2 * ph - kh + 1) // 2, (w + 2 * pw - kw + 1) // 2
-        x = x.contiguous()
-        wt = weight.detach().reshape(co, -1).t().contiguous()
-        b = bias.detach().contiguous() if bias is not None else x.new_zeros(co)
-        y = x.new_empty(n, ho, wo, co)
-        idx = torch.empty(n, ho, wo, co, dtype=torch.uint8)
-        _checked(lib.stem_forward(x.data_ptr(), wt.data_ptr(), b.data_ptr(), y.data_ptr(), idx.data_ptr(), *dims))
-        ctx.save_for_backward(x, idx)
-        ctx.meta = (dims, weight.shape, bias is not None, lib)
-        return y.permute(0, 3, 1, 2)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, idx = ctx.saved_tensors
-        dims, wshape, has_bias, lib = ctx.meta
-        g = grad.permute(0, 2, 3, 1).contiguous().float()       # a view when grad is channels-last
-        gwt, gb = x.new_empty(wshape[1] * wshape[2] * wshape[3], wshape[0]), x.new_empty(wshape[0])
-        _checked(lib.stem_backward(x.data_ptr(), g.data_ptr(), idx.data_ptr(), gwt.data_ptr(), gb.data_ptr(), *dims))
-        gw = gwt.t().reshape(wshape) if ctx.needs_input_grad[1] else None
-        return None, gw, gb if has_bias and ctx.needs_input_grad[2] else None, None, None
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    """A tensor's address for ctypes, None (NULL) for no tensor."""
-    return None if t is None else t.data_ptr()
-
-
-def _checked(rc: int) -> None:
-    if rc:
-        raise RuntimeError("rmc: a C kernel refused its arguments (a bug: please report it)")
-
-
-class _PoolReluKernel(torch.autograd.Function):
-    """relu(max_pool2d(h, 2) + bias) of a channels-last float32 map (a convolution's output without its bias)
-    through the C kernel, with a one-pass backward that also gives the bias gradient."""
-
-    @staticmethod
-    def forward(ctx, h, bias, lib):
-        n, c, hh, ww = h.shape
-        y = h.new_empty(n, hh // 2, ww // 2, c)
-        idx = torch.empty(n, hh // 2, ww // 2, c, dtype=torch.uint8)
-        b = bias.detach().contiguous() if bias is not None else None
-        _checked(lib.pool_relu_forward(h.data_ptr(), _ptr(b), y.data_ptr(), idx.data_ptr(), n, hh, ww, c))
-        ctx.save_for_backward(idx)
-        ctx.meta = (h.shape, bias is not None, lib)
-        return y.permute(0, 3, 1, 2)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (idx,) = ctx.saved_tensors
-        (n, c, hh, ww), has_bias, lib = ctx.meta
-        g = grad.permute(0, 2, 3, 1).contiguous().float()       # a view when grad is channels-last
-        gh = g.new_empty(n, hh, ww, c)
-        gb = g.new_empty(c) if has_bias else None
-        _checked(lib.pool_relu_backward(g.data_ptr(), idx.data_ptr(), gh.data_ptr(), _ptr(gb), n, hh, ww, c))
-        return gh.permute(0, 3, 1, 2), gb, None
-
-
-class _ReluGapKernel(torch.autograd.Function):
-    """relu(h + bias) averaged over the spatial positions (N x C x 1 x 1) of a channels-last float32 map, through
-    the C kernel; the backward gives the bias gradient from per-channel counts."""
-
-    @staticmethod
-    def forward(ctx, h, bias, lib):
-        n, c, hh, ww = h.shape
-        y = h.new_empty(n, c)
-        mask = torch.empty(n, hh * ww, c, dtype=torch.uint8)
-        count = h.new_empty(n, c)
-        b = bias.detach().contiguous() if bias is not None else None
-        _checked(lib.relu_gap_forward(h.data_ptr(), _ptr(b), y.data_ptr(), mask.data_ptr(), count.data_ptr(),
-                                      n, hh * ww, c))
-        ctx.save_for_backward(mask, count)
-        ctx.meta = (h.shape, bias is not None, lib)
-        return y.view(n, c, 1, 1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        mask, count = ctx.saved_tensors
-        (n, c, hh, ww), has_bias, lib = ctx.meta
-        g = grad.reshape(n, c).contiguous().float()
-        gh = g.new_empty(n, hh, ww, c)
-        gb = g.new_empty(c) if has_bias else None
-        _checked(lib.relu_gap_backward(g.data_ptr(), mask.data_ptr(), count.data_ptr(), gh.data_ptr(), _ptr(gb),
-                                       n, hh * ww, c))
-        return gh.permute(0, 3, 1, 2), gb, None
-
-
 def _is_pool2(pool: nn.MaxPool2d) -> bool:
-    """2 x 2 max-pooling with stride 2, no padding or dilation, floor mode (what the C kernels implement)."""
+    """2 x 2 max-pooling with stride 2, no padding or dilation, floor mode (what the kernels implement)."""
     stride = pool.stride if pool.stride is not None else pool.kernel_size
     return (_pair(pool.kernel_size) == _pair(stride) == (2, 2) and _pair(pool.padding) == (0, 0)
             and _pair(pool.dilation) == (1, 1) and not pool.ceil_mode and not pool.return_indices)
@@ -272,18 +177,18 @@ def _conv_parts(mod: nn.Module) -> tuple[nn.Conv2d, torch.Tensor, torch.Tensor |
 
 
 def _kernel_ready(x: torch.Tensor, parts, first_layer: bool = False) -> bool:
-    """The C kernels apply: a float32 CPU input, a foldable convolution with a multiple of 16 output channels in
-    float32, the compiled library, and outside autocast unless it is a first layer (whose kernel computes in
+    """The kernels apply: a float32 CPU input, a foldable convolution with a multiple of 16 output channels in
+    float32, the built operators, and outside autocast unless it is a first layer (whose kernel computes in
     float32 from the float32 input; later convolutions would give bfloat16 maps)."""
     return (parts is not None and x.device.type == "cpu" and x.dtype == torch.float32
             and parts[1].dtype == torch.float32 and parts[0].out_channels % 16 == 0
-            and (first_layer or not torch.is_autocast_enabled("cpu")) and kernels.load() is not None)
+            and (first_layer or not torch.is_autocast_enabled("cpu")) and kernels.load())
 
 
 def _map_ready(h: torch.Tensor) -> bool:
     """A map the pooling kernels take: channels-last float32 on the CPU, channels a multiple of 16."""
     return (h.dim() == 4 and h.device.type == "cpu" and h.dtype == torch.float32 and h.shape[1] % 16 == 0
-            and h.is_contiguous(memory_format=torch.channels_last) and kernels.load() is not None)
+            and h.is_contiguous(memory_format=torch.channels_last) and kernels.load())
 
 
 def _with_bias(h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -302,7 +207,7 @@ def _conv_without_bias(mod: nn.Module, x: torch.Tensor, parts) -> tuple[torch.Te
 class ConvPoolRelu(nn.Module):
     """conv (or conv + folded batch-norm) -> max-pooling -> ReLU, sharing the given modules.
 
-    With the compiled C kernels on the CPU (float32, 2 x 2 pooling): a first layer (tiny reduction, stride 1, input
+    With the kernels on the CPU (float32, 2 x 2 pooling): a first layer (tiny reduction, stride 1, input
     needing no gradient) runs as one kernel that never writes the full-resolution map; other layers run the
     convolution without its bias, then pooling, bias and ReLU in one kernel (the bias commutes with max-pooling).
     Otherwise the three steps run as PyTorch operations.
@@ -319,17 +224,18 @@ class ConvPoolRelu(nn.Module):
         if parts is not None and _stem_eligible(parts[0], x) and _pair(parts[0].stride) == (1, 1) \
                 and _kernel_ready(x, parts, first_layer=True):
             conv, weight, bias = parts
-            return _ConvPoolReluKernel.apply(x, weight, bias, _pair(conv.padding), kernels.load())
+            bias = bias if bias is not None else weight.new_zeros(weight.shape[0])
+            return torch.ops.rmc.conv_pool_relu(x, weight, bias, _pair(conv.padding))[0]
         h, bias = _conv_without_bias(self.conv, x, parts)
         if _map_ready(h):
-            return _PoolReluKernel.apply(h, bias, kernels.load())
+            return torch.ops.rmc.pool_relu(h, bias)[0]
         return F.relu(self.pool(_with_bias(h, bias)))
 
 
 class ConvReluGap(nn.Module):
     """conv (or conv + folded batch-norm) -> ReLU -> global average pooling (N x C x 1 x 1), sharing the module.
 
-    With the compiled C kernels on the CPU (float32): the convolution without its bias, then bias, ReLU and pooling
+    With the kernels on the CPU (float32): the convolution without its bias, then bias, ReLU and pooling
     in one kernel whose backward also gives the bias gradient. Otherwise `relu_global_avg_pool(conv(x))`.
     """
 
@@ -340,7 +246,7 @@ class ConvReluGap(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, bias = _conv_without_bias(self.conv, x, _conv_parts(self.conv))
         if _map_ready(h):
-            return _ReluGapKernel.apply(h, bias, kernels.load())
+            return torch.ops.rmc.relu_gap(h, bias)[0]
         return relu_global_avg_pool(_with_bias(h, bias))
 
 

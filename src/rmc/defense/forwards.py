@@ -64,8 +64,9 @@ def forward_factory(dprime, index, config, feature_layer: str | None = None) -> 
 
 def compute_path(config, device: torch.device | str) -> str:
     """What decides RMC's numerics in this process, e.g. 'fast+kernels/cpu-AVX512/fp32/1t': the forward (plain, the
-    rewritten graph, with the C kernels where they load), the device and its instruction set (ATen's, and oneDNN's
-    limit if set), the precision and torch's threads (1 vs 2 threads moved logits by ~1e-6 here). Records carry it,
+    rewritten graph, with the kernels of rmc.defense.kernels where they load), the device and its instruction set
+    (ATen's, which also picks the kernels' copy, and oneDNN's limit if set), the precision and torch's threads (1 vs
+    2 threads moved logits by ~1e-6 here). Records carry it,
     and a stream refuses to continue under another (rmc.evaluation.driver)."""
     import os
 
@@ -73,7 +74,7 @@ def compute_path(config, device: torch.device | str) -> str:
     device = torch.device(device)
     forward = "plain"
     if config.fast_path:
-        forward = "fast+kernels" if device.type == "cpu" and kernels.load() is not None else "fast"
+        forward = "fast+kernels" if device.type == "cpu" and kernels.load() else "fast"
     if device.type == "cpu":
         where = f"cpu-{torch.backends.cpu.get_cpu_capability()}"
         if os.environ.get("ONEDNN_MAX_CPU_ISA"):

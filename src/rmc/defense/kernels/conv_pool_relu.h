@@ -12,10 +12,10 @@
  * first of equal values, as PyTorch's max-pooling), or 255 where ReLU zeroed the output (no gradient flows there).
  * Convolution stride 1, zero padding (PH, PW); pooling kernel 2, stride 2, no padding, floor mode. CO must be a
  * multiple of 16. Returns 0, or -1 for arguments out of range.
+ *
+ * This file is included by ops.cpp once per instruction set, inside a namespace and a `#pragma GCC target` (as ATen
+ * compiles its CPU kernels once per capability), so it includes nothing itself; RMC_AVX512 marks the AVX-512 copy.
  */
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
 #define MAX_K 32
 #define VW 16
@@ -26,8 +26,7 @@ typedef uint8_t vb __attribute__((vector_size(VW)));
 
 /* One byte per lane, to and from memory. GCC turns the generic conversion into 16 single-byte moves, which made
  * the backward pass 2x slower: with AVX-512 one instruction does it. */
-#ifdef __AVX512F__
-#include <immintrin.h>
+#ifdef RMC_AVX512
 static inline vi load_bytes(const uint8_t *p) { return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
 static inline void store_bytes(uint8_t *p, vi v) { _mm_storeu_si128((__m128i *)p, _mm512_cvtepi32_epi8((__m512i)v)); }
 #else
@@ -79,7 +78,7 @@ static int make_plan(plan_t *pl, int C, int H, int W, int KH, int KW, int PH, in
     for (int c = 0; c < C; c++)
         for (int a = 0; a < KH; a++)
             for (int b = 0; b < KW; b++) pl->off[k++] = (c * pl->HP + a) * pl->WP + b;
-    pl->xp = malloc(sizeof(float) * (size_t)C * pl->HP * pl->WP);
+    pl->xp = (float *)malloc(sizeof(float) * (size_t)C * pl->HP * pl->WP);
     return pl->xp ? 0 : -1;
 }
 

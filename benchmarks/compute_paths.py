@@ -1,0 +1,136 @@
+"""Online RMC's compute paths side by side, on both x86 instruction sets, each against the naive reference in the same run.
+
+    python benchmarks/compute_paths.py            # quick: 8 inputs per path (a smoke test, ~5 minutes on 2 cores)
+    python benchmarks/compute_paths.py --full     # the table of benchmarks/README.md: 100 inputs per path
+
+Paths (default-run settings, fp32, one thread):
+  plain            the model as it is (rmc.fast_path false)
+  fast             the rewritten graph (rmc.defense.fastpath) with PyTorch operations only (kernels off)
+  fast+kernels     the rewritten graph with the kernels of rmc.defense.kernels (the default)
+  compiled         torch.compile (inductor) of the model: forward and, through AOTAutograd, backward
+  compiled fast+kernels   torch.compile of the rewritten graph, kernels included (they are operators it can trace)
+
+Each instruction set runs in its own processes (oneDNN and ATen read their limits once, at start): native, and AVX2
+emulated with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2. The compiled paths run in a process of their own,
+with the reference again, so that a crash of the compiler costs only their row. In every process the paths step
+through the same inputs interleaved (benchmarks/bench.py's run_interleaved), so load from other processes falls on
+all alike; the ratios are what to compare across machines, the seconds only on this one.
+Results: <workdir>/compute-paths[-full].json and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ISAS = {"AVX512 (native)": {}, "AVX2 (emulated)": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
+GROUPS = {"eager": ("plain", "fast", "fast+kernels"), "compiled": ("compiled", "compiled fast+kernels")}
+
+
+def child(group: str, n: int, workdir: Path) -> dict:
+    """Runs the reference and `group`'s paths on n inputs in this process; returns their statistics."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import torch
+    from bench import run_interleaved, rmc_impl, without_kernels
+    from common import DEFAULT_RUN_DPRIME, LAYER, get_dprime, get_model, make_bank, run_cfg, subset_rows, test_inputs
+    from reference import NaiveRMC
+
+    from rmc.defense import RMC, build_rmc, kernels
+    from rmc.defense.fastpath import fast_forward
+    from rmc.defense.forwards import PlainForward, compute_path
+    from rmc.defense.knn import NeighbourIndex
+
+    torch.set_num_threads(1)
+    model, info = get_model(workdir)
+    images, labels, copies, feats = get_dprime(workdir, model, info, LAYER)
+    rows = subset_rows(len(images) // 4, DEFAULT_RUN_DPRIME, 3)
+    bank = make_bank(images[rows], labels[rows], copies[rows])
+    feats_run = feats[rows]
+    x, y, q = test_inputs(n + 1, model, LAYER)          # the last one is run_interleaved's untimed warm-up
+    cfg = run_cfg()
+    index = NeighbourIndex(feats_run)
+    sample = bank.gather(range(8))[0]
+    ref = NaiveRMC(model, bank.images.numpy(), bank.labels.numpy(), feats_run, cfg, seed=0)
+    impls = {"reference": lambda xi, fi, i: ref.step(xi, fi)}
+    paths = {}
+    if group == "eager":
+        impls["plain"] = rmc_impl(build_rmc(model, bank, index, run_cfg(fast_path=False), LAYER))
+        impls["fast"] = without_kernels(rmc_impl(build_rmc(model, bank, index, cfg, LAYER)))
+        impls["fast+kernels"] = rmc_impl(build_rmc(model, bank, index, cfg, LAYER))
+        paths = {"plain": compute_path(run_cfg(fast_path=False), "cpu"), "fast+kernels": compute_path(cfg, "cpu")}
+    else:
+        compiled = RMC(model, bank, index, run_cfg(fast_path=False), LAYER,
+                       forward=lambda m: PlainForward(torch.compile(m)))
+        compiled_fast = RMC(model, bank, index, cfg, LAYER,
+                            forward=lambda m: PlainForward(torch.compile(fast_forward(m, sample))))
+        impls["compiled"], impls["compiled fast+kernels"] = rmc_impl(compiled), rmc_impl(compiled_fast)
+    t0 = time.perf_counter()
+    res = run_interleaved(impls, x, y, q, n, group)
+    for k, r in res.items():
+        r["speedup_vs_reference"] = res["reference"]["s_per_input"] / r["s_per_input"]
+        r["agreement_with_reference"] = sum(a == b for a, b in zip(r["preds"], res["reference"]["preds"])) / n
+        del r["preds"]
+    return {"paths": res, "seconds": time.perf_counter() - t0, "kernels": kernels.load(),
+            "capability": torch.backends.cpu.get_cpu_capability(), "compute_paths": paths,
+            "loadavg": os.getloadavg()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="100 inputs per path (the README's table)")
+    ap.add_argument("--n", type=int, default=None, help="inputs per path (default 8, or 100 with --full)")
+    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("RMC_BENCH_DIR", "/tmp/rmc-bench")))
+    ap.add_argument("--child", choices=list(GROUPS), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    n = args.n or (100 if args.full else 8)
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, n, args.workdir)), flush=True)
+        return
+    out = {"inputs": n, "cpus": os.cpu_count(), "results": {}}
+    for isa, env in ISAS.items():
+        for group in GROUPS:
+            print(f"[{isa}] {group} paths, {n} inputs ...", flush=True)
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--child", group, "--n", str(n), "--workdir",
+                                   str(args.workdir)], env={**os.environ, **env}, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                why = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+                print(f"[{isa}] {group}: the process failed (exit {proc.returncode}): {why}", flush=True)
+                out["results"][f"{isa}/{group}"] = {"failed": proc.returncode, "why": why}
+                continue
+            out["results"][f"{isa}/{group}"] = json.loads(lines[-1][len("RESULT "):])
+            print(f"[{isa}] {group} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    path = args.workdir / f"compute-paths{'-full' if args.full else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(path)
+    print(table(out))
+    print(f"results in {path}")
+
+
+def table(out: dict) -> str:
+    lines = [f"| instruction set | path | s / input | vs reference (same process) | accuracy | same class as "
+             f"reference |", "|---|---|---|---|---|---|"]
+    for key, r in out["results"].items():
+        isa, group = key.split("/")
+        if "failed" in r:
+            for path in GROUPS[group]:
+                lines.append(f"| {isa} | {path} | crashed (exit {r['failed']}) | - | - | - |")
+            continue
+        for path, s in r["paths"].items():
+            if path == "reference" and group != "eager":
+                continue
+            lines.append(f"| {isa} | {path} | {s['s_per_input']:.3f} | {s['speedup_vs_reference']:.2f}x | "
+                         f"{s['accuracy'] * 100:.0f}% | {s['agreement_with_reference'] * 100:.0f}% |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
