@@ -71,10 +71,10 @@ def child(group: str, n: int, workdir: Path) -> dict:
         impls["compiled"], impls["compiled fast+kernels"] = rmc_impl(compiled), rmc_impl(compiled_fast)
     t0 = time.perf_counter()
     res = run_interleaved(impls, x, y, q, n, group)
-    for k, r in res.items():
+    ref_preds = res["reference"]["preds"]
+    for r in res.values():
         r["speedup_vs_reference"] = res["reference"]["s_per_input"] / r["s_per_input"]
-        r["agreement_with_reference"] = sum(a == b for a, b in zip(r["preds"], res["reference"]["preds"])) / n
-        del r["preds"]
+        r["agreement_with_reference"] = sum(a == b for a, b in zip(r.pop("preds"), ref_preds)) / n
     return {"paths": res, "seconds": time.perf_counter() - t0, "kernels": kernels.load(),
             "capability": torch.backends.cpu.get_cpu_capability(), "compute_paths": paths,
             "loadavg": os.getloadavg()}
@@ -122,7 +122,7 @@ def table(out: dict) -> str:
         isa, group = key.split("/")
         if "failed" in r:
             for path in GROUPS[group]:
-                lines.append(f"| {isa} | {path} | crashed (exit {r['failed']}) | - | - | - |")
+                lines.append(f"| {isa} | {path} | failed (exit {r['failed']}: {r['why'][:80]}) | - | - | - |")
             continue
         for path, s in r["paths"].items():
             if path == "reference" and group != "eager":

@@ -23,10 +23,10 @@ from rmc.artifacts.dprime import open_dprime_store
 from rmc.artifacts.evalsets import load_eval_sets
 from rmc.artifacts.features import load_features, store_source
 from rmc.cli.config import load_config, to_dict
-from rmc.cli.pipeline import run_folders
 from rmc.errors import RMCError
 from rmc.evaluation.common import BaseModel
 from rmc.evaluation.driver import evaluate
+from rmc.evaluation.run_records import stage_folders
 from rmc.evaluation.stats import Rate
 from rmc.models import default_layer, load_checkpoint
 
@@ -60,7 +60,7 @@ def load_run(run: Path):
     if not run.is_dir():
         raise RMCError(f"run directory {run} not found; run `rmc run --out {run}` first")
     saved = yaml.safe_load(need(run / "config.yaml", "the run's configuration").read_text()) or {}
-    where = run_folders(run, "standard")
+    where = stage_folders(run, "standard")
     model, info = load_checkpoint(need(where["model"], "the static model"))
     store = open_dprime_store(need(where["dprime"], "D'"))
     layer = (saved.get("model") or {}).get("layer") or default_layer(model)

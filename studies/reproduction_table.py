@@ -14,16 +14,16 @@ import argparse
 import json
 from pathlib import Path
 
-from rmc.cli.pipeline import run_folders
 from rmc.errors import RMCError
 from rmc.evaluation.driver import BASELINES
 from rmc.evaluation.report import Table
+from rmc.evaluation.run_records import stage_folders
 
 
 def read_records(run: Path, base: str) -> tuple[dict, list[float]]:
     """{base: {set: {defense: records}}} and the seconds of every RMC input, from the run's results folder."""
     try:
-        folder = run_folders(run, base).get("results")
+        folder = stage_folders(run, base).get("results")
     except RMCError:
         folder = None
     if folder is None or not folder.is_dir():

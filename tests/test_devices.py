@@ -58,3 +58,43 @@ def test_gpu_check_runs_on_the_cpu_as_a_smoke_test(tmp_path):
     got = json.loads(out.read_text())
     assert got["device"] == "cpu" and "/cpu-" in got["compute"] and "/fp32/" in got["compute"]
     assert got["online_s_per_input"] > 0 and got["batched_agreement"] == 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("command", [
+    ["train", "--dataset", "digits", "--out", "{tmp}/m.safetensors"],
+    ["attack", "--model", "{tmp}/m.safetensors", "--out", "{tmp}/sets"],
+    ["augment", "--model", "{tmp}/m.safetensors", "--out", "{tmp}/dprime"],
+    ["features", "--model", "{tmp}/m.safetensors", "--store", "{tmp}/dprime", "--out", "{tmp}/f"],
+    ["evaluate", "--model", "{tmp}/m.safetensors", "--store", "{tmp}/dprime", "--evalsets", "{tmp}/sets",
+     "--out", "{tmp}/results"],
+    ["visualize", "--model", "{tmp}/m.safetensors", "--store", "{tmp}/dprime", "--features", "{tmp}/f.npy",
+     "--evalsets", "{tmp}/sets"],
+    ["run", "--out", "{tmp}/run"],
+])
+def test_every_computing_command_takes_the_device_and_refuses_a_missing_gpu_first(command, tmp_path, capsys):
+    """--device on each command, checked before any file is read or written (none of the files above exist)."""
+    from rmc.cli import main as cli
+    assert cli([a.format(tmp=tmp_path) for a in command] + ["--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "CUDA is not available here" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_ray_with_a_gpu_device_is_refused():
+    from rmc.cli.commands import check_ray_device
+    from rmc.errors import RMCError
+    with pytest.raises(RMCError, match="--ray runs RMC on CPU workers"):
+        check_ray_device("local", "cuda:0")
+    check_ray_device(None, "cuda")
+    check_ray_device("local", "cpu")
+
+
+def test_a_model_trained_on_one_device_serves_a_run_on_another():
+    """The model stage is named by its training settings with the device left out, so `rmc run --device cuda`
+    reuses models a CPU run trained (and keeps the names of runs made before)."""
+    from rmc.cli.pipeline import stage_key, training_settings
+    from rmc.training import TrainConfig
+    on_cpu, on_gpu = TrainConfig(), TrainConfig(device="cuda")
+    assert stage_key(training_settings(on_cpu)) == stage_key(training_settings(on_gpu))
+    assert stage_key(training_settings(on_cpu)) != stage_key(training_settings(TrainConfig(epochs=on_cpu.epochs + 1)))

@@ -316,3 +316,28 @@ def test_every_figure_renders_in_a_headless_browser_offline(run_dir, tmp_path):
     for alt, complete, natural, shown in images:
         assert complete and natural > 100 and shown > 100, alt
     assert [u for u in requests if not u.startswith(("file:", "data:"))] == []   # nothing from the network
+
+
+def test_stage_folders_follow_results_json_else_the_newest(tmp_path):
+    """One lookup for the report and the studies: the folders results.json names (re-rooted: the run moved), else,
+    for a run still going, the newest of each kind."""
+    import os
+
+    from rmc.evaluation.run_records import stage_folders
+    run = tmp_path / "run"
+    for i, key in enumerate(("aaaa1111", "bbbb2222")):
+        (run / "models").mkdir(parents=True, exist_ok=True)
+        (run / "models" / f"standard-{key}.safetensors").write_text("")
+        (run / "results" / key / "standard").mkdir(parents=True)
+        for p in (run / "models" / f"standard-{key}.safetensors", run / "results" / key / "standard"):
+            os.utime(p, (1000 + i, 1000 + i))
+    assert stage_folders(run)["results"] == run / "results" / "bbbb2222" / "standard"
+    assert stage_folders(run)["model"] == run / "models" / "standard-bbbb2222.safetensors"
+    elsewhere = "/old/place/run"
+    (run / "results.json").write_text(json.dumps({"stage_dirs": {"standard": {
+        "results": f"{elsewhere}/results/aaaa1111/standard", "model": f"{elsewhere}/models/standard-aaaa1111.safetensors"}}}))
+    found = stage_folders(run)
+    assert found["results"] == run / "results" / "aaaa1111" / "standard"
+    assert found["model"] == run / "models" / "standard-aaaa1111.safetensors"
+    with pytest.raises(RMCError, match="no stage of base model 'adversarial'"):
+        stage_folders(run, "adversarial")

@@ -60,12 +60,20 @@ class StageTimer:
         return out
 
 
+def training_settings(cfg: TrainConfig | dict) -> dict:
+    """What a trained model is named and matched by: its training settings, the device written as 'cpu' (a model
+    trained on a GPU serves a run resumed on the CPU and the other way round; 'cpu' keeps the keys of runs made
+    before the device could change)."""
+    tree = to_dict(cfg) if not isinstance(cfg, dict) else dict(cfg)
+    return {**tree, "device": "cpu"} if "device" in tree else tree
+
+
 def ensure_model(path: Path, train, test, cfg, log):
     """Load the base model at `path` if it was trained with `cfg`; else train and save it."""
     want = to_dict(cfg)
     if path.exists() and meta_path(path).exists():
         meta = read_json(meta_path(path), "model metadata")
-        if settled(meta.get("config")) != settled(want):
+        if settled(training_settings(meta.get("config") or {})) != settled(training_settings(want)):
             raise RMCError(f"{path} was trained with other settings; use a new --out or delete {path.parent}")
         model, info = load_checkpoint(path, cfg.device, trust_arch=cfg.arch)   # the run's own config names it
         log(f"  reusing {path} (test accuracy {info.test_accuracy:.4f})")
@@ -161,7 +169,7 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
     stores = {}        # base -> its own D', crafted against it (the original's principle)
     for name in cfg.model.bases:   # one base after the other: the first one's rows come before the next is trained
         tcfg = base_train_config(name, cfg)
-        path = out / "models" / f"{name}-{stage_key(data, to_dict(tcfg))}.safetensors"
+        path = out / "models" / f"{name}-{stage_key(data, training_settings(tcfg))}.safetensors"
         model, info = models[name] = timer(f"train {name}", ensure_model, path, train, test, tcfg, log)
         where = stages[name] = {"model": str(path)}
         dkey = stage_key(info.sha256, to_dict(cfg.augment))
@@ -210,25 +218,3 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
     except RMCError as e:
         log(f"[report] not written: {e}")
     return table
-
-
-def run_folders(run: str | Path, base: str = "standard") -> dict[str, Path]:
-    """The stage folders of `base` in a run directory (model, dprime, features, evalsets, results): those of the
-    latest finished run (results.json), else, for a run still going, the newest of each kind."""
-    run = Path(run)
-    if not run.is_dir():
-        raise RMCError(f"run directory {run} not found; run `rmc run --out {run}` first")
-    if (run / "results.json").exists():
-        meta = read_json(run / "results.json", "run results")
-        if base in meta.get("stage_dirs", {}):
-            return {k: Path(v) for k, v in meta["stage_dirs"][base].items()}
-    newest = {}
-    for kind, pattern in (("model", f"models/{base}-*.safetensors"), ("dprime", f"dprime/{base}-*"),
-                          ("features", f"features/{base}-*.npy"), ("evalsets", f"evalsets/{base}-*"),
-                          ("results", f"results/*/{base}")):
-        found = sorted(run.glob(pattern), key=lambda p: p.stat().st_mtime)
-        if found:
-            newest[kind] = found[-1]
-    if not newest:
-        raise RMCError(f"{run} holds no stage of base model {base!r}; is it a run directory of `rmc run`?")
-    return newest

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from rmc.errors import RMCError
+from rmc.io import read_json
 
 CLEAN, TRANSFER, AWARE = "clean", "transfer", "defense-aware"
 AWARE_KINDS = ("fpa", "gmsa-avg", "gmsa-min")          # defense-aware attacks (rmc.attacks.defense_aware)
@@ -87,6 +88,40 @@ def _read_json(path: Path, missing: list[str]):
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         missing.append(f"{path} is unreadable ({type(e).__name__})")
     return None
+
+
+# The stage folders of one base model in a run directory (rmc.cli.pipeline names them by their inputs' key).
+STAGE_GLOBS = {"model": "models/{base}-*.safetensors", "dprime": "dprime/{base}-*", "features": "features/{base}-*.npy",
+               "evalsets": "evalsets/{base}-*", "results": "results/*/{base}"}
+
+
+def stage_folder(root: Path, results: dict | None, base: str, kind: str) -> Path | None:
+    """`base`'s folder (or file) of stage `kind` (a STAGE_GLOBS key): the one results.json names (`stage_dirs`,
+    re-rooted here: the run may have moved or been made with a relative --out), else the newest of its kind (a run
+    still going), else None."""
+    where = ((results or {}).get("stage_dirs") or {}).get(base, {}).get(kind)
+    if where:
+        parts = Path(where).parts   # results/<key>/<base>; the others <kind folder>/<base>-<key>[.ext]
+        return root.joinpath("results", *parts[-2:]) if kind == "results" else \
+            root / STAGE_GLOBS[kind].split("/")[0] / parts[-1]
+    found = sorted(root.glob(STAGE_GLOBS[kind].format(base=base)), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def stage_folders(run: str | Path, base: str = "standard") -> dict[str, Path]:
+    """Every stage folder of `base` in a run directory, by kind (model, dprime, features, evalsets, results): those
+    of the latest finished run, else, for a run still going, the newest of each kind."""
+    run = Path(run)
+    if not run.is_dir():
+        raise RMCError(f"run directory {run} not found; run `rmc run --out {run}` first")
+    results = None
+    if (run / "results.json").exists():
+        results = read_json(run / "results.json", "run results")
+    found = {kind: stage_folder(run, results, base, kind) for kind in STAGE_GLOBS}
+    found = {k: v for k, v in found.items() if v is not None}
+    if not found:
+        raise RMCError(f"{run} holds no stage of base model {base!r}; is it a run directory of `rmc run`?")
+    return found
 
 
 class RunRecords:
@@ -156,19 +191,6 @@ class RunRecords:
             return {}
         return {e["name"]: e for e in index.get("sets", []) if isinstance(e, dict) and "name" in e}
 
-    def _stage(self, base: str, kind: str) -> Path | None:
-        """A stage folder of `base` named in results.json (`stage_dirs`), re-rooted here (the run may have moved or
-        been made with a relative --out)."""
-        where = ((self.results or {}).get("stage_dirs") or {}).get(base, {}).get(kind)
-        if not where:
-            return None
-        parts = Path(where).parts
-        return self.root / (Path("results", *parts[-2:]) if kind == "results" else Path(kind, parts[-1]))
-
-    def _newest(self, pattern: str) -> Path | None:
-        found = sorted(self.root.glob(pattern), key=lambda p: p.stat().st_mtime)
-        return found[-1] if found else None
-
     def _folders(self) -> list[tuple[str, Path, Path]]:
         """(base, its results folder, its evaluation-set folder). Layouts: results/<key>/<base>/ with
         evalsets/<base>-<key>/ (the stage-keyed runs: results.json names the latest, else the newest), and the
@@ -179,9 +201,8 @@ class RunRecords:
         out = []
         if keyed:
             for base in sorted(keyed, key=order):
-                res = self._stage(base, "results") or self._newest(f"results/*/{base}")
-                sets = self._stage(base, "evalsets") or self._newest(f"evalsets/{base}-*") or \
-                    self.root / "evalsets" / base
+                res = stage_folder(self.root, self.results, base, "results")
+                sets = stage_folder(self.root, self.results, base, "evalsets") or self.root / "evalsets" / base
                 others = [p for p in results.glob(f"*/{base}") if p != res]
                 if others:
                     self.missing.append(f"results of {len(others)} other configuration(s) of base {base} under "

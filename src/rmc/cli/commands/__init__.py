@@ -16,6 +16,19 @@ def add_trust_arch_argument(p: argparse.ArgumentParser) -> None:
                         "the JSON alone is never trusted to choose code to run)")
 
 
+def add_device_argument(p: argparse.ArgumentParser, default: str | None = "cpu") -> None:
+    """--device, taken by every command that computes (one setting for all of its stages)."""
+    p.add_argument("--device", default=default, help="cpu, cuda or cuda:N" + (" (default: %(default)s)" if default else
+                                                                             " (default: the configuration's train.device)"))
+
+
+def check_ray_device(ray, device) -> None:
+    """Ray's workers here run on CPUs: a GPU run with --ray would silently compute on the CPU."""
+    if ray is not None and str(device).startswith("cuda"):
+        raise RMCError(f"--ray runs RMC on CPU workers, but the device is {device}; drop --ray to use the GPU, "
+                       "or use --device cpu")
+
+
 def load_model(args, device: str = "cpu"):
     """(model, info) of --model, on `device`, trusting only the factory the user named with --arch."""
     from rmc.models import load_checkpoint

@@ -5,7 +5,7 @@ import sys
 import time
 
 from rmc.artifacts.evalsets import AttackSpec, make_eval_sets, parse_number, save_eval_sets
-from rmc.cli.commands import add_trust_arch_argument, model_and_split
+from rmc.cli.commands import add_device_argument, add_trust_arch_argument, model_and_split
 from rmc.cli.config import AttackConfig
 from rmc.errors import RMCError
 from rmc.training import predict
@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=_D.seed,
                    help="chooses test inputs, targets and PGD starts (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=500, help="attack batch size (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    add_device_argument(p)
 
 
 def attack_specs(args) -> list[AttackSpec]:

@@ -5,7 +5,8 @@ import time
 
 from rmc.artifacts.dprime import ATTACK_LABELS, AugmentConfig, build_dprime_store
 from rmc.artifacts.evalsets import parse_number
-from rmc.cli.commands import add_trust_arch_argument, add_ray_arguments, check_ray_arguments, model_and_split
+from rmc.cli.commands import (add_device_argument, add_ray_arguments, add_trust_arch_argument, check_ray_arguments,
+                              check_ray_device, model_and_split)
 
 _D = AugmentConfig()
 
@@ -29,13 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", choices=ATTACK_LABELS, default=_D.label,
                    help="what PGD attacks: the static model's prediction (the original) or the true label; copies "
                         "are stored with the true label either way (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    add_device_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_ray_arguments(p)
 
 
 def main(args) -> int:
     check_ray_arguments(args)
+    check_ray_device(args.ray, args.device)
     config = AugmentConfig(steps=tuple(args.steps), eps=parse_number(args.eps, "--eps"),
                            step_size=parse_number(args.step_size, "--step-size"),
                            random_start=not args.no_random_start, seed=args.seed, chunk_size=args.chunk_size,

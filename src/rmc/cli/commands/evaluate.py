@@ -8,8 +8,8 @@ from rmc.artifacts.provenance import check_together
 from rmc.artifacts.evalsets import load_eval_sets
 from rmc.artifacts.features import ensure_features, load_features, store_source
 from rmc.checks import check_positive
-from rmc.cli.commands import (add_shared_arguments, add_trust_arch_argument, add_verify_argument, attack_overrides,
-                              check_ray_arguments, load_model, open_store)
+from rmc.cli.commands import (add_device_argument, add_shared_arguments, add_trust_arch_argument, add_verify_argument,
+                              attack_overrides, check_ray_arguments, check_ray_device, load_model, open_store)
 from rmc.cli.config import PRESETS, load_config, parse_override, to_dict
 from rmc.errors import RMCError
 from rmc.evaluation.common import BaseModel
@@ -36,11 +36,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["online", "episodic"], help="RMC mode")
     p.add_argument("--no-rmc", action="store_true", help="baselines only (fast)")
     add_verify_argument(p)
+    add_device_argument(p)
     add_shared_arguments(p)
 
 
 def main(args) -> int:
     check_ray_arguments(args)
+    from rmc.training import resolve_device
+    device = resolve_device(args.device)
+    check_ray_device(args.ray, device)
     if args.n is not None:
         check_positive(args.n, "--n (inputs per evaluation set)", integer=True)
     overrides = [parse_override(s) for s in args.set] + ([("rmc.mode", args.mode)] if args.mode else [])
@@ -48,7 +52,7 @@ def main(args) -> int:
     cfg = load_config(args.config, args.preset, overrides)
     check_work_split(args.batch, cfg.rmc, args.ray, args.shards, args.block)   # before any work
     store = open_store(args)
-    model, info = load_model(args)
+    model, info = load_model(args, device)
     sets = load_eval_sets(args.evalsets, args.sets)
     check_together(info, store, sets)
     if cfg.rmc.k > len(store):

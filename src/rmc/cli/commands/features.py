@@ -6,7 +6,7 @@ import time
 from rmc.artifacts.provenance import check_together
 from rmc.artifacts.features import (compute_features, evalset_features_path, evalset_source, make_provenance,
                                     save_features, store_features_path, store_source)
-from rmc.cli.commands import add_trust_arch_argument, add_verify_argument, load_model, open_store
+from rmc.cli.commands import add_device_argument, add_trust_arch_argument, add_verify_argument, load_model, open_store
 from rmc.errors import RMCError
 from rmc.models import default_layer
 from rmc.models.features import get_layer
@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evalsets", help="directory of evaluation sets written by `rmc attack` (also embedded)")
     p.add_argument("--out", required=True, help="directory for dprime.npy and evalsets/<name>.npy (+ .json sidecars)")
     p.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    add_device_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_verify_argument(p)
 
@@ -29,12 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     if args.batch_size <= 0:
         raise RMCError(f"--batch-size must be > 0, got {args.batch_size}")
-    store = open_store(args)   # cheap checks first: the store and eval sets before the model runs
+    device = resolve_device(args.device)
+    store = open_store(args)   # cheap checks first: the device, the store and eval sets before the model runs
     sets = []
     if args.evalsets:
         from rmc.artifacts.evalsets import load_eval_sets
         sets = load_eval_sets(args.evalsets)
-    model, info = load_model(args, resolve_device(args.device))
+    model, info = load_model(args, device)
     layer = args.layer or default_layer(model)
     get_layer(model, layer)
     check_together(info, store, sets)

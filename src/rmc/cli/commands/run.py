@@ -3,7 +3,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rmc.cli.commands import add_shared_arguments, attack_overrides, check_ray_arguments
+from rmc.cli.commands import (add_device_argument, add_shared_arguments, attack_overrides, check_ray_arguments,
+                              check_ray_device)
 from rmc.cli.config import PRESETS, documented_yaml, load_config, parse_override
 from rmc.cli.pipeline import run_pipeline
 from rmc.errors import RMCError
@@ -29,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate PGD at each of these L-inf eps (e.g. 0.05 0.1 0.15 0.2 or 8/255), replacing "
                         "attack.pgd's eps values (steps: its first entry's), so `rmc report` draws a curve with "
                         "that many points; each eps costs one more set per attack direction (opt-in)")
+    add_device_argument(p, default=None)
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
     add_shared_arguments(p)
 
@@ -55,8 +57,11 @@ def main(args) -> int:
         overrides.append(("rmc.mode", args.mode))
     if args.bases:
         overrides.append(("model.bases", args.bases))
+    if args.device:
+        overrides.append(("train.device", args.device))
     overrides += attack_overrides(args)
     cfg = load_config(args.config, args.preset, overrides)
+    check_ray_device(args.ray, cfg.train.device)
     if args.adversarial_base and "adversarial" not in cfg.model.bases:
         cfg.model.bases.append("adversarial")
     if args.eps_sweep:

@@ -6,7 +6,7 @@ from rmc.artifacts.provenance import check_together
 from rmc.artifacts.evalsets import load_eval_sets
 from rmc.artifacts.features import load_features, store_source
 from rmc.cli.config import VisualizeConfig
-from rmc.cli.commands import add_trust_arch_argument, add_verify_argument, load_model, open_store
+from rmc.cli.commands import add_device_argument, add_trust_arch_argument, add_verify_argument, load_model, open_store
 from rmc.errors import RMCError
 from rmc.evaluation.common import BaseModel
 from rmc.evaluation.visualize import neighbour_grid
@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--neighbours", type=int, default=VisualizeConfig.neighbours,
                    help="neighbours per input (default: %(default)s)")
     p.add_argument("--out", default="neighbours.png", help="PNG to write (default: %(default)s)")
+    add_device_argument(p)
     add_verify_argument(p)
 
 
@@ -34,8 +35,10 @@ def main(args) -> int:
     check_positive(args.neighbours, "--neighbours", integer=True)
     if not args.out.lower().endswith(".png"):
         raise RMCError(f"--out {args.out!r} must end in .png")
+    from rmc.training import resolve_device
+    device = resolve_device(args.device)
     store = open_store(args)
-    model, info = load_model(args)
+    model, info = load_model(args, device)
     sets = load_eval_sets(args.evalsets, args.sets)
     check_together(info, store, sets)
     layer = args.layer or default_layer(model)
