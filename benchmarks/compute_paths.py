@@ -116,8 +116,8 @@ def main(argv=None) -> None:
 
 
 def table(out: dict) -> str:
-    lines = [f"| instruction set | path | s / input | vs reference (same process) | accuracy | same class as "
-             f"reference |", "|---|---|---|---|---|---|"]
+    lines = ["| instruction set | path | s / input | vs reference (same process) | accuracy | same class as reference |",
+             "|---|---|---|---|---|---|"]
     for key, r in out["results"].items():
         isa, group = key.split("/")
         if "failed" in r:

@@ -4,31 +4,39 @@
  * The unfused version materialises the full-resolution map (N x C_out x H x W), pools it with int64 indices and,
  * backwards, scatters into a zeroed map of the same size: memory traffic that costs more than the arithmetic.
  * Here each image is zero-padded once (it fits in the L1 cache); each pooled output is computed from its four
- * convolution outputs held in vector registers, 16 channels at a time, and only the pooled map and a one-byte argmax
+ * convolution outputs held in vector registers, VW channels at a time, and only the pooled map and a one-byte argmax
  * leave the loop.
  *
  * Layouts: x N x C x H x W (contiguous); wt K x CO, the convolution weight flattened (c, kh, kw) and transposed;
  * y and idx N x HO x WO x CO (channels-last). idx holds the window position of the maximum (0..3, row-major, the
  * first of equal values, as PyTorch's max-pooling), or 255 where ReLU zeroed the output (no gradient flows there).
  * Convolution stride 1, zero padding (PH, PW); pooling kernel 2, stride 2, no padding, floor mode. CO must be a
- * multiple of 16. Returns 0, or -1 for arguments out of range.
+ * multiple of VW (the includer's vector width in floats: 16 for AVX-512, 8 for AVX2, 4 otherwise; the operators
+ * require multiples of 16). Returns 0, or -1 for arguments out of range.
  *
  * This file is included by ops.cpp once per instruction set, inside a namespace and a `#pragma GCC target` (as ATen
- * compiles its CPU kernels once per capability), so it includes nothing itself; RMC_AVX512 marks the AVX-512 copy.
+ * compiles its CPU kernels once per capability), so it includes nothing itself; VW is defined by the includer, and
+ * RMC_AVX512 / RMC_AVX2 mark those copies. A vector wider than the instruction set's registers would be lowered by
+ * the compiler to scalar code (10x slower, measured), hence one width per copy.
  */
 
 #define MAX_K 32
-#define VW 16
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
 typedef float vf_u __attribute__((vector_size(VW * 4), aligned(4)));   /* for unaligned loads and stores */
 typedef uint8_t vb __attribute__((vector_size(VW)));
 
-/* One byte per lane, to and from memory. GCC turns the generic conversion into 16 single-byte moves, which made
- * the backward pass 2x slower: with AVX-512 one instruction does it. */
-#ifdef RMC_AVX512
+/* One byte per lane, to and from memory. GCC turns the generic conversion into single-byte moves, which made the
+ * backward pass 2x slower: with AVX-512 one instruction does it, with AVX2 a widening load or two packs. */
+#if defined(RMC_AVX512)
 static inline vi load_bytes(const uint8_t *p) { return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
 static inline void store_bytes(uint8_t *p, vi v) { _mm_storeu_si128((__m128i *)p, _mm512_cvtepi32_epi8((__m512i)v)); }
+#elif defined(RMC_AVX2)
+static inline vi load_bytes(const uint8_t *p) { return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline void store_bytes(uint8_t *p, vi v) {   /* lanes hold 0..255: the saturating packs keep them */
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128((__m256i)v), _mm256_extracti128_si256((__m256i)v, 1));
+    _mm_storel_epi64((__m128i *)p, _mm_packus_epi16(w, w));
+}
 #else
 static inline vi load_bytes(const uint8_t *p) { vb b; memcpy(&b, p, VW); return __builtin_convertvector(b, vi); }
 static inline void store_bytes(uint8_t *p, vi v) { const vb b = __builtin_convertvector(v, vb); memcpy(p, &b, VW); }
@@ -39,7 +47,7 @@ static inline void store(float *p, vf v) { *(vf_u *)p = v; }
 static inline vf select_f(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 static inline vi select_i(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
 
-/* One 2 x 2 window, 16 channels: the first maximum in window order (a NaN wins: max-pooling propagates it), plus the
+/* One 2 x 2 window, VW channels: the first maximum in window order (a NaN wins: max-pooling propagates it), plus the
  * bias b (NULL for none), then ReLU (which keeps NaN, as torch.relu does). Stores the output and the window position
  * of the maximum, or 255 where ReLU zeroed it. */
 static inline void max4_relu(vf a0, vf a1, vf a2, vf a3, const float *b, float *y, uint8_t *idx) {

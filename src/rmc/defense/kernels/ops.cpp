@@ -23,25 +23,34 @@
 
 #define restrict __restrict__
 
+// VW: floats per vector, the width of the copy's registers (wider vectors would be lowered to scalar code).
+#define VW 4
 namespace rmc_default {
 #include "conv_pool_relu.h"
 }
+#undef VW
 
 #ifdef RMC_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#define VW 8
+#define RMC_AVX2 1
 namespace rmc_avx2 {
 #include "conv_pool_relu.h"
 }
+#undef RMC_AVX2
+#undef VW
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#define VW 16
 #define RMC_AVX512 1
 namespace rmc_avx512 {
 #include "conv_pool_relu.h"
 }
 #undef RMC_AVX512
+#undef VW
 #pragma GCC pop_options
 #endif
 
