@@ -12,7 +12,9 @@ Paths (default-run settings, fp32, one thread):
 
 Each instruction set runs in its own processes (oneDNN and ATen read their limits once, at start): native, and AVX2
 emulated with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2. The compiled paths run in a process of their own,
-with the reference again, so that a crash of the compiler costs only their row. In every process the paths step
+with the reference again, so that a crash of the compiler costs only their row, and with an inductor cache of
+their own per instruction set (<workdir>/inductor-<set>): torch.compile's on-disk cache does not key on ATen's
+capability, and code cached under one was reused under the other, giving wrong predictions or crashing. In every process the paths step
 through the same inputs interleaved (benchmarks/bench.py's run_interleaved), so load from other processes falls on
 all alike; the ratios are what to compare across machines, the seconds only on this one.
 Results: <workdir>/compute-paths[-full].json and a markdown table on stdout.
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 
 ISAS = {"AVX512 (native)": {}, "AVX2 (emulated)": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
+ISA_TAGS = {"AVX512 (native)": "avx512", "AVX2 (emulated)": "avx2"}
 GROUPS = {"eager": ("plain", "fast", "fast+kernels"), "compiled": ("compiled", "compiled fast+kernels")}
 
 
@@ -85,15 +88,25 @@ def main(argv=None) -> None:
     ap.add_argument("--full", action="store_true", help="100 inputs per path (the README's table)")
     ap.add_argument("--n", type=int, default=None, help="inputs per path (default 8, or 100 with --full)")
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("RMC_BENCH_DIR", "/tmp/rmc-bench")))
+    ap.add_argument("--isas", nargs="+", choices=list(ISA_TAGS.values()), default=list(ISA_TAGS.values()),
+                    help="instruction sets to measure (default: both); the others' rows are kept from the results file")
+    ap.add_argument("--groups", nargs="+", choices=list(GROUPS), default=list(GROUPS),
+                    help="eager and/or compiled paths (default: both)")
     ap.add_argument("--child", choices=list(GROUPS), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     n = args.n or (100 if args.full else 8)
     if args.child:
         print("RESULT " + json.dumps(child(args.child, n, args.workdir)), flush=True)
         return
+    path = args.workdir / f"compute-paths{'-full' if args.full else ''}.json"
     out = {"inputs": n, "cpus": os.cpu_count(), "results": {}}
+    if path.exists() and json.loads(path.read_text()).get("inputs") == n:   # a partial re-run keeps the other rows
+        out["results"] = json.loads(path.read_text())["results"]
     for isa, env in ISAS.items():
         for group in GROUPS:
+            if ISA_TAGS[isa] not in args.isas or group not in args.groups:
+                continue
+            env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(args.workdir / f"inductor-{ISA_TAGS[isa]}")}
             print(f"[{isa}] {group} paths, {n} inputs ...", flush=True)
             t0 = time.perf_counter()
             proc = subprocess.run([sys.executable, __file__, "--child", group, "--n", str(n), "--workdir",
@@ -106,7 +119,6 @@ def main(argv=None) -> None:
                 continue
             out["results"][f"{isa}/{group}"] = json.loads(lines[-1][len("RESULT "):])
             print(f"[{isa}] {group} done in {time.perf_counter() - t0:.0f} s", flush=True)
-    path = args.workdir / f"compute-paths{'-full' if args.full else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=1))
@@ -118,7 +130,8 @@ def main(argv=None) -> None:
 def table(out: dict) -> str:
     lines = ["| instruction set | path | s / input | vs reference (same process) | accuracy | same class as reference |",
              "|---|---|---|---|---|---|"]
-    for key, r in out["results"].items():
+    order = [f"{isa}/{group}" for isa in ISAS for group in GROUPS]
+    for key, r in sorted(out["results"].items(), key=lambda kv: order.index(kv[0])):
         isa, group = key.split("/")
         if "failed" in r:
             for path in GROUPS[group]:

@@ -264,9 +264,10 @@ def test_operators_refuse_what_they_cannot_compute():
 
 @pytest.mark.slow
 @needs_compiler
-def test_fast_path_with_kernels_compiles():
+def test_fast_path_with_kernels_compiles(monkeypatch, tmp_path):
     """torch.compile (inductor) traces through the operators via their fake implementations: same loss, same
-    gradients as eager."""
+    gradients as eager. (A private inductor cache: its on-disk cache does not key on ATen's CPU capability.)"""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch.manual_seed(0)
     model = configure_model(build_model("small_cnn", 10, 1).eval())
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
