@@ -9,9 +9,9 @@ ordinary operators under autograd, `torch.compile` and `torch.library.opcheck` (
 They are built with `torch.utils.cpp_extension` (a C++ compiler and ninja; ~20 s, once) into `$RMC_CACHE_DIR/kernels`
 (default `~/.cache/rmc/kernels`), in a folder named by a hash of the sources, torch's version and the compiler, built
 under a temporary name and renamed when complete. A process loads them once (the `rmc` operator namespace can be
-registered only once per process). Without a
-compiler, after a failed build, or with `RMC_NO_KERNELS=1`, the fast path runs the same computation in PyTorch
-operations (a one-time warning says so; the compute path then reads 'fast', not 'fast+kernels').
+registered only once per process). Without a compiler, after a failed build, or with `RMC_NO_KERNELS=1`, the fast
+path runs the same computation in PyTorch operations (a one-time warning says so; the compute path then reads
+'fast', not 'fast+kernels').
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ def _build(target: Path) -> None:
         cpp_extension.load(name=target.stem, sources=[str(_HERE / "ops.cpp")], extra_cflags=_CFLAGS,
                            extra_include_paths=[str(_HERE)], build_directory=str(tmp), is_python_module=False,
                            verbose=False)
+        if target.parent.exists() and not target.exists():   # a folder whose library was deleted: replace it
+            shutil.rmtree(target.parent, ignore_errors=True)
         try:
             os.rename(tmp, target.parent)
         except OSError:     # another process finished the same build first: keep its folder
