@@ -21,6 +21,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -75,6 +76,8 @@ def _build(target: Path) -> None:
     except OSError as e:
         raise RuntimeError(f"cannot write to {target.parent.parent} ({e.strerror}; set RMC_CACHE_DIR to a writable "
                            "folder)") from e
+    print(f"rmc: building the fast path's kernels into {target.parent} (once per torch and compiler, ~20 s) ...",
+          file=sys.stderr, flush=True)
     try:
         cpp_extension.load(name=target.stem, sources=[str(_HERE / "ops.cpp")], extra_cflags=_CFLAGS,
                            extra_include_paths=[str(_HERE)], build_directory=str(tmp), is_python_module=False,
