@@ -100,8 +100,9 @@ def main(argv=None) -> None:
         return
     path = args.workdir / f"compute-paths{'-full' if args.full else ''}.json"
     out = {"inputs": n, "cpus": os.cpu_count(), "results": {}}
-    if path.exists() and json.loads(path.read_text()).get("inputs") == n:   # a partial re-run keeps the other rows
-        out["results"] = json.loads(path.read_text())["results"]
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    if earlier.get("inputs") == n:   # a partial re-run keeps the other rows
+        out["results"] = earlier["results"]
     for isa, env in ISAS.items():
         for group in GROUPS:
             if ISA_TAGS[isa] not in args.isas or group not in args.groups:

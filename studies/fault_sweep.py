@@ -195,6 +195,11 @@ def ev(**replace) -> list[str]:
     return argv + extra
 
 
+def aug(*extra: str) -> list[str]:
+    """`rmc augment` of the sweep's model into the case's output folder, with `extra` flags."""
+    return ["augment", "--model", "{M}", "--out", "{O}", *extra]
+
+
 def table_is_reference(sweep: "Sweep"):
     def check(d: Path, res: Result) -> bool:
         return json.loads((d / "out" / "results.json").read_text())["table"] == sweep.reference_table()
@@ -419,22 +424,15 @@ def cases(sweep: Sweep) -> list[Case]:
     add("evaluate-config-wrong-type", "values", ev(extra=["--config", "bad.yaml"]), keyword="rmc.lr",
         setup=write("bad.yaml", "rmc:\n  lr: lots\n"))
     add("threads-zero", "values", ["--threads", "0", "layers", "--arch", "small_cnn"], keyword="--threads")
-    add("augment-steps-zero", "values", ["augment", "--model", "{M}", "--out", "{O}", *AUG[:0], "--steps", "0"],
-        keyword="steps")
-    add("augment-eps-too-large", "values", ["augment", "--model", "{M}", "--out", "{O}", "--eps", "2"],
-        keyword="larger than")
-    add("augment-eps-not-a-number", "values", ["augment", "--model", "{M}", "--out", "{O}", "--eps", "abc"],
-        keyword="--eps")
-    add("augment-chunk-zero", "values", ["augment", "--model", "{M}", "--out", "{O}", "--chunk-size", "0"],
-        keyword="chunk size")
-    add("augment-subset-zero", "values", ["augment", "--model", "{M}", "--out", "{O}", "--train-subset", "0"],
-        keyword="train subset")
+    add("augment-steps-zero", "values", aug("--steps", "0"), keyword="steps")
+    add("augment-eps-too-large", "values", aug("--eps", "2"), keyword="larger than")
+    add("augment-eps-not-a-number", "values", aug("--eps", "abc"), keyword="--eps")
+    add("augment-chunk-zero", "values", aug("--chunk-size", "0"), keyword="chunk size")
+    add("augment-subset-zero", "values", aug("--train-subset", "0"), keyword="train subset")
     add("augment-subset-larger-than-data", "values",
-        ["augment", "--model", "{M}", "--out", "{O}", "--steps", "1", "--chunk-size", "512", "--train-subset",
-         "99999", "--quiet"], expect="ok",
+        aug("--steps", "1", "--chunk-size", "512", "--train-subset", "99999", "--quiet"), expect="ok",
         check=lambda d, r: json.loads((d / "out" / "manifest.json").read_text())["total"] == 2 * _digits_train())
-    add("augment-seed-negative", "values", ["augment", "--model", "{M}", "--out", "{O}", "--seed", "-1"],
-        keyword="seed")
+    add("augment-seed-negative", "values", aug("--seed", "-1"), keyword="seed")
     add("attack-n-negative", "values", ["attack", "--model", "{M}", "--n", "-1", "--out", "{O}"], keyword="n")
     add("attack-n-exceeds-test", "values", ["attack", "--model", "{M}", "--n", "100000", "--out", "{O}"],
         keyword="test")
