@@ -35,6 +35,15 @@ def load_model(args, device: str = "cpu"):
     return load_checkpoint(args.model, device, trust_arch=getattr(args, "arch", None))
 
 
+def add_model_and_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags `model_and_split` reads: --model, --arch, --dataset, --data-dir and --device."""
+    p.add_argument("--model", required=True, help="static model written by `rmc train` (.safetensors)")
+    add_trust_arch_argument(p)
+    p.add_argument("--dataset", help="data set (default: the one the model was trained on)")
+    p.add_argument("--data-dir", help="directory holding the data set (default: its standard location)")
+    add_device_argument(p)
+
+
 def model_and_split(args, split: str):
     """The model named by --model (on --device) and the `split` of --dataset, default the model's own data set."""
     from rmc.data import load_dataset

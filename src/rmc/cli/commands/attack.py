@@ -5,7 +5,7 @@ import sys
 import time
 
 from rmc.artifacts.evalsets import AttackSpec, make_eval_sets, parse_number, save_eval_sets
-from rmc.cli.commands import add_device_argument, add_trust_arch_argument, model_and_split
+from rmc.cli.commands import add_model_and_data_arguments, model_and_split
 from rmc.cli.config import AttackConfig
 from rmc.errors import RMCError
 from rmc.training import predict
@@ -14,10 +14,7 @@ _D = AttackConfig()   # the defaults of `rmc run`'s attack section
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="static model written by `rmc train` (.safetensors)")
-    add_trust_arch_argument(p)
-    p.add_argument("--dataset", help="data set (default: the one the model was trained on)")
-    p.add_argument("--data-dir", help="directory holding the data set (default: its standard location)")
+    add_model_and_data_arguments(p)
     p.add_argument("--out", required=True, help="directory to write the sets and index.json into")
     p.add_argument("--n", type=int, default=_D.n,
                    help="number of test inputs, a seeded random sample (default: %(default)s)")
@@ -32,7 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=_D.seed,
                    help="chooses test inputs, targets and PGD starts (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=500, help="attack batch size (default: %(default)s)")
-    add_device_argument(p)
 
 
 def attack_specs(args) -> list[AttackSpec]:

@@ -5,17 +5,14 @@ import time
 
 from rmc.artifacts.dprime import ATTACK_LABELS, AugmentConfig, build_dprime_store
 from rmc.artifacts.evalsets import parse_number
-from rmc.cli.commands import (add_device_argument, add_ray_arguments, add_trust_arch_argument, check_ray_arguments,
-                              check_ray_device, model_and_split)
+from rmc.cli.commands import (add_model_and_data_arguments, add_ray_arguments, check_ray_arguments, check_ray_device,
+                              model_and_split)
 
 _D = AugmentConfig()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="static model written by `rmc train` (.safetensors)")
-    add_trust_arch_argument(p)
-    p.add_argument("--dataset", help="data set (default: the one the model was trained on)")
-    p.add_argument("--data-dir", help="directory holding the data set (default: its standard location)")
+    add_model_and_data_arguments(p)
     p.add_argument("--out", required=True, help="store directory to write (built in <out>.partial, then renamed)")
     p.add_argument("--steps", type=int, nargs="+", default=list(_D.steps), metavar="N",
                    help="PGD steps of each adversarial copy, one copy per number (default: %(default)s)")
@@ -30,7 +27,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", choices=ATTACK_LABELS, default=_D.label,
                    help="what PGD attacks: the static model's prediction (the original) or the true label; copies "
                         "are stored with the true label either way (default: %(default)s)")
-    add_device_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_ray_arguments(p)
 
