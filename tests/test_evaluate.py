@@ -1,5 +1,6 @@
 """Evaluation: the table, resume after an interruption, and the configuration's error messages."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -94,6 +95,18 @@ def test_resume_refuses_results_made_with_other_settings(setup, tmp_path):
     other = RMCConfig(**{**_cfg(Mode.EPISODIC).__dict__, "lr": 5e-4})
     with pytest.raises(RMCError, match="other settings"):
         evaluate([base], dprime, sets[:1], other, tmp_path, 10, n=2, progress=False)
+
+
+def test_resume_refuses_a_dprime_with_other_content(setup, tmp_path):
+    """A D' rebuilt with other bytes (same length) must not continue the streams of the first: the stream's
+    fingerprint holds the store's content fingerprint, not just its size."""
+    base, dprime, sets = setup
+    first = dataclasses.replace(dprime, fingerprint="a" * 64)
+    evaluate([base], first, sets[:1], _cfg(Mode.ONLINE), tmp_path, 10, n=2, progress=False)
+    evaluate([base], first, sets[:1], _cfg(Mode.ONLINE), tmp_path, 10, n=2, progress=False)   # same: resumes
+    with pytest.raises(RMCError, match="other settings"):
+        evaluate([base], dataclasses.replace(dprime, fingerprint="b" * 64), sets[:1], _cfg(Mode.ONLINE), tmp_path,
+                 10, n=2, progress=False)
 
 
 def test_table_has_baselines_rmc_ci_and_targeted_success(setup, tmp_path):

@@ -57,6 +57,7 @@ def test_layout_and_memmap(built):
     assert s.images.data_ptr() == mm.ctypes.data
     assert len(s.fingerprint) == 64 and s.fingerprint == store_mod.fingerprint_of(json.loads(
         (s.path / "manifest.json").read_text()))
+    assert s.dprime().fingerprint == s.fingerprint   # what record streams key on
     s.verify()
     assert s.copy_rows("pgd3") == slice(240, 360)
 

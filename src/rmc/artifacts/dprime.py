@@ -621,7 +621,7 @@ class DPrimeStore:
 
     def dprime(self) -> DPrime:
         """The in-memory view the defense takes (images stay memory-mapped)."""
-        return DPrime(self.images, self.labels, self.copy, self.copy_names)
+        return DPrime(self.images, self.labels, self.copy, self.copy_names, self.fingerprint)
 
     def copy_rows(self, name: str) -> slice:
         """Rows of one copy (copies are contiguous: copy-major layout)."""

@@ -15,6 +15,9 @@ class DPrime:
     labels: torch.Tensor
     copy: torch.Tensor                    # 0 = clean, i = i-th adversarial copy
     copy_names: list[str] = field(default_factory=lambda: ["clean"])
+    # Content fingerprint of the store it was read from (its manifest, file hashes included); None in memory.
+    # Record streams include it, so a D' rebuilt with different bytes never resumes another D''s streams.
+    fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.labels)

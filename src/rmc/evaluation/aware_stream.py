@@ -29,7 +29,8 @@ class AwareStream:
         self.x, self.y, self.cfg, self.acfg = x, y, cfg, acfg
         settings = {k: v for k, v in asdict(acfg).items() if k not in _NOT_IN_FINGERPRINT}
         # Not N: input i depends only on inputs before it, so a run with a smaller N reuses the first N records.
-        fp = digest(base.sha256, base.layer, asdict(cfg), settings, kind, protocol, source, len(dprime))
+        fp = digest(base.sha256, base.layer, asdict(cfg), settings, kind, protocol, source, len(dprime),
+                    dprime.fingerprint)
         self.rmc = build_rmc(base.model, dprime, search.all, cfg, base.layer)
         self.stream = RecordStream(folder, "attack", fp)
         self.adv = x.clone()

@@ -46,7 +46,7 @@ MAX_BLOCK = 16             # inputs per Ray task at most (online streams save th
 
 def stream_fingerprint(base: BaseModel, dprime: DPrime, eval_set, cfg: RMCConfig, n: int | None) -> str:
     """What the RMC records of one (base, set) stream depend on; a record stream refuses to resume under another."""
-    return digest(base.sha256, base.layer, asdict(cfg), evalset_source(eval_set), len(dprime), n)
+    return digest(base.sha256, base.layer, asdict(cfg), evalset_source(eval_set), len(dprime), dprime.fingerprint, n)
 
 
 def stream_names(shards: int) -> list[str]:
@@ -327,7 +327,7 @@ def _evaluate_base(ex, base: BaseModel, dprime: DPrime, search: NeighbourSearch,
     streams = [st for job, _ in opened for st in _open_streams(job, cfg, shards)]
     images = dprime.images.numpy() if isinstance(dprime.images, torch.Tensor) else dprime.images
     # D' travels with numpy images: Ray shares numpy arrays between a machine's workers without copying them.
-    source = RMCSource(ex.put_model(base.model), ex.put(DPrime(images, dprime.labels, dprime.copy, dprime.copy_names)),
+    source = RMCSource(ex.put_model(base.model), ex.put(DPrime(images, dprime.labels, dprime.copy, dprime.copy_names, dprime.fingerprint)),
                        ex.put(search), base.layer, cfg)
     _run_streams(ex, source, streams, block, batch, progress, on_record, fault, f"RMC {base.name} ({ex.where})")
     for job, _ in opened:
