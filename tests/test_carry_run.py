@@ -1,0 +1,71 @@
+"""studies/carry_run.py: a long run's results survive a fresh machine, and D' (data) never travels."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rmc.evaluation.records import RecordStream
+
+_spec = importlib.util.spec_from_file_location("carry_run", Path(__file__).parents[1] / "studies" / "carry_run.py")
+carry = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(carry)
+
+
+def _run(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    (run / "models").mkdir(parents=True)
+    (run / "models" / "standard-1.safetensors").write_bytes(b"weights")
+    (run / "dprime" / "standard-2").mkdir(parents=True)
+    (run / "dprime" / "standard-2" / "images.npy").write_bytes(b"\0" * 1000)
+    (run / "dprime" / "standard-2" / "manifest.json").write_text(json.dumps({"sha256": "abc"}))
+    (run / "features").mkdir()
+    (run / "features" / "standard-3.npy").write_bytes(b"\0" * 100)
+    stream = RecordStream(run / "results" / "standard" / "clean", "rmc", "fp")
+    for i in range(3):
+        stream.append({"index": i, "pred": i}, {"w": torch.full((4,), float(i))})
+    return run
+
+
+def test_save_then_restore_resumes_the_stream_and_leaves_data_behind(tmp_path):
+    run = _run(tmp_path)
+    index = carry.save(run, tmp_path / "carried")
+    assert set(index["files"]) == {"models/standard-1.safetensors", "results/standard/clean/rmc.jsonl",
+                                   "results/standard/clean/rmc.state.safetensors"}
+    assert index["dprime_manifests"] == {"standard-2": {"sha256": "abc"}}
+    fresh = tmp_path / "fresh"
+    carry.restore(tmp_path / "carried", fresh)
+    stream = RecordStream(fresh / "results" / "standard" / "clean", "rmc", "fp")
+    state = stream.load_state()
+    assert len(stream) == 3 and state["w"].tolist() == [2.0] * 4
+    assert not (fresh / "dprime").exists() and not (fresh / "features").exists()
+
+
+def test_states_are_copied_before_their_records(tmp_path):
+    order = [str(r) for r in carry.carried_files(_run(tmp_path))]
+    assert order.index("results/standard/clean/rmc.state.safetensors") < order.index(
+        "results/standard/clean/rmc.jsonl")
+
+
+def test_restore_keeps_newer_local_files_and_refuses_a_damaged_copy(tmp_path):
+    run = _run(tmp_path)
+    carry.save(run, tmp_path / "carried")
+    RecordStream(run / "results" / "standard" / "clean", "rmc", "fp").append({"index": 3, "pred": 0},
+                                                                            {"w": torch.zeros(4)})
+    before = (run / "results" / "standard" / "clean" / "rmc.jsonl").read_text()
+    assert carry.restore(tmp_path / "carried", run) == []
+    assert (run / "results" / "standard" / "clean" / "rmc.jsonl").read_text() == before
+    (tmp_path / "carried" / "models" / "standard-1.safetensors").write_bytes(b"other")
+    with pytest.raises(SystemExit, match="damaged"):
+        carry.restore(tmp_path / "carried", tmp_path / "elsewhere")
+
+
+def test_save_replaces_the_previous_carry_whole(tmp_path):
+    run = _run(tmp_path)
+    carry.save(run, tmp_path / "carried")
+    (run / "models" / "standard-1.safetensors").unlink()
+    carry.save(run, tmp_path / "carried")
+    assert not (tmp_path / "carried" / "models").exists()
+    assert not (tmp_path / "carried.partial").exists() and not (tmp_path / "carried.old").exists()
