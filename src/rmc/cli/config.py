@@ -72,7 +72,7 @@ class AttackConfig:
     fgsm_eps: list[float] = field(default_factory=list)   # FGSM sets, one per eps
     pgd: list[list[float]] = field(default_factory=lambda: [[10, 0.1], [10, 0.2]])   # PGD sets: [steps, eps] pairs
     pgd_step_size: float | None = None   # PGD step size; None: 2.5 * eps / steps (Madry et al.)
-    untargeted: bool = True          # an untargeted set per PGD setting (moves away from the true label)
+    untargeted: bool | list = True   # an untargeted set (moves away from the true label) per PGD setting; or a list of [steps, eps] pairs of attack.pgd that get one
     targeted: bool = True            # a targeted set per PGD setting (random wrong class, fixed by the seed)
     seed: int = 0                    # picks the test inputs, random starts and targets
 
@@ -91,6 +91,12 @@ class AttackConfig:
                 raise RMCError(f"attack.pgd entries are [steps, eps] pairs (steps >= 1, 0 < eps <= 1), got {pair!r}")
         if self.pgd_step_size is not None:
             check_positive(self.pgd_step_size, "attack.pgd_step_size")
+        if isinstance(self.untargeted, list):
+            missing = [p for p in self.untargeted if not isinstance(p, (list, tuple))
+                       or [float(v) for v in p] not in [[float(v) for v in q] for q in self.pgd]]
+            if missing:
+                raise RMCError(f"attack.untargeted lists {missing[0]!r}, which is not a [steps, eps] pair of "
+                               f"attack.pgd ({self.pgd}); list pairs of attack.pgd, or use true / false")
         if self.pgd and not (self.untargeted or self.targeted):
             raise RMCError("attack.untargeted and attack.targeted are both false, so attack.pgd makes no set; "
                            "set one of them to true or attack.pgd to []")
@@ -140,7 +146,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # The original's columns: targeted PGD-10 at the small eps, PGD-10 and PGD-100 at the large eps (ImageNet:
         # 8/255 and 16/255, D' crafted at the large one). Fashion-MNIST: D' at 0.1, so large 0.1 and small 0.05.
         "attack.pgd": [[10, 0.05], [10, 0.1], [100, 0.1]],
-        "attack.untargeted": False,
+        "attack.untargeted": [[10, 0.1]],   # the original's table has targeted columns only; this untargeted transfer
+                                             # column (PGD-10 at the large eps) is the usual one, asked by issue 12
         "model.bases": ["standard", "adversarial", "denoising"],   # the original's rows: None, Adv. trained, Denoising
         "attack_rows.attacks": ["fpa", "gmsa-avg", "gmsa-min"],   # Chen et al.'s three defense-aware attacks (x both protocols)
         "attack_rows.autoattack": True,         # and the transfer AutoAttack row
@@ -167,6 +174,8 @@ def _coerce(value: Any, default: Any, hint: Any, where: str) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         target = typing.get_origin(args[0]) or args[0] if args else None
     try:
+        if target is bool and isinstance(value, list) and list in typing.get_args(hint):
+            return value   # a bool-or-list key (attack.untargeted), given a list
         if target is bool:
             if not isinstance(value, bool):
                 raise ValueError
@@ -188,7 +197,7 @@ def _coerce(value: Any, default: Any, hint: Any, where: str) -> Any:
             return str(getattr(value, "value", value))
     except (TypeError, ValueError):
         kind = getattr(target, "__name__", str(target))
-        raise RMCError(f"config {where} = {value!r} is not a valid {kind}") from None
+        raise RMCError(f"{where} = {value!r} is not a valid {kind}") from None
     return value
 
 
