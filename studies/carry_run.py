@@ -8,7 +8,7 @@ rest is rebuilt against the carried model), the evaluation sets, every record st
 each D' manifest (its content hashes, for the record: the record streams key on them, so a D' rebuilt with other
 bytes is refused instead of resumed).
 
-    python studies/carry_run.py save /work/runs/paper2 studies/reproduction/paper2     # at the end of a session
+    python studies/carry_run.py save /work/runs/paper2 studies/reproduction/paper2 [--finished 100]  # at a stop
     python studies/carry_run.py restore studies/reproduction/paper2 /work/runs/paper2  # at the start of the next
 
 `restore` only adds missing files (a run folder that survived keeps its newer records). `save` replaces DEST as a
@@ -35,12 +35,22 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def carried_files(run: Path) -> list[Path]:
-    """Files of `run` to carry, relative to it: states first, so each record stream is copied after its state."""
+def _records(jsonl: Path) -> int:
+    return sum(1 for line in jsonl.read_text().splitlines() if line.strip()) if jsonl.exists() else 0
+
+
+def carried_files(run: Path, finished: int | None = None) -> list[Path]:
+    """Files of `run` to carry, relative to it: states first, so each record stream is copied after its state.
+    `finished`: the online state of an evaluation stream (`rmc*.state.safetensors`) that holds this many records is
+    left out: a finished stream is read from its records alone (the defense-aware rows' states also hold their
+    chosen inputs, so they always travel)."""
     out = []
     for p in sorted(run.rglob("*")):
         rel = p.relative_to(run)
         if not p.is_file() or rel.parts[0] in SKIP_DIRS or any(part.endswith(".partial") for part in rel.parts):
+            continue
+        if (finished is not None and p.name.startswith("rmc") and p.name.endswith(".state.safetensors")
+                and _records(p.with_name(p.name.removesuffix(".state.safetensors") + ".jsonl")) >= finished):
             continue
         if p.stat().st_size > MAX_BYTES:
             print(f"left out (over {MAX_BYTES >> 20} MB): {rel}", file=sys.stderr)
@@ -49,13 +59,13 @@ def carried_files(run: Path) -> list[Path]:
     return sorted(out, key=lambda r: (not r.name.endswith(".state.safetensors"), str(r)))
 
 
-def save(run: Path, dest: Path) -> dict:
+def save(run: Path, dest: Path, finished: int | None = None) -> dict:
     if not run.is_dir():
         sys.exit(f"error: run folder {run} does not exist; give the folder `rmc run --out` wrote")
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     files = {}
-    for rel in carried_files(run):
+    for rel in carried_files(run, finished):
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(run / rel, tmp / rel)
         files[str(rel)] = {"bytes": (tmp / rel).stat().st_size, "sha256": _sha256(tmp / rel)}
@@ -106,11 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("save", help="copy RUN's carried files into DEST (replacing DEST)")
     s.add_argument("run", type=Path)
     s.add_argument("dest", type=Path)
+    s.add_argument("--finished", type=int, metavar="N",
+                   help="leave out the online state of evaluation streams with N records (the run's attack.n)")
     r = sub.add_parser("restore", help="add SRC's files to RUN where missing")
     r.add_argument("src", type=Path)
     r.add_argument("run", type=Path)
     a = ap.parse_args(argv)
-    save(a.run, a.dest) if a.cmd == "save" else restore(a.src, a.run)
+    save(a.run, a.dest, a.finished) if a.cmd == "save" else restore(a.src, a.run)
 
 
 if __name__ == "__main__":

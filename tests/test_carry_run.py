@@ -69,3 +69,15 @@ def test_save_replaces_the_previous_carry_whole(tmp_path):
     carry.save(run, tmp_path / "carried")
     assert not (tmp_path / "carried" / "models").exists()
     assert not (tmp_path / "carried.partial").exists() and not (tmp_path / "carried.old").exists()
+
+
+def test_finished_streams_travel_without_their_state(tmp_path):
+    run = _run(tmp_path)
+    assert "results/standard/clean/rmc.state.safetensors" not in carry.save(run, tmp_path / "c3", finished=3)["files"]
+    assert "results/standard/clean/rmc.state.safetensors" in carry.save(run, tmp_path / "c4", finished=4)["files"]
+    carry.restore(tmp_path / "c3", tmp_path / "fresh")
+    folder = tmp_path / "fresh" / "results" / "standard" / "clean"
+    done = RecordStream(folder, "rmc", "fp")
+    assert done.load_state(needed=3) is None and len(done) == 3       # finished: read from its records
+    more = RecordStream(folder, "rmc", "fp")
+    assert more.load_state(needed=4) is None and len(more) == 0       # more inputs wanted: no weights, start over

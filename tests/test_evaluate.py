@@ -89,6 +89,20 @@ def test_in_process_tasks_are_single_inputs_and_a_fault_mid_task_loses_nothing(s
     assert strip(resumed["standard"][sets[0].name]["rmc"]) == strip(full["standard"][sets[0].name]["rmc"])
 
 
+def test_a_finished_online_stream_needs_no_state_but_one_to_continue_does(setup, tmp_path):
+    base, dprime, sets = setup
+    first = evaluate([base], dprime, sets[:1], _cfg(Mode.ONLINE), tmp_path, 10, n=3, progress=False)
+    folder = tmp_path / "standard" / sets[0].name
+    (folder / "rmc.state.safetensors").unlink()          # e.g. carried without it (studies/carry_run.py)
+    calls = FailOnCall(0)
+    again = evaluate([base], dprime, sets[:1], _cfg(Mode.ONLINE), tmp_path, 10, n=3, progress=False, fault=calls)
+    assert calls.calls == 0 and again == first           # read from the records, nothing recomputed
+    path = folder / "rmc.jsonl"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))   # unfinished, and no weights
+    evaluate([base], dprime, sets[:1], _cfg(Mode.ONLINE), tmp_path, 10, n=3, progress=False, fault=calls)
+    assert calls.calls == 3                              # to go on it needs the weights: all 3 from the start
+
+
 def test_resume_refuses_results_made_with_other_settings(setup, tmp_path):
     base, dprime, sets = setup
     evaluate([base], dprime, sets[:1], _cfg(Mode.EPISODIC), tmp_path, 10, n=2, progress=False)

@@ -235,7 +235,7 @@ def _open_streams(job: SetJob, cfg: RMCConfig, shards: int) -> list[_Stream]:
             one = shards == 1
             rs = RecordStream(job.folder, name, job.fingerprint if one else
                               digest(job.fingerprint, {"streams": shards, "stream": s}))
-            state = rs.load_state()
+            state = rs.load_state(needed=len(part))
             rs.rewrite()
             extra = {} if one else {"stream": s, "streams": shards}
             streams.append(_Stream(job, rs, part.tolist(), sequential=True, extra=extra, state=state))

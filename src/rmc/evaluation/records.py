@@ -60,10 +60,12 @@ class RecordStream:
         due = self._next_index()
         return due is None or index == due
 
-    def load_state(self) -> dict[str, torch.Tensor] | None:
-        """The saved online state, trimming records made after it. None if there is none."""
+    def load_state(self, needed: int | None = None) -> dict[str, torch.Tensor] | None:
+        """The saved online state, trimming records made after it. None if there is none. A stream that already
+        holds the `needed` records is finished and needs no state (e.g. one carried without it)."""
         if not self.state_path.exists():
-            self.records = []   # online streams cannot resume without the weights they ended with
+            if needed is None or len(self.records) < needed:
+                self.records = []   # online streams cannot resume without the weights they ended with
             return None
         state = load_tensors(self.state_path, "evaluation state")
         n_done = int(state.pop("__n_done__").item())
