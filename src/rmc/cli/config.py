@@ -146,8 +146,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # The original's columns: targeted PGD-10 at the small eps, PGD-10 and PGD-100 at the large eps (ImageNet:
         # 8/255 and 16/255, D' crafted at the large one). Fashion-MNIST: D' at 0.1, so large 0.1 and small 0.05.
         "attack.pgd": [[10, 0.05], [10, 0.1], [100, 0.1]],
-        "attack.untargeted": [[10, 0.1]],   # the original's table has targeted columns only; this untargeted transfer
-                                             # column (PGD-10 at the large eps) is the usual one, asked by issue 12
+        "attack.untargeted": [[10, 0.1]],   # not in the original's table (targeted only): the usual untargeted
+                                             # transfer column, PGD-10 at the large eps, beside the original's
         "model.bases": ["standard", "adversarial", "denoising"],   # the original's rows: None, Adv. trained, Denoising
         "attack_rows.attacks": ["fpa", "gmsa-avg", "gmsa-min"],   # Chen et al.'s three defense-aware attacks (x both protocols)
         "attack_rows.autoattack": True,         # and the transfer AutoAttack row

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -327,7 +327,7 @@ def _evaluate_base(ex, base: BaseModel, dprime: DPrime, search: NeighbourSearch,
     streams = [st for job, _ in opened for st in _open_streams(job, cfg, shards)]
     images = dprime.images.numpy() if isinstance(dprime.images, torch.Tensor) else dprime.images
     # D' travels with numpy images: Ray shares numpy arrays between a machine's workers without copying them.
-    source = RMCSource(ex.put_model(base.model), ex.put(DPrime(images, dprime.labels, dprime.copy, dprime.copy_names, dprime.fingerprint)),
+    source = RMCSource(ex.put_model(base.model), ex.put(replace(dprime, images=images)),
                        ex.put(search), base.layer, cfg)
     _run_streams(ex, source, streams, block, batch, progress, on_record, fault, f"RMC {base.name} ({ex.where})")
     for job, _ in opened:
