@@ -12,6 +12,10 @@ if command -v apt-get >/dev/null 2>&1 && ! command -v c++ >/dev/null 2>&1 && ! c
     # A C++ compiler for the fast path's kernels (rmc.defense.kernels, built on first use; without one rmc runs slower).
     apt-get update -qq && apt-get install -y -qq g++ >/dev/null
 fi
+if [ "${1:-}" = "test" ] && command -v apt-get >/dev/null 2>&1 && ! command -v chromium-headless-shell >/dev/null 2>&1; then
+    # A headless Chromium for the test that renders the HTML report offline (playwright drives it; no browser download).
+    apt-get update -qq && apt-get install -y -qq chromium-headless-shell >/dev/null
+fi
 python3 -m pip install -q torch==2.13.0
 if [ "${1:-}" = "test" ]; then
     python3 -m pip install -q -e ".[test]"
