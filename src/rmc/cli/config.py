@@ -92,8 +92,8 @@ class AttackConfig:
         if self.pgd_step_size is not None:
             check_positive(self.pgd_step_size, "attack.pgd_step_size")
         if isinstance(self.untargeted, list):
-            missing = [p for p in self.untargeted if not isinstance(p, (list, tuple))
-                       or [float(v) for v in p] not in [[float(v) for v in q] for q in self.pgd]]
+            pgd = [_pair(q) for q in self.pgd]
+            missing = [p for p in self.untargeted if not isinstance(p, (list, tuple)) or _pair(p) not in pgd]
             if missing:
                 raise RMCError(f"attack.untargeted lists {missing[0]!r}, which is not a [steps, eps] pair of "
                                f"attack.pgd ({self.pgd}); list pairs of attack.pgd, or use true / false")
@@ -101,6 +101,17 @@ class AttackConfig:
             raise RMCError("attack.untargeted and attack.targeted are both false, so attack.pgd makes no set; "
                            "set one of them to true or attack.pgd to []")
         return self
+
+    def untargeted_for(self, pair) -> bool:
+        """Whether the PGD setting `pair` ([steps, eps] of attack.pgd) gets an untargeted set."""
+        if isinstance(self.untargeted, bool):
+            return self.untargeted
+        return _pair(pair) in [_pair(p) for p in self.untargeted]
+
+
+def _pair(pair) -> tuple[float, ...]:
+    """[steps, eps] as numbers to compare: YAML may give 10 or 10.0."""
+    return tuple(float(v) for v in pair)
 
 
 @dataclass

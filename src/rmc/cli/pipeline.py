@@ -91,9 +91,7 @@ def attack_specs(cfg) -> list[AttackSpec]:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise RMCError(f"attack.pgd entries are [steps, eps] pairs, got {pair!r}")
         steps, eps = int(pair[0]), float(pair[1])
-        untargeted = (cfg.untargeted if isinstance(cfg.untargeted, bool)
-                      else [float(v) for v in pair] in [[float(v) for v in p] for p in cfg.untargeted])
-        for targeted in [t for t, on in ((False, untargeted), (True, cfg.targeted)) if on]:
+        for targeted in [t for t, on in ((False, cfg.untargeted_for(pair)), (True, cfg.targeted)) if on]:
             specs.append(AttackSpec("pgd", eps=eps, steps=steps, step_size=cfg.pgd_step_size, targeted=targeted))
     return specs
 
