@@ -103,6 +103,42 @@ def test_a_finished_online_stream_needs_no_state_but_one_to_continue_does(setup,
     assert calls.calls == 3                              # to go on it needs the weights: all 3 from the start
 
 
+@pytest.mark.parametrize("mode", [Mode.ONLINE, Mode.EPISODIC])
+def test_rmc_on_fewer_inputs_than_the_baselines_grows_in_the_same_streams(setup, tmp_path, mode):
+    """attack.rmc_n: the baselines on all n inputs, RMC on the first rmc_n; a larger rmc_n later continues the same
+    streams (online: from the saved weights), and a smaller one reports its prefix, keeping the rest on disk."""
+    base, dprime, sets = setup
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
+    full = evaluate([base], dprime, sets, _cfg(mode), tmp_path / "full", 10, progress=False)
+    calls = {"n": 0}
+    count = lambda *_: calls.__setitem__("n", calls["n"] + 1)  # noqa: E731
+    part = evaluate([base], dprime, sets, _cfg(mode), tmp_path / "grow", 10, progress=False, rmc_n=3, on_record=count)
+    for s in sets:
+        assert part["standard"][s.name]["undefended"] == full["standard"][s.name]["undefended"]   # all 6 inputs
+        assert strip(part["standard"][s.name]["rmc"]) == strip(full["standard"][s.name]["rmc"][:3])
+    assert calls["n"] == 6
+    table = Table.from_results(part)
+    assert "(N = 3)" in table.markdown() and "N = 6 per cell unless the cell states its own" in table.markdown()
+    calls["n"] = 0
+    grown = evaluate([base], dprime, sets, _cfg(mode), tmp_path / "grow", 10, progress=False, rmc_n=5, on_record=count)
+    assert calls["n"] == 4                                    # inputs 3 and 4 of each set, nothing redone
+    for s in sets:
+        assert strip(grown["standard"][s.name]["rmc"]) == strip(full["standard"][s.name]["rmc"][:5])
+    calls["n"] = 0
+    back = evaluate([base], dprime, sets, _cfg(mode), tmp_path / "grow", 10, progress=False, rmc_n=2, on_record=count)
+    assert calls["n"] == 0 and all(len(back["standard"][s.name]["rmc"]) == 2 for s in sets)
+    assert all(len((tmp_path / "grow" / "standard" / s.name / "rmc.jsonl").read_text().splitlines()) == 5 for s in sets)
+
+
+def test_sharded_streams_with_another_rmc_n_are_refused(setup, tmp_path):
+    """With several streams per set, the number of RMC inputs decides where each stream starts: another one
+    cannot continue them."""
+    base, dprime, sets = setup
+    evaluate([base], dprime, sets[:1], _cfg(Mode.ONLINE), tmp_path, 10, progress=False, shards=2, rmc_n=4)
+    with pytest.raises(RMCError, match="other settings"):
+        evaluate([base], dprime, sets[:1], _cfg(Mode.ONLINE), tmp_path, 10, progress=False, shards=2)
+
+
 def test_resume_refuses_results_made_with_other_settings(setup, tmp_path):
     base, dprime, sets = setup
     evaluate([base], dprime, sets[:1], _cfg(Mode.EPISODIC), tmp_path, 10, n=2, progress=False)
@@ -135,13 +171,14 @@ def test_table_has_baselines_rmc_ci_and_targeted_success(setup, tmp_path):
     assert clean["ci95"][0] <= clean["value"] <= clean["ci95"][1]
     assert "attack_success" in d["rows"]["RMC"][sets[1].name]
     md = table.markdown()
-    assert "| None |" in md and "N per column: 6" in md
+    assert "| None |" in md and "N = 6 per cell." in md
 
 
 def test_config_rejects_bad_values_with_one_line(tmp_path):
     for overrides, needle in [([("rmc.k", -3)], "rmc.k"), ([("rmc.lr", "fast")], "rmc.lr"),
                               ([("rmc.kk", 3)], "unknown config key"), ([("rmc.mode", "sometimes")], "mode"),
-                              ([("augment.eps", 2.0)], "eps"), ([("train.epochs", 0)], "epochs")]:
+                              ([("augment.eps", 2.0)], "eps"), ([("train.epochs", 0)], "epochs"),
+                              ([("attack.n", 50), ("attack.rmc_n", 60)], "attack.rmc_n = 60 exceeds attack.n = 50")]:
         with pytest.raises(RMCError) as e:
             load_config(overrides=overrides)
         assert needle in str(e.value) and "\n" not in str(e.value)
@@ -151,6 +188,16 @@ def test_config_rejects_bad_values_with_one_line(tmp_path):
         load_config(bad)
     assert cli(["run", "--set", "rmc.batch_size=0", "--out", str(tmp_path / "r")]) == 2
     assert not (tmp_path / "r").exists()       # nothing written for a refused config
+
+
+def test_rmc_n_leaves_the_stage_and_results_folders_as_they_were():
+    """Raising attack.rmc_n later must continue the same streams: it is in no folder key."""
+    from rmc.cli.pipeline import attack_settings, results_key
+    plain, fewer = load_config(), load_config(overrides=[("attack.rmc_n", 10)])
+    assert fewer.attack.rmc_n == 10 and attack_settings(fewer.attack) == attack_settings(plain.attack)
+    assert results_key(fewer, "m", "d", "l", 1, True) == results_key(plain, "m", "d", "l", 1, True)
+    assert results_key(load_config(overrides=[("attack.n", 10)]), "m", "d", "l", 1, True) != results_key(
+        plain, "m", "d", "l", 1, True)
 
 
 def test_config_file_preset_and_overrides_compose(tmp_path):
@@ -222,6 +269,19 @@ def test_rmc_run_end_to_end_on_digits_and_resume(tmp_path, capsys):
     alone = json.loads((tmp_path / "run" / "results.json").read_text())
     assert alone["stage_dirs"] == {"standard": other["stage_dirs"]["standard"]}
     assert records.stat().st_mtime_ns == before and alone["table"]["rows"]["RMC"] == other["table"]["rows"]["RMC"]
+    # RMC on fewer inputs (--rmc-n): the same folders and records, the table on their first 4, baselines on all 8.
+    assert cli(standard_only + ["--set", "rmc.k=16", "--rmc-n", "4"]) == 2     # the attack rows' 8 inputs: refused
+    assert "--no-attack-rows" in capsys.readouterr().err
+    assert cli(standard_only + ["--set", "rmc.k=16", "--rmc-n", "4", "--no-attack-rows"]) == 0
+    fewer = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert fewer["table"]["rows"]["RMC"]["clean"]["accuracy"]["n"] == 4
+    assert fewer["table"]["rows"]["None"]["clean"]["accuracy"]["n"] == 8
+    stream = Path(fewer["stage_dirs"]["standard"]["results"]) / "clean" / "rmc.jsonl"
+    first = stream.read_text().splitlines()
+    assert cli(standard_only + ["--set", "rmc.k=16", "--rmc-n", "6", "--no-attack-rows"]) == 0   # the same stream goes on
+    more = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert more["stage_dirs"] == fewer["stage_dirs"] and more["table"]["rows"]["RMC"]["clean"]["accuracy"]["n"] == 6
+    assert len(first) == 4 and stream.read_text().splitlines()[:4] == first
 
     # Another training setting: a new model (and everything downstream) beside the old one, the old one kept.
     assert cli(standard_only + ["--set", "train.epochs=2"]) == 0

@@ -69,6 +69,9 @@ class ModelConfig:
 @dataclass
 class AttackConfig:
     n: int = 100                     # test inputs per evaluation set (the same inputs in every column)
+    rmc_n: int | None = None         # RMC on the first rmc_n of them (None: all n); the static and kNN rows use all n.
+                                     # RMC costs minutes per input at the paper's settings: raise it later and
+                                     # the same streams continue (not part of the results' folder key)
     fgsm_eps: list[float] = field(default_factory=list)   # FGSM sets, one per eps
     pgd: list[list[float]] = field(default_factory=lambda: [[10, 0.1], [10, 0.2]])   # PGD sets: [steps, eps] pairs
     pgd_step_size: float | None = None   # PGD step size; None: 2.5 * eps / steps (Madry et al.)
@@ -78,6 +81,11 @@ class AttackConfig:
 
     def validate(self) -> "AttackConfig":
         check_positive(self.n, "attack.n", integer=True)
+        if self.rmc_n is not None:
+            check_positive(self.rmc_n, "attack.rmc_n", integer=True)
+            if self.rmc_n > self.n:
+                raise RMCError(f"attack.rmc_n = {self.rmc_n} exceeds attack.n = {self.n} (the inputs of each set); "
+                               "lower attack.rmc_n or raise attack.n")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise RMCError(f"attack.seed must be an integer >= 0, got {self.seed!r}")
         for e in self.fgsm_eps:
@@ -339,6 +347,8 @@ def validate_before_work(cfg: RunConfig) -> None:
     if cfg.attack.n > len(test):
         raise RMCError(f"attack.n = {cfg.attack.n} exceeds the {len(test):,} images of the {test.name} test set; "
                        "lower attack.n (--n)")
+    from rmc.evaluation.attack_rows import check_rows_within_rmc
+    check_rows_within_rmc(cfg.attack_rows, cfg.attack.n, cfg.attack.rmc_n)
     layer = cfg.model.layer
     if layer is not None:
         model = build_model(cfg.train.arch, len(train.classes) or int(train.labels.max()) + 1, train.input_shape[0])

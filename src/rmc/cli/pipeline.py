@@ -145,9 +145,14 @@ def base_train_config(kind: str, cfg: RunConfig) -> TrainConfig:
                                denoise=cfg.model.denoise_op if kind is BaseKind.DENOISING else None)
 
 
+def attack_settings(cfg) -> dict:
+    """What the evaluation sets and rows depend on: all of `attack` but rmc_n, so RMC's N grows in the same folders."""
+    return {k: v for k, v in to_dict(cfg).items() if k != "rmc_n"}
+
+
 def results_key(cfg: RunConfig, model_sha256: str, dprime_key: str, layer: str, shards: int, with_rmc: bool) -> str:
     """One base model's rows depend on it, its D' and layer, the evaluation settings and the online streams."""
-    return stage_key(model_sha256, dprime_key, layer, to_dict(cfg.attack), to_dict(cfg.rmc),
+    return stage_key(model_sha256, dprime_key, layer, attack_settings(cfg.attack), to_dict(cfg.rmc),
                      online_streams(cfg.rmc, shards),
                      to_dict(cfg.attack_rows) if with_rmc and wants_attack_rows(cfg.attack_rows) else None, with_rmc)
 
@@ -180,7 +185,7 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
         layer = cfg.model.layer or default_layer(model)
         feats_path = out / "features" / f"{name}-{stage_key(store.fingerprint, layer)}.npy"
         feats = timer(f"features {name}", ensure_features, model, info, layer, store, feats_path)
-        sets_dir = out / "evalsets" / f"{name}-{stage_key(info.sha256, to_dict(cfg.attack))}"
+        sets_dir = out / "evalsets" / f"{name}-{stage_key(info.sha256, attack_settings(cfg.attack))}"
         sets = timer(f"attack {name}", ensure_eval_sets, model, info, test, cfg.attack, sets_dir)
         where.update(dprime=str(store.path), features=str(feats_path), evalsets=str(sets_dir))
         rows_dir = out / "results" / results_key(cfg, info.sha256, dkey, layer, shards, with_rmc)
@@ -188,11 +193,12 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
         base = BaseModel(name, model, info.sha256, layer, feats)
         res = timer(f"evaluate {name}", evaluate, [base], dprime, sets, cfg.rmc, rows_dir,
                     info.num_classes, with_rmc=with_rmc, ray=ray, workers=workers, shards=shards, batch=batch,
-                    block=block)
+                    block=block, rmc_n=cfg.attack.rmc_n)
         results.update(res)
         if with_rmc and wants_attack_rows(cfg.attack_rows):
             attack_rows[name] = timer(f"attack rows {name}", evaluate_attacks, base, dprime, sets, cfg.rmc,
-                                      cfg.attack_rows, rows_dir, info.num_classes, res[name].get("clean"), log=log)
+                                      cfg.attack_rows, rows_dir, info.num_classes,
+                                      res[name].get("clean"), log=log)
         notes.update({s.name: "transfer" if s.attack["kind"] != "clean" else "clean" for s in sets})
         if name == cfg.model.bases[0]:
             timer("visualize", neighbour_grid, base, dprime, sets, out / "neighbours.png", cfg.visualize,

@@ -338,5 +338,15 @@ def attack_table(rows_by_base: dict[str, list[AttackRow]]) -> Table:
                  title="Attack rows (transfer vs defense-aware), worst case per input")
 
 
+def check_rows_within_rmc(acfg: AttackRowsConfig, n: int, rmc_n: int | None) -> None:
+    """The attack rows' worst case takes RMC's clean cell: refuse, before any work, rows on more inputs than RMC's
+    (`n` inputs per set, RMC on the first `rmc_n`)."""
+    rows = n if acfg.n is None else min(acfg.n, n)
+    if rmc_n is not None and rmc_n < rows and wants_attack_rows(acfg):
+        raise RMCError(f"the attack rows run on {rows} inputs but RMC only on the first {rmc_n} (attack.rmc_n / "
+                       "--rmc-n), and their worst case takes RMC's clean cell; set attack_rows.n (--attack-n) to at "
+                       "most that, or --no-attack-rows")
+
+
 def wants_attack_rows(acfg: AttackRowsConfig) -> bool:
     return bool(acfg.attacks or acfg.transfer_pgd or acfg.autoattack or acfg.rand_n)

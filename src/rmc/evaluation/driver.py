@@ -222,26 +222,31 @@ def check_compute(records: RecordStream, compute: str) -> None:
                        "the stream to recompute it")
 
 
-def _open_streams(job: SetJob, cfg: RMCConfig, shards: int) -> list[_Stream]:
-    """The set's record streams, resumed from disk: one episodic stream, or S online ones with their states."""
+def _open_streams(job: SetJob, cfg: RMCConfig, shards: int, rmc_n: int | None = None) -> list[_Stream]:
+    """The set's record streams, resumed from disk: one episodic stream, or S online ones with their states, over
+    the first `rmc_n` inputs (None: all). A stream may hold more records (an earlier, larger rmc_n): they are kept
+    on disk and left out of this run's results."""
+    count = len(job.x) if rmc_n is None else min(rmc_n, len(job.x))
     if cfg.mode is Mode.EPISODIC:
         rs = RecordStream(job.folder, "rmc", job.fingerprint)
         rs.rewrite()
-        streams = [_Stream(job, rs, list(range(len(job.x))), sequential=False)]
+        streams = [_Stream(job, rs, list(range(count)), sequential=False)]
     else:
         streams = []
-        parts = np.array_split(np.arange(len(job.x)), shards)
+        parts = np.array_split(np.arange(count), shards)
+        # One stream: input i depends only on the inputs before it, so the fingerprint leaves the count out and a
+        # larger rmc_n continues the stream. Several: the count decides where each one starts, so it is included.
+        split = {"streams": shards} if count == len(job.x) else {"streams": shards, "inputs": count}
         for s, (name, part) in enumerate(zip(stream_names(shards), parts)):
             one = shards == 1
-            rs = RecordStream(job.folder, name, job.fingerprint if one else
-                              digest(job.fingerprint, {"streams": shards, "stream": s}))
+            rs = RecordStream(job.folder, name, job.fingerprint if one else digest(job.fingerprint, {**split, "stream": s}))
             state = rs.load_state(needed=len(part))
             rs.rewrite()
             extra = {} if one else {"stream": s, "streams": shards}
             streams.append(_Stream(job, rs, part.tolist(), sequential=True, extra=extra, state=state))
     for st in streams:
         st.submitted = st.done
-        if [r["index"] for r in st.records.records] != st.positions[:st.done]:
+        if [r["index"] for r in st.records.records[:len(st.positions)]] != st.positions[:st.done]:
             raise RMCError(f"{st.records.path} holds other inputs than this run expects; delete it to restart")
     return streams
 
@@ -256,9 +261,10 @@ def _block(ex, remaining: int, batch: int) -> int:
 
 def _run_streams(ex, source: RMCSource, streams: list[_Stream], block: int | None, batch: int, progress: bool,
                  on_record: Callable[[str, dict], None] | None, fault: Callable[[], None] | None, desc: str) -> None:
-    remaining = sum(len(s.positions) - s.done for s in streams)
+    remaining = sum(max(0, len(s.positions) - s.done) for s in streams)
     block = block or _block(ex, remaining, batch)
-    bar = tqdm(total=sum(len(s.positions) for s in streams), initial=sum(s.done for s in streams), unit="input",
+    bar = tqdm(total=sum(len(s.positions) for s in streams), initial=sum(min(s.done, len(s.positions)) for s in streams),
+               unit="input",
                desc=desc, disable=not progress, dynamic_ncols=True)
     hits = [0, 0]
 
@@ -315,8 +321,9 @@ def _evaluate_base(ex, base: BaseModel, dprime: DPrime, search: NeighbourSearch,
                    cfg: RMCConfig, out_dir: Path, num_classes: int, n: int | None, with_rmc: bool, progress: bool,
                    shards: int = 1, batch: int = 1, block: int | None = None,
                    on_record: Callable[[str, dict], None] | None = None,
-                   fault: Callable[[], None] | None = None) -> dict:
-    """{set name: {defense: records}} of one base model, RMC's work run over the executor `ex`."""
+                   fault: Callable[[], None] | None = None, rmc_n: int | None = None) -> dict:
+    """{set name: {defense: records}} of one base model, RMC's work run over the executor `ex` (on the first `rmc_n`
+    inputs of each set; None: all)."""
     if len(base.features) != len(dprime):
         raise RMCError(f"{base.name}: {len(base.features)} feature rows but D' has {len(dprime)} examples; "
                        "the features belong to another store: re-run `rmc features`")
@@ -324,14 +331,14 @@ def _evaluate_base(ex, base: BaseModel, dprime: DPrime, search: NeighbourSearch,
     results = {job.name: baselines for job, baselines in opened}
     if not with_rmc:
         return results
-    streams = [st for job, _ in opened for st in _open_streams(job, cfg, shards)]
+    streams = [st for job, _ in opened for st in _open_streams(job, cfg, shards, rmc_n)]
     images = dprime.images.numpy() if isinstance(dprime.images, torch.Tensor) else dprime.images
     # D' travels with numpy images: Ray shares numpy arrays between a machine's workers without copying them.
     source = RMCSource(ex.put_model(base.model), ex.put(replace(dprime, images=images)),
                        ex.put(search), base.layer, cfg)
     _run_streams(ex, source, streams, block, batch, progress, on_record, fault, f"RMC {base.name} ({ex.where})")
     for job, _ in opened:
-        records = (r for st in streams if st.job is job for r in st.records.records)
+        records = (r for st in streams if st.job is job for r in st.records.records[:len(st.positions)])
         results[job.name]["rmc"] = sorted(records, key=lambda r: r["index"])
     return results
 
@@ -340,8 +347,9 @@ def evaluate(bases: Sequence[BaseModel], dprime: DPrime, eval_sets: Sequence, cf
              num_classes: int, n: int | None = None, with_rmc: bool = True, progress: bool = True,
              ray: str | None = None, workers: int | None = None, shards: int = 1, batch: int = 1,
              block: int | None = None, on_record: Callable[[str, dict], None] | None = None,
-             fault: Callable[[], None] | None = None) -> dict:
-    """{base name: {set name: {defense: records}}} for every base model and evaluation set.
+             fault: Callable[[], None] | None = None, rmc_n: int | None = None) -> dict:
+    """{base name: {set name: {defense: records}}} for every base model and evaluation set: the baselines on the
+    first `n` inputs of each set (None: all), RMC on the first `rmc_n` of those (None: as many).
 
     `ray` ("local" or a cluster address) runs RMC's per-input work as Ray tasks, at most `workers` at a time; None
     runs it here, in order. `shards` > 1 cuts each online stream into that many independent streams (episodic mode
@@ -357,7 +365,7 @@ def evaluate(bases: Sequence[BaseModel], dprime: DPrime, eval_sets: Sequence, cf
     with executor(ray, workers) as ex:
         return {base.name: _evaluate_base(ex, base, dprime, NeighbourSearch(base.features, dprime), eval_sets, cfg,
                                           Path(out_dir), num_classes, n, with_rmc, progress, shards, batch, block,
-                                          on_record, fault)
+                                          on_record, fault, rmc_n)
                 for base in bases}
 
 

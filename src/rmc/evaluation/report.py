@@ -73,12 +73,20 @@ class Table:
     def header(self) -> list[str]:
         return [self.corner] + [f"{c} ({self.column_notes[c]})" if c in self.column_notes else c for c in self.columns]
 
+    def common_n(self) -> int | None:
+        """The N most cells have (a cell with another N, e.g. RMC on fewer inputs, states its own)."""
+        ns = [cell.accuracy.n for r in self.rows.values() for cell in r.values()]
+        return max(set(ns), key=ns.count) if ns else None
+
     def cells(self) -> list[list[str]]:
-        return [[label] + [r[c].text() if c in r else "-" for c in self.columns] for label, r in self.rows.items()]
+        common = self.common_n()
+        text = lambda cell: cell.text() + ("" if cell.accuracy.n == common else f" (N = {cell.accuracy.n})")  # noqa: E731
+        return [[label] + [text(r[c]) if c in r else "-" for c in self.columns] for label, r in self.rows.items()]
 
     def n_line(self) -> str:
-        ns = sorted({cell.accuracy.n for r in self.rows.values() for cell in r.values()})
-        return "N per column: " + ", ".join(str(n) for n in ns)
+        common = self.common_n()
+        others = {cell.accuracy.n for r in self.rows.values() for cell in r.values()} - {common}
+        return f"N = {common} per cell" + (" unless the cell states its own" if others else "")
 
     def markdown(self) -> str:
         head = self.header()

@@ -33,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="RMC defaults to start from")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. --set rmc.k=256")
     p.add_argument("--n", type=int, help="evaluate only the first N inputs of each set")
+    p.add_argument("--rmc-n", type=int, help="RMC on only the first N of those (the baselines on all; default: all)")
     p.add_argument("--mode", choices=["online", "episodic"], help="RMC mode")
     p.add_argument("--no-rmc", action="store_true", help="baselines only (fast)")
     add_verify_argument(p)
@@ -47,6 +48,8 @@ def main(args) -> int:
     check_ray_device(args.ray, device)
     if args.n is not None:
         check_positive(args.n, "--n (inputs per evaluation set)", integer=True)
+    if args.rmc_n is not None:
+        check_positive(args.rmc_n, "--rmc-n (RMC inputs per evaluation set)", integer=True)
     overrides = [parse_override(s) for s in args.set] + ([("rmc.mode", args.mode)] if args.mode else [])
     overrides += attack_overrides(args)
     cfg = load_config(args.config, args.preset, overrides)
@@ -57,10 +60,12 @@ def main(args) -> int:
     check_together(info, store, sets)
     if cfg.rmc.k > len(store):
         raise RMCError(f"rmc.k = {cfg.rmc.k} exceeds |D'| = {len(store)} ({args.store}); lower rmc.k (--set rmc.k=...)")
-    from rmc.evaluation.attack_rows import attack_table, clean_set, evaluate_attacks, wants_attack_rows
+    from rmc.evaluation.attack_rows import (attack_table, check_rows_within_rmc, clean_set, evaluate_attacks,
+                                            wants_attack_rows)
     attack_rows = not args.no_rmc and wants_attack_rows(cfg.attack_rows)
     if attack_rows:
-        clean_set(sets)   # refuse now, not after the long evaluation, if the attack rows cannot run
+        clean = clean_set(sets)   # refuse now, not after the long evaluation, if the attack rows cannot run
+        check_rows_within_rmc(cfg.attack_rows, min(len(clean), args.n or len(clean)), args.rmc_n)
     layer = args.layer or default_layer(model)
     out = Path(args.out)
     if args.features:
@@ -69,7 +74,7 @@ def main(args) -> int:
         feats = ensure_features(model, info, layer, store, out / f"features-{args.name}.npy")
     base = BaseModel(args.name, model, info.sha256, layer, feats)
     dprime = store.dprime()
-    results = evaluate([base], dprime, sets, cfg.rmc, out / "results", info.num_classes, n=args.n,
+    results = evaluate([base], dprime, sets, cfg.rmc, out / "results", info.num_classes, n=args.n, rmc_n=args.rmc_n,
                        with_rmc=not args.no_rmc, ray=args.ray, workers=args.workers, shards=args.shards, block=args.block,
                        batch=args.batch)
     notes = {s.name: "clean" if s.attack.get("kind") == "clean" else "transfer" for s in sets}

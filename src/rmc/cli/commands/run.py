@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override one config entry, e.g. --set rmc.k=256 (repeatable)")
     p.add_argument("--seed", type=int, help="set every seed of the run (train, augment, attack, rmc, attack_rows)")
     p.add_argument("--n", type=int, help="test inputs per evaluation set (attack.n)")
+    p.add_argument("--rmc-n", type=int, help="RMC on the first N of them (attack.rmc_n; default: all)")
     p.add_argument("--mode", choices=["online", "episodic"], help="RMC mode (rmc.mode)")
     p.add_argument("--bases", nargs="+", choices=["standard", "adversarial", "denoising"],
                    help="base models, each alone and + RMC with its own D' (model.bases; default: standard)")
@@ -53,6 +54,8 @@ def main(args) -> int:
         overrides += [(f"{section}.seed", args.seed) for section in ("train", "augment", "attack", "rmc", "attack_rows")]
     if args.n is not None:
         overrides.append(("attack.n", args.n))
+    if args.rmc_n is not None:
+        overrides.append(("attack.rmc_n", args.rmc_n))
     if args.mode:
         overrides.append(("rmc.mode", args.mode))
     if args.bases:
