@@ -278,7 +278,7 @@ def test_rmc_run_end_to_end_on_digits_and_resume(tmp_path, capsys):
     assert fewer["table"]["rows"]["None"]["clean"]["accuracy"]["n"] == 8
     stream = Path(fewer["stage_dirs"]["standard"]["results"]) / "clean" / "rmc.jsonl"
     first = stream.read_text().splitlines()
-    assert cli(standard_only + ["--set", "rmc.k=16", "--rmc-n", "6", "--no-attack-rows"]) == 0   # the same stream goes on
+    assert cli(standard_only + ["--set", "rmc.k=16", "--rmc-n", "6", "--no-attack-rows"]) == 0   # the stream goes on
     more = json.loads((tmp_path / "run" / "results.json").read_text())
     assert more["stage_dirs"] == fewer["stage_dirs"] and more["table"]["rows"]["RMC"]["clean"]["accuracy"]["n"] == 6
     assert len(first) == 4 and stream.read_text().splitlines()[:4] == first

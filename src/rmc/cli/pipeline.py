@@ -197,8 +197,7 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
         results.update(res)
         if with_rmc and wants_attack_rows(cfg.attack_rows):
             attack_rows[name] = timer(f"attack rows {name}", evaluate_attacks, base, dprime, sets, cfg.rmc,
-                                      cfg.attack_rows, rows_dir, info.num_classes,
-                                      res[name].get("clean"), log=log)
+                                      cfg.attack_rows, rows_dir, info.num_classes, res[name].get("clean"), log=log)
         notes.update({s.name: "transfer" if s.attack["kind"] != "clean" else "clean" for s in sets})
         if name == cfg.model.bases[0]:
             timer("visualize", neighbour_grid, base, dprime, sets, out / "neighbours.png", cfg.visualize,

@@ -239,7 +239,8 @@ def _open_streams(job: SetJob, cfg: RMCConfig, shards: int, rmc_n: int | None = 
         split = {"streams": shards} if count == len(job.x) else {"streams": shards, "inputs": count}
         for s, (name, part) in enumerate(zip(stream_names(shards), parts)):
             one = shards == 1
-            rs = RecordStream(job.folder, name, job.fingerprint if one else digest(job.fingerprint, {**split, "stream": s}))
+            rs = RecordStream(job.folder, name,
+                              job.fingerprint if one else digest(job.fingerprint, {**split, "stream": s}))
             state = rs.load_state(needed=len(part))
             rs.rewrite()
             extra = {} if one else {"stream": s, "streams": shards}
@@ -263,8 +264,8 @@ def _run_streams(ex, source: RMCSource, streams: list[_Stream], block: int | Non
                  on_record: Callable[[str, dict], None] | None, fault: Callable[[], None] | None, desc: str) -> None:
     remaining = sum(max(0, len(s.positions) - s.done) for s in streams)
     block = block or _block(ex, remaining, batch)
-    bar = tqdm(total=sum(len(s.positions) for s in streams), initial=sum(min(s.done, len(s.positions)) for s in streams),
-               unit="input",
+    bar = tqdm(total=sum(len(s.positions) for s in streams), unit="input",
+               initial=sum(min(s.done, len(s.positions)) for s in streams),
                desc=desc, disable=not progress, dynamic_ncols=True)
     hits = [0, 0]
 

@@ -80,7 +80,8 @@ class Table:
 
     def cells(self) -> list[list[str]]:
         common = self.common_n()
-        text = lambda cell: cell.text() + ("" if cell.accuracy.n == common else f" (N = {cell.accuracy.n})")  # noqa: E731
+        def text(cell: Cell) -> str:
+            return cell.text() + ("" if cell.accuracy.n == common else f" (N = {cell.accuracy.n})")
         return [[label] + [text(r[c]) if c in r else "-" for c in self.columns] for label, r in self.rows.items()]
 
     def n_line(self) -> str:
