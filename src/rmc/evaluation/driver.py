@@ -199,8 +199,13 @@ class _Stream:
     buffer: dict[int, dict] = field(default_factory=dict)   # finished out of order (episodic), by position index
 
     @property
+    def kept(self) -> list[dict]:
+        """This run's records: a stream may hold more (an earlier, larger rmc_n), kept on disk but not counted."""
+        return self.records.records[:len(self.positions)]
+
+    @property
     def done(self) -> int:
-        return len(self.records)
+        return len(self.kept)
 
     def can_submit(self) -> bool:
         return self.submitted < len(self.positions) and not (self.sequential and self.busy)
@@ -247,7 +252,7 @@ def _open_streams(job: SetJob, cfg: RMCConfig, shards: int, rmc_n: int | None = 
             streams.append(_Stream(job, rs, part.tolist(), sequential=True, extra=extra, state=state))
     for st in streams:
         st.submitted = st.done
-        if [r["index"] for r in st.records.records[:len(st.positions)]] != st.positions[:st.done]:
+        if [r["index"] for r in st.kept] != st.positions[:st.done]:
             raise RMCError(f"{st.records.path} holds other inputs than this run expects; delete it to restart")
     return streams
 
@@ -262,10 +267,9 @@ def _block(ex, remaining: int, batch: int) -> int:
 
 def _run_streams(ex, source: RMCSource, streams: list[_Stream], block: int | None, batch: int, progress: bool,
                  on_record: Callable[[str, dict], None] | None, fault: Callable[[], None] | None, desc: str) -> None:
-    remaining = sum(max(0, len(s.positions) - s.done) for s in streams)
+    remaining = sum(len(s.positions) - s.done for s in streams)
     block = block or _block(ex, remaining, batch)
-    bar = tqdm(total=sum(len(s.positions) for s in streams), unit="input",
-               initial=sum(min(s.done, len(s.positions)) for s in streams),
+    bar = tqdm(total=sum(len(s.positions) for s in streams), initial=sum(s.done for s in streams), unit="input",
                desc=desc, disable=not progress, dynamic_ncols=True)
     hits = [0, 0]
 
@@ -339,7 +343,7 @@ def _evaluate_base(ex, base: BaseModel, dprime: DPrime, search: NeighbourSearch,
                        ex.put(search), base.layer, cfg)
     _run_streams(ex, source, streams, block, batch, progress, on_record, fault, f"RMC {base.name} ({ex.where})")
     for job, _ in opened:
-        records = (r for st in streams if st.job is job for r in st.records.records[:len(st.positions)])
+        records = (r for st in streams if st.job is job for r in st.kept)
         results[job.name]["rmc"] = sorted(records, key=lambda r: r["index"])
     return results
 
