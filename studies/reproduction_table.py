@@ -4,8 +4,9 @@ paper's settings, which takes longer than one session): baselines over every inp
     python studies/reproduction_table.py runs/paper [--bases standard adversarial denoising]
 
 Reads only `results/<key>/<base>/<set>/baselines.json` and `rmc.jsonl` (what `rmc run` writes as it goes); prints the
-table in markdown with N per cell, in the original's row order, and the mean seconds per RMC input. Bases without
-records yet are left out (and named).
+table in markdown with N per cell, in the original's row order, the mean seconds per RMC input, and per set the static
+model and RMC scored on the same inputs (RMC's cells cover fewer inputs than the static row's while the run goes on,
+so the paired counts are the fair comparison). Bases without records yet are left out (and named).
 """
 
 from __future__ import annotations
@@ -41,6 +42,23 @@ def read_records(run: Path, base: str) -> tuple[dict, list[float]]:
     return results, seconds
 
 
+def paired_counts(results: dict) -> list[str]:
+    """Per base and set: static and RMC correct on the inputs RMC has done, and how many RMC lost and gained."""
+    lines = []
+    for base, sets in results.items():
+        for name, defenses in sets.items():
+            rmc = defenses.get("rmc", [])
+            if not rmc:
+                continue
+            static = {r["index"]: r["pred"] == r["label"] for r in defenses["undefended"]}
+            pairs = [(static[r["index"]], r["pred"] == r["label"]) for r in rmc]
+            lost = sum(s and not d for s, d in pairs)
+            gained = sum(d and not s for s, d in pairs)
+            lines.append(f"{base} {name}: static {sum(s for s, _ in pairs)} / RMC {sum(d for _, d in pairs)} "
+                         f"correct of the same {len(pairs)} (RMC lost {lost}, gained {gained})")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path)
@@ -66,6 +84,7 @@ def main() -> None:
         print(f"\nNo records yet of: {', '.join(missing)}")
     if seconds:
         print(f"\nRMC: {len(seconds)} inputs, {sum(seconds) / len(seconds):.1f} s per input on average")
+        print("\n".join(["", "Static model and RMC on the same inputs:"] + paired_counts(results)))
 
 
 if __name__ == "__main__":
