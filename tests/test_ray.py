@@ -276,3 +276,24 @@ def test_cli_augment_and_evaluate_with_ray(tmp_path, model_file, digits, referen
     assert single["table"] == viaray["table"] and viaray["ray"] == "local" and viaray["online_streams"] is None
     assert cli_main(common + ["--out", str(tmp_path / "on"), "--mode", "online", "--ray", "--shards", "2"]) == 0
     assert json.loads((tmp_path / "on" / "results.json").read_text())["online_streams"] == 2
+
+
+def test_sigterm_stops_a_command_under_ray_like_ctrl_c():
+    """Ray installs a SIGTERM handler of its own (a stack trace, then the process dies); `kill` of a background
+    `rmc ... --ray` must instead end like Ctrl-C, through the CLI's KeyboardInterrupt path that saves and explains."""
+    script = """if True:
+        import os, signal, threading, time
+        from rmc.cli import stop_on_sigterm
+        from rmc.scaleout.executors import session
+        stop_on_sigterm()
+        with session("local", workers=1):
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            try:
+                time.sleep(30)
+            except KeyboardInterrupt:
+                print("stopped as by Ctrl-C")
+    """
+    import subprocess
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert done.stdout.strip() == "stopped as by Ctrl-C", done.stderr[-2000:]
+    assert done.returncode == 0

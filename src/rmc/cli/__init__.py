@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from rmc.cli.commands import attack, augment, evaluate, features, layers, report, run, train, visualize
@@ -85,9 +86,20 @@ def output_lock(args, argv: list[str] | None):
     return lock
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """`kill PID` (SIGTERM) stops a command like Ctrl-C. A run started with `&` or nohup ignores SIGINT, so kill is
+    how a background run is stopped; it should end with the same message and the same saved records."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tune_allocator()   # the command owns its process
+    stop_on_sigterm()
     try:
         if args.threads is not None and args.threads < 1:
             raise RMCError(f"--threads must be >= 1, got {args.threads}")

@@ -18,6 +18,8 @@ import contextlib
 import copy
 import logging
 import os
+import signal
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -54,6 +56,7 @@ def connect(address: str | None = LOCAL, workers: int | None = None) -> int:
         raise RMCError(f"--workers must be a whole number >= 1, got {workers!r}")
     ray = _ray()
     if not ray.is_initialized():
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV)}
         kwargs: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.WARNING,
                                       runtime_env={"env_vars": env} if env else None)
@@ -72,6 +75,8 @@ def connect(address: str | None = LOCAL, workers: int | None = None) -> int:
                            "and pass the address it prints, or use --ray alone for a local Ray. A cluster with token "
                            "authentication (the default of `ray start` in recent Ray) also needs RAY_AUTH_MODE=token "
                            "and its token (~/.ray/auth_token or RAY_AUTH_TOKEN) here") from None
+        if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
+            signal.signal(signal.SIGTERM, on_sigterm)   # Ray's own handler dumps a stack trace and ends the process
     cpus = int(ray.cluster_resources().get("CPU", 0))
     if cpus < 1:
         raise RMCError("the Ray cluster has no CPUs available to run tasks")
