@@ -3,6 +3,7 @@ killed worker (no example lost or counted twice) and an interrupted driver (resu
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -293,7 +294,6 @@ def test_sigterm_stops_a_command_under_ray_like_ctrl_c():
             except KeyboardInterrupt:
                 print("stopped as by Ctrl-C")
     """
-    import subprocess
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert done.stdout.strip() == "stopped as by Ctrl-C", done.stderr[-2000:]
     assert done.returncode == 0

@@ -7,6 +7,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 
 from rmc.cli.commands import attack, augment, evaluate, features, layers, report, run, train, visualize
 from rmc.cpu import pick_threads, tune_allocator
@@ -92,8 +93,10 @@ def _interrupt(signum, frame):
 
 def stop_on_sigterm() -> None:
     """`kill PID` (SIGTERM) stops a command like Ctrl-C. A run started with `&` or nohup ignores SIGINT, so kill is
-    how a background run is stopped; it should end with the same message and the same saved records."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    how a background run is stopped; it should end with the same message and the same saved records. (Only the
+    main thread may set a handler; `main` called from another thread keeps the process's own.)"""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def main(argv: list[str] | None = None) -> int:
