@@ -87,16 +87,12 @@ def output_lock(args, argv: list[str] | None):
     return lock
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def stop_on_sigterm() -> None:
     """`kill PID` (SIGTERM) stops a command like Ctrl-C. A run started with `&` or nohup ignores SIGINT, so kill is
     how a background run is stopped; it should end with the same message and the same saved records. (Only the
     main thread may set a handler; `main` called from another thread keeps the process's own.)"""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)   # Python's own: raises KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
