@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from rmc.cli.config import documented_yaml, load_config
 from rmc.defense import RMC, Mode, RMCConfig
 from rmc.errors import RMCError
 from rmc.evaluation.common import BaseModel
-from rmc.evaluation.driver import evaluate
+from rmc.evaluation.driver import BASELINES, evaluate, finished_results, stream_names
 from rmc.evaluation.report import Table
 from rmc.io import load_tensors
 from rmc.models import ModelInfo
@@ -101,6 +102,31 @@ def test_a_finished_online_stream_needs_no_state_but_one_to_continue_does(setup,
     path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))   # unfinished, and no weights
     evaluate([base], dprime, sets[:1], _cfg(Mode.ONLINE), tmp_path, 10, n=3, progress=False, fault=calls)
     assert calls.calls == 3                              # to go on it needs the weights: all 3 from the start
+
+
+@pytest.mark.parametrize("mode,shards", [(Mode.ONLINE, 1), (Mode.ONLINE, 2), (Mode.EPISODIC, 1)])
+def test_finished_records_are_read_back_without_d_prime_and_unfinished_ones_are_not(setup, tmp_path, mode, shards):
+    """`rmc run` tabulates a base whose records are all on disk without rebuilding D' (finished_results)."""
+    base, dprime, sets = setup
+    cfg = _cfg(mode)
+    made = evaluate([base], dprime, sets, cfg, tmp_path, 10, n=5, progress=False, shards=shards, rmc_n=4)["standard"]
+    folder = tmp_path / "standard"
+    assert finished_results(folder, sets, cfg, 5, shards=shards, rmc_n=4) == made
+    if shards == 1:   # one stream's prefix; S > 1 streams split another count elsewhere (evaluate refuses it too)
+        assert finished_results(folder, sets, cfg, 5, rmc_n=3) == \
+            evaluate([base], dprime, sets, cfg, tmp_path, 10, n=5, progress=False, rmc_n=3)["standard"]
+    else:
+        assert finished_results(folder, sets, cfg, 5, shards=shards, rmc_n=3) is None
+    assert finished_results(folder, sets, cfg, 5, with_rmc=False) == \
+        {name: {b: rows[b] for b in BASELINES} for name, rows in made.items()}
+    assert finished_results(folder, sets, cfg, 5, shards=shards, rmc_n=5) is None      # a stream still to run
+    assert finished_results(folder, sets, cfg, 6, shards=shards, rmc_n=4) is None      # baselines of 5, not 6
+    stream = folder / sets[1].name / stream_names(shards)[-1]
+    lines = Path(f"{stream}.jsonl").read_text().splitlines(keepends=True)
+    Path(f"{stream}.jsonl").write_text("".join(lines[:-1]))                            # a record lost
+    assert finished_results(folder, sets, cfg, 5, shards=shards, rmc_n=4) is None
+    (folder / sets[0].name / "baselines.json").write_text("{")                         # a torn file
+    assert finished_results(folder, sets, cfg, 5, shards=shards, rmc_n=4) is None
 
 
 @pytest.mark.parametrize("mode", [Mode.ONLINE, Mode.EPISODIC])
@@ -282,6 +308,16 @@ def test_rmc_run_end_to_end_on_digits_and_resume(tmp_path, capsys):
     more = json.loads((tmp_path / "run" / "results.json").read_text())
     assert more["stage_dirs"] == fewer["stage_dirs"] and more["table"]["rows"]["RMC"]["clean"]["accuracy"]["n"] == 6
     assert len(first) == 4 and stream.read_text().splitlines()[:4] == first
+    # Every record on disk (a run carried to a machine without its D'): the table is read from the records, and D'
+    # and its features are not rebuilt.
+    for kind in ("dprime", "features"):
+        shutil.rmtree(tmp_path / "run" / kind)
+    capsys.readouterr()
+    assert cli(standard_only + ["--set", "rmc.k=16", "--rmc-n", "6", "--no-attack-rows"]) == 0
+    assert "without rebuilding D'" in capsys.readouterr().out
+    read = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert _without_wall_times(read["table"]) == _without_wall_times(more["table"])
+    assert not (tmp_path / "run" / "dprime").exists() and not (tmp_path / "run" / "features").exists()
 
     # Another training setting: a new model (and everything downstream) beside the old one, the old one kept.
     assert cli(standard_only + ["--set", "train.epochs=2"]) == 0

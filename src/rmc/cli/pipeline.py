@@ -1,8 +1,10 @@
-"""`rmc run`: train each base model, augment, extract features, attack, evaluate, tabulate; one call per stage.
+"""`rmc run`: train each base model, attack, augment, extract features, evaluate, tabulate; one call per stage.
 
 Every stage's output lives in a folder named after the base model and a short hash of the stage's own inputs, so
 re-running resumes, and a changed setting re-runs only the stages that depend on it (changing `rmc.k` reuses the
-models, D' and features; changing `attack.n` also reuses D'), each result beside the others. Layout:
+models, D' and features; changing `attack.n` also reuses D'), each result beside the others. A base model whose
+records are all on disk (e.g. restored on another machine by studies/carry_run.py) is tabulated from them without
+rebuilding its D' and features, which only the streams still running need. Layout:
 
     config.yaml, results.json/.md    the latest run's configuration and table (results.json names its stage folders)
     models/<base>-<key>.safetensors  base models; key: data + training settings
@@ -34,7 +36,8 @@ from rmc.data import load_dataset
 from rmc.errors import RMCError
 from rmc.evaluation.attack_rows import attack_table, evaluate_attacks, wants_attack_rows
 from rmc.evaluation.common import BaseModel, digest
-from rmc.evaluation.driver import check_work_split, compute_paths, evaluate, online_streams
+from rmc.evaluation.driver import (check_work_split, compute_paths, evaluate, finished_results,
+                                   online_streams)
 from rmc.evaluation.report import Table
 from rmc.evaluation.visualize import neighbour_grid
 from rmc.io import read_json, write_json, write_text
@@ -178,27 +181,34 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
         model, info = models[name] = timer(f"train {name}", ensure_model, path, train, test, tcfg, log)
         where = stages[name] = {"model": str(path)}
         dkey = stage_key(info.sha256, to_dict(cfg.augment))
+        layer = cfg.model.layer or default_layer(model)
+        sets_dir = out / "evalsets" / f"{name}-{stage_key(info.sha256, attack_settings(cfg.attack))}"
+        sets = timer(f"attack {name}", ensure_eval_sets, model, info, test, cfg.attack, sets_dir)
+        notes.update({s.name: "transfer" if s.attack["kind"] != "clean" else "clean" for s in sets})
+        rows_dir = out / "results" / results_key(cfg, info.sha256, dkey, layer, shards, with_rmc)
+        where.update(evalsets=str(sets_dir), results=str(rows_dir / name))
+        rows_wanted = with_rmc and wants_attack_rows(cfg.attack_rows)
+        done = None if rows_wanted else finished_results(rows_dir / name, sets, cfg.rmc, cfg.attack.n, with_rmc,
+                                                         shards, cfg.attack.rmc_n)
+        if done is not None:   # e.g. a base restored by studies/carry_run.py: its table needs no D'
+            log(f"[evaluate {name}] every record is on disk: read, without rebuilding D' and its features")
+            results[name] = done
+            continue
         store = stores[name] = timer(f"augment {name}", build_dprime_store, model, info, train,
                                      out / "dprime" / f"{name}-{dkey}", cfg.augment, ray=ray, workers=workers)
         log(f"  D' of {name} = {len(store)} images: {', '.join(store.copy_names)}")
         dprime = store.dprime()
-        layer = cfg.model.layer or default_layer(model)
         feats_path = out / "features" / f"{name}-{stage_key(store.fingerprint, layer)}.npy"
         feats = timer(f"features {name}", ensure_features, model, info, layer, store, feats_path)
-        sets_dir = out / "evalsets" / f"{name}-{stage_key(info.sha256, attack_settings(cfg.attack))}"
-        sets = timer(f"attack {name}", ensure_eval_sets, model, info, test, cfg.attack, sets_dir)
-        where.update(dprime=str(store.path), features=str(feats_path), evalsets=str(sets_dir))
-        rows_dir = out / "results" / results_key(cfg, info.sha256, dkey, layer, shards, with_rmc)
-        where.update(results=str(rows_dir / name))
+        where.update(dprime=str(store.path), features=str(feats_path))
         base = BaseModel(name, model, info.sha256, layer, feats)
         res = timer(f"evaluate {name}", evaluate, [base], dprime, sets, cfg.rmc, rows_dir,
                     info.num_classes, with_rmc=with_rmc, ray=ray, workers=workers, shards=shards, batch=batch,
                     block=block, rmc_n=cfg.attack.rmc_n)
         results.update(res)
-        if with_rmc and wants_attack_rows(cfg.attack_rows):
+        if rows_wanted:
             attack_rows[name] = timer(f"attack rows {name}", evaluate_attacks, base, dprime, sets, cfg.rmc,
                                       cfg.attack_rows, rows_dir, info.num_classes, res[name].get("clean"), log=log)
-        notes.update({s.name: "transfer" if s.attack["kind"] != "clean" else "clean" for s in sets})
         if name == cfg.model.bases[0]:
             timer("visualize", neighbour_grid, base, dprime, sets, out / "neighbours.png", cfg.visualize,
                   class_names=train.classes)

@@ -36,7 +36,7 @@ from rmc.errors import RMCError
 from rmc.evaluation.anatomy import DriftMeter, confidences, record_fields
 from rmc.evaluation.common import BaseModel, NeighbourSearch, digest
 from rmc.evaluation.records import RecordStream
-from rmc.io import write_json
+from rmc.io import read_json, write_json
 from rmc.models import extract_features
 from rmc.scaleout.executors import cached, executor, get, handle_key
 
@@ -227,34 +227,75 @@ def check_compute(records: RecordStream, compute: str) -> None:
                        "the stream to recompute it")
 
 
-def _open_streams(job: SetJob, cfg: RMCConfig, shards: int, rmc_n: int | None = None) -> list[_Stream]:
-    """The set's record streams, resumed from disk: one episodic stream, or S online ones with their states, over
-    the first `rmc_n` inputs (None: all). A stream may hold more records (an earlier, larger rmc_n): they are kept
-    on disk and left out of this run's results."""
-    count = len(job.x) if rmc_n is None else min(rmc_n, len(job.x))
+def stream_plan(inputs: int, fingerprint: str, cfg: RMCConfig, shards: int, rmc_n: int | None
+                ) -> list[tuple[str, str, list[int], dict]]:
+    """A set's RMC record streams over its first `rmc_n` of `inputs` (None: all): (name, fingerprint, positions,
+    extra record fields) for one episodic stream, or S online ones."""
+    count = inputs if rmc_n is None else min(rmc_n, inputs)
     if cfg.mode is Mode.EPISODIC:
-        rs = RecordStream(job.folder, "rmc", job.fingerprint)
+        return [("rmc", fingerprint, list(range(count)), {})]
+    if shards == 1:
+        # Input i depends only on the inputs before it, so the fingerprint leaves the count out and a larger rmc_n
+        # continues the stream.
+        return [("rmc", fingerprint, list(range(count)), {})]
+    # Several: the count decides where each one starts, so it is included.
+    split = {"streams": shards} if count == inputs else {"streams": shards, "inputs": count}
+    return [(name, digest(fingerprint, {**split, "stream": s}), part.tolist(), {"stream": s, "streams": shards})
+            for s, (name, part) in enumerate(zip(stream_names(shards), np.array_split(np.arange(count), shards)))]
+
+
+def _open_streams(job: SetJob, cfg: RMCConfig, shards: int, rmc_n: int | None = None) -> list[_Stream]:
+    """The set's record streams, resumed from disk. A stream may hold more records (an earlier, larger rmc_n):
+    they are kept on disk and left out of this run's results."""
+    streams = []
+    for name, fingerprint, positions, extra in stream_plan(len(job.x), job.fingerprint, cfg, shards, rmc_n):
+        rs = RecordStream(job.folder, name, fingerprint)
+        online = cfg.mode is Mode.ONLINE
+        state = rs.load_state(needed=len(positions)) if online else None
         rs.rewrite()
-        streams = [_Stream(job, rs, list(range(count)), sequential=False)]
-    else:
-        streams = []
-        parts = np.array_split(np.arange(count), shards)
-        # One stream: input i depends only on the inputs before it, so the fingerprint leaves the count out and a
-        # larger rmc_n continues the stream. Several: the count decides where each one starts, so it is included.
-        split = {"streams": shards} if count == len(job.x) else {"streams": shards, "inputs": count}
-        for s, (name, part) in enumerate(zip(stream_names(shards), parts)):
-            one = shards == 1
-            rs = RecordStream(job.folder, name,
-                              job.fingerprint if one else digest(job.fingerprint, {**split, "stream": s}))
-            state = rs.load_state(needed=len(part))
-            rs.rewrite()
-            extra = {} if one else {"stream": s, "streams": shards}
-            streams.append(_Stream(job, rs, part.tolist(), sequential=True, extra=extra, state=state))
+        streams.append(_Stream(job, rs, positions, sequential=online, extra=extra, state=state))
     for st in streams:
         st.submitted = st.done
         if [r["index"] for r in st.kept] != st.positions[:st.done]:
             raise RMCError(f"{st.records.path} holds other inputs than this run expects; delete it to restart")
     return streams
+
+
+def finished_results(folder: Path, eval_sets: Sequence, cfg: RMCConfig, n: int | None, with_rmc: bool = True,
+                     shards: int = 1, rmc_n: int | None = None) -> dict | None:
+    """{set name: {defense: records}} of one base model read from `folder` (results/<key>/<base>) when every set's
+    baselines and RMC streams are complete, else None; reads only. It lets `rmc run` tabulate a finished base
+    (e.g. one restored from studies/carry_run.py) without rebuilding D' and its features, which the records'
+    fingerprints name by content: the folder's key covers the model, D''s settings, the layer, the attack and RMC
+    settings, and the streams must carry the fingerprint their baselines were saved with."""
+    results = {}
+    for s in eval_sets:
+        inputs = len(s.images[:n])
+        path = Path(folder) / s.name / "baselines.json"
+        try:
+            saved = read_json(path, "baselines")
+        except RMCError:
+            return None
+        fingerprint = saved.get("fingerprint") if isinstance(saved, dict) else None
+        if not isinstance(fingerprint, str) or any(len(saved.get(b) or []) != inputs for b in BASELINES):
+            return None
+        results[s.name] = {b: saved[b] for b in BASELINES}
+        if not with_rmc:
+            continue
+        records = []
+        for name, fp, positions, _ in stream_plan(inputs, fingerprint, cfg, shards, rmc_n):
+            try:
+                rs = RecordStream(path.parent, name, fp)
+                if cfg.mode is Mode.ONLINE:
+                    rs.load_state(needed=len(positions))
+            except RMCError:
+                return None            # made with other settings: the full path says so, with the fix
+            kept = rs.records[:len(positions)]
+            if [r["index"] for r in kept] != positions:
+                return None
+            records += kept
+        results[s.name]["rmc"] = sorted(records, key=lambda r: r["index"])
+    return results
 
 
 def _block(ex, remaining: int, batch: int) -> int:
@@ -385,4 +426,4 @@ def evaluate_set(base: BaseModel, dprime: DPrime, search: NeighbourSearch, eval_
 
 
 __all__ = ["BASELINES", "BaseModel", "MAX_BLOCK", "NeighbourSearch", "SetJob", "check_work_split", "evaluate",
-           "evaluate_set", "online_streams", "open_set", "rmc_task", "stream_fingerprint", "stream_names"]
+           "evaluate_set", "finished_results", "online_streams", "open_set", "rmc_task", "stream_fingerprint", "stream_names"]
