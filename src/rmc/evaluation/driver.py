@@ -232,13 +232,11 @@ def stream_plan(inputs: int, fingerprint: str, cfg: RMCConfig, shards: int, rmc_
     """A set's RMC record streams over its first `rmc_n` of `inputs` (None: all): (name, fingerprint, positions,
     extra record fields) for one episodic stream, or S online ones."""
     count = inputs if rmc_n is None else min(rmc_n, inputs)
-    if cfg.mode is Mode.EPISODIC:
+    if cfg.mode is Mode.EPISODIC or shards == 1:
+        # One online stream: input i depends only on the inputs before it, so the fingerprint leaves the count out
+        # and a larger rmc_n continues the stream.
         return [("rmc", fingerprint, list(range(count)), {})]
-    if shards == 1:
-        # Input i depends only on the inputs before it, so the fingerprint leaves the count out and a larger rmc_n
-        # continues the stream.
-        return [("rmc", fingerprint, list(range(count)), {})]
-    # Several: the count decides where each one starts, so it is included.
+    # Several online streams: the count decides where each one starts, so it is included.
     split = {"streams": shards} if count == inputs else {"streams": shards, "inputs": count}
     return [(name, digest(fingerprint, {**split, "stream": s}), part.tolist(), {"stream": s, "streams": shards})
             for s, (name, part) in enumerate(zip(stream_names(shards), np.array_split(np.arange(count), shards)))]
@@ -426,4 +424,5 @@ def evaluate_set(base: BaseModel, dprime: DPrime, search: NeighbourSearch, eval_
 
 
 __all__ = ["BASELINES", "BaseModel", "MAX_BLOCK", "NeighbourSearch", "SetJob", "check_work_split", "evaluate",
-           "evaluate_set", "finished_results", "online_streams", "open_set", "rmc_task", "stream_fingerprint", "stream_names"]
+           "evaluate_set", "finished_results", "online_streams", "open_set", "rmc_task", "stream_fingerprint",
+           "stream_names", "stream_plan"]
