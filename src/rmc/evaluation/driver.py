@@ -245,10 +245,9 @@ def stream_plan(inputs: int, fingerprint: str, cfg: RMCConfig, shards: int, rmc_
 def _open_streams(job: SetJob, cfg: RMCConfig, shards: int, rmc_n: int | None = None) -> list[_Stream]:
     """The set's record streams, resumed from disk. A stream may hold more records (an earlier, larger rmc_n):
     they are kept on disk and left out of this run's results."""
-    streams = []
+    streams, online = [], cfg.mode is Mode.ONLINE
     for name, fingerprint, positions, extra in stream_plan(len(job.x), job.fingerprint, cfg, shards, rmc_n):
         rs = RecordStream(job.folder, name, fingerprint)
-        online = cfg.mode is Mode.ONLINE
         state = rs.load_state(needed=len(positions)) if online else None
         rs.rewrite()
         streams.append(_Stream(job, rs, positions, sequential=online, extra=extra, state=state))
