@@ -265,7 +265,7 @@ def finished_results(folder: Path, eval_sets: Sequence, cfg: RMCConfig, n: int |
     (e.g. one restored from studies/carry_run.py) without rebuilding D' and its features, which the records'
     fingerprints name by content: the folder's key covers the model, D''s settings, the layer, the attack and RMC
     settings, and the streams must carry the fingerprint their baselines were saved with."""
-    results = {}
+    results, online = {}, cfg.mode is Mode.ONLINE
     for s in eval_sets:
         inputs = len(s.images[:n])
         path = Path(folder) / s.name / "baselines.json"
@@ -283,7 +283,7 @@ def finished_results(folder: Path, eval_sets: Sequence, cfg: RMCConfig, n: int |
         for name, fp, positions, _ in stream_plan(inputs, fingerprint, cfg, shards, rmc_n):
             try:
                 rs = RecordStream(path.parent, name, fp)
-                if cfg.mode is Mode.ONLINE:
+                if online:
                     rs.load_state(needed=len(positions))
             except RMCError:
                 return None            # made with other settings: the full path says so, with the fix

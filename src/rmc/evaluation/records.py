@@ -27,7 +27,9 @@ class RecordStream:
         self.state_path = self.folder / f"{name}.state.safetensors"
         self.fingerprint = fingerprint   # of everything that determines the results; a mismatch refuses resume
         self.records: list[dict] = []
-        self.repaired = False    # records were dropped on load (out of order); rewrite() makes the file match
+        # Why records were dropped on load (out of order), said once by rewrite() when it drops them from the file,
+        # so a reader that only checks the stream (finished_results) prints nothing.
+        self.repair_note: str | None = None
         if self.path.exists():
             for i, line in enumerate(self.path.read_text().splitlines()):
                 try:
@@ -39,11 +41,9 @@ class RecordStream:
                                    "use a new output directory or delete it")
                 if not self._in_order(rec):
                     # Records out of order (two writers, an edited file): keep the ordered prefix, redo the rest.
-                    kept = len(self.records)
-                    print(f"note: {self.path}: record {i} has index {rec.get('index')!r} where "
-                          f"{self._next_index()!r} was due; keeping the {kept} records before it and "
-                          "recomputing from there", file=sys.stderr)
-                    self.repaired = True
+                    self.repair_note = (f"note: {self.path}: record {i} has index {rec.get('index')!r} where "
+                                        f"{self._next_index()!r} was due; keeping the {len(self.records)} records "
+                                        "before it and recomputing from there")
                     break
                 self.records.append(rec)
 
@@ -79,6 +79,9 @@ class RecordStream:
         """Make the file hold exactly `self.records` (after trimming on resume); a file that does is left alone."""
         text = "".join(json.dumps(r) + "\n" for r in self.records)
         if not (self.path.exists() and self.path.read_text() == text):
+            if self.repair_note:
+                print(self.repair_note, file=sys.stderr)
+                self.repair_note = None
             write_text(self.path, text)
 
     def append(self, record: dict, state: dict[str, torch.Tensor] | None = None) -> None:
