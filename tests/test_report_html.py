@@ -25,6 +25,7 @@ from rmc.evaluation.driver import evaluate
 from rmc.evaluation.html_report import write_report
 from rmc.evaluation.report import Table, row_label
 from rmc.evaluation.run_records import RunRecords
+from rmc.evaluation.stats import Rate
 from rmc.io import load_tensors, write_json, write_text
 from rmc.models import ModelInfo
 
@@ -102,6 +103,19 @@ def test_curve_points_equal_the_tables_accuracies(run_dir):
     for s in series:   # what is drawn is the data
         assert list(lines[s.label].get_ydata()) == [100 * p.rate.value for p in s.points]
         assert lines[s.label].get_linestyle() == "-"
+
+
+def test_curve_panels_name_each_base_and_its_rows_as_the_table_does():
+    """A robust base's static curve is its table row ("Adv. trained"), not "None", and its panel is titled by it."""
+    point = [fd.CurvePoint(0.0, Rate(8, 10), "clean"), fd.CurvePoint(0.1, Rate(6, 10), "pgd")]
+    series = [fd.CurveSeries(base, defense, "PGD-10", "transfer", False, point)
+              for base in ("standard", "adversarial") for defense in ("undefended", "rmc")]
+    fig = fg.draw_curve(series)
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
+    assert legends == [["None, PGD-10 [transfer]", "RMC, PGD-10 [transfer]"],
+                       ["Adv. trained, PGD-10 [transfer]", "Adv. trained + RMC, PGD-10 [transfer]"]]
+    assert [ax.get_title() for ax in fig.axes] == ["Standard base model, untargeted attacks",
+                                                   "Adv. trained base model, untargeted attacks"]
 
 
 def test_older_layout_and_other_configurations_are_read(run_dir, tmp_path):

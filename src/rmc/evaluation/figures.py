@@ -18,7 +18,7 @@ import torch
 from matplotlib.ticker import MaxNLocator
 
 from rmc.evaluation.figure_data import PURITY_BINS, Anatomy, CurveSeries, DriftSeries, PurityGroup
-from rmc.evaluation.report import BASE_LABELS, ROW_LABELS, row_label
+from rmc.evaluation.report import BASE_LABELS, row_label
 from rmc.io import atomic_path
 
 DPI = 100                                        # PNGs stay small enough to embed several in one page
@@ -71,10 +71,11 @@ def draw_curve(series: list[CurveSeries]):
             lo, hi = zip(*[p.rate.interval() for p in s.points])
             color = DEFENSE_COLORS.get(s.defense, "black")
             ax.plot(eps, acc, THREAT_STYLES[s.threat], color=color, marker=MARKERS[families.index(s.family) % len(MARKERS)],
-                    label=f"{ROW_LABELS.get(s.defense, s.defense)}, {s.family} [{s.threat}]", gid=s.label)
+                    label=f"{s.label} [{s.threat}]", gid=s.label)
             ax.fill_between(eps, [100 * v for v in lo], [100 * v for v in hi], color=color, alpha=BAND_ALPHA, lw=0)
         base, targeted = key
-        ax.set_title(f"{BASE_LABELS.get(base, base)} base model, {'targeted' if targeted else 'untargeted'} attacks",
+        ax.set_title(f"{BASE_LABELS.get(base, base.capitalize())} base model, "
+                     f"{'targeted' if targeted else 'untargeted'} attacks",
                      fontsize=9)
         ax.set_xlabel("eps (L-inf, [0, 1] pixels)")
         ax.set_ylabel("accuracy %")
@@ -83,7 +84,7 @@ def draw_curve(series: list[CurveSeries]):
         ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     fig.suptitle("Robustness curve: solid = transfer (crafted on the static model), dashed = defense-aware; "
                  "bands: 95% Wilson intervals", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))   # leave the suptitle its own strip
     return fig
 
 
