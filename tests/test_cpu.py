@@ -3,10 +3,12 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
-from rmc.cpu import pick_threads
+from rmc import cpu
+from rmc.cpu import busy_cores, pick_threads
 from rmc.defense import RMC, RMCConfig
 from rmc.defense.knn import NeighbourIndex
 from rmc.errors import RMCError
@@ -16,6 +18,31 @@ from rmc.errors import RMCError
                                              (1, 0.0, 1)])
 def test_threads_are_the_cores_not_busy(cores, load, want):
     assert pick_threads(cores, load) == want
+
+
+def test_a_spinning_process_counts_as_a_busy_core():
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert busy_cores(window=0.5) >= 0.7
+    finally:
+        spin.kill()
+        spin.wait()
+
+
+def test_busy_cores_is_none_where_proc_stat_is_missing_or_unreadable(tmp_path):
+    assert busy_cores(0.01, str(tmp_path / "missing")) is None
+    (tmp_path / "stat").write_text("intr 1 2 3\n")
+    assert busy_cores(0.01, str(tmp_path / "stat")) is None
+
+
+@pytest.mark.parametrize("average,now,want", [(1.0, 0.1, 2), (1.0, None, 1), (1.0, 1.2, 1), (0.2, 1.9, 2)])
+def test_a_job_that_just_ended_does_not_cost_a_thread(monkeypatch, average, now, want):
+    """The 1-minute load average still counts a job that ended seconds ago; the cores busy now (when fewer) decide.
+    Below half a core the average alone decides (no sampling, no quarter-second wait)."""
+    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (average, average, average))
+    monkeypatch.setattr(cpu, "busy_cores", lambda: now)
+    assert pick_threads(cores=2) == want
 
 
 def test_bf16_is_refused_where_it_would_be_emulated():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 
 def cpu_info() -> dict[str, str]:
@@ -74,7 +75,38 @@ def tune_allocator() -> bool:
     return tune_malloc()
 
 
-__all__ = ["configure_openblas", "cpu_info", "openblas_coretype_for_avx512", "tune_allocator", "tune_malloc"]
+__all__ = ["busy_cores", "configure_openblas", "cpu_info", "openblas_coretype_for_avx512", "tune_allocator",
+           "tune_malloc"]
+
+
+BUSY_WINDOW = 0.25   # seconds over which pick_threads samples how busy the cores are now
+
+
+def _cpu_times(stat: str) -> tuple[int, int] | None:
+    """(idle, total) jiffies of all CPUs from /proc/stat's text, None if it has no readable 'cpu' line."""
+    fields = stat.split("\n", 1)[0].split()
+    if len(fields) < 5 or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:9]]   # user nice system idle iowait irq softirq steal
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+def busy_cores(window: float = BUSY_WINDOW, stat_path: str = "/proc/stat") -> float | None:
+    """How many cores other processes keep busy now: the busy share of all CPUs over `window` seconds (while this
+    process sleeps) times their number. None where /proc/stat cannot be read."""
+    try:
+        with open(stat_path) as f:
+            first = f.read()
+        time.sleep(window)
+        with open(stat_path) as f:
+            second = f.read()
+        a, b = _cpu_times(first), _cpu_times(second)
+    except (OSError, ValueError):
+        return None
+    if a is None or b is None or b[1] <= a[1]:
+        return None
+    cpus = sum(1 for line in second.splitlines() if line[:3] == "cpu" and line[3:4].isdigit())
+    return (1 - (b[0] - a[0]) / (b[1] - a[1])) * max(cpus, 1)
 
 
 def pick_threads(cores: int | None = None, load: float | None = None) -> int:
@@ -82,8 +114,9 @@ def pick_threads(cores: int | None = None, load: float | None = None) -> int:
 
     rmc's batches are small, so threads that must wait for a busy core cost more than they give: on the 2-core
     machine of benchmarks/README.md one thread beat two while another job ran, and two beat one when it was quiet
-    (an epoch over 20k images: 22 s with two, 38 s with one). `cores`: those this process may use; `load`: the
-    1-minute load average (both read from the system when not given).
+    (an epoch over 20k images: 22 s with two, 38 s with one). `cores`: those this process may use; `load`: busy
+    cores (read from the system when not given: the 1-minute load average, or the cores busy right now if fewer,
+    since the average still counts a job that ended in the last minutes).
     """
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -92,4 +125,7 @@ def pick_threads(cores: int | None = None, load: float | None = None) -> int:
             load = os.getloadavg()[0]
         except OSError:
             load = 0.0
+        now = busy_cores() if load >= 0.5 else None   # only when the average would cost a thread
+        if now is not None:
+            load = min(load, now)
     return max(1, min(cores, int(cores - load + 0.5)))
