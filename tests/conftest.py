@@ -11,8 +11,11 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def _deterministic_threads():
+def _deterministic_threads(monkeypatch):
     torch.manual_seed(0)
+    # The CLI under test keeps the suite's one thread: pick_threads follows the machine's load, and a thread count
+    # it sets would outlive the test and change the numerics (the compute path) of the tests after it.
+    monkeypatch.setattr("rmc.cli.pick_threads", torch.get_num_threads)
 
 
 @pytest.fixture(scope="session")
