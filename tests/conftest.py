@@ -11,11 +11,18 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def _deterministic_threads(monkeypatch):
+def _deterministic_threads():
     torch.manual_seed(0)
-    # The CLI under test keeps the suite's one thread: pick_threads follows the machine's load, and a thread count
-    # it sets would outlive the test and change the numerics (the compute path) of the tests after it.
-    monkeypatch.setattr("rmc.cli.pick_threads", torch.get_num_threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cli_keeps_one_thread():
+    """The CLI under test keeps the suite's one thread: pick_threads follows the machine's load, and a thread count
+    it sets would outlive the test and change the numerics (the compute path) of the tests after it. Session-wide,
+    so that module-scoped fixtures that run the CLI (made before any function-scoped patch) keep it too."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("rmc.cli.pick_threads", torch.get_num_threads)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +58,4 @@ def tiny_dprime(digits, tiny_trained):
                 torch.cat([torch.zeros(len(train)), torch.ones(len(train))]).long(), ["clean", "noisy"])
     feats = extract_features(tiny_trained, "block3", images).numpy()
     return dprime, feats
+
