@@ -75,10 +75,6 @@ def tune_allocator() -> bool:
     return tune_malloc()
 
 
-__all__ = ["busy_cores", "configure_openblas", "cpu_info", "openblas_coretype_for_avx512", "tune_allocator",
-           "tune_malloc"]
-
-
 BUSY_WINDOW = 0.25   # seconds over which pick_threads samples how busy the cores are now
 
 
@@ -129,3 +125,7 @@ def pick_threads(cores: int | None = None, load: float | None = None) -> int:
         if now is not None:
             load = min(load, now)
     return max(1, min(cores, int(cores - load + 0.5)))
+
+
+__all__ = ["busy_cores", "configure_openblas", "cpu_info", "openblas_coretype_for_avx512", "pick_threads",
+           "tune_allocator", "tune_malloc"]
