@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ISAS = {"AVX512 (native)": {}, "AVX2 (emulated)": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
-ISA_TAGS = {"AVX512 (native)": "avx512", "AVX2 (emulated)": "avx2"}
+from isa_children import ISA_TAGS, ISAS, report, run_child
+
 GROUPS = {"eager": ("plain", "fast", "fast+kernels"), "compiled": ("compiled", "compiled fast+kernels")}
 
 
@@ -96,7 +95,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     n = args.n or (100 if args.full else 8)
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, n, args.workdir)), flush=True)
+        report(child(args.child, n, args.workdir))
         return
     path = args.workdir / f"compute-paths{'-full' if args.full else ''}.json"
     out = {"inputs": n, "cpus": os.cpu_count(), "results": {}}
@@ -110,15 +109,13 @@ def main(argv=None) -> None:
             env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(args.workdir / f"inductor-{ISA_TAGS[isa]}")}
             print(f"[{isa}] {group} paths, {n} inputs ...", flush=True)
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, "--child", group, "--n", str(n), "--workdir",
-                                   str(args.workdir)], env={**os.environ, **env}, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                why = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-                print(f"[{isa}] {group}: the process failed (exit {proc.returncode}): {why}", flush=True)
-                out["results"][f"{isa}/{group}"] = {"failed": proc.returncode, "why": why}
+            result, code, why = run_child([__file__, "--child", group, "--n", str(n), "--workdir",
+                                           str(args.workdir)], env)
+            if result is None:
+                print(f"[{isa}] {group}: the process failed (exit {code}): {why}", flush=True)
+                out["results"][f"{isa}/{group}"] = {"failed": code, "why": why}
                 continue
-            out["results"][f"{isa}/{group}"] = json.loads(lines[-1][len("RESULT "):])
+            out["results"][f"{isa}/{group}"] = result
             print(f"[{isa}] {group} done in {time.perf_counter() - t0:.0f} s", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

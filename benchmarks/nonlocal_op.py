@@ -17,14 +17,11 @@ ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2. The ratios are what to compare
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 
-ISAS = {"AVX512 (native)": {}, "AVX2 (emulated)": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
+from isa_children import ISAS, report, run_child
+
 BATCH = 128   # RMC's fine-tuning batch (RMCConfig.batch_size)
 
 
@@ -102,21 +99,17 @@ def main(argv=None) -> None:
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(child(args.child)), flush=True)
+        report(child(args.child))
         return
     rounds = 40 if args.full else 5
     print("| instruction set | what | written out (ms) | sdpa (ms) | written out / sdpa | max abs. difference |")
     print("|---|---|---|---|---|---|")
     for isa, env in ISAS.items():
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--child", str(rounds)], env={**os.environ, **env},
-                              capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            why = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-            print(f"| {isa} | the process failed (exit {proc.returncode}): {why} | | | | |")
+        res, code, why = run_child([__file__, "--child", str(rounds)], env)
+        if res is None:
+            print(f"| {isa} | the process failed (exit {code}): {why} | | | | |")
             continue
-        res = json.loads(lines[-1][len("RESULT "):])
         for r in res["rows"]:
             diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "-"
             print(f"| {isa} ({res['capability']}) | {r['what']} | {1e3 * r['written out']:.2f} | "

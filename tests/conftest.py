@@ -58,4 +58,3 @@ def tiny_dprime(digits, tiny_trained):
                 torch.cat([torch.zeros(len(train)), torch.ones(len(train))]).long(), ["clean", "noisy"])
     feats = extract_features(tiny_trained, "block3", images).numpy()
     return dprime, feats
-
