@@ -18,8 +18,10 @@ from typing import Any
 import yaml
 
 from rmc.artifacts.dprime import AugmentConfig
+from rmc.artifacts.features import FeatureConfig
 from rmc.attacks.defense_aware import AttackRowsConfig
 from rmc.defense.core import RMCConfig
+from rmc.defense.knn import IndexConfig
 from rmc.checks import check_positive
 from rmc.errors import RMCError
 from rmc.models.denoising import DenoiseOp
@@ -139,6 +141,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)   # how D''s features are computed and stored
+    knn: IndexConfig = field(default_factory=IndexConfig)   # the neighbour search over D' (exact flat, or IVF for a large D')
     attack: AttackConfig = field(default_factory=AttackConfig)
     rmc: RMCConfig = field(default_factory=RMCConfig)
     attack_rows: AttackRowsConfig = field(default_factory=AttackRowsConfig)   # the attack rows (transfer / defense-aware)

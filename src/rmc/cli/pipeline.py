@@ -153,11 +153,21 @@ def attack_settings(cfg) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if k != "rmc_n"}
 
 
+def changed(section) -> dict:
+    """The keys of a config section that differ from their defaults."""
+    default = to_dict(type(section)())
+    return {k: v for k, v in to_dict(section).items() if v != default[k]}
+
+
 def results_key(cfg: RunConfig, model_sha256: str, dprime_key: str, layer: str, shards: int, with_rmc: bool) -> str:
-    """One base model's rows depend on it, its D' and layer, the evaluation settings and the online streams."""
+    """One base model's rows depend on it, its D' and layer, the evaluation settings and the online streams, and on
+    the neighbour search's settings where they differ from the defaults (the defaults give the same search for the
+    same D', and the record streams' fingerprints name the search actually used)."""
+    search = {**changed(cfg.knn), **{f"features.{k}": v for k, v in changed(cfg.features).items() if k != "batch_size"}}
     return stage_key(model_sha256, dprime_key, layer, attack_settings(cfg.attack), to_dict(cfg.rmc),
                      online_streams(cfg.rmc, shards),
-                     to_dict(cfg.attack_rows) if with_rmc and wants_attack_rows(cfg.attack_rows) else None, with_rmc)
+                     to_dict(cfg.attack_rows) if with_rmc and wants_attack_rows(cfg.attack_rows) else None, with_rmc,
+                     *([search] if search else []))
 
 
 def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, ray: str | None,
@@ -199,9 +209,9 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
         log(f"  D' of {name} = {len(store)} images: {', '.join(store.copy_names)}")
         dprime = store.dprime()
         feats_path = out / "features" / f"{name}-{stage_key(store.fingerprint, layer)}.npy"
-        feats = timer(f"features {name}", ensure_features, model, info, layer, store, feats_path)
+        feats = timer(f"features {name}", ensure_features, model, info, layer, store, feats_path, cfg.features)
         where.update(dprime=str(store.path), features=str(feats_path))
-        base = BaseModel(name, model, info.sha256, layer, feats)
+        base = BaseModel(name, model, info.sha256, layer, feats, feats_path, cfg.knn)
         res = timer(f"evaluate {name}", evaluate, [base], dprime, sets, cfg.rmc, rows_dir,
                     info.num_classes, with_rmc=with_rmc, ray=ray, workers=workers, shards=shards, batch=batch,
                     block=block, rmc_n=cfg.attack.rmc_n)

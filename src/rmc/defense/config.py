@@ -25,7 +25,7 @@ class Optimizer(str, Enum):
     PER_INPUT = "per-input"    # a fresh Adam for every adaptation and every calibration
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -47,7 +47,7 @@ class RMCConfig:
     calib_flip: bool = True        # allow horizontal flips in that augmentation (off for digits)
     scope: Scope = Scope.ALL       # which parameters are fine-tuned
     seed: int = 0                  # all randomness (splits, batch order, calibration samples) derives from it
-    precision: str = "fp32"        # fine-tuning arithmetic: fp32, or bf16 (bfloat16 autocast of forward/backward; weights, Adam, validation, prediction stay fp32)
+    precision: str = "auto"        # fine-tuning arithmetic: auto (bf16 on a GPU with native bfloat16, fp32 elsewhere) | fp32 | bf16 (bfloat16 autocast of forward/backward; weights, Adam, validation, prediction stay fp32)
     fast_path: bool = True         # fine-tune through an equivalent rewritten graph (batch-norm folded into convolutions, channels-last): same function, faster
     cache_head_inputs: bool = True # scope head: train the head on its inputs computed once (the stored neighbour features when the head starts with global pooling)
 

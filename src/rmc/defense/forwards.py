@@ -81,4 +81,5 @@ def compute_path(config, device: torch.device | str) -> str:
             where += f"-onednn:{os.environ['ONEDNN_MAX_CPU_ISA']}"
     else:
         where = f"{device.type}-{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
-    return f"{forward}/{where}/{config.precision}/{torch.get_num_threads()}t"
+    from rmc.defense.optim import resolve_precision
+    return f"{forward}/{where}/{resolve_precision(config.precision, device)}/{torch.get_num_threads()}t"

@@ -33,16 +33,33 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
     return False
 
 
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
+    """'auto' as what it means on `device`: bf16 on a GPU with native bfloat16, fp32 elsewhere (a CPU's numerics
+    stay those of fp32 unless bf16 is asked for by name); 'fp32' and 'bf16' as they are."""
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    return "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
+
+
+def resolve_channels_last(setting: bool | None, device: torch.device | str = "cpu") -> bool:
+    """None as what it means on `device`: channels-last (NHWC) on a GPU, where cuDNN's convolutions prefer it; the
+    CPU keeps NCHW (its fast path, rmc.defense.fastpath, picks its own layout)."""
+    return torch.device(device).type == "cuda" if setting is None else bool(setting)
+
+
 def check_precision(precision: str, device: torch.device | str = "cpu") -> None:
     """Refuse bf16 where it would be emulated (one line naming the device and the fix)."""
-    if precision == "bf16" and not native_bf16(device):
+    if resolve_precision(precision, device) == "bf16" and not native_bf16(device):
         raise RMCError(f"rmc.precision=bf16 needs native bfloat16 arithmetic, which {torch.device(device)} lacks "
                        "here (it would run several times slower than fp32); use rmc.precision=fp32")
 
 
 def autocast_context(precision: str, device: torch.device | str = "cpu"):
-    """bfloat16 autocast for precision 'bf16' (matrix products in bf16, accumulation and weights in fp32)."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    """bfloat16 autocast for precision 'bf16' (or 'auto' on a GPU): matrix products in bf16, accumulation and weights
+    in fp32."""
+    bf16 = resolve_precision(precision, device) == "bf16"
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 # The optimizer's state (Adam's step count and moments) travels with the weights in `RMC.state_dict()` under

@@ -137,7 +137,7 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
         raise RMCError(f"the clean results cover fewer than the {n} inputs of the attack rows; "
                        "set attack_rows.n to at most the number of evaluated inputs")
     x, y = clean.images[:n], clean.labels[:n]
-    search = NeighbourSearch(base.features, dprime)
+    search = NeighbourSearch.of(base, dprime)
     names, labels = set_names(acfg), row_labels(acfg, n)
     sets_dir = out_dir / base.name / "attack-sets"
     base.model.eval()

@@ -29,8 +29,9 @@ class AwareStream:
         self.x, self.y, self.cfg, self.acfg = x, y, cfg, acfg
         settings = {k: v for k, v in asdict(acfg).items() if k not in _NOT_IN_FINGERPRINT}
         # Not N: input i depends only on inputs before it, so a run with a smaller N reuses the first N records.
+        approximate = base.search_settings()   # an IVF index's settings decide the neighbours
         fp = digest(base.sha256, base.layer, asdict(cfg), settings, kind, protocol, source, len(dprime),
-                    dprime.fingerprint)
+                    dprime.fingerprint, *([approximate] if approximate else []))
         self.rmc = build_rmc(base.model, dprime, search.all, cfg, base.layer)
         self.stream = RecordStream(folder, "attack", fp)
         self.adv = x.clone()

@@ -6,13 +6,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from torch import nn
 
+from rmc.artifacts.features import load_features
+from rmc.artifacts.index import open_index
 from rmc.defense import DPrime
-from rmc.defense.knn import NeighbourIndex
+from rmc.defense.knn import IndexConfig, IndexKind, NeighbourIndex
 from rmc.errors import RMCError
 
 
@@ -23,7 +26,13 @@ class BaseModel:
     model: nn.Module
     sha256: str
     layer: str                  # feature layer of the neighbour search
-    features: np.ndarray        # D' features from that layer of this model (N x d, float32)
+    features: np.ndarray        # D' features from that layer of this model (N x d; memory-mapped when read from disk)
+    features_path: Path | None = None   # the file `features` was read from: its saved index is used and workers reopen it
+    index: IndexConfig = field(default_factory=IndexConfig)   # the neighbour search over D' (knn.*)
+
+    def search_settings(self) -> dict:
+        """What the neighbours found depend on beyond the features: {} for the exact flat search."""
+        return self.index.search_settings(*self.features.shape)
 
 
 def digest(*parts) -> str:
@@ -37,26 +46,50 @@ def digest(*parts) -> str:
 class NeighbourSearch:
     """The two indexes of one base model: all of D' (RMC, WebNN) and its clean part (DeepNN), each built on first use.
 
-    Pickled (handed to a Ray worker) it carries the features only, which Ray shares between a machine's workers
-    without copying; a worker builds the one index it uses, once.
+    With an IVF index (a large D') the clean part is the same index restricted to the clean rows, and the index is
+    the one saved beside the features file (built there the first time). Pickled (handed to a Ray worker) it
+    carries the features file's path when there is one (the worker memory-maps it: a shared file system on a
+    cluster), else the features, which Ray shares between a machine's workers without copying; a worker builds or
+    opens the one index it uses, once.
     """
 
-    def __init__(self, features: np.ndarray, dprime: DPrime):
-        self.features = features
-        self.clean_rows = np.flatnonzero(dprime.copy.numpy() == 0)
+    def __init__(self, features: np.ndarray, dprime: DPrime, index: IndexConfig | None = None,
+                 features_path: Path | None = None, clean_rows: np.ndarray | None = None):
+        self.features, self.config, self.features_path = features, index or IndexConfig(), features_path
+        self.clean_rows = np.flatnonzero(dprime.copy.numpy() == 0) if clean_rows is None else clean_rows
         if len(self.clean_rows) == 0:
             raise RMCError("D' has no clean examples; DeepNN needs the clean training set in the store")
 
+    @classmethod
+    def of(cls, base: BaseModel, dprime: DPrime) -> "NeighbourSearch":
+        return cls(base.features, dprime, base.index, base.features_path)
+
     @functools.cached_property
     def all(self) -> NeighbourIndex:
-        return NeighbourIndex(self.features)
+        if self.features_path is not None:
+            return open_index(self.features_path, self.config, progress=True, features=self.features)
+        kind = self.config.kind(*self.features.shape)
+        if kind is IndexKind.FLAT:
+            return NeighbourIndex(self.features)
+        s = self.config.build_settings(*self.features.shape)
+        return NeighbourIndex(self.features, kind, nlist=s["nlist"], nprobe=self.config.nprobe, seed=s["seed"],
+                              rerank=self.config.rerank, pq_m=self.config.pq_m, pq_bits=self.config.pq_bits,
+                              train_rows=s["train_rows"])
 
     @functools.cached_property
     def clean(self) -> NeighbourIndex:
+        if self.all.kind is not IndexKind.FLAT:
+            return self.all.restricted(self.clean_rows)
         return NeighbourIndex(self.features[self.clean_rows], ids=self.clean_rows)
 
     def __getstate__(self) -> dict:
-        return {"features": self.features, "clean_rows": self.clean_rows}
+        carried = {"features": None} if self.features_path is not None else {"features": self.features}
+        return {**carried, "config": self.config, "features_path": self.features_path, "clean_rows": self.clean_rows}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.features is None:
+            self.features = load_features(self.features_path, mmap=True)[0].numpy()
 
 
 __all__ = ["BaseModel", "NeighbourSearch", "digest"]

@@ -46,7 +46,9 @@ MAX_BLOCK = 16             # inputs per Ray task at most (online streams save th
 
 def stream_fingerprint(base: BaseModel, dprime: DPrime, eval_set, cfg: RMCConfig, n: int | None) -> str:
     """What the RMC records of one (base, set) stream depend on; a record stream refuses to resume under another."""
-    return digest(base.sha256, base.layer, asdict(cfg), evalset_source(eval_set), len(dprime), dprime.fingerprint, n)
+    approximate = base.search_settings()   # an IVF index's settings decide the neighbours; the exact search adds none
+    return digest(base.sha256, base.layer, asdict(cfg), evalset_source(eval_set), len(dprime), dprime.fingerprint, n,
+                  *([approximate] if approximate else []))
 
 
 def stream_names(shards: int) -> list[str]:
@@ -406,7 +408,7 @@ def evaluate(bases: Sequence[BaseModel], dprime: DPrime, eval_sets: Sequence, cf
     if cfg.mode is Mode.EPISODIC:
         shards = 1   # episodic inputs are independent: every split gives the same results
     with executor(ray, workers) as ex:
-        return {base.name: _evaluate_base(ex, base, dprime, NeighbourSearch(base.features, dprime), eval_sets, cfg,
+        return {base.name: _evaluate_base(ex, base, dprime, NeighbourSearch.of(base, dprime), eval_sets, cfg,
                                           Path(out_dir), num_classes, n, with_rmc, progress, shards, batch, block,
                                           on_record, fault, rmc_n)
                 for base in bases}

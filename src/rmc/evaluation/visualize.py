@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from rmc.defense.core import DPrime  # noqa: E402
-from rmc.defense.knn import NeighbourIndex  # noqa: E402
+from rmc.evaluation.common import NeighbourSearch  # noqa: E402
 from rmc.io import atomic_path  # noqa: E402
 from rmc.models import extract_features  # noqa: E402
 
@@ -36,7 +36,7 @@ def neighbour_grid(base, dprime: DPrime, eval_sets: Sequence, path: str | Path, 
     name = lambda c: class_names[c] if c < len(class_names) else str(c)  # noqa: E731
     sets = list(eval_sets)[:max_sets]
     rows = [(s, i) for s in sets for i in range(min(cfg.inputs, len(s)))]
-    index = NeighbourIndex(base.features)
+    index = NeighbourSearch.of(base, dprime).all
     fig, axes = plt.subplots(len(rows), cfg.neighbours + 1, figsize=(1.1 * (cfg.neighbours + 1), 1.25 * len(rows)),
                              squeeze=False)
     for r, (s, i) in enumerate(rows):

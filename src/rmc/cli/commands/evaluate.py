@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", help="D' features of this model (`rmc features`); default: computed and cached in --out")
     p.add_argument("--layer", help="feature layer (default: the model's)")
     p.add_argument("--out", required=True, help="results directory (re-run the same command to resume)")
-    p.add_argument("--config", help="YAML configuration; its rmc section sets the RMC hyperparameters")
+    p.add_argument("--config", help="YAML configuration; its rmc, features and knn sections apply")
     p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="RMC defaults to start from")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. --set rmc.k=256")
     p.add_argument("--n", type=int, help="evaluate only the first N inputs of each set")
@@ -68,11 +68,12 @@ def main(args) -> int:
         check_rows_within_rmc(cfg.attack_rows, min(len(clean), args.n or len(clean)), args.rmc_n)
     layer = args.layer or default_layer(model)
     out = Path(args.out)
+    feats_path = Path(args.features) if args.features else out / f"features-{args.name}.npy"
     if args.features:
-        feats = load_features(args.features, info.sha256, layer, store_source(store))[0].numpy()
+        feats = load_features(feats_path, info.sha256, layer, store_source(store), mmap=True)[0].numpy()
     else:
-        feats = ensure_features(model, info, layer, store, out / f"features-{args.name}.npy")
-    base = BaseModel(args.name, model, info.sha256, layer, feats)
+        feats = ensure_features(model, info, layer, store, feats_path, cfg.features)
+    base = BaseModel(args.name, model, info.sha256, layer, feats, feats_path, cfg.knn)
     dprime = store.dprime()
     results = evaluate([base], dprime, sets, cfg.rmc, out / "results", info.num_classes, n=args.n, rmc_n=args.rmc_n,
                        with_rmc=not args.no_rmc, ray=args.ray, workers=args.workers, shards=args.shards, block=args.block,

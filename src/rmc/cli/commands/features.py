@@ -3,9 +3,11 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
+
 from rmc.artifacts.provenance import check_together
-from rmc.artifacts.features import (compute_features, evalset_features_path, evalset_source, make_provenance,
-                                    save_features, store_features_path, store_source)
+from rmc.artifacts.features import (FeatureConfig, compute_features, evalset_features_path, evalset_source,
+                                    make_provenance, save_features, store_features_path, store_source, write_features)
 from rmc.cli.commands import add_device_argument, add_trust_arch_argument, add_verify_argument, load_model, open_store
 from rmc.errors import RMCError
 from rmc.models import default_layer
@@ -21,6 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evalsets", help="directory of evaluation sets written by `rmc attack` (also embedded)")
     p.add_argument("--out", required=True, help="directory for dprime.npy and evalsets/<name>.npy (+ .json sidecars)")
     p.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="storage of D''s features (default: %(default)s; float16 halves the disk of a large D')")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="arithmetic (default: %(default)s: bf16 autocast on a GPU with native bfloat16, else fp32)")
     add_device_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_verify_argument(p)
@@ -40,14 +46,13 @@ def main(args) -> int:
     get_layer(model, layer)
     check_together(info, store, sets)
     started = time.perf_counter()
-    feats = compute_features(model, info, layer, store.images, args.batch_size, progress=not args.quiet,
-                             desc="features D'")
-    path = save_features(store_features_path(args.out), feats,
-                         make_provenance(info, layer, store_source(store), feats, store=str(store.path)))
-    print(f"{path}: {feats.shape[0]} x {feats.shape[1]} from layer {layer}")
+    fcfg = FeatureConfig(dtype=args.dtype, batch_size=args.batch_size, precision=args.precision)
+    path = write_features(model, info, layer, store.images, store_features_path(args.out), store_source(store), fcfg,
+                          progress=not args.quiet, desc="features D'", extra={"store": str(store.path)})
+    print(f"{path}: {len(store)} x {np.load(path, mmap_mode='r').shape[1]} {args.dtype} from layer {layer}")
     for s in sets:
         f = compute_features(model, info, layer, s.images, args.batch_size, progress=not args.quiet,
-                             desc=f"features {s.name}")
+                             desc=f"features {s.name}", config=fcfg)
         p = save_features(evalset_features_path(args.out, s.name), f,
                           make_provenance(info, layer, evalset_source(s), f, evalsets=str(args.evalsets)))
         print(f"{p}: {f.shape[0]} x {f.shape[1]}")
