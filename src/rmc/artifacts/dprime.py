@@ -46,7 +46,7 @@ from rmc.artifacts.provenance import check_model_data
 from rmc.artifacts.verify import matches_hash, remember
 from rmc.io import atomic_path, check_free_space, preallocate, read_json, sha256_file, write_json
 from rmc.models.checkpoint import ModelInfo
-from rmc.scaleout.executors import cached, executor, get, handle_key
+from rmc.scaleout.executors import cached, executor, get, handle_key, model_device, worker_model
 
 FORMAT_VERSION = 1
 KIND = "rmc-augmented-dataset"
@@ -529,7 +529,7 @@ def _chunk(inputs: tuple, task: ChunkTask, config: AugmentConfig, fault: Callabl
     """One chunk's uint8 images, on whichever worker runs it. `inputs` (handles of the model, the training images and
     labels, the subset) come inside a tuple, so Ray passes the references rather than the objects."""
     model_h, *data = inputs
-    model = cached("augment-model", handle_key(model_h), lambda: get(model_h))   # resolved once per worker
+    model = cached("augment-model", handle_key(model_h), lambda: worker_model(model_h))   # once per worker, on its GPU if any
     out = run_chunk(model, task, *_chunk_inputs(*(get(h) for h in data), task), config)
     if fault is not None:
         fault()
@@ -570,7 +570,7 @@ def build_dprime_store(model: nn.Module, model_info: ModelInfo, train: ImageData
             done(task, run_chunk(model, task, *_chunk_inputs(images, labels, subset, task), config))
         attacked = deque(t for t in pending if t.steps > 0)
         if attacked:
-            with executor(ray, workers) as ex:
+            with executor(ray, workers, model_device(model)) as ex:   # one worker per GPU for a CUDA model
                 inputs = (ex.put_model(model), ex.put(images), ex.put(labels), ex.put(subset))
                 by_index = {t.index: t for t in attacked}
                 while attacked or len(ex):

@@ -246,47 +246,85 @@ def write_features(model: nn.Module, model_info: ModelInfo, layer: str | None, i
     """
     config = config or FeatureConfig()
     path = Path(path)
-    if path.suffix != ".npy":
-        raise RMCError(f"feature file {path} must end in .npy")
     layer = layer or default_layer(model)
     _check_images(model_info, images)
     n = len(images)
     if n == 0:
         raise RMCError("no images to embed")
-    dtype = _check_dtype(config.dtype)
     how = arithmetic(config, next(model.parameters()).device)
     prov = make_provenance(model_info, layer, source, np.empty((n, 0)), **how, **(extra or {}))
-    identity = {k: prov[k] for k in ("model_sha256", "layer", "source", "count")}
-    identity.update(dtype=config.dtype, batch_size=config.batch_size, **how)
-    partial, record = partial_paths(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    start, dim = _resume_point(partial, record, identity)
+    identity = {**{k: prov[k] for k in ("model_sha256", "layer", "source")}, "batch_size": config.batch_size, **how}
     from tqdm.auto import tqdm
-    out = None
-    try:
-        with tqdm(total=n, initial=start, unit="img", desc=desc or f"features {path.stem}", disable=not progress,
-                  dynamic_ncols=True) as bar:
-            for first, f in feature_batches(model, layer, images, config.batch_size, start, how):
-                if out is None:
-                    dim = dim or f.shape[1]
-                    if f.shape[1] != dim:
-                        raise RMCError(f"layer {layer!r} gives {f.shape[1]}-d features but {partial.name} holds "
-                                       f"{dim}-d ones; delete {partial.name} and {record.name}")
-                    if start == 0:
-                        _create_npy(partial, (n, dim), dtype)
-                    out = open(partial, "r+b")
-                    offset = _data_offset(partial, (n, dim), dtype)
-                out.seek(offset + first * dim * dtype.itemsize)
-                out.write(np.ascontiguousarray(f.numpy(), dtype=dtype).tobytes())
-                out.flush()   # in the page cache before the record says so: a killed process loses nothing
-                write_json(record, {**identity, "dim": dim, "rows_done": first + len(f)})
-                bar.update(len(f))
-    finally:
-        if out is not None:
-            out.close()
-    _publish(partial, path, {**prov, "count": n, "dim": dim, "dtype": config.dtype})
-    record.unlink(missing_ok=True)
-    return path
+    with FeatureWriter(path, n, config.dtype, identity) as out, \
+            tqdm(total=n, initial=out.start, unit="img", desc=desc or f"features {path.stem}", disable=not progress,
+                 dynamic_ncols=True) as bar:
+        for first, f in feature_batches(model, layer, images, config.batch_size, out.start, how):
+            out.write(first, f.numpy())
+            bar.update(len(f))
+    return out.finish(prov)
+
+
+class FeatureWriter:
+    """A .npy feature file of `count` rows written in order, block by block, straight to disk: what `write_features`
+    uses, and what writes a synthetic matrix in benchmarks/scale.py.
+
+    `identity` names what is written (blocks must start at multiples of its `batch_size`); `start` is the first row
+    still to write: 0, or where an interrupted writer with the same identity, count and dtype stopped. Each block is
+    in the page cache before the progress record counts it, so a killed process loses nothing recorded.
+    """
+
+    def __init__(self, path: str | Path, count: int, dtype: str, identity: dict[str, Any]):
+        self.path = Path(path)
+        if self.path.suffix != ".npy":
+            raise RMCError(f"feature file {self.path} must end in .npy")
+        self.count, self.dtype = count, _check_dtype(dtype)
+        self.identity = {**identity, "count": count, "dtype": dtype}
+        self.partial, self.record = partial_paths(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.start, self.dim = _resume_point(self.partial, self.record, self.identity)
+        self._file = None
+        self._offset = 0
+
+    def __enter__(self) -> "FeatureWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def write(self, first: int, block: np.ndarray) -> None:
+        """Rows `first : first + len(block)` (an N x d array; converted to the file's dtype)."""
+        if block.ndim != 2 or first < 0 or first + len(block) > self.count:
+            raise RMCError(f"block of shape {block.shape} at row {first} does not fit {self.count} feature rows")
+        if self._file is None:
+            if self.dim is None:
+                self.dim = block.shape[1]
+                _create_npy(self.partial, (self.count, self.dim), self.dtype)
+            self._file = open(self.partial, "r+b")
+            self._offset = _data_offset(self.partial, (self.count, self.dim), self.dtype)
+        if block.shape[1] != self.dim:
+            raise RMCError(f"{block.shape[1]}-d features written to {self.partial.name}, which holds {self.dim}-d "
+                           f"ones; delete {self.partial.name} and {self.record.name}")
+        self._file.seek(self._offset + first * self.dim * self.dtype.itemsize)
+        self._file.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+        self._file.flush()
+        write_json(self.record, {**self.identity, "dim": self.dim, "rows_done": first + len(block)})
+
+    def finish(self, provenance: dict[str, Any]) -> Path:
+        """Publish the file (all rows written) with `provenance` as its sidecar; returns the path."""
+        self.close()
+        done = read_json(self.record, "feature progress record") if self.record.exists() else {}
+        if self.dim is None or done.get("rows_done") != self.count:
+            raise RMCError(f"{self.partial.name} holds {done.get('rows_done', 0)} of {self.count} rows; "
+                           "write the rest before finishing")
+        _publish(self.partial, self.path, {**provenance, "count": self.count, "dim": self.dim,
+                                           "dtype": str(self.dtype), "format": FORMAT})
+        self.record.unlink(missing_ok=True)
+        return self.path
 
 
 def _resume_point(partial: Path, record: Path, identity: dict[str, Any]) -> tuple[int, int | None]:

@@ -38,7 +38,7 @@ from rmc.evaluation.common import BaseModel, NeighbourSearch, digest
 from rmc.evaluation.records import RecordStream
 from rmc.io import read_json, write_json
 from rmc.models import extract_features
-from rmc.scaleout.executors import cached, executor, get, handle_key
+from rmc.scaleout.executors import cached, executor, get, handle_key, model_device, worker_model
 
 BASELINES = ("undefended", "deepnn", "webnn")
 MAX_BLOCK = 16             # inputs per Ray task at most (online streams save their state once per task)
@@ -139,14 +139,14 @@ class RMCSource:
                 digest(repr(self.cfg)))
 
     def build(self):
-        return build_rmc(get(self.model), get(self.dprime), get(self.search).all, self.cfg, self.layer)
+        return build_rmc(worker_model(self.model), get(self.dprime), get(self.search).all, self.cfg, self.layer)
 
 
 def _batched(source: RMCSource, rmc):
     """`BatchedEpisodic` over `rmc`: vmap on a GPU; on a CPU one worker per core, each one intra-op thread (the
     same results as one at a time with one thread, bit for bit)."""
     from rmc.defense.batched import BatchedEpisodic
-    gpu = next(get(source.model).parameters()).device.type == "cuda"
+    gpu = rmc.device.type == "cuda"
     return BatchedEpisodic(rmc, intra_op_threads=None if gpu else 1)
 
 
@@ -407,7 +407,7 @@ def evaluate(bases: Sequence[BaseModel], dprime: DPrime, eval_sets: Sequence, cf
         check_precision(cfg.precision, next(base.model.parameters()).device)
     if cfg.mode is Mode.EPISODIC:
         shards = 1   # episodic inputs are independent: every split gives the same results
-    with executor(ray, workers) as ex:
+    with executor(ray, workers, model_device(bases[0].model) if bases else None) as ex:   # a CUDA model: a worker per GPU
         return {base.name: _evaluate_base(ex, base, dprime, NeighbourSearch.of(base, dprime), eval_sets, cfg,
                                           Path(out_dir), num_classes, n, with_rmc, progress, shards, batch, block,
                                           on_record, fault, rmc_n)

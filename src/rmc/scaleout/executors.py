@@ -151,12 +151,36 @@ def cached(slot: str, key, build: Callable[[], Any]):
 
 
 def cpu_model(model: nn.Module) -> nn.Module:
-    """The model as shipped to Ray's workers (they run on CPUs): never the caller's object moved."""
+    """The model as shipped to Ray's workers (as CPU tensors; `worker_model` puts it on the worker's GPU if it has
+    one): never the caller's object moved."""
     try:
         on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     except AttributeError:
         on_cpu = True
     return model if on_cpu else copy.deepcopy(model).cpu()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def worker_device() -> torch.device | None:
+    """Inside a Ray task that holds a GPU (one per task: `RayExecutor(gpus=...)`), that GPU; else None."""
+    if not _WORKER_READY:
+        return None
+    try:
+        ids = _ray().get_gpu_ids()
+    except Exception:   # noqa: BLE001 - not inside a task
+        return None
+    return torch.device("cuda") if ids and torch.cuda.is_available() else None
+
+
+def worker_model(handle) -> nn.Module:
+    """The model behind a `put_model` handle, where the task computes: in this process as the caller placed it; on
+    a Ray worker with a GPU moved there (the worker's own deserialised copy), on a CPU worker as shipped."""
+    model = get(handle)
+    device = None if isinstance(handle, Local) else worker_device()
+    return model.to(device) if device is not None else model
 
 
 # ---------------------------------------------------------------- executors
@@ -217,18 +241,23 @@ _REMOTE = None
 
 
 class RayExecutor:
-    """Runs tasks as Ray tasks (retried when their worker dies) and hands back results as they finish."""
+    """Runs tasks as Ray tasks (retried when their worker dies) and hands back results as they finish.
+
+    `gpus` > 0: every task also holds one GPU, so Ray runs one worker per GPU (`slots` of them) and `worker_model`
+    puts the model there; else every task holds one CPU."""
     remote = True
 
-    def __init__(self, slots: int, capacity: int | None = None):
+    def __init__(self, slots: int, capacity: int | None = None, gpus: int = 0):
         global _REMOTE
         self.ray = _ray()
         if _REMOTE is None:
             _REMOTE = self.ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_entry)
-        self.slots = max(1, slots)
+        self.gpus = gpus
+        self.slots = max(1, min(slots, gpus) if gpus else slots)
+        self._remote = _REMOTE.options(num_gpus=1) if gpus else _REMOTE
         # Tasks queued beyond the slots keep every worker busy; an explicit --workers is a hard limit.
         self.capacity = capacity or 2 * self.slots
-        self.where = f"{self.slots} Ray workers"
+        self.where = f"{self.slots} Ray workers" + (" (one GPU each)" if gpus else "")
         self.refs: dict = {}
 
     def put(self, obj):
@@ -241,7 +270,7 @@ class RayExecutor:
         return len(self.refs) < self.capacity
 
     def submit(self, key, fn: Callable, *args) -> None:
-        self.refs[_REMOTE.remote(fn, *args)] = key
+        self.refs[self._remote.remote(fn, *args)] = key
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -270,12 +299,27 @@ class RayExecutor:
         self.refs.clear()
 
 
+def gpu_slots(device: torch.device | str | None) -> int:
+    """GPUs of the connected Ray cluster that tasks computing on `device` use: all of them for a CUDA device, none
+    for the CPU (a cluster without GPUs: none, and the tasks run on CPUs as the model is shipped)."""
+    if device is None or torch.device(device).type != "cuda":
+        return 0
+    return int(_ray().cluster_resources().get("GPU", 0))
+
+
 @contextlib.contextmanager
-def executor(ray: str | None = None, workers: int | None = None) -> Iterator[InlineExecutor | RayExecutor]:
+def executor(ray: str | None = None, workers: int | None = None,
+             device: torch.device | str | None = None) -> Iterator[InlineExecutor | RayExecutor]:
     """The executor of one job: in this process (`ray` None) or on Ray ("local" or a cluster address; at most
-    `workers` tasks at a time). Unfinished tasks are cancelled on exit."""
+    `workers` tasks at a time). `device`: where the caller's model computes; a CUDA device gets one Ray worker per
+    GPU of the cluster. Unfinished tasks are cancelled on exit."""
     with contextlib.ExitStack() as stack:
-        ex = InlineExecutor() if ray is None else RayExecutor(stack.enter_context(session(ray, workers)), workers)
+        if ray is None:
+            ex = InlineExecutor()
+        else:
+            slots = stack.enter_context(session(ray, workers))
+            gpus = gpu_slots(device)
+            ex = RayExecutor(min(gpus, workers or gpus) if gpus else slots, workers, gpus)
         try:
             yield ex
         finally:
@@ -283,4 +327,5 @@ def executor(ray: str | None = None, workers: int | None = None) -> Iterator[Inl
 
 
 __all__ = ["InlineExecutor", "LOCAL", "Local", "MAX_RETRIES", "RayExecutor", "cached", "connect", "cpu_model",
-           "executor", "get", "handle_key", "hold", "is_connected", "session"]
+           "executor", "get", "gpu_slots", "handle_key", "hold", "is_connected", "model_device", "session",
+           "worker_device", "worker_model"]
