@@ -46,16 +46,32 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DEFAULT_RUN, DEFAULT_RUN_DPRIME, DEFAULT_WORKDIR, LAYER, get_dprime, get_model, log,  # noqa: E402
-                    make_bank, peak_rss_mb, run_cfg, subset_rows, test_inputs)
+from common import (  # noqa: E402
+    DEFAULT_RUN,
+    DEFAULT_RUN_DPRIME,
+    DEFAULT_WORKDIR,
+    LAYER,
+    get_dprime,
+    get_model,
+    log,
+    make_bank,
+    peak_rss_mb,
+    run_cfg,
+    subset_rows,
+    test_inputs,
+)
 from reference import NaiveRMC, naive_knn  # noqa: E402
 
-from rmc.defense import kernels  # noqa: E402
 from rmc.attacks import pgd  # noqa: E402
+from rmc.defense import (  # noqa: E402
+    RMC,
+    RMCConfig,
+    build_rmc,
+    kernels,  # noqa: E402
+)
 from rmc.defense.batched import BatchedEpisodic  # noqa: E402
-from rmc.defense import RMC, RMCConfig, build_rmc  # noqa: E402
-from rmc.defense.profiling import PhaseTimer  # noqa: E402
 from rmc.defense.knn import NeighbourIndex  # noqa: E402
+from rmc.defense.profiling import PhaseTimer  # noqa: E402
 
 ALL_SECTIONS = ("matmul", "search", "latency", "ablation", "scopes", "threads", "batched", "memory")
 SIZES = {  # quick / full
@@ -136,7 +152,7 @@ def section_search(args, out, feats, q_all):
         got_rows = rows_b
     ref_rows = np.stack(ref_rows)
     identical = int((got_rows[:nref] == ref_rows).all(1).sum())
-    same_sets = int(sum(set(a) == set(b) for a, b in zip(got_rows[:nref], ref_rows)))
+    same_sets = int(sum(set(a) == set(b) for a, b in zip(got_rows[:nref], ref_rows, strict=True)))
     res = {"dprime": len(feats), "dim": feats.shape[1], "k": k, "ref_queries": nref, "batch_queries": nq,
            "ref_s_per_query": statistics.mean(t_ref), "flat_single_s_per_query": statistics.mean(t_one),
            "flat_batched_s_per_query": statistics.mean(t_batch), "flat_build_s": t_build,
@@ -148,7 +164,7 @@ def section_search(args, out, feats, q_all):
     for nprobe in (16, 64):
         ivf, t_b = timed(NeighbourIndex, feats, "ivf", nlist=1024, nprobe=nprobe)
         (_, rows_i), dt = timed(ivf.search, q_all[:nq], k)
-        recall = float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(rows_i, exact)]))
+        recall = float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(rows_i, exact, strict=True)]))
         res[f"ivf_nprobe{nprobe}"] = {"build_s": t_b, "s_per_query": dt / nq, "recall_at_k": recall,
                                       "speedup_vs_ref": res["ref_s_per_query"] / (dt / nq)}
         del ivf
@@ -285,8 +301,8 @@ def step_breakdown(model, xb: torch.Tensor) -> dict:
     from torch.nn import Conv2d
     from torch.nn import functional as F
 
-    from rmc.defense.scope import configure_model
     from rmc.defense.fastpath import fast_forward
+    from rmc.defense.scope import configure_model
     net = configure_model(copy.deepcopy(model))
     params = [p for p in net.parameters() if p.requires_grad]
     y = torch.zeros(len(xb), dtype=torch.long)

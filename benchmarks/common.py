@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from rmc.cli.config import load_config
-from rmc.defense.core import DPrime, RMCConfig
 from rmc.data import load_dataset
+from rmc.defense.core import DPrime, RMCConfig
 from rmc.models import extract_features, load_checkpoint, save_checkpoint
 
 DEFAULT_WORKDIR = os.environ.get("RMC_BENCH_DIR", "/tmp/rmc-bench")

@@ -38,7 +38,7 @@ def child(group: str, n: int, workdir: Path) -> dict:
     """Runs the reference and `group`'s paths on n inputs in this process; returns their statistics."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
-    from bench import run_interleaved, rmc_impl, without_kernels
+    from bench import rmc_impl, run_interleaved, without_kernels
     from common import DEFAULT_RUN_DPRIME, LAYER, get_dprime, get_model, make_bank, run_cfg, subset_rows, test_inputs
     from reference import NaiveRMC
 
@@ -76,7 +76,7 @@ def child(group: str, n: int, workdir: Path) -> dict:
     ref_preds = res["reference"]["preds"]
     for r in res.values():
         r["speedup_vs_reference"] = res["reference"]["s_per_input"] / r["s_per_input"]
-        r["agreement_with_reference"] = sum(a == b for a, b in zip(r.pop("preds"), ref_preds)) / n
+        r["agreement_with_reference"] = sum(a == b for a, b in zip(r.pop("preds"), ref_preds, strict=True)) / n
     return {"paths": res, "seconds": time.perf_counter() - t0, "kernels": kernels.load(),
             "capability": torch.backends.cpu.get_cpu_capability(), "compute_paths": paths,
             "loadavg": os.getloadavg()}

@@ -78,7 +78,7 @@ def main() -> None:
     preds = [online.step(xs[i:i + 1], feats[i:i + 1]).prediction for i in range(args.inputs)]
     _sync(device)
     log["online_s_per_input"] = round((time.perf_counter() - t0) / args.inputs, 4)
-    log["online_accuracy"] = sum(int(p == int(t)) for p, t in zip(preds, test.labels[:args.inputs])) / args.inputs
+    log["online_accuracy"] = sum(int(p == int(t)) for p, t in zip(preds, test.labels[:args.inputs], strict=True)) / args.inputs
 
     epi_cfg = type(rmc_cfg)(**{**rmc_cfg.__dict__, "mode": Mode.EPISODIC})
     one = build_rmc(model, dprime, index, epi_cfg, LAYER)

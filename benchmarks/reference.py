@@ -105,7 +105,7 @@ class NaiveRMC:
         cfg = self.cfg
         opt = self.stream or torch.optim.Adam(self.model.parameters(), lr=cfg.lr)   # the original: one for the run
         best, wait, epoch = float("inf"), 0, 0
-        for epoch in range(1, cfg.max_epochs + 1):
+        for epoch in range(1, cfg.max_epochs + 1):   # noqa: B007 (the last epoch run is returned)
             g = torch.Generator().manual_seed(int(self.rng.integers(2 ** 62)))
             train = DataLoader(ExampleDataset(x, y, augment, cfg.calib_flip, self.rng), batch_size=cfg.batch_size,
                                shuffle=True, generator=g)

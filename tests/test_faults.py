@@ -441,8 +441,9 @@ def test_an_unwritable_out_is_refused_before_work(ws, tmp_path, capsys, monkeypa
 
 
 def test_disk_full_inside_safetensors_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
-    import rmc.io as io
     from safetensors import SafetensorError
+
+    import rmc.io as io
 
     def full(*a, **kw):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")

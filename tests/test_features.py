@@ -8,9 +8,18 @@ import torch
 
 from rmc.artifacts import features as features_mod
 from rmc.artifacts.dprime import AugmentConfig, build_dprime_store
-from rmc.artifacts.features import (compute_features, ensure_features, evalset_features_path, evalset_source,
-                                    load_features, make_provenance, save_features, store_features_path, store_source,
-                                    tensor_source)
+from rmc.artifacts.features import (
+    compute_features,
+    ensure_features,
+    evalset_features_path,
+    evalset_source,
+    load_features,
+    make_provenance,
+    save_features,
+    store_features_path,
+    store_source,
+    tensor_source,
+)
 from rmc.cli import main as cli_main
 from rmc.errors import RMCError
 from rmc.models import ModelInfo, build_model, extract_features, save_checkpoint

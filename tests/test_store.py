@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from rmc.artifacts import dprime as store_mod
-from rmc.artifacts.dprime import (AugmentConfig, StoreWriter, build_dprime_store, chunk_tasks, copy_names,
-                                  open_dprime_store, partial_path, quantize_within_eps, run_chunk)
+from rmc.artifacts.dprime import (
+    AugmentConfig,
+    StoreWriter,
+    build_dprime_store,
+    chunk_tasks,
+    copy_names,
+    open_dprime_store,
+    partial_path,
+    quantize_within_eps,
+    run_chunk,
+)
 from rmc.attacks import pgd
 from rmc.cli import main as cli_main
 from rmc.errors import RMCError

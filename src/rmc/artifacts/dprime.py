@@ -37,13 +37,13 @@ import torch
 from torch import nn
 
 import rmc
+from rmc.artifacts.provenance import check_model_data
+from rmc.artifacts.verify import matches_hash, remember
 from rmc.attacks.gradient import check_attack_settings, pgd
 from rmc.checks import check_positive
 from rmc.data.base import ImageDataset
 from rmc.defense.dprime import DPrime
 from rmc.errors import RMCError
-from rmc.artifacts.provenance import check_model_data
-from rmc.artifacts.verify import matches_hash, remember
 from rmc.io import atomic_path, check_free_space, preallocate, read_json, sha256_file, write_json
 from rmc.models.checkpoint import ModelInfo
 from rmc.scaleout.executors import cached, executor, get, handle_key

@@ -259,7 +259,7 @@ class StreamResult:
 
     @property
     def accuracy(self) -> float:
-        return float(np.mean([p == y for p, y in zip(self.predictions, self.labels)])) if self.labels else math.nan
+        return float(np.mean([p == y for p, y in zip(self.predictions, self.labels, strict=True)])) if self.labels else math.nan
 
 
 def attack_stream(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, kind: str,

@@ -19,8 +19,8 @@ import yaml
 
 from rmc.artifacts.dprime import AugmentConfig
 from rmc.attacks.defense_aware import AttackRowsConfig
-from rmc.defense.core import RMCConfig
 from rmc.checks import check_positive
+from rmc.defense.core import RMCConfig
 from rmc.errors import RMCError
 from rmc.models.denoising import DenoiseOp
 from rmc.training import TrainConfig
@@ -58,9 +58,6 @@ class ModelConfig:
             raise RMCError(f"model.bases must list distinct base models among {kinds}, got {self.bases!r}")
         if self.denoise_op not in [o.value for o in DenoiseOp]:
             raise RMCError(f"model.denoise_op must be one of {[o.value for o in DenoiseOp]}, got {self.denoise_op!r}")
-        return self
-
-    def validate(self) -> "ModelConfig":
         if self.layer is not None and (not isinstance(self.layer, str) or not self.layer):
             raise RMCError(f"model.layer must be a layer name (`rmc layers` lists them) or null, got {self.layer!r}")
         return self
@@ -175,12 +172,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _comments(cls) -> dict[str, str]:
-    """`name -> comment` from the `name: type = default  # comment` lines of a dataclass's source."""
-    out = {}
+    """`name -> comment` from the `name: type = default  # comment` lines of a dataclass's source; a comment
+    continues on the comment-only lines below whose `#` is in the same column."""
+    out: dict[str, str] = {}
+    name, column = None, -1
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^=]+=.*?#\s*(.*)$", line)
+        m = re.match(r"\s+(\w+)\s*:[^=]+=.*?(#\s*)(.*)$", line)
         if m:
-            out[m.group(1)] = m.group(2)
+            name, column = m.group(1), m.start(2)
+            out[name] = m.group(3)
+            continue
+        more = re.match(r"(\s*)#\s*(.*)$", line)
+        if name is not None and more and len(more.group(1)) == column:
+            out[name] += " " + more.group(2)
+        else:
+            name = None
     return out
 
 
@@ -327,11 +333,11 @@ def validate_before_work(cfg: RunConfig) -> None:
     """What `rmc run` can only know from the data, checked before anything is trained or written (config.yaml
     included): the data sets load, every class has images, |D'| (from the training set's size and augment.*)
     holds rmc.k neighbours, the test set holds attack.n inputs, the model has model.layer."""
+    import torch
+
     from rmc.data import load_dataset
     from rmc.models import build_model, default_layer
     from rmc.models.features import get_layer
-
-    import torch
     if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
         raise RMCError(f"train.device = {cfg.train.device!r} but CUDA is not available here; set train.device: cpu")
     train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size)

@@ -36,8 +36,7 @@ from rmc.data import load_dataset
 from rmc.errors import RMCError
 from rmc.evaluation.attack_rows import attack_table, evaluate_attacks, wants_attack_rows
 from rmc.evaluation.common import BaseModel, digest
-from rmc.evaluation.driver import (check_work_split, compute_paths, evaluate, finished_results,
-                                   online_streams)
+from rmc.evaluation.driver import check_work_split, compute_paths, evaluate, finished_results, online_streams
 from rmc.evaluation.report import Table
 from rmc.evaluation.visualize import neighbour_grid
 from rmc.io import read_json, write_json, write_text

@@ -95,7 +95,7 @@ class BatchedEpisodic:
                 work(self._clones[0], shares[0])
             else:
                 with ThreadPoolExecutor(w) as pool:
-                    for f in [pool.submit(work, c, s) for c, s in zip(self._clones, shares)]:
+                    for f in [pool.submit(work, c, s) for c, s in zip(self._clones, shares, strict=False)]:
                         f.result()
         finally:
             if self.intra_op_threads is not None:
@@ -109,7 +109,7 @@ class BatchedEpisodic:
         b, k = rows.shape
         rmc.reset()
         gens = [generator(cfg.seed, "step", key) for key in keys]
-        xs, ys = zip(*(rmc.dprime.gather(r) for r in rows))
+        xs, ys = zip(*(rmc.dprime.gather(r) for r in rows), strict=True)
         xs, ys = torch.stack(xs).to(device), torch.stack(ys).to(device)          # B x K x C x H x W, B x K
         splits = [split_neighbours(k, cfg.closest_fraction, cfg.val_fraction, g) for g in gens]
         tr = torch.stack([s[0] for s in splits]).to(device)

@@ -25,7 +25,14 @@ from rmc.data.augment import random_shift_flip
 from rmc.defense.config import Mode, Optimizer, RMCConfig
 from rmc.defense.dprime import DPrime
 from rmc.defense.forwards import Forward, PlainForward
-from rmc.defense.optim import autocast_context, check_precision, load_optimizer_state, make_optimizer, optimizer_state, split_state
+from rmc.defense.optim import (
+    autocast_context,
+    check_precision,
+    load_optimizer_state,
+    make_optimizer,
+    optimizer_state,
+    split_state,
+)
 from rmc.defense.scope import collect_params, configure_model
 from rmc.errors import RMCError
 from rmc.seeding import generator
@@ -81,7 +88,7 @@ def fine_tune(forward: Callable[[torch.Tensor], torch.Tensor], params: list[nn.P
     best, wait, best_state, epoch = float("inf"), 0, None, 0
     n = len(x_train)
     losses: list[float] = []
-    for epoch in range(1, cfg.max_epochs + 1):
+    for epoch in range(1, cfg.max_epochs + 1):   # noqa: B007 (the last epoch run is read after the loop)
         order = torch.randperm(n, generator=gen)
         total = torch.zeros((), device=device)   # summed on the device: one sync per epoch, not per batch
         for start in range(0, n, cfg.batch_size):
@@ -117,7 +124,7 @@ def fine_tune(forward: Callable[[torch.Tensor], torch.Tensor], params: list[nn.P
                 break
     if best_state is not None:
         with torch.no_grad():
-            for p, b in zip(params, best_state):
+            for p, b in zip(params, best_state, strict=True):
                 p.copy_(b)
     return FitResult(epoch, best if validate else float("nan"), epoch < cfg.max_epochs, losses)
 

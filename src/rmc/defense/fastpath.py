@@ -349,7 +349,7 @@ def rewrite(model: nn.Module) -> fx.GraphModule:
         if node.op == "placeholder":
             with graph.inserting_after(node):
                 cl = graph.call_function(to_channels_last, (node,))
-            node.replace_all_uses_with(cl, delete_user_cb=lambda u: u is not cl)
+            node.replace_all_uses_with(cl, delete_user_cb=lambda u, cl=cl: u is not cl)
             break
     graph.eliminate_dead_code()
     graph.lint()
@@ -366,7 +366,7 @@ def fast_forward(model: nn.Module, sample: torch.Tensor | None = None, rtol: flo
         fast = rewrite(model)
     except Exception as e:   # untraceable Python control flow and the like: the plain model still works
         warnings.warn(f"rmc: fast path unavailable for {type(model).__name__} ({type(e).__name__}: {e}); "
-                      "fine-tuning runs the model as it is")
+                      "fine-tuning runs the model as it is", stacklevel=2)
         return model
     if sample is not None:
         with torch.no_grad():
@@ -375,7 +375,7 @@ def fast_forward(model: nn.Module, sample: torch.Tensor | None = None, rtol: flo
         scale = max(want.abs().max().item(), 1.0)
         if not torch.isfinite(got).all() or err > rtol * scale:
             warnings.warn(f"rmc: fast path of {type(model).__name__} differs from the model (max error {err:.3g}); "
-                          "fine-tuning runs the model as it is")
+                          "fine-tuning runs the model as it is", stacklevel=2)
             return model
     return fast
 

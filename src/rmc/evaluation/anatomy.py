@@ -32,7 +32,7 @@ def neighbour_histogram(labels: torch.Tensor, copy: torch.Tensor, rows: np.ndarr
     out: dict = {"k": len(rows)}
     for side, mask in (("clean", ~adv), ("adv", adv)):
         values, counts = torch.unique(lab[mask], return_counts=True)
-        pairs = sorted(zip(values.tolist(), counts.tolist()), key=lambda p: -p[1])
+        pairs = sorted(zip(values.tolist(), counts.tolist(), strict=True), key=lambda p: -p[1])
         keep = pairs[:NB_TOP] + [p for p in pairs[NB_TOP:] if p[0] == true]
         out[side] = {str(c): n for c, n in keep}
     return out

@@ -30,8 +30,8 @@ from rmc.defense import build_rmc
 from rmc.defense.config import Mode, RMCConfig
 from rmc.defense.dprime import DPrime
 from rmc.errors import RMCError
-from rmc.evaluation.common import BaseModel, NeighbourSearch
 from rmc.evaluation.aware_stream import AwareStream
+from rmc.evaluation.common import BaseModel, NeighbourSearch
 from rmc.evaluation.driver import evaluate_set
 from rmc.evaluation.report import Table, cell_from_records, row_label
 
@@ -230,7 +230,7 @@ def _aware_row(kind, protocol, made: EvalSet, label: str, folder: Path, n: int, 
     stream_path = folder / "attack.jsonl"
     attack_records = [json.loads(line) for line in stream_path.read_text().splitlines() if line.strip()][:n] \
         if stream_path.exists() else []
-    agree = sum(a["pred"] == r["pred"] for a, r in zip(attack_records, records["rmc"]))
+    agree = sum(a["pred"] == r["pred"] for a, r in zip(attack_records, records["rmc"], strict=False))
     attack_s = sum(a.get("seconds", 0) for a in attack_records)
     info = {"seconds": round(attack_s + time.perf_counter() - t0, 1), "attack_seconds": round(attack_s, 1),
             "rescore_agrees": agree, "n": n, "kind": kind, "protocol": protocol, "rounds": acfg.rounds,

@@ -37,7 +37,9 @@ padding:.5em 1em}.note{font-size:13px;color:#444}figure{margin:1.5em 0}figcaptio
 # ---------------------------------------------------------------- tables
 
 def _cell_from_dict(d: dict) -> Cell:
-    rate = lambda r: Rate(int(r["hits"]), int(r["n"]))
+    def rate(r: dict) -> Rate:
+        return Rate(int(r["hits"]), int(r["n"]))
+
     return Cell(rate(d["accuracy"]), rate(d["attack_success"]) if "attack_success" in d else None)
 
 

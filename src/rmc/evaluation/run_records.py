@@ -197,7 +197,9 @@ class RunRecords:
         older results/<base>/ with evalsets/<base>/."""
         results = self.root / "results"
         keyed = {p.name for p in results.glob("*/*") if p.is_dir() and STAGE_KEY.fullmatch(p.parent.name)}
-        order = lambda b: (self.config_bases.index(b) if b in self.config_bases else len(self.config_bases), b)
+        def order(b: str) -> tuple[int, str]:
+            return (self.config_bases.index(b) if b in self.config_bases else len(self.config_bases), b)
+
         out = []
         if keyed:
             for base in sorted(keyed, key=order):
@@ -272,7 +274,9 @@ class RunRecords:
         """Every defense's records of a set (RMC sorted by index), for the tables and the curve: baselines, then
         RMC. Only the fields the tables need are kept, so even large runs stay small in memory."""
         keep = ("index", "label", "pred", "target")
-        slim = lambda r: {k: r[k] for k in keep if k in r}
+        def slim(r: dict) -> dict:
+            return {k: r[k] for k in keep if k in r}
+
         out = {k: [slim(r) for r in v] for k, v in self.baselines(s).items()}
         rmc = sorted((slim(r) for r in self.rmc(s)), key=lambda r: r["index"])
         if rmc:

@@ -134,13 +134,13 @@ class CachedHead:
         split = split_at(model, layer) if layer is not None else None
         if split is None:
             warnings.warn(f"rmc: cannot cut the model after {layer!r} (skip connection or untraceable); scope 'head' "
-                          "runs the whole network every batch")
+                          "runs the whole network every batch", stacklevel=2)
             return None
         with torch.no_grad():
             h = split.backbone(sample)
             if not torch.allclose(split.head(h), model(sample), rtol=1e-4, atol=1e-5):
                 warnings.warn("rmc: the model cut at its feature layer does not reproduce it; scope 'head' runs the "
-                              "whole network every batch")
+                              "whole network every batch", stacklevel=2)
                 return None
             if vectors is not None and not _same_features(vectors, sample_rows, h, split.pooled_input):
                 vectors = None

@@ -46,10 +46,9 @@ def add_model_and_data_arguments(p: argparse.ArgumentParser) -> None:
 
 def model_and_split(args, split: str):
     """The model named by --model (on --device) and the `split` of --dataset, default the model's own data set."""
+    from rmc.artifacts.provenance import check_model_data
     from rmc.data import load_dataset
     from rmc.training import resolve_device
-
-    from rmc.artifacts.provenance import check_model_data
 
     model, info = load_model(args, resolve_device(args.device))
     dataset = args.dataset or info.dataset

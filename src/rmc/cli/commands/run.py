@@ -3,8 +3,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rmc.cli.commands import (add_device_argument, add_shared_arguments, attack_overrides, check_ray_arguments,
-                              check_ray_device)
+from rmc.cli.commands import (
+    add_device_argument,
+    add_shared_arguments,
+    attack_overrides,
+    check_ray_arguments,
+    check_ray_device,
+)
 from rmc.cli.config import PRESETS, documented_yaml, load_config, parse_override
 from rmc.cli.pipeline import run_pipeline
 from rmc.errors import RMCError
