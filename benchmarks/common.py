@@ -98,7 +98,8 @@ def subset_rows(n_train: int, per_copy: int, copies: int) -> np.ndarray:
 
 
 def make_bank(images: np.ndarray, labels: np.ndarray, copy: np.ndarray) -> DPrime:
-    return DPrime(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(copy.astype(np.int64)))
+    return DPrime(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
+                  torch.from_numpy(copy.astype(np.int64)))
 
 
 def test_inputs(n: int, model, layer: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:

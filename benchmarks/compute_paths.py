@@ -1,4 +1,5 @@
-"""Online RMC's compute paths side by side, on both x86 instruction sets, each against the naive reference in the same run.
+"""Online RMC's compute paths side by side, on both x86 instruction sets, each against the naive reference in the
+same run.
 
     python benchmarks/compute_paths.py            # quick: 8 inputs per path (a smoke test, ~5 minutes on 2 cores)
     python benchmarks/compute_paths.py --full     # the table of benchmarks/README.md: 100 inputs per path
@@ -14,9 +15,9 @@ Each instruction set runs in its own processes (oneDNN and ATen read their limit
 emulated with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2. The compiled paths run in a process of their own,
 with the reference again, so that a crash of the compiler costs only their row, and with an inductor cache of
 their own per instruction set (<workdir>/inductor-<set>): torch.compile's on-disk cache does not key on ATen's
-capability, and code cached under one was reused under the other, giving wrong predictions or crashing. In every process the paths step
-through the same inputs interleaved (benchmarks/bench.py's run_interleaved), so load from other processes falls on
-all alike; the ratios are what to compare across machines, the seconds only on this one.
+capability, and code cached under one was reused under the other, giving wrong predictions or crashing. In every
+process the paths step through the same inputs interleaved (benchmarks/bench.py's run_interleaved), so load from
+other processes falls on all alike; the ratios are what to compare across machines, the seconds only on this one.
 Results: <workdir>/compute-paths[-full].json and a markdown table on stdout.
 """
 
@@ -126,7 +127,8 @@ def main(argv=None) -> None:
 
 
 def table(out: dict) -> str:
-    lines = ["| instruction set | path | s / input | vs reference (same process) | accuracy | same class as reference |",
+    lines = ["| instruction set | path | s / input | vs reference (same process) | accuracy "
+             "| same class as reference |",
              "|---|---|---|---|---|---|"]
     order = [f"{isa}/{group}" for isa in ISAS for group in GROUPS]
     for key, r in sorted(out["results"].items(), key=lambda kv: order.index(kv[0])):

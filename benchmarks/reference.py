@@ -12,7 +12,8 @@ of the original's code is copied):
 - **Fine-tuning**: the plain network (channels-first, float32, batch-norm as a separate layer), Adam, batch 128,
   early stopping on the validation loss; online mode keeps the weights and calibrates on K random D' examples.
 
-Same hyperparameters as `rmc.defense.core.RMCConfig`; its own random draws (so the two disagree on some inputs by chance).
+Same hyperparameters as `rmc.defense.core.RMCConfig`; its own random draws (so the two disagree on some inputs by
+chance).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class NaiveRMC:
         self.per_feature = per_feature_search
         self.seconds: dict[str, float] = defaultdict(float)   # search, data, train (forward+backward+Adam), validation
         self.steps = 0
-        self.stream = torch.optim.Adam(self.model.parameters(), lr=cfg.lr) if cfg.optimizer is Optimizer.STREAM else None
+        self.stream = (torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+                       if cfg.optimizer is Optimizer.STREAM else None)
 
     def _timed_batches(self, loader):
         """The loader's batches, the time spent producing them counted as 'data'."""

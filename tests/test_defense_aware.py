@@ -362,7 +362,8 @@ def _robust_input(model, digits):
     x, y = digits[1].float_images()[:20], digits[1].labels[:20]
     with torch.no_grad():
         logits = model(x)
-    m = logits.gather(1, y[:, None])[:, 0] - logits.masked_fill(torch.nn.functional.one_hot(y, 10).bool(), -1e9).max(1).values
+    others = logits.masked_fill(torch.nn.functional.one_hot(y, 10).bool(), -1e9)
+    m = logits.gather(1, y[:, None])[:, 0] - others.max(1).values
     i = int(m.argmax())
     return x[i:i + 1], int(y[i])
 

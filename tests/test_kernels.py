@@ -182,7 +182,8 @@ def test_kernels_unavailable_falls_back_with_a_warning(monkeypatch, cache):
 
 def _load_in_new_process(cache, **env) -> subprocess.CompletedProcess:
     """kernels.load() in a fresh process (this one has its operators already; a process loads them once)."""
-    code = "from rmc.defense import kernels; import torch; print(kernels.load(), kernels.load() and torch.ops.rmc.isa())"
+    code = ("from rmc.defense import kernels; import torch; "
+            "print(kernels.load(), kernels.load() and torch.ops.rmc.isa())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "RMC_CACHE_DIR": str(cache), **env})
     assert out.returncode == 0, out.stderr[-2000:]

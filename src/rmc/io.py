@@ -153,7 +153,8 @@ class OutputLock:
             if blocker is not None:
                 raise RMCError(f"{blocker} is a file, so {self.out} cannot be created under it; choose another "
                                "--out") from None
-            raise RMCError(f"cannot create {self.path.parent} for {self.out} ({e.strerror}); choose a writable --out") from None
+            raise RMCError(f"cannot create {self.path.parent} for {self.out} ({e.strerror}); "
+                           "choose a writable --out") from None
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

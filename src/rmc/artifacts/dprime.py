@@ -71,7 +71,9 @@ class AugmentConfig:
     chunk_size: int = 2048                    # images of one copy per unit of work / resume granularity
     batch_size: int = 512                     # PGD batch inside a chunk (changes the random stream, so recorded)
     train_subset: int | None = None           # use only the first n of a seeded permutation of the training set
-    label: str = "predicted"                  # what PGD moves away from: predicted (original: the static model's prediction) | true (the true label); copies are stored with the true label either way
+    label: str = "predicted"                  # what PGD moves away from: predicted (original: the static model's
+                                              # prediction) | true (the true label); copies are stored with the true
+                                              # label either way
 
     def __post_init__(self):
         object.__setattr__(self, "steps", tuple(self.steps))
@@ -79,7 +81,8 @@ class AugmentConfig:
     def validate(self) -> "AugmentConfig":
         steps = tuple(self.steps)
         if not steps:
-            raise RMCError("no PGD copies requested; give at least one step count (augment --steps 10 30 100; rmc run: augment.steps)")
+            raise RMCError("no PGD copies requested; give at least one step count "
+                           "(augment --steps 10 30 100; rmc run: augment.steps)")
         for s in steps:
             check_positive(s, "PGD steps of each copy", integer=True)
         check_attack_settings(self.eps, self.step_size, 1)

@@ -103,7 +103,8 @@ def margin(logits: torch.Tensor, label: int) -> float:
 
 
 def pgd_best(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, eps: float,
-             step_size: float, steps: int, loss_fn: Callable, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+             step_size: float, steps: int, loss_fn: Callable,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """L-inf PGD from a random start that returns, per example, the iterate with the highest loss seen, the clean
     input and the final iterate included (Chen et al.'s `elementwise_best`). Returns (images, their losses)."""
     with torch.no_grad():
@@ -162,7 +163,8 @@ class InputResult:
         return rec
 
 
-def initial_candidates(static_model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackRowsConfig) -> torch.Tensor:
+def initial_candidates(static_model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       cfg: AttackRowsConfig) -> torch.Tensor:
     """The transfer PGD row: PGD against the static model (cross-entropy, random start, the last iterate)."""
     static_model.eval()
     gen = generator(cfg.seed, "transfer-pgd")
@@ -259,7 +261,9 @@ class StreamResult:
 
     @property
     def accuracy(self) -> float:
-        return float(np.mean([p == y for p, y in zip(self.predictions, self.labels, strict=True)])) if self.labels else math.nan
+        if not self.labels:
+            return math.nan
+        return float(np.mean([p == y for p, y in zip(self.predictions, self.labels, strict=True)]))
 
 
 def attack_stream(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, kind: str,

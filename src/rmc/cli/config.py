@@ -49,7 +49,9 @@ class BaseKind(str, enum.Enum):
 @dataclass
 class ModelConfig:
     layer: str | None = None         # hidden layer for the neighbour search; None: the architecture's default
-    bases: list[str] = field(default_factory=lambda: ["standard"])   # base models (standard | adversarial | denoising): each gets its own D', features and evaluation sets, and a row alone and one + RMC
+    bases: list[str] = field(default_factory=lambda: ["standard"])   # base models (standard | adversarial | denoising):
+                                                                     # each gets its own D', features and evaluation
+                                                                     # sets, and a row alone and one + RMC
     denoise_op: str = "nonlocal"     # the denoising base's operation: nonlocal (Xie et al.'s best) | mean | median
 
     def validate(self) -> "ModelConfig":
@@ -72,7 +74,8 @@ class AttackConfig:
     fgsm_eps: list[float] = field(default_factory=list)   # FGSM sets, one per eps
     pgd: list[list[float]] = field(default_factory=lambda: [[10, 0.1], [10, 0.2]])   # PGD sets: [steps, eps] pairs
     pgd_step_size: float | None = None   # PGD step size; None: 2.5 * eps / steps (Madry et al.)
-    untargeted: bool | list = True   # an untargeted set (moves away from the true label) per PGD setting; or a list of [steps, eps] pairs of attack.pgd that get one
+    untargeted: bool | list = True   # an untargeted set (moves away from the true label) per PGD setting; or a list of
+                                     # [steps, eps] pairs of attack.pgd that get one
     targeted: bool = True            # a targeted set per PGD setting (random wrong class, fixed by the seed)
     seed: int = 0                    # picks the test inputs, random starts and targets
 
@@ -138,7 +141,8 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     rmc: RMCConfig = field(default_factory=RMCConfig)
-    attack_rows: AttackRowsConfig = field(default_factory=AttackRowsConfig)   # the attack rows (transfer / defense-aware)
+    attack_rows: AttackRowsConfig = field(default_factory=AttackRowsConfig)   # the attack rows (transfer /
+                                                                              # defense-aware)
     visualize: VisualizeConfig = field(default_factory=VisualizeConfig)
 
 
@@ -154,7 +158,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rmc.max_epochs": 3,                 # original 100 (early stopping with patience 5 rarely ends sooner)
         "rmc.lr": 1e-3,                      # original 1e-5, which moves the weights too little in 3 epochs
         "rmc.calib_k": 128,                  # original: K
-        "attack_rows.n": 20,                    # attack rows on the first 20 inputs (GMSA-MIN, each protocol: ~1-10 s per input)
+        "attack_rows.n": 20,                    # attack rows on the first 20 inputs (GMSA-MIN, each protocol: ~1-10 s
+                                                # per input)
         "attack_rows.rounds": 5,                # Chen et al. 10; most inputs fall by round 1-3 (the table states R, N)
     },
     "paper": {
@@ -165,7 +170,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attack.untargeted": [[10, 0.1]],   # not in the original's table (targeted only): the usual untargeted
                                              # transfer column, PGD-10 at the large eps, beside the original's
         "model.bases": ["standard", "adversarial", "denoising"],   # the original's rows: None, Adv. trained, Denoising
-        "attack_rows.attacks": ["fpa", "gmsa-avg", "gmsa-min"],   # Chen et al.'s three defense-aware attacks (x both protocols)
+        "attack_rows.attacks": ["fpa", "gmsa-avg", "gmsa-min"],   # Chen et al.'s three defense-aware attacks (x both
+                                                                  # protocols)
         "attack_rows.autoattack": True,         # and the transfer AutoAttack row
     },
 }
@@ -348,8 +354,9 @@ def validate_before_work(cfg: RunConfig) -> None:
     n = len(train) if cfg.augment.train_subset is None else min(cfg.augment.train_subset, len(train))
     size = n * (1 + len(cfg.augment.steps))
     if cfg.rmc.k > size:
-        raise RMCError(f"rmc.k = {cfg.rmc.k} exceeds |D'| = {size} ({n:,} training images x {1 + len(cfg.augment.steps)} "
-                       "copies); lower rmc.k or raise augment.train_subset / add augment.steps")
+        raise RMCError(f"rmc.k = {cfg.rmc.k} exceeds |D'| = {size} ({n:,} training images x "
+                       f"{1 + len(cfg.augment.steps)} copies); lower rmc.k or raise augment.train_subset / "
+                       "add augment.steps")
     if cfg.attack.n > len(test):
         raise RMCError(f"attack.n = {cfg.attack.n} exceeds the {len(test):,} images of the {test.name} test set; "
                        "lower attack.n (--n)")

@@ -17,10 +17,10 @@ attack through this module is therefore a fixed-point / BPDA-style approximation
 defended classifier, and its failure proves little about robustness. Worse, fine-tuning on neighbours that
 share one label can make the adapted network so confident that the cross-entropy's input gradient underflows
 to (nearly) zero (gradient masking: PGD with cross-entropy stalls; where it is exactly zero, AutoAttack's
-zero-gradient check fires). And if `stateful=True` (the online defense as deployed), every call changes the weights: the function
-being attacked is not the one that will later classify the input, and repeated queries give different answers
-(AutoAttack's randomness check fires). Each call also costs one full adaptation per input: PGD-10 through this
-module on 100 inputs runs RMC 1,000 times.
+zero-gradient check fires). And if `stateful=True` (the online defense as deployed), every call changes the
+weights: the function being attacked is not the one that will later classify the input, and repeated queries give
+different answers (AutoAttack's randomness check fires). Each call also costs one full adaptation per input:
+PGD-10 through this module on 100 inputs runs RMC 1,000 times.
 
 AutoAttack flags it: its `check_dynamic` traces the forward pass and warns "it seems to be a dynamic
 defense! The evaluation with AutoAttack might be insufficient." whenever `backward` or `grad` is called

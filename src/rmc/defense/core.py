@@ -40,7 +40,8 @@ from rmc.seeding import generator
 Hook = Callable[[str | None], None]     # profiling: called with a phase name when that phase's work ends
 
 
-def split_neighbours(n: int, closest_fraction: float, val_fraction: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def split_neighbours(n: int, closest_fraction: float, val_fraction: float,
+                     gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions (into the distance-sorted neighbour list) for training and validation.
 
     The closest `int(closest_fraction * n)` are shuffled and split: `ceil(val_fraction * that)` of them validate

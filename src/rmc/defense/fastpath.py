@@ -7,18 +7,19 @@
   the convolution weight and the batch-norm affine parameters by the chain rule, exactly as before; the per-pixel
   batch-norm pass and its backward disappear. When only the batch-norm parameters train (scope 'bn') folding would
   make the backward compute a convolution weight gradient it otherwise skips, so that case runs unfused.
-- **ReLU then max-pooling** become max-pooling then ReLU (equal: both are monotone), so the ReLU touches 4x fewer values.
+- **ReLU then max-pooling** become max-pooling then ReLU (equal: both are monotone), so the ReLU touches 4x fewer
+  values.
 - **ReLU then global average pooling** become one operation whose backward is a single masked broadcast.
 - Images go through in channels-last layout, the layout oneDNN's convolutions are fastest with.
 - A first convolution with a tiny reduction (C_in x kh x kw <= 32) runs on the CPU as a matrix product over image
   patches (`_PatchConv`), bias included as a column of ones; its weight gradient is one more matrix product.
 - **Convolution -> 2 x 2 max-pooling -> ReLU** and **convolution -> ReLU -> global average pooling** become one
-  module each (`ConvPoolRelu`, `ConvReluGap`). On the CPU, with the kernels of `rmc.defense.kernels` (operators `torch.ops.rmc.*`), a first
-  layer runs as one pass that never writes the full-resolution map (forward: convolution, pooling, ReLU and a
-  one-byte argmax; backward: the weight and bias gradients straight from the pooled gradient); other layers run
-  the convolution without its bias and add the bias in the pooling kernel (it commutes with max-pooling), whose
-  backward writes the input gradient once and gives the bias gradient. Without a C++ compiler the same modules run
-  the PyTorch operations above.
+  module each (`ConvPoolRelu`, `ConvReluGap`). On the CPU, with the kernels of `rmc.defense.kernels` (operators
+  `torch.ops.rmc.*`), a first layer runs as one pass that never writes the full-resolution map (forward:
+  convolution, pooling, ReLU and a one-byte argmax; backward: the weight and bias gradients straight from the pooled
+  gradient); other layers run the convolution without its bias and add the bias in the pooling kernel (it commutes
+  with max-pooling), whose backward writes the input gradient once and gives the bias gradient. Without a C++
+  compiler the same modules run the PyTorch operations above.
 
 The returned module shares every parameter and buffer with `model` (nothing is copied), so optimising `model`'s
 parameters through it and reading `model.state_dict()` afterwards just works. It is checked against `model` on a

@@ -27,7 +27,8 @@ class IndexKind(str, Enum):
 # float32 BLAS, whose rounding can swap neighbours whose distances differ by ~1e-6 relative; re-ranking the best
 # k + REFINE_MARGIN candidates with directly computed distances makes the result independent of that rounding.
 REFINE_MARGIN = 32
-QUERY_CHUNK = 256      # queries per FAISS call (bounds its result buffers; larger blocks gained nothing: benchmarks/README.md)
+QUERY_CHUNK = 256      # queries per FAISS call (bounds its result buffers; larger blocks gained nothing:
+                       # benchmarks/README.md)
 ROUNDING = 1e-5        # relative slack for float32 rounding in the safety check (float32 eps is 1.2e-7)
 
 
@@ -39,8 +40,9 @@ def exact_sq_distances(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
 
 def _faiss_search(index, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """index.search with FAISS's choice of kernel made by the number of queries: its matrix-product (BLAS) kernel for
-    blocks of >= 16 queries (faster than the per-query kernel, see benchmarks/README.md; which this FAISS build otherwise uses up to
-    `distance_compute_blas_threshold` = 128,000 queries), the per-query kernel below that (~3x faster for one)."""
+    blocks of >= 16 queries (faster than the per-query kernel, see benchmarks/README.md; which this FAISS build
+    otherwise uses up to `distance_compute_blas_threshold` = 128,000 queries), the per-query kernel below that (~3x
+    faster for one)."""
     old = faiss.cvar.distance_compute_blas_threshold
     faiss.cvar.distance_compute_blas_threshold = 1 if len(q) >= 16 else 2 ** 31 - 1
     try:

@@ -59,7 +59,8 @@ def _pgd_text(acfg: AttackRowsConfig) -> str:
 
 def _lane_text(acfg: AttackRowsConfig, protocol: str, kind: str) -> str:
     lane = acfg.lane(protocol)
-    per_round = f"PGD-{lane.steps}" + (" x models" if kind == "gmsa-min" else "") + (f" x {lane.restarts} restarts" if lane.restarts > 1 else "")
+    per_round = (f"PGD-{lane.steps}" + (" x models" if kind == "gmsa-min" else "")
+                 + (f" x {lane.restarts} restarts" if lane.restarts > 1 else ""))
     keys = "RMC's keys known" if lane.keys_known else "RMC's keys unknown"
     extra = ", + chen2022 fallback" if protocol == "strong" and acfg.strong_fallback else ""
     return f"{per_round}, {lane.loss}, step {_num(lane.step_size)}, {keys}{extra}"

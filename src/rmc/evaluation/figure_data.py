@@ -204,7 +204,8 @@ def purity_data(run: RunRecords) -> list[PurityGroup]:
             p = purity(r)
             if p is None:
                 continue
-            g = groups.setdefault((s.base, s.kind), PurityGroup(s.base, s.kind, [Rate(0, 0) for _ in range(PURITY_BINS)]))
+            g = groups.setdefault((s.base, s.kind),
+                                  PurityGroup(s.base, s.kind, [Rate(0, 0) for _ in range(PURITY_BINS)]))
             rate = g.rates[purity_bin(p)]
             rate.n += 1
             rate.hits += r["pred"] == r["label"]

@@ -70,8 +70,9 @@ def draw_curve(series: list[CurveSeries]):
             acc = [100 * p.rate.value for p in s.points]
             lo, hi = zip(*[p.rate.interval() for p in s.points], strict=True)
             color = DEFENSE_COLORS.get(s.defense, "black")
-            ax.plot(eps, acc, THREAT_STYLES[s.threat], color=color, marker=MARKERS[families.index(s.family) % len(MARKERS)],
-                    label=f"{s.label} [{s.threat}]", gid=s.label)
+            ax.plot(eps, acc, THREAT_STYLES[s.threat], color=color,
+                    marker=MARKERS[families.index(s.family) % len(MARKERS)], label=f"{s.label} [{s.threat}]",
+                    gid=s.label)
             ax.fill_between(eps, [100 * v for v in lo], [100 * v for v in hi], color=color, alpha=BAND_ALPHA, lw=0)
         base, targeted = key
         ax.set_title(f"{BASE_LABELS.get(base, base.capitalize())} base model, "

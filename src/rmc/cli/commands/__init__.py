@@ -18,8 +18,8 @@ def add_trust_arch_argument(p: argparse.ArgumentParser) -> None:
 
 def add_device_argument(p: argparse.ArgumentParser, default: str | None = "cpu") -> None:
     """--device, taken by every command that computes (one setting for all of its stages)."""
-    p.add_argument("--device", default=default, help="cpu, cuda or cuda:N" + (" (default: %(default)s)" if default else
-                                                                             " (default: the configuration's train.device)"))
+    p.add_argument("--device", default=default, help="cpu, cuda or cuda:N" + (
+        " (default: %(default)s)" if default else " (default: the configuration's train.device)"))
 
 
 def check_ray_device(ray, device) -> None:
@@ -103,7 +103,8 @@ def add_batch_argument(p: argparse.ArgumentParser) -> None:
 def add_attack_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of the attack rows (evaluate, run); they override the config's `attack_rows` section."""
     g = p.add_argument_group("attack rows", "transfer PGD (always), transfer AutoAttack and the defense-aware "
-                             "attacks FPA / GMSA-AVG / GMSA-MIN against RMC under each protocol; the config's attack_rows section")
+                             "attacks FPA / GMSA-AVG / GMSA-MIN against RMC under each protocol; the config's "
+                             "attack_rows section")
     g.add_argument("--attacks", nargs="+", metavar="ATTACK",
                    choices=["fpa", "gmsa-avg", "gmsa-min", "autoattack", "none"],
                    help="rows beside transfer PGD: fpa gmsa-avg gmsa-min autoattack, or none (default: gmsa-min)")

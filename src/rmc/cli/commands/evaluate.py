@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, help="augmented dataset D' (`rmc augment`)")
     p.add_argument("--evalsets", required=True, help="evaluation sets (`rmc attack`)")
     p.add_argument("--sets", nargs="+", help="only these evaluation sets (default: all)")
-    p.add_argument("--features", help="D' features of this model (`rmc features`); default: computed and cached in --out")
+    p.add_argument("--features",
+                   help="D' features of this model (`rmc features`); default: computed and cached in --out")
     p.add_argument("--layer", help="feature layer (default: the model's)")
     p.add_argument("--out", required=True, help="results directory (re-run the same command to resume)")
     p.add_argument("--config", help="YAML configuration; its rmc section sets the RMC hyperparameters")
@@ -89,8 +90,8 @@ def main(args) -> int:
     base = BaseModel(args.name, model, info.sha256, layer, feats)
     dprime = store.dprime()
     results = evaluate([base], dprime, sets, cfg.rmc, out / "results", info.num_classes, n=args.n, rmc_n=args.rmc_n,
-                       with_rmc=not args.no_rmc, ray=args.ray, workers=args.workers, shards=args.shards, block=args.block,
-                       batch=args.batch)
+                       with_rmc=not args.no_rmc, ray=args.ray, workers=args.workers, shards=args.shards,
+                       block=args.block, batch=args.batch)
     notes = {s.name: "clean" if s.attack.get("kind") == "clean" else "transfer" for s in sets}
     table = Table.from_results(results, notes)
     if attack_rows:
