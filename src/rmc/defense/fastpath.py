@@ -276,9 +276,8 @@ def _global_pool(m: nn.Module | None) -> bool:
     return isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))
 
 
-def rewrite(model: nn.Module) -> fx.GraphModule:
-    """The rewritten graph (raises if the model cannot be traced)."""
-    gm = fx.symbolic_trace(model)
+def _fold_conv_bn(gm: fx.GraphModule) -> None:
+    """Each batch-norm that alone reads a convolution's output folded into it (FoldedConvBN)."""
     graph = gm.graph
     n_fold = 0
     for node in list(graph.nodes):
@@ -297,6 +296,11 @@ def rewrite(model: nn.Module) -> fx.GraphModule:
         node.replace_all_uses_with(fused)
         graph.erase_node(node)
         graph.erase_node(src)
+
+
+def _swap_relu_pool(gm: fx.GraphModule) -> None:
+    """ReLU -> max-pooling becomes max-pooling -> ReLU; ReLU -> global average pooling becomes one operation."""
+    graph = gm.graph
     for node in list(graph.nodes):
         if not _is_relu(gm, node) or len(node.users) != 1:
             continue
@@ -319,6 +323,11 @@ def rewrite(model: nn.Module) -> fx.GraphModule:
             user.replace_all_uses_with(fused)
             graph.erase_node(user)
             graph.erase_node(node)
+
+
+def _fuse_conv_pool_relu(gm: fx.GraphModule) -> None:
+    """conv -> max-pool -> ReLU (after the swap) and conv -> ReLU + global pool become one module each."""
+    graph = gm.graph
     n_fused = 0
     for node in list(graph.nodes):   # conv -> max-pool -> ReLU (after the swap above), conv -> ReLU + global pool
         if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
@@ -346,12 +355,27 @@ def rewrite(model: nn.Module) -> fx.GraphModule:
         node.replace_all_uses_with(fused)
         for d in dead + [src]:
             graph.erase_node(d)
+
+
+def _channels_last_input(gm: fx.GraphModule) -> None:
+    """The input converted to channels-last once, where the graph starts."""
+    graph = gm.graph
     for node in graph.nodes:
         if node.op == "placeholder":
             with graph.inserting_after(node):
                 cl = graph.call_function(to_channels_last, (node,))
             node.replace_all_uses_with(cl, delete_user_cb=lambda u, cl=cl: u is not cl)
             break
+
+
+def rewrite(model: nn.Module) -> fx.GraphModule:
+    """The rewritten graph (raises if the model cannot be traced)."""
+    gm = fx.symbolic_trace(model)
+    _fold_conv_bn(gm)
+    _swap_relu_pool(gm)
+    _fuse_conv_pool_relu(gm)
+    _channels_last_input(gm)
+    graph = gm.graph
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
