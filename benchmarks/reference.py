@@ -1,6 +1,6 @@
 """A faithful naive reference of the original RMC's per-input loop, for speed comparisons only.
 
-It does what the original code does, the way it does it (written from the paper's description and the SPEC; none
+It does what the original code does, the way it does it (written from the paper's description; none
 of the original's code is copied):
 
 - **Neighbour search**: for every test input, a Python loop over the stored D' features in batches (the original

@@ -1,4 +1,4 @@
-"""What drives RMC's clean-accuracy loss? (issue 12, item 4)
+"""What drives RMC's clean-accuracy loss?
 
 Online RMC on the first N clean and N PGD-10 eps 0.1 (transfer) inputs of a finished `rmc run` directory, with one
 knob at a time moved away from the run's own RMC settings: locality (K), learning rate x epochs, and whether Adam's

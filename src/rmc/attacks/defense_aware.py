@@ -1,4 +1,4 @@
-"""Defense-aware attacks on RMC: FPA, GMSA-AVG and GMSA-MIN (Chen et al., ICLR 2022; SPEC section 2).
+"""Defense-aware attacks on RMC: FPA, GMSA-AVG and GMSA-MIN (Chen et al., ICLR 2022).
 
 RMC's prediction for an input comes from a model adapted *for that input*, so an attack crafted against the
 static model (the original paper's transfer setting) aims at the wrong function. These attacks aim at the
@@ -217,7 +217,7 @@ def _real_trial(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, 
 def attack_input(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, y: int, kind: str,
                  cfg: AttackRowsConfig, key, protocol: str = "chen2022") -> InputResult:
     """Attack one input `x` (1 x C x H x W) of true class `y` against `rmc` in its current state, then let RMC
-    process what it receives so its state moves on (SPEC section 2). `key` is the key the defense uses for this
+    process what it receives so its state moves on. `key` is the key the defense uses for this
     input (`RMC.step`'s key)."""
     check_kind(kind)
     if x.dim() != 4 or len(x) != 1:

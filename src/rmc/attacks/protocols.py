@@ -1,4 +1,4 @@
-"""The settings of the attack rows, and the two protocols of the defense-aware attacks (SPEC section 2).
+"""The settings of the attack rows, and the two protocols of the defense-aware attacks.
 
 - `chen2022`: Chen et al.'s sequence attack (ICLR 2022; their public `RMC/eval_rmc_sequence.py`) as they ran it:
   cross-entropy, step eps/8, best-loss iterate (the clean input included), GMSA-MIN with steps x models

@@ -2,7 +2,7 @@
 
 This module never opens a file: it takes a model, D' as tensors (`DPrime`), a neighbour index and a config.
 Pure helpers (`split_neighbours`, `fine_tune`) do one thing each; the `RMC` class holds the online state (the
-adapted weights and the stream's Adam) and runs the per-input loop of SPEC section 1:
+adapted weights and the stream's Adam) and runs the per-input loop of the paper:
 `trial` (neighbours -> split -> fine-tune -> predict) then `commit` (online: calibrate), which together are `step`.
 How fine-tuning computes logits (the plain model, a faster equivalent graph, a cached head) is handed in as a
 `Forward` factory (rmc.defense.forwards builds the fast ones); profiling is an optional hook (rmc.defense.profiling).

@@ -32,12 +32,6 @@ QUERY_CHUNK = 256      # queries per FAISS call (bounds its result buffers; larg
 ROUNDING = 1e-5        # relative slack for float32 rounding in the safety check (float32 eps is 1.2e-7)
 
 
-def exact_sq_distances(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distances sum((v - q)^2) in float32, row by row: the definition, evaluated directly."""
-    diff = vectors - query
-    return (diff * diff).sum(-1)
-
-
 def _faiss_search(index, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """index.search with FAISS's choice of kernel made by the number of queries: its matrix-product (BLAS) kernel for
     blocks of >= 16 queries (faster than the per-query kernel, see benchmarks/README.md; which this FAISS build
@@ -139,7 +133,7 @@ class NeighbourIndex:
         v = self._vectors[cand]                           # a copy (fancy indexing): computed on in place
         np.subtract(v, query, out=v)
         np.multiply(v, v, out=v)
-        exact = v.sum(-1)                                 # the same float32 arithmetic as exact_sq_distances
+        exact = v.sum(-1)                                 # sum((v - q)^2) in float32: the definition, directly
         order = np.lexsort((cand, exact))[:k]
         return exact[order], cand[order]
 

@@ -24,7 +24,7 @@ from rmc.evaluation.stats import Rate
 from rmc.io import write_text
 
 FIGURES_DIR = "figures"          # beside report.html
-ROUNDS_GLOB = "*rounds*.png"     # the defense-aware per-round figure (issue 13 draws it; the page only embeds it)
+ROUNDS_GLOB = "*rounds*.png"     # the defense-aware per-round figure (attack_rows draws it; the page only embeds it)
 MAX_EMBEDDED_EXTRA = 4           # per-round PNGs embedded at most (a run has one per base model and attack)
 BASE_ORDER = ("standard", "adversarial", "denoising")          # base models of a run without a readable config
 KIND_ORDER = ("transfer", "defense-aware", "worst case")        # rows of the attack table, as the text table
