@@ -195,7 +195,7 @@ def train_model(train: ImageDataset, test: ImageDataset, config: TrainConfig | N
     model.eval()
     log(f"done in {elapsed:.1f} s: clean test accuracy {test_acc:.4f}")
     info = ModelInfo(
-        arch=config.arch, num_classes=num_classes, input_shape=tuple(train.input_shape),
+        arch=config.arch, num_classes=num_classes, input_shape=train.input_shape,
         mean=list(train.mean) if train.mean is not None else None,
         std=list(train.std) if train.std is not None else None,
         dataset=train.name, adversarial=config.adversarial, denoise=config.denoise, test_accuracy=test_acc,

@@ -161,7 +161,7 @@ def chunk_seed(seed: int, copy: int, chunk: int) -> int:
 
 def chunk_tasks(n: int, config: AugmentConfig) -> list[ChunkTask]:
     """All chunks of a store over `n` training examples, clean copy first."""
-    tasks = []
+    tasks: list[ChunkTask] = []
     for copy, steps in enumerate((0, *config.steps)):
         for chunk, start in enumerate(range(0, n, config.chunk_size)):
             stop = min(start + config.chunk_size, n)
@@ -322,10 +322,16 @@ class StoreWriter:
         self.images = images   # None when the store is already complete
         self.hashes: dict[int, str] = {}   # sha256 of each finished chunk's rows, as written
 
+    def _open_images(self) -> np.memmap:
+        """The images being written; only an incomplete store has them."""
+        if self.images is None:
+            raise RuntimeError("store is already complete")
+        return self.images
+
     def check_done_chunks(self) -> None:
         """Re-hash the chunks progress.json calls finished; a chunk whose rows differ from what was written (a
         truncated or edited file, a progress file from before chunk hashes) is rebuilt, never trusted."""
-        bad = [i for i in sorted(self.done) if self.hashes.get(i) != _rows_hash(self.images, self.tasks[i])]
+        bad = [i for i in sorted(self.done) if self.hashes.get(i) != _rows_hash(self._open_images(), self.tasks[i])]
         if bad:
             print(f"note: {self.partial}: {len(bad)} finished chunk(s) do not match their recorded hashes "
                   f"(chunks {bad[:8]}{' ...' if len(bad) > 8 else ''}); rebuilding them", file=sys.stderr)
@@ -394,8 +400,9 @@ class StoreWriter:
         if data.dtype != torch.uint8 or tuple(data.shape) != expect:
             raise ValueError(f"chunk {task.index}: expected uint8 {expect}, got {data.dtype} {tuple(data.shape)}")
         rows = data.numpy()
-        self.images[task.row_start:task.row_start + len(task)] = rows
-        self.images.flush()
+        images = self._open_images()
+        images[task.row_start:task.row_start + len(task)] = rows
+        images.flush()
         self.done.add(task.index)
         self.hashes[task.index] = hashlib.sha256(np.ascontiguousarray(rows).tobytes()).hexdigest()
         self._save_progress()
@@ -406,7 +413,7 @@ class StoreWriter:
             missing = len(self.pending())
             if missing:
                 raise RuntimeError(f"{missing} chunks are not written yet")
-            self.images.flush()
+            self._open_images().flush()
             del self.images
             self.images = None
             content = {name: sha256_file(self.partial / fname) for name, fname in FILES.items()}
@@ -501,7 +508,7 @@ def _rows_hash(images: np.ndarray, task: ChunkTask) -> str:
 def _read_progress(partial: Path, total: int, with_hashes: bool = False):
     """The finished chunks (and, `with_hashes`, their recorded hashes). A damaged progress file on resume means
     nothing is trusted: every chunk is rebuilt."""
-    empty = (set(), {}) if with_hashes else set()
+    empty: tuple[set[int], dict[int, str]] | set[int] = (set(), {}) if with_hashes else set()
     if not (partial / PROGRESS).exists():
         return empty
     try:
@@ -533,7 +540,8 @@ def _chunk(inputs: tuple, task: ChunkTask, config: AugmentConfig, fault: Callabl
     labels, the subset) come inside a tuple, so Ray passes the references rather than the objects."""
     model_h, *data = inputs
     model = cached("augment-model", handle_key(model_h), lambda: get(model_h))   # resolved once per worker
-    out = run_chunk(model, task, *_chunk_inputs(*(get(h) for h in data), task), config)
+    images, labels, subset = (get(h) for h in data)
+    out = run_chunk(model, task, *_chunk_inputs(images, labels, subset, task), config)
     if fault is not None:
         fault()
     return out.numpy()

@@ -187,13 +187,15 @@ def _rounds(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, labe
         targets = models[-1:] if kind == "fpa" else models
         iterations = lane.steps * (len(targets) if kind == "gmsa-min" else 1)   # Chen et al.: 40 x models
         ensemble = ModelSet(rmc.model, targets)
-        best, best_loss = None, None
+        best: torch.Tensor | None = None
+        best_loss = -math.inf
         for restart in range(lane.restarts):
             gen = generator(cfg.seed, kind, lane.protocol, key, r, restart)
             with torch.enable_grad():
                 cand, loss = pgd_best(ensemble, x, label, cfg.eps, lane.step_size, iterations, loss_fn, gen)
             if best is None or loss.item() > best_loss:
                 best, best_loss = cand.detach(), loss.item()
+        assert best is not None   # lane.restarts >= 1 (AttackRowsConfig checks strong_restarts)
         feats = extract_features(static_model, layer, best).numpy()
         trial_key = key if lane.keys_known else ("attacker", key, r)   # Chen et al.: RMC's randomness unknown
         t = rmc.trial(best, feats, trial_key, keep=True)
@@ -242,11 +244,11 @@ def attack_input(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor,
             # Chen et al.'s rounds from the same state, their pick judged by RMC's own key: never weaker than them.
             chen = _rounds(rmc, static_model, layer, x, label, kind, cfg.lane("chen2022"), cfg, key, start)
             rounds += [i for _, _, i in chen]
-            fooled = [c for c, _, i in chen if i.margin < 0]
-            pick = fooled[0] if fooled else x
+            chen_fooled = [c for c, _, i in chen if i.margin < 0]
+            pick = chen_fooled[0] if chen_fooled else x
             tc = _real_trial(rmc, static_model, layer, pick, key, start)
             if margin(tc.logits, int(y)) < margin(t.logits, int(y)):
-                chosen, t, chosen_round = pick, tc, (-1 if fooled else 0)   # -1: strong's fallback lane
+                chosen, t, chosen_round = pick, tc, (-1 if chen_fooled else 0)   # -1: strong's fallback lane
     calib = rmc.commit(t)
     return InputResult(chosen, int(t.logits.argmax()), t.logits.tolist(), chosen_round, rounds, calib,
                        time.perf_counter() - t0, protocol)

@@ -249,7 +249,7 @@ def _build(cls, values: dict, where: str):
     for name, f in fields.items():
         if name not in values:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()   # type: ignore[operator]
         if dataclasses.is_dataclass(default):
             if not isinstance(values[name], dict):
                 raise RMCError(f"config {where}.{name} must be a section (mapping), got {values[name]!r}")

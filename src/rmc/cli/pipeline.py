@@ -50,7 +50,8 @@ class StageTimer:
     """Logs what each stage did and how long it took (kept in results.json)."""
 
     def __init__(self, log: Callable[[str], None]):
-        self.log, self.stages = log, []
+        self.log = log
+        self.stages: list[dict] = []
 
     def __call__(self, name: str, fn: Callable, *args, **kwargs):
         self.log(f"[{name}] ...")

@@ -32,11 +32,13 @@ run their attacks as a further (weaker) check, or to score inputs.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from rmc.defense.core import RMC, check_input
+from rmc.defense.core import RMC, Snapshot, check_input
 from rmc.errors import RMCError
 from rmc.models import extract_features
 
@@ -106,7 +108,7 @@ class RMCClassifier(nn.Module):
                         t = self.rmc.trial(xi.detach(), feats[i:i + 1], self.key, keep=True)
                     finally:
                         self.rmc.restore(snap)
-                adapted = t.adapted.weights
+                adapted = cast(Snapshot, t.adapted).weights   # kept: keep=True
             # The adapted network's logits, differentiable in the input (the adaptation held fixed).
             out.append(functional_call(self.rmc.model, adapted, (xi,)))
             self.inputs_seen += 1

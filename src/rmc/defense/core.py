@@ -14,7 +14,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, cast
 
 import numpy as np
 import torch
@@ -341,7 +341,7 @@ class RMC:
             self.reset()
             self._tick("state")
         if rows is None:
-            rows = self.neighbours(features)[0]
+            rows = self.neighbours(cast(np.ndarray, features))[0]   # checked above
         fit = self.adapt(rows, gen)
         logits = self.predict(x)[0]
         return Trial(logits, rows, fit.epochs, gen, self.snapshot() if keep else None, fit.losses)

@@ -29,6 +29,7 @@ sample input when built; any model the rewrite cannot handle (untraceable code, 
 from __future__ import annotations
 
 import warnings
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -64,10 +65,12 @@ class FoldedConvBN(nn.Module):
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) of the one convolution equal to conv -> batch-norm (inference mode)."""
         conv, bn = self.conv, self.bn
-        scale = torch.rsqrt(bn.running_var + bn.eps)
+        # called only when _foldable(): the running statistics exist
+        running_mean, running_var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
+        scale = torch.rsqrt(running_var + bn.eps)
         if bn.weight is not None:
             scale = bn.weight * scale
-        shift = -bn.running_mean * scale
+        shift = -running_mean * scale
         if bn.bias is not None:
             shift = shift + bn.bias
         if conv.bias is not None:
@@ -174,7 +177,8 @@ def _conv_parts(mod: nn.Module) -> tuple[nn.Conv2d, torch.Tensor, torch.Tensor |
     cannot be folded (then the module runs as it is)."""
     if isinstance(mod, FoldedConvBN):
         return (mod.conv, *mod.folded()) if mod._foldable() else None
-    return mod, mod.weight, mod.bias
+    conv = cast(nn.Conv2d, mod)
+    return conv, conv.weight, conv.bias
 
 
 def _kernel_ready(x: torch.Tensor, parts, first_layer: bool = False) -> bool:
@@ -257,7 +261,7 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), nn.ReLU)
+        return isinstance(gm.get_submodule(str(node.target)), nn.ReLU)
     if node.op == "call_function":
         return node.target in _RELU_FUNCS and len(node.args) == 1 and not node.kwargs.get("inplace", False)
     if node.op == "call_method":
@@ -265,10 +269,11 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-def _module(gm: fx.GraphModule, node: fx.Node, cls) -> nn.Module | None:
+def _module(gm: fx.GraphModule, node: fx.Node, cls) -> Any:
+    """The submodule a call_module node runs if it is an instance of `cls`, else None."""
     if node.op != "call_module":
         return None
-    m = gm.get_submodule(node.target)
+    m = gm.get_submodule(str(node.target))
     return m if isinstance(m, cls) else None
 
 
@@ -342,7 +347,9 @@ def _fuse_conv_pool_relu(gm: fx.GraphModule) -> None:
             pool, src, dead = None, node.args[0], [node]
         else:
             continue
-        conv = _module(gm, src, (nn.Conv2d, FoldedConvBN)) if isinstance(src, fx.Node) else None
+        if not isinstance(src, fx.Node):
+            continue
+        conv = _module(gm, src, (nn.Conv2d, FoldedConvBN))
         if conv is None or len(src.users) != 1 or src.kwargs or len(src.args) != 1:
             continue
         if isinstance(conv, nn.Conv2d) and conv.padding_mode != "zeros":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from enum import Enum
+from typing import cast
 
 from rmc.cpu import configure_openblas
 
@@ -82,17 +83,18 @@ class NeighbourIndex:
         self.kind, self.refine = IndexKind(kind), refine
         self._max_norm = float(np.einsum("ij,ij->i", x, x).max())   # no N x d temporary
         if self.kind is IndexKind.FLAT:
-            self.index = faiss.IndexFlatL2(self.dim)
+            self.index: faiss.Index = faiss.IndexFlatL2(self.dim)
             self.index.add(x)
             # The index's own storage, viewed (not copied): the vectors live in memory once.
             self._vectors = faiss.rev_swig_ptr(self.index.get_xb(), self.size * self.dim).reshape(self.size, self.dim)
         else:
             nlist = max(1, min(nlist, self.size // 39))   # FAISS wants >= 39 training points per list
             quantizer = faiss.IndexFlatL2(self.dim)
-            self.index = faiss.IndexIVFFlat(quantizer, self.dim, nlist)
-            self.index.cp.seed = seed
-            self.index.train(x)
-            self.index.nprobe = min(nprobe, nlist)
+            ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist)
+            ivf.cp.seed = seed
+            ivf.train(x)
+            ivf.nprobe = min(nprobe, nlist)
+            self.index = ivf
             self._quantizer = quantizer   # keep it alive: FAISS does not own it
             self.index.add(x)
             # IVF keeps vectors in per-list order; re-ranking reads them from the caller's matrix (not copied when
@@ -105,7 +107,7 @@ class NeighbourIndex:
         if self._identity:
             return self._vectors[rows]
         pos = np.searchsorted(self.ids, rows, sorter=self._id_order)
-        pos = self._id_order[np.minimum(pos, self.size - 1)]
+        pos = cast(np.ndarray, self._id_order)[np.minimum(pos, self.size - 1)]   # set when ids are not 0..n-1
         if not np.array_equal(self.ids[pos], rows):
             raise RMCError("rows asked for are not in this index")
         return self._vectors[pos]

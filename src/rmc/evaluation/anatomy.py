@@ -13,6 +13,7 @@ the neighbours, logits and weights are at hand, so the report never recomputes t
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ class DriftMeter:
     def __call__(self) -> float:
         if not self.pairs:
             return 0.0
-        total = sum(((p - s.to(p.device)).float() ** 2).sum() for p, s in self.pairs)
+        total = cast(torch.Tensor, sum(((p - s.to(p.device)).float() ** 2).sum() for p, s in self.pairs))
         return _round(float(total.sqrt()))
 
 

@@ -18,7 +18,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import torch
 from tqdm import tqdm
@@ -188,7 +188,8 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
     for a in aware:
         name = names[aware_key(*a)]
         stream = pending.get(a)
-        made = ensure(name, metas[a], lambda: stream.adv)   # noqa: B023 (called at once)
+        # only called when the set is not cached, that is when it was attacked above
+        made = ensure(name, metas[a], lambda: cast(AwareStream, stream).adv)   # noqa: B023 (called at once)
         rows.append(_aware_row(*a, made, labels[aware_key(*a)], out_dir / base.name / name, n, acfg, score))
     rows.append(worst_case(rows, clean_records, n))
     _figure(rows, acfg, out_dir / base.name / "rounds.png", base.name, log)

@@ -13,6 +13,7 @@ import html
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Sequence
 
 from rmc.evaluation import figure_data as fd
 from rmc.evaluation import figures as fg
@@ -51,7 +52,7 @@ def _row_order(label: str, bases: list[str]) -> tuple:
     return (canonical.index(label) if label in canonical else len(canonical), kind)
 
 
-def table_from_dict(d: dict, bases: list[str] = BASE_ORDER) -> Table:
+def table_from_dict(d: dict, bases: Sequence[str] = BASE_ORDER) -> Table:
     """A Table back from results.json's `table` (Table.to_dict), appendix included; rows in the text table's
     order for these base models."""
     items = sorted(d.get("rows", {}).items(), key=lambda kv: _row_order(kv[0], list(bases)))   # stable sort

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import cast
 
 import torch
 import yaml
@@ -117,8 +118,8 @@ def stage_folders(run: str | Path, base: str = "standard") -> dict[str, Path]:
     results = None
     if (run / "results.json").exists():
         results = read_json(run / "results.json", "run results")
-    found = {kind: stage_folder(run, results, base, kind) for kind in STAGE_GLOBS}
-    found = {k: v for k, v in found.items() if v is not None}
+    folders = {kind: stage_folder(run, results, base, kind) for kind in STAGE_GLOBS}
+    found = {k: v for k, v in folders.items() if v is not None}
     if not found:
         raise RMCError(f"{run} holds no stage of base model {base!r}; is it a run directory of `rmc run`?")
     return found
@@ -203,7 +204,8 @@ class RunRecords:
         out = []
         if keyed:
             for base in sorted(keyed, key=order):
-                res = stage_folder(self.root, self.results, base, "results")
+                # keyed bases have a results/<key>/<base> folder, so one is found
+                res = cast(Path, stage_folder(self.root, self.results, base, "results"))
                 sets = stage_folder(self.root, self.results, base, "evalsets") or self.root / "evalsets" / base
                 others = [p for p in results.glob(f"*/{base}") if p != res]
                 if others:

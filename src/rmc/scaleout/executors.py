@@ -225,6 +225,7 @@ class RayExecutor:
         self.ray = _ray()
         if _REMOTE is None:
             _REMOTE = self.ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_entry)
+        self._remote = _REMOTE
         self.slots = max(1, slots)
         # Tasks queued beyond the slots keep every worker busy; an explicit --workers is a hard limit.
         self.capacity = capacity or 2 * self.slots
@@ -241,7 +242,7 @@ class RayExecutor:
         return len(self.refs) < self.capacity
 
     def submit(self, key, fn: Callable, *args) -> None:
-        self.refs[_REMOTE.remote(fn, *args)] = key
+        self.refs[self._remote.remote(fn, *args)] = key
 
     def __len__(self) -> int:
         return len(self.refs)

@@ -4,8 +4,12 @@ import each other)."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from rmc.errors import RMCError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_trust_arch_argument(p: argparse.ArgumentParser) -> None:
@@ -29,7 +33,7 @@ def check_ray_device(ray, device) -> None:
                        "or use --device cpu")
 
 
-def load_model(args, device: str = "cpu"):
+def load_model(args, device: str | torch.device = "cpu"):
     """(model, info) of --model, on `device`, trusting only the factory the user named with --arch."""
     from rmc.models import load_checkpoint
     return load_checkpoint(args.model, device, trust_arch=getattr(args, "arch", None))
