@@ -92,7 +92,7 @@ def _index_check(rows: int, dim: int, k: int, pq_bits: int = 8) -> dict:
     approx = index.search(q[:1], k)[1]
     one = time.perf_counter() - t0
     approx = index.search(q, k)[1]
-    recall = float(np.mean([len(np.intersect1d(a, e)) / k for a, e in zip(approx, exact)]))
+    recall = float(np.mean([len(np.intersect1d(a, e)) / k for a, e in zip(approx, exact, strict=True)]))
     return {"rows": rows, "dim": dim, "k": k, "build_s": round(build, 2), "one_query_s": round(one, 4),
             "recall": round(recall, 4), "cpu_threads": os.cpu_count()}
 
@@ -139,7 +139,7 @@ def main() -> None:
     k = min(rmc_cfg.k, len(images))
     q = fp32[:min(64, len(fp32))]
     agree = [len(np.intersect1d(a, b)) / k for a, b in
-             zip(NeighbourIndex(fp32).search(q, k)[1], NeighbourIndex(fast).search(q, k)[1])]
+             zip(NeighbourIndex(fp32).search(q, k)[1], NeighbourIndex(fast).search(q, k)[1], strict=True)]
     rel = ((fast - fp32).norm(dim=1) / fp32.norm(dim=1).clamp_min(1e-12)).max()
     log.update(features_fp32_img_per_s=round(len(images) / t32, 1),
                features_default_img_per_s=round(len(images) / tfast, 1),
@@ -154,10 +154,11 @@ def main() -> None:
         cfg = dataclasses.replace(rmc_cfg, precision=precision)
         online = build_rmc(model, dprime, index, cfg, LAYER)
         log[f"compute_{precision}"] = compute_path(cfg, device)
-        preds, t = _timed(device, lambda: [online.step(xs[i:i + 1], feats[i:i + 1]).prediction
-                                           for i in range(args.inputs)])
+        preds, t = _timed(device, lambda rmc: [rmc.step(xs[i:i + 1], feats[i:i + 1]).prediction
+                                               for i in range(args.inputs)], online)
         log[f"online_{precision}_s_per_input"] = round(t / args.inputs, 4)
-        log[f"online_{precision}_accuracy"] = sum(int(p == int(t)) for p, t in zip(preds, test.labels)) / args.inputs
+        hits = sum(int(p == int(label)) for p, label in zip(preds, test.labels[:args.inputs], strict=True))
+        log[f"online_{precision}_accuracy"] = hits / args.inputs
 
     epi_cfg = dataclasses.replace(rmc_cfg, mode=Mode.EPISODIC)
     one = build_rmc(model, dprime, index, epi_cfg, LAYER)
@@ -165,8 +166,9 @@ def main() -> None:
     single, t_one = _timed(device, lambda: [one.step(xs[i:i + 1], feats[i:i + 1], key=i).prediction for i in range(b)])
     batched = BatchedEpisodic(build_rmc(model, dprime, index, epi_cfg, LAYER))
     together, t_batch = _timed(device, lambda: [r.prediction for r in batched.run(xs[:b], feats[:b], list(range(b)))])
-    log.update(episodic_one_at_a_time_s_per_input=round(t_one / b, 4), episodic_batched_s_per_input=round(t_batch / b, 4),
-               batched_speedup=round(t_one / t_batch, 2), batched_agreement=sum(map(int.__eq__, single, together)) / b)
+    log.update(episodic_one_at_a_time_s_per_input=round(t_one / b, 4),
+               episodic_batched_s_per_input=round(t_batch / b, 4), batched_speedup=round(t_one / t_batch, 2),
+               batched_agreement=sum(map(int.__eq__, single, together)) / b)
     log["index"] = _index_check(args.index_rows, *((64, 64, 5) if args.dry else (1024, 2048, 8)))
     args.out.write_text(json.dumps(log, indent=2) + "\n")
     for key, v in log.items():

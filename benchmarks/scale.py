@@ -178,7 +178,7 @@ def _exact_topk(vectors: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
 
 
 def _recall(approx: np.ndarray, exact: np.ndarray) -> float:
-    return float(np.mean([len(np.intersect1d(a, e)) / len(e) for a, e in zip(approx, exact)]))
+    return float(np.mean([len(np.intersect1d(a, e)) / len(e) for a, e in zip(approx, exact, strict=True)]))
 
 
 def phase_recall(a: dict) -> dict:
@@ -261,7 +261,8 @@ def main() -> None:
         print(json.dumps(PHASES[args.phase](json.loads(rest[0]))))
         return
     if args.quick:
-        args.rows, args.dim, args.subset, args.k, args.queries, args.rerank, args.pq_m = 60_000, 256, 20_000, 256, 16, 256, 32
+        args.rows, args.dim, args.subset, args.k = 60_000, 256, 20_000, 256
+        args.queries, args.rerank, args.pq_m = 16, 256, 32
     need = args.rows * args.dim * np.dtype(args.dtype).itemsize
     free = shutil.disk_usage(args.dir if args.dir.exists() else args.dir.parent).free
     if free < 1.6 * need:

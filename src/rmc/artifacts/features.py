@@ -16,7 +16,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator, cast
 
 import numpy as np
 import torch
@@ -58,9 +58,11 @@ def evalset_source(eval_set) -> str:
 
 @dataclass
 class FeatureConfig:
-    dtype: str = "float32"             # D' features on disk: float32 | float16 (half the disk; the index searches the rounded vectors)
+    dtype: str = "float32"             # D' features on disk: float32 | float16 (half the disk; the index searches
+                                       # the rounded vectors)
     batch_size: int = 512              # images embedded per forward pass (and written per step)
-    precision: str = "auto"            # auto (bf16 autocast on a GPU with native bfloat16, fp32 elsewhere) | fp32 | bf16
+    precision: str = "auto"            # auto (bf16 autocast on a GPU with native bfloat16, fp32 elsewhere) | fp32
+                                       # | bf16
     channels_last: bool | None = None  # channels-last (NHWC) model and inputs; None: on a GPU only
 
     def __post_init__(self):
@@ -107,7 +109,7 @@ def feature_batches(model: nn.Module, layer: str, images, batch_size: int, start
     was_training, old_format = model.training, _memory_format(model)
     model.eval()
     if how["channels_last"]:
-        model.to(memory_format=torch.channels_last)
+        cast(Any, model).to(memory_format=torch.channels_last)   # torch's stubs omit Module.to's memory_format
     try:
         with FeatureHook(model, layer) as hook:
             for first in range(start, len(images), batch_size):
@@ -118,7 +120,7 @@ def feature_batches(model: nn.Module, layer: str, images, batch_size: int, start
                 x = (x.float().div_(255) if x.dtype == torch.uint8 else x.float()).contiguous(memory_format=fmt)
                 with autocast_context(how["precision"], device):
                     model(x)
-                f = hook.value.float().cpu()
+                f = hook.output().float().cpu()
                 if not torch.isfinite(f).all():
                     raise RMCError(f"features at layer {layer!r} contain NaN or infinite values; the model weights "
                                    "are broken")
@@ -126,7 +128,7 @@ def feature_batches(model: nn.Module, layer: str, images, batch_size: int, start
     finally:
         model.train(was_training)
         if how["channels_last"]:
-            model.to(memory_format=old_format)
+            cast(Any, model).to(memory_format=old_format)
 
 
 def _memory_format(model: nn.Module) -> torch.memory_format:
@@ -282,7 +284,7 @@ class FeatureWriter:
         self.partial, self.record = partial_paths(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.start, self.dim = _resume_point(self.partial, self.record, self.identity)
-        self._file = None
+        self._file: BinaryIO | None = None
         self._offset = 0
 
     def __enter__(self) -> "FeatureWriter":
@@ -300,18 +302,19 @@ class FeatureWriter:
         """Rows `first : first + len(block)` (an N x d array; converted to the file's dtype)."""
         if block.ndim != 2 or first < 0 or first + len(block) > self.count:
             raise RMCError(f"block of shape {block.shape} at row {first} does not fit {self.count} feature rows")
+        if self.dim is None:
+            self.dim = block.shape[1]
+            _create_npy(self.partial, (self.count, self.dim), self.dtype)
         if self._file is None:
-            if self.dim is None:
-                self.dim = block.shape[1]
-                _create_npy(self.partial, (self.count, self.dim), self.dtype)
-            self._file = open(self.partial, "r+b")
+            self._file = open(self.partial, "r+b")   # kept open across writes; close() closes it
             self._offset = _data_offset(self.partial, (self.count, self.dim), self.dtype)
         if block.shape[1] != self.dim:
             raise RMCError(f"{block.shape[1]}-d features written to {self.partial.name}, which holds {self.dim}-d "
                            f"ones; delete {self.partial.name} and {self.record.name}")
-        self._file.seek(self._offset + first * self.dim * self.dtype.itemsize)
-        self._file.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
-        self._file.flush()
+        f = self._file
+        f.seek(self._offset + first * self.dim * self.dtype.itemsize)
+        f.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+        f.flush()
         write_json(self.record, {**self.identity, "dim": self.dim, "rows_done": first + len(block)})
 
     def finish(self, provenance: dict[str, Any]) -> Path:
@@ -335,10 +338,10 @@ def _resume_point(partial: Path, record: Path, identity: dict[str, Any]) -> tupl
         except RMCError:
             done = None
         if isinstance(done, dict) and {k: done.get(k) for k in identity} == identity:
-            rows, dim = done.get("rows_done"), done.get("dim")
-            batch_end = isinstance(rows, int) and (rows == identity["count"] or rows % identity["batch_size"] == 0)
-            if batch_end and isinstance(dim, int) and 0 < rows <= identity["count"] and dim > 0 \
-                    and _data_offset_or_none(partial, (identity["count"], dim), np.dtype(identity["dtype"])) is not None:
+            rows, dim, count = done.get("rows_done"), done.get("dim"), identity["count"]
+            if isinstance(rows, int) and isinstance(dim, int) and 0 < rows <= count and dim > 0 \
+                    and (rows == count or rows % identity["batch_size"] == 0) \
+                    and _data_offset_or_none(partial, (count, dim), np.dtype(identity["dtype"])) is not None:
                 return rows, dim
     record.unlink(missing_ok=True)
     partial.unlink(missing_ok=True)
@@ -369,7 +372,8 @@ def _data_offset_or_none(path: Path, shape: tuple[int, int], dtype: np.dtype) ->
     except (ValueError, OSError, EOFError):
         return None
     size = path.stat().st_size
-    if tuple(got_shape) != shape or fortran or got_dtype != dtype or size != offset + shape[0] * shape[1] * dtype.itemsize:
+    want_size = offset + shape[0] * shape[1] * dtype.itemsize
+    if tuple(got_shape) != shape or fortran or got_dtype != dtype or size != want_size:
         return None
     return offset
 

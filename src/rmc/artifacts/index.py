@@ -105,7 +105,8 @@ def _load(path: Path, side: Path, vectors: np.ndarray, ident: dict[str, Any], se
     if wrong:
         k = wrong[0]
         if k == "features":
-            have = meta.get("features") if isinstance(meta.get("features"), dict) else {}
+            recorded = meta.get("features")
+            have: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
             diff = [f for f in ident if have.get(f) != ident[f]]
             detail = f"{diff[0]} {_short(have.get(diff[0]))} but the features now have {_short(ident[diff[0]])}"
             raise RMCError(f"index {path.name} was built from other features ({detail}); {fix}")

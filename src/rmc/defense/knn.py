@@ -12,7 +12,7 @@ import math
 import sys
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Iterator
+from typing import Callable, Iterator, cast
 
 from rmc.cpu import configure_openblas
 
@@ -35,30 +35,34 @@ class IndexKind(str, Enum):
 
 
 AUTO = "auto"
-FEATURE_DTYPES = ("float32", "float16")
 
 # Candidates fetched beyond k for the exact re-ranking. FAISS's flat search computes |x|^2 + |q|^2 - 2 x.q in
 # float32 BLAS, whose rounding can swap neighbours whose distances differ by ~1e-6 relative; re-ranking the best
 # k + REFINE_MARGIN candidates with directly computed distances makes the result independent of that rounding.
 REFINE_MARGIN = 32
-QUERY_CHUNK = 256      # queries per FAISS call (bounds its result buffers; larger blocks gained nothing: benchmarks/README.md)
+QUERY_CHUNK = 256      # queries per FAISS call (bounds its result buffers; larger blocks gained nothing:
+                       # benchmarks/README.md)
 ROUNDING = 1e-5        # relative slack for float32 rounding in the safety check (float32 eps is 1.2e-7)
 MIN_PER_LIST = 39      # FAISS's k-means wants at least this many training points per centroid
 
 
 @dataclass
 class IndexConfig:
-    index: str = AUTO                # flat (exact) | ivf (IVF-Flat) | ivfpq (IVF-PQ) | auto: flat while N x d x 4 bytes <= flat_max_mb, else ivfpq
-    flat_max_mb: int = 2048          # auto: the largest float32 feature matrix searched exactly (docs/scale.md: a flat query over 2 GB takes ~0.1 s here, 1 M x 1024 would hold 4 GB)
-    nlist: int | None = None         # ivf / ivfpq: inverted lists; None: 2 x sqrt(N) rounded to a power of two, at most N / 39
+    index: str = AUTO                # flat (exact) | ivf (IVF-Flat) | ivfpq (IVF-PQ) | auto: flat while the float32
+                                     # features (N x d x 4 bytes) fit in flat_max_mb, else ivfpq
+    flat_max_mb: int = 2048          # auto: the largest float32 feature matrix searched exactly (docs/scale.md:
+                                     # memory, and a flat query's time, grow with it)
+    nlist: int | None = None         # ivf / ivfpq: inverted lists; None: 2 x sqrt(N) rounded to a power of two,
+                                     # at most N / 39
     nprobe: int = 64                 # ivf / ivfpq: lists searched per query (more: better recall, slower)
     pq_m: int = 64                   # ivfpq: sub-quantisers, i.e. bytes per vector at 8 bits (must divide d)
     pq_bits: int = 8                 # ivfpq: bits per sub-quantiser code
     train_rows: int | None = None    # ivf / ivfpq: rows of the seeded training sample; None: 64 x nlist (at most N)
-    add_batch: int = 100_000         # ivf / ivfpq: rows converted to float32 and added per build step (bounds its memory)
-    rerank: int = 2048               # ivf / ivfpq: candidates beyond k re-ranked by exact distances from the stored features
+    add_batch: int = 100_000         # ivf / ivfpq: rows converted to float32 and added per build step (bounds the
+                                     # build's memory)
+    rerank: int = 2048               # ivf / ivfpq: candidates beyond k re-ranked by exact distances computed from
+                                     # the stored features
     seed: int = 0                    # ivf / ivfpq: picks the training sample and seeds k-means
-    feature_dtype: str = "float32"   # D' features on disk: float32 | float16 (half the disk; distances from the rounded vectors)
 
     def __post_init__(self):
         self.validate()
@@ -68,8 +72,6 @@ class IndexConfig:
         if getattr(self.index, "value", self.index) not in kinds:
             raise RMCError(f"knn.index must be one of {' | '.join(kinds)}, got {self.index!r}")
         self.index = getattr(self.index, "value", self.index)
-        if self.feature_dtype not in FEATURE_DTYPES:
-            raise RMCError(f"knn.feature_dtype must be float32 or float16, got {self.feature_dtype!r}")
         for name in ("flat_max_mb", "nprobe", "pq_m", "pq_bits", "add_batch"):
             check_positive(getattr(self, name), f"knn.{name}", integer=True)
         for name in ("nlist", "train_rows"):
@@ -113,16 +115,11 @@ class IndexConfig:
         return {**build, "nprobe": self.nprobe, "rerank": self.rerank} if build else {}
 
 
-def exact_sq_distances(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distances sum((v - q)^2) in float32, row by row: the definition, evaluated directly."""
-    diff = vectors - query
-    return (diff * diff).sum(-1)
-
-
 def _faiss_search(index, q: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
     """index.search with FAISS's choice of kernel made by the number of queries: its matrix-product (BLAS) kernel for
-    blocks of >= 16 queries (faster than the per-query kernel, see benchmarks/README.md; which this FAISS build otherwise uses up to
-    `distance_compute_blas_threshold` = 128,000 queries), the per-query kernel below that (~3x faster for one)."""
+    blocks of >= 16 queries (faster than the per-query kernel, see benchmarks/README.md; which this FAISS build
+    otherwise uses up to `distance_compute_blas_threshold` = 128,000 queries), the per-query kernel below that (~3x
+    faster for one)."""
     old = faiss.cvar.distance_compute_blas_threshold
     faiss.cvar.distance_compute_blas_threshold = 1 if len(q) >= 16 else 2 ** 31 - 1
     try:
@@ -163,16 +160,15 @@ def build_ivf(vectors: np.ndarray, settings: dict, add_batch: int = 100_000,
     the sample, one batch and the index itself). `progress(rows)` is called after each batch."""
     n, dim = vectors.shape
     kind, nlist = IndexKind(settings["kind"]), settings["nlist"]
-    quantizer = faiss.IndexFlatL2(dim)
+    quantizer = faiss.IndexFlatL2(dim)   # FAISS's Python constructors keep a reference to it in the index
+    index: faiss.IndexIVF
     if kind is IndexKind.IVF:
         index = faiss.IndexIVFFlat(quantizer, dim, nlist)
     else:
-        index = faiss.IndexIVFPQ(quantizer, dim, nlist, settings["pq_m"], settings["pq_bits"])
-    index.own_fields = True          # the index frees its quantizer: the Python object may go
-    quantizer.this.disown()
+        pq = faiss.IndexIVFPQ(quantizer, dim, nlist, settings["pq_m"], settings["pq_bits"])
+        pq.pq.cp.seed = settings["seed"]
+        index = pq
     index.cp.seed = settings["seed"]
-    if kind is IndexKind.IVFPQ:
-        index.pq.cp.seed = settings["seed"]
     sample = train_sample(vectors, settings["train_rows"], settings["seed"])
     index.train(sample)
     del sample
@@ -246,7 +242,8 @@ class NeighbourIndex:
         self._id_order = None if self._identity else np.argsort(self.ids, kind="stable")
         self.margin = rerank if self.kind is not IndexKind.FLAT else REFINE_MARGIN
         self._members: np.ndarray | None = None    # restricted(): the rows searched, as a sorted array
-        self._params = None
+        self._params: faiss.SearchParametersIVF | None = None
+        self._keep: tuple = ()                      # what FAISS holds pointers into (restricted()'s selector)
         if self.kind is IndexKind.FLAT:
             self._max_norm = max(float(np.einsum("ij,ij->i", vectors[sl], vectors[sl]).max())
                                  for sl in _chunks(self.size))   # no N x d temporary
@@ -266,8 +263,9 @@ class NeighbourIndex:
         bits = np.zeros((self.size + 7) // 8, dtype=np.uint8)
         np.bitwise_or.at(bits, rows >> 3, (1 << (rows & 7)).astype(np.uint8))
         selector = faiss.IDSelectorBitmap(self.size, faiss.swig_ptr(bits))
-        other._members, other._bits, other._selector = rows, bits, selector   # FAISS keeps pointers: keep them alive
-        other._params = faiss.SearchParametersIVF(sel=selector, nprobe=self.nprobe)
+        params = faiss.SearchParametersIVF()
+        params.sel, params.nprobe = selector, self.nprobe
+        other._members, other._keep, other._params = rows, (bits, selector), params
         other.size = len(rows)
         return other
 
@@ -282,7 +280,7 @@ class NeighbourIndex:
         if self._identity:
             return np.asarray(self._vectors[rows], dtype=np.float32)
         pos = np.searchsorted(self.ids, rows, sorter=self._id_order)
-        pos = self._id_order[np.minimum(pos, self.size - 1)]
+        pos = cast(np.ndarray, self._id_order)[np.minimum(pos, self.size - 1)]   # set when ids are not 0..n-1
         if not np.array_equal(self.ids[pos], rows):
             raise RMCError("rows asked for are not in this index")
         return np.asarray(self._vectors[pos], dtype=np.float32)
@@ -311,7 +309,7 @@ class NeighbourIndex:
         v = np.array(self._vectors[cand], dtype=np.float32)   # a copy, computed on in place
         np.subtract(v, query, out=v)
         np.multiply(v, v, out=v)
-        exact = v.sum(-1)                                 # the same float32 arithmetic as exact_sq_distances
+        exact = v.sum(-1)                                 # sum((v - q)^2) in float32: the definition, directly
         order = np.lexsort((cand, exact))[:k]
         return exact[order], cand[order]
 

@@ -27,7 +27,8 @@ class BaseModel:
     sha256: str
     layer: str                  # feature layer of the neighbour search
     features: np.ndarray        # D' features from that layer of this model (N x d; memory-mapped when read from disk)
-    features_path: Path | None = None   # the file `features` was read from: its saved index is used and workers reopen it
+    features_path: Path | None = None   # the file `features` was read from: its saved index is used, workers
+                                        # reopen it
     index: IndexConfig = field(default_factory=IndexConfig)   # the neighbour search over D' (knn.*)
 
     def search_settings(self) -> dict:

@@ -241,7 +241,8 @@ def stream_plan(inputs: int, fingerprint: str, cfg: RMCConfig, shards: int, rmc_
     # Several online streams: the count decides where each one starts, so it is included.
     split = {"streams": shards} if count == inputs else {"streams": shards, "inputs": count}
     return [(name, digest(fingerprint, {**split, "stream": s}), part.tolist(), {"stream": s, "streams": shards})
-            for s, (name, part) in enumerate(zip(stream_names(shards), np.array_split(np.arange(count), shards)))]
+            for s, (name, part) in enumerate(zip(stream_names(shards), np.array_split(np.arange(count), shards),
+                                                 strict=True))]
 
 
 def _open_streams(job: SetJob, cfg: RMCConfig, shards: int, rmc_n: int | None = None) -> list[_Stream]:
@@ -407,7 +408,8 @@ def evaluate(bases: Sequence[BaseModel], dprime: DPrime, eval_sets: Sequence, cf
         check_precision(cfg.precision, next(base.model.parameters()).device)
     if cfg.mode is Mode.EPISODIC:
         shards = 1   # episodic inputs are independent: every split gives the same results
-    with executor(ray, workers, model_device(bases[0].model) if bases else None) as ex:   # a CUDA model: a worker per GPU
+    device = model_device(bases[0].model) if bases else None   # a CUDA model: one Ray worker per GPU
+    with executor(ray, workers, device) as ex:
         return {base.name: _evaluate_base(ex, base, dprime, NeighbourSearch.of(base, dprime), eval_sets, cfg,
                                           Path(out_dir), num_classes, n, with_rmc, progress, shards, batch, block,
                                           on_record, fault, rmc_n)

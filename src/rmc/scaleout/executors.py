@@ -5,8 +5,8 @@ take finished ones with `next`. `executor(ray, workers)` gives the inline execut
 a time, in submission order) or a `RayExecutor` over a Ray `session`; the driver's code is the same for both.
 
 Ray is an optional extra (`pip install 'rmc-defense[ray]'`); nothing here imports it until a Ray executor or
-session is asked for. `connect(address)` starts a local Ray (address None or "local") or joins a cluster ("auto", "HOST:6379",
-"ray://HOST:10001"); `session()` does the same and shuts down a Ray it started.
+session is asked for. `connect(address)` starts a local Ray (address None or "local") or joins a cluster ("auto",
+"HOST:6379", "ray://HOST:10001"); `session()` does the same and shuts down a Ray it started.
 
 Fault tolerance on Ray: a task whose worker dies is re-run (`MAX_RETRIES`) and its result reaches the driver once;
 drivers write only on the driver, so no result is lost or written twice.
@@ -314,6 +314,7 @@ def executor(ray: str | None = None, workers: int | None = None,
     `workers` tasks at a time). `device`: where the caller's model computes; a CUDA device gets one Ray worker per
     GPU of the cluster. Unfinished tasks are cancelled on exit."""
     with contextlib.ExitStack() as stack:
+        ex: InlineExecutor | RayExecutor
         if ray is None:
             ex = InlineExecutor()
         else:

@@ -5,9 +5,18 @@ import time
 
 import numpy as np
 
+from rmc.artifacts.features import (
+    FeatureConfig,
+    compute_features,
+    evalset_features_path,
+    evalset_source,
+    make_provenance,
+    save_features,
+    store_features_path,
+    store_source,
+    write_features,
+)
 from rmc.artifacts.provenance import check_together
-from rmc.artifacts.features import (FeatureConfig, compute_features, evalset_features_path, evalset_source,
-                                    make_provenance, save_features, store_features_path, store_source, write_features)
 from rmc.cli.commands import add_device_argument, add_trust_arch_argument, add_verify_argument, load_model, open_store
 from rmc.errors import RMCError
 from rmc.models import default_layer
