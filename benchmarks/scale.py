@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 import numpy as np  # noqa: E402
+
+from rmc.errors import RMCError  # noqa: E402
 
 CLUSTERS, INTRINSIC, SPREAD, NOISE = 1000, 64, 0.7, 0.1   # the mixture (see the docstring)
 BLOCK = 65536                                               # rows generated and written per step
@@ -97,11 +100,25 @@ def queries(dim: int, n: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- phases (each in its own process)
 
+def cpu_seconds() -> float:
+    """CPU time of this process so far (all its threads), which the other processes on a shared machine do not
+    inflate the way they inflate wall time."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return round(r.ru_utime + r.ru_stime, 1)
+
+
 def phase_write(a: dict) -> dict:
-    from rmc.artifacts.features import FORMAT, FeatureWriter
+    from rmc.artifacts.features import FORMAT, FeatureWriter, load_features
     centers, basis = mixture(a["dim"])
     identity = {"model_sha256": "synthetic", "layer": "synthetic", "source": f"synthetic:{a['dim']}",
                 "batch_size": BLOCK}
+    try:
+        prov = load_features(a["path"], "synthetic", "synthetic", f"synthetic:{a['dim']}", expect_dtype=a["dtype"],
+                             mmap=True)[1]
+        if prov["count"] == a["rows"]:
+            return {"reused": True}       # written by an earlier run (--keep): its figures are in that run's output
+    except RMCError:
+        pass
     t0 = time.perf_counter()
     writing = 0.0                       # time in the writer (the rest makes the synthetic rows)
     with PeakMemory() as mem:
@@ -117,9 +134,9 @@ def phase_write(a: dict) -> dict:
         finish = time.perf_counter() - t1
     seconds = time.perf_counter() - t0
     size = Path(a["path"]).stat().st_size
-    return {"seconds": round(seconds, 1), "bytes": size, "writer_seconds": round(writing, 1),
-            "writer_mb_s": round(size / 2 ** 20 / writing, 1), "finish_hash_seconds": round(finish, 1),
-            **mem.report()}
+    return {"seconds": round(seconds, 1), "cpu_seconds": cpu_seconds(), "bytes": size,
+            "writer_seconds": round(writing, 1), "writer_mb_s": round(size / 2 ** 20 / writing, 1),
+            "finish_hash_seconds": round(finish, 1), **mem.report()}
 
 
 def _config(a: dict):
@@ -127,19 +144,45 @@ def _config(a: dict):
     return IndexConfig(index=a["kind"], nprobe=a["nprobe"], rerank=a["rerank"], pq_m=a["pq_m"])
 
 
+class OutOfBudget(Exception):
+    pass
+
+
 def phase_build(a: dict) -> dict:
+    """open_index's build, timed: training, then each batch added; stopped after `budget` seconds of wall time (the
+    figures so far are returned: how far it went, and its rate)."""
     import faiss
 
-    from rmc.artifacts.index import index_path, open_index
+    from rmc.artifacts import index as index_mod
     cfg = _config(a)
-    t0 = time.perf_counter()
+    t0, marks = time.perf_counter(), []       # (seconds since start, rows added, CPU seconds) after each step
+    real_build = index_mod.build_ivf
+
+    def build(vectors, settings, add_batch, progress):
+        def step(rows):
+            progress(rows)
+            marks.append((time.perf_counter() - t0, rows, cpu_seconds()))
+            if a.get("budget") and marks[-1][0] > a["budget"]:
+                raise OutOfBudget
+        return real_build(vectors, settings, add_batch, step)
+    index_mod.build_ivf = build
+    out: dict = {"threads": faiss.omp_get_max_threads()}
     with PeakMemory() as mem:
-        index = open_index(a["path"], cfg)
+        try:
+            index = index_mod.open_index(a["path"], cfg)
+            settings = cfg.build_settings(index.size, index.dim)
+            out.update(complete=True, index_bytes=index_mod.index_path(a["path"], settings).stat().st_size,
+                       settings=settings)
+        except OutOfBudget:
+            out.update(complete=False)
     seconds = time.perf_counter() - t0
-    settings = cfg.build_settings(index.size, index.dim)
-    path = index_path(a["path"], settings)
-    return {"seconds": round(seconds, 1), "index_bytes": path.stat().st_size, "settings": settings,
-            "threads": faiss.omp_get_max_threads(), **mem.report()}
+    if marks:
+        (t_train, _, c_train), added = marks[0], sum(r for _, r, _ in marks)
+        t_add, c_add = marks[-1][0] - t_train, marks[-1][2] - c_train
+        out.update(train_seconds=round(t_train, 1), train_cpu_seconds=c_train, rows_added=added,
+                   add_seconds=round(t_add, 1), add_cpu_seconds=round(c_add, 1),
+                   add_rows_per_cpu_second=round(added / c_add, 1) if c_add else None)
+    return {"seconds": round(seconds, 1), "cpu_seconds": cpu_seconds(), **out, **mem.report()}
 
 
 def phase_query(a: dict) -> dict:
@@ -159,7 +202,7 @@ def phase_query(a: dict) -> dict:
         index.search(q[:256], a["k"])
         batch = (time.perf_counter() - t0) / 256
     return {"open_seconds": round(opened, 2), "one_query_s": round(float(np.median(one)), 4),
-            "batch_256_s_per_query": round(batch, 4), **mem.report()}
+            "batch_256_s_per_query": round(batch, 4), "cpu_seconds": cpu_seconds(), **mem.report()}
 
 
 def _exact_topk(vectors: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
@@ -253,6 +296,8 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=Path("/tmp/rmc-scale"))
     p.add_argument("--out", type=Path, default=Path("scale-results.json"))
     p.add_argument("--skip-full-recall", action="store_true", help="no exact pass over all rows")
+    p.add_argument("--build-budget", type=float, help="stop an index build after this many seconds (its rate so far "
+                   "is reported, the later phases of that kind skipped)")
     p.add_argument("--keep", action="store_true", help="keep the files under --dir")
     p.add_argument("--quick", action="store_true", help="a smoke test: 60,000 x 256 rows, subset 20,000, K 256")
     p.add_argument("--phase", help=argparse.SUPPRESS)
@@ -280,13 +325,15 @@ def main() -> None:
                                      args.threads)
         results["write_subset"] = run_phase("write", {**common, "path": str(sub), "rows": args.subset,
                                                       "dtype": args.dtype}, args.threads)
-        assert results["write"]["peak_anon_gb"] < args.bound_gb, results["write"]
+        assert results["write"].get("peak_anon_gb", 0) < args.bound_gb, results["write"]
         for kind in args.kinds:
-            a = {**common, "path": str(full), "kind": kind, "queries": 16}
+            a = {**common, "path": str(full), "kind": kind, "queries": 16, "budget": args.build_budget}
             r = results[kind] = {"build": run_phase("build", a, args.threads)}
             bound = args.bound_gb if kind == "ivfpq" else args.rows * args.dim * 4 / GB + 1
             r["build_bound_gb"] = round(bound, 2)
             assert r["build"]["peak_anon_gb"] < bound, (kind, r["build"], bound)
+            if not r["build"]["complete"]:
+                continue
             r["query"] = run_phase("query", a, args.threads)
             assert r["query"]["peak_anon_gb"] < args.bound_gb, (kind, r["query"])
             r["recall_subset"] = run_phase("recall", {**a, "path": str(sub), "queries": args.queries}, args.threads)

@@ -9,6 +9,7 @@ import torch
 from rmc.artifacts import features as features_mod
 from rmc.artifacts.dprime import AugmentConfig, build_dprime_store
 from rmc.artifacts.features import (
+    FeatureConfig,
     compute_features,
     ensure_features,
     evalset_features_path,
@@ -19,9 +20,11 @@ from rmc.artifacts.features import (
     store_features_path,
     store_source,
     tensor_source,
+    write_features,
 )
 from rmc.cli import main as cli_main
 from rmc.errors import RMCError
+from rmc.io import sha256_file
 from rmc.models import ModelInfo, build_model, extract_features, save_checkpoint
 
 CFG = AugmentConfig(steps=(2,), eps=0.1, step_size=0.02, chunk_size=64, batch_size=64, train_subset=100)
@@ -140,3 +143,82 @@ def test_cli_features(setup, tmp_path, digits, capsys):
                      "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 5 and "no layer 'nope'" in err
+
+
+def _mapped_file(arr: np.ndarray) -> str | None:
+    """The file whose memory map holds `arr`'s data (from /proc/self/maps), or None for anonymous memory."""
+    addr = arr.ctypes.data
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        lo, hi = (int(v, 16) for v in parts[0].split("-"))
+        if lo <= addr < hi:
+            return parts[5] if len(parts) > 5 else None
+    return None
+
+
+def test_written_features_equal_computed_ones_float16_recorded(setup, tmp_path):
+    _, model, info, store = setup
+    ref = compute_features(model, info, "block3", store.images, batch_size=37)
+    for dtype in ("float32", "float16"):
+        path = write_features(model, info, "block3", store.images, tmp_path / f"{dtype}.npy", store_source(store),
+                              FeatureConfig(dtype=dtype, batch_size=37))
+        f, prov = load_features(path, info.sha256, "block3", store_source(store), mmap=True, expect_dtype=dtype)
+        assert _mapped_file(f.numpy()) == str(path.resolve())                        # left on disk, mapped
+        want = ref if dtype == "float32" else ref.half()
+        assert f.dtype == want.dtype and torch.equal(f, want)                       # same batches: same bytes
+        assert prov["dtype"] == dtype and prov["precision"] == "fp32" and prov["channels_last"] is False
+        assert prov["file_sha256"] == sha256_file(path) and prov["file_bytes"] == path.stat().st_size
+    with pytest.raises(RMCError, match="computed with dtype float16 but you are using dtype float32"):
+        load_features(tmp_path / "float16.npy", expect_dtype="float32")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["float16.json", "float16.npy", "float32.json", "float32.npy"]
+
+
+def test_interrupted_write_resumes_from_its_last_batch_to_the_same_bytes(setup, tmp_path, monkeypatch):
+    _, model, info, store = setup
+    cfg = FeatureConfig(dtype="float16", batch_size=32)
+    whole = write_features(model, info, "block3", store.images, tmp_path / "whole.npy", store_source(store), cfg)
+    real_write, seen = features_mod.FeatureWriter.write, []
+
+    def dying(self, first, block):
+        if first == 96:
+            raise KeyboardInterrupt
+        seen.append(first)
+        real_write(self, first, block)
+    monkeypatch.setattr(features_mod.FeatureWriter, "write", dying)
+    path = tmp_path / "f.npy"
+    with pytest.raises(KeyboardInterrupt):
+        write_features(model, info, "block3", store.images, path, store_source(store), cfg)
+    assert not path.exists() and seen == [0, 32, 64]
+    partial, record = features_mod.partial_paths(path)
+    assert json.loads(record.read_text())["rows_done"] == 96
+    seen.clear()
+    monkeypatch.setattr(features_mod.FeatureWriter, "write", lambda self, first, block: (seen.append(first),
+                                                                                          real_write(self, first, block)))
+    write_features(model, info, "block3", store.images, path, store_source(store), cfg)
+    assert seen == [96, 128, 160, 192]                                  # only the batches not yet written
+    assert path.read_bytes() == whole.read_bytes() and not partial.exists() and not record.exists()
+    # a partial write of something else (another layer) is not resumed: it starts over
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(features_mod.FeatureWriter, "write", dying)
+        write_features(model, info, "block3", store.images, tmp_path / "g.npy", store_source(store), cfg)
+    seen.clear()
+    monkeypatch.setattr(features_mod.FeatureWriter, "write", lambda self, first, block: (seen.append(first),
+                                                                                          real_write(self, first, block)))
+    write_features(model, info, "block2", store.images, tmp_path / "g.npy", store_source(store), cfg)
+    assert seen[0] == 0 and load_features(tmp_path / "g.npy")[1]["layer"] == "block2"
+
+
+def test_ensure_features_recomputes_for_another_dtype_and_returns_a_memory_map(setup, tmp_path):
+    _, model, info, store = setup
+    path = tmp_path / "f.npy"
+    a = ensure_features(model, info, "block3", store, path)
+    b = ensure_features(model, info, "block3", store, path, FeatureConfig(dtype="float16"))
+    assert a.dtype == np.float32 and b.dtype == np.float16 and load_features(path)[1]["dtype"] == "float16"
+    assert np.array_equal(a.astype(np.float16), b)
+
+
+def test_feature_config_refusals():
+    for bad, match in (({"dtype": "int8"}, "features.dtype"), ({"batch_size": 0}, "features.batch_size"),
+                       ({"precision": "fp16"}, "features.precision"), ({"channels_last": "yes"}, "channels_last")):
+        with pytest.raises(RMCError, match=match):
+            FeatureConfig(**bad)

@@ -35,7 +35,7 @@ def test_built_in_batches_saved_with_its_sidecar_and_reused(tmp_path, monkeypatc
     real = index_mod.build_ivf
     monkeypatch.setattr(index_mod, "build_ivf", lambda v, s, b, p: real(v, s, b, lambda r: (batches.append(r), p(r))))
     index = open_index(path, CFG)
-    assert batches == [700, 700, 700, 700, 200]                   # added add_batch rows at a time
+    assert batches == [0, 700, 700, 700, 700, 200]                # trained, then add_batch rows at a time
     settings = CFG.build_settings(3000, 16)
     saved = index_path(path, settings)
     side = json.loads(saved.with_suffix(".json").read_text())

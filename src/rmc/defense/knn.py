@@ -157,7 +157,7 @@ def build_ivf(vectors: np.ndarray, settings: dict, add_batch: int = 100_000,
               progress: Callable[[int], None] | None = None) -> faiss.Index:
     """An IVF-Flat or IVF-PQ index (`settings` from IndexConfig.build_settings) over the rows of `vectors`, labelled
     by row: trained on a seeded sample, then filled `add_batch` rows at a time, each converted to float32 (memory:
-    the sample, one batch and the index itself). `progress(rows)` is called after each batch."""
+    the sample, one batch and the index itself). `progress(rows)` is called after training (0) and each batch."""
     n, dim = vectors.shape
     kind, nlist = IndexKind(settings["kind"]), settings["nlist"]
     quantizer = faiss.IndexFlatL2(dim)   # FAISS's Python constructors keep a reference to it in the index
@@ -172,6 +172,8 @@ def build_ivf(vectors: np.ndarray, settings: dict, add_batch: int = 100_000,
     sample = train_sample(vectors, settings["train_rows"], settings["seed"])
     index.train(sample)
     del sample
+    if progress is not None:
+        progress(0)
     for sl in _chunks(n, add_batch):
         index.add(float32_rows(vectors, sl))
         if progress is not None:
