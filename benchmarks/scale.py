@@ -265,7 +265,30 @@ def phase_recall_full(a: dict) -> dict:
             **mem.report()}
 
 
-PHASES = {"write": phase_write, "build": phase_build, "query": phase_query, "recall": phase_recall,
+def phase_flat(a: dict) -> dict:
+    """The exact flat index over the first `rows` rows (what `knn.index: auto` picks below knn.flat_max_mb): its
+    memory (a float32 copy) and query time, one query and a batch of 64."""
+    from rmc.artifacts.features import load_features
+    from rmc.defense.knn import NeighbourIndex
+    q = queries(a["dim"], 65)
+    with PeakMemory() as mem:
+        feats = load_features(a["path"], mmap=True)[0].numpy()[:a["rows"]]
+        t0 = time.perf_counter()
+        flat = NeighbourIndex(feats)
+        build = time.perf_counter() - t0
+        flat.search(q[:1], a["k"])
+        t0 = time.perf_counter()
+        for i in range(1, 6):
+            flat.search(q[i:i + 1], a["k"])
+        one = (time.perf_counter() - t0) / 5
+        t0 = time.perf_counter()
+        flat.search(q[1:], a["k"])
+        batch = (time.perf_counter() - t0) / 64
+    return {"rows": a["rows"], "float32_gb": round(a["rows"] * a["dim"] * 4 / GB, 2), "build_seconds": round(build, 1),
+            "one_query_s": round(one, 4), "batch_64_s_per_query": round(batch, 4), **mem.report()}
+
+
+PHASES = {"flat": phase_flat, "write": phase_write, "build": phase_build, "query": phase_query, "recall": phase_recall,
           "recall_full": phase_recall_full}
 
 
@@ -296,6 +319,8 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=Path("/tmp/rmc-scale"))
     p.add_argument("--out", type=Path, default=Path("scale-results.json"))
     p.add_argument("--skip-full-recall", action="store_true", help="no exact pass over all rows")
+    p.add_argument("--flat-rows", type=int, nargs="*", default=[200_000, 500_000],
+                   help="rows of the exact flat index measured (the first rows of the matrix)")
     p.add_argument("--build-budget", type=float, help="stop an index build after this many seconds (its rate so far "
                    "is reported, the later phases of that kind skipped)")
     p.add_argument("--keep", action="store_true", help="keep the files under --dir")
@@ -307,7 +332,7 @@ def main() -> None:
         return
     if args.quick:
         args.rows, args.dim, args.subset, args.k = 60_000, 256, 20_000, 256
-        args.queries, args.rerank, args.pq_m = 16, 256, 32
+        args.queries, args.rerank, args.pq_m, args.flat_rows = 16, 256, 32, [20_000]
     need = args.rows * args.dim * np.dtype(args.dtype).itemsize
     free = shutil.disk_usage(args.dir if args.dir.exists() else args.dir.parent).free
     if free < 1.6 * need:
@@ -326,6 +351,8 @@ def main() -> None:
         results["write_subset"] = run_phase("write", {**common, "path": str(sub), "rows": args.subset,
                                                       "dtype": args.dtype}, args.threads)
         assert results["write"].get("peak_anon_gb", 0) < args.bound_gb, results["write"]
+        results["flat"] = [run_phase("flat", {**common, "path": str(full), "rows": min(r, args.rows)}, args.threads)
+                           for r in args.flat_rows]
         for kind in args.kinds:
             a = {**common, "path": str(full), "kind": kind, "queries": 16, "budget": args.build_budget}
             r = results[kind] = {"build": run_phase("build", a, args.threads)}

@@ -131,3 +131,32 @@ def test_feature_writer_holds_one_block_in_memory(tmp_path):
     assert peak < 4 * block * d * 4                               # a few blocks, never the 40 MB matrix
     f, prov = load_features(tmp_path / "f.npy", mmap=True)
     assert f.shape == (n, d) and float(f[-1, 0]) == n - block and prov["file_sha256"] == sha256_file(tmp_path / "f.npy")
+
+
+def test_evaluation_with_an_exhaustive_ivf_index_matches_flat_under_another_fingerprint(tiny_trained, tiny_dprime,
+                                                                                       digits, tmp_path):
+    from rmc.artifacts.evalsets import AttackSpec, make_eval_sets
+    from rmc.defense import RMCConfig
+    from rmc.evaluation.common import BaseModel
+    from rmc.evaluation.driver import evaluate, stream_fingerprint
+    from rmc.models import ModelInfo
+    dprime, feats = tiny_dprime
+    info = ModelInfo("small_cnn", 10, (1, 8, 8), sha256="t" * 64, dataset="digits")
+    sets = make_eval_sets(tiny_trained, info, digits[1], 8, [AttackSpec("clean")], seed=0)
+    cfg = RMCConfig(k=32)
+    flat = BaseModel("standard", tiny_trained, info.sha256, "block3", feats)
+    ivf = BaseModel("standard", tiny_trained, info.sha256, "block3", feats,
+                    index=IndexConfig(index="ivf", nlist=8, nprobe=8, rerank=64))   # every list: exact again
+    a = evaluate([flat], dprime, sets, cfg, tmp_path / "a", 10, with_rmc=False, progress=False)
+    b = evaluate([ivf], dprime, sets, cfg, tmp_path / "b", 10, with_rmc=False, progress=False)
+    assert a == b
+    assert flat.search_settings() == {} and ivf.search_settings()["kind"] == "ivf"
+    assert stream_fingerprint(flat, dprime, sets[0], cfg, 8) != stream_fingerprint(ivf, dprime, sets[0], cfg, 8)
+
+
+def test_results_folder_key_follows_changed_search_settings_only():
+    from rmc.cli.config import load_config
+    from rmc.cli.pipeline import results_key
+    key = lambda *o: results_key(load_config(overrides=list(o)), "m", "d", "l", 1, True)  # noqa: E731
+    assert key() == key(("knn.index", "auto")) == key(("features.batch_size", 64))   # defaults, and speed only
+    assert len({key(), key(("knn.index", "ivfpq")), key(("knn.nprobe", 8)), key(("features.dtype", "float16"))}) == 4

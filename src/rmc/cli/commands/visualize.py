@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from rmc.artifacts.evalsets import load_eval_sets
 from rmc.artifacts.features import load_features, store_source
@@ -42,10 +43,10 @@ def main(args) -> int:
     sets = load_eval_sets(args.evalsets, args.sets)
     check_together(info, store, sets)
     layer = args.layer or default_layer(model)
-    feats = load_features(args.features, info.sha256, layer, store_source(store))[0].numpy()
+    feats = load_features(args.features, info.sha256, layer, store_source(store), mmap=True)[0].numpy()
     from rmc.data.idx import FASHION_CLASSES
     names = FASHION_CLASSES if "fashion" in info.dataset else []
-    path = neighbour_grid(BaseModel("standard", model, info.sha256, layer, feats),
+    path = neighbour_grid(BaseModel("standard", model, info.sha256, layer, feats, Path(args.features)),
                           store.dprime(), sets, args.out,
                           VisualizeConfig(args.inputs, args.neighbours), class_names=names,
                           max_sets=len(sets) if args.sets else 2)
