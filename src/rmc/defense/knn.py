@@ -44,6 +44,10 @@ QUERY_CHUNK = 256      # queries per FAISS call (bounds its result buffers; larg
                        # benchmarks/README.md)
 ROUNDING = 1e-5        # relative slack for float32 rounding in the safety check (float32 eps is 1.2e-7)
 MIN_PER_LIST = 39      # FAISS's k-means wants at least this many training points per centroid
+# Rows FAISS's product quantiser encodes at once. With 16-d sub-vectors it encodes through a distance table of
+# rows x 256 x pq_m floats: FAISS's own blocks (32,768 rows while adding) make that 2.1 GB at pq_m = 64, this 0.27 GB
+# (docs/scale.md: the build's peak memory).
+PQ_ENCODE_ROWS = 4096
 
 
 @dataclass
@@ -174,10 +178,15 @@ def build_ivf(vectors: np.ndarray, settings: dict, add_batch: int = 100_000,
     del sample
     if progress is not None:
         progress(0)
-    for sl in _chunks(n, add_batch):
-        index.add(float32_rows(vectors, sl))
-        if progress is not None:
-            progress(sl.stop - sl.start)
+    old = faiss.cvar.product_quantizer_compute_codes_bs
+    faiss.cvar.product_quantizer_compute_codes_bs = PQ_ENCODE_ROWS
+    try:
+        for sl in _chunks(n, add_batch):
+            index.add(float32_rows(vectors, sl))
+            if progress is not None:
+                progress(sl.stop - sl.start)
+    finally:
+        faiss.cvar.product_quantizer_compute_codes_bs = old
     return index
 
 
