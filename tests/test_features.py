@@ -179,6 +179,10 @@ def test_interrupted_write_resumes_from_its_last_batch_to_the_same_bytes(setup, 
     whole = write_features(model, info, "block3", store.images, tmp_path / "whole.npy", store_source(store), cfg)
     real_write, seen = features_mod.FeatureWriter.write, []
 
+    def counting(self, first, block):
+        seen.append(first)
+        real_write(self, first, block)
+
     def dying(self, first, block):
         if first == 96:
             raise KeyboardInterrupt
@@ -192,8 +196,7 @@ def test_interrupted_write_resumes_from_its_last_batch_to_the_same_bytes(setup, 
     partial, record = features_mod.partial_paths(path)
     assert json.loads(record.read_text())["rows_done"] == 96
     seen.clear()
-    monkeypatch.setattr(features_mod.FeatureWriter, "write", lambda self, first, block: (seen.append(first),
-                                                                                          real_write(self, first, block)))
+    monkeypatch.setattr(features_mod.FeatureWriter, "write", counting)
     write_features(model, info, "block3", store.images, path, store_source(store), cfg)
     assert seen == [96, 128, 160, 192]                                  # only the batches not yet written
     assert path.read_bytes() == whole.read_bytes() and not partial.exists() and not record.exists()
@@ -202,8 +205,7 @@ def test_interrupted_write_resumes_from_its_last_batch_to_the_same_bytes(setup, 
         monkeypatch.setattr(features_mod.FeatureWriter, "write", dying)
         write_features(model, info, "block3", store.images, tmp_path / "g.npy", store_source(store), cfg)
     seen.clear()
-    monkeypatch.setattr(features_mod.FeatureWriter, "write", lambda self, first, block: (seen.append(first),
-                                                                                          real_write(self, first, block)))
+    monkeypatch.setattr(features_mod.FeatureWriter, "write", counting)
     write_features(model, info, "block2", store.images, tmp_path / "g.npy", store_source(store), cfg)
     assert seen[0] == 0 and load_features(tmp_path / "g.npy")[1]["layer"] == "block2"
 
@@ -222,3 +224,14 @@ def test_feature_config_refusals():
                        ({"precision": "fp16"}, "features.precision"), ({"channels_last": "yes"}, "channels_last")):
         with pytest.raises(RMCError, match=match):
             FeatureConfig(**bad)
+
+
+def test_cli_features_float16(setup, tmp_path):
+    root, model, info, store = setup
+    out = tmp_path / "f16"
+    assert cli_main(["features", "--model", str(root / "m.safetensors"), "--store", str(store.path), "--out", str(out),
+                     "--dtype", "float16", "--batch-size", "64", "--quiet"]) == 0
+    f, prov = load_features(store_features_path(out), expect_source=store_source(store), expect_dtype="float16")
+    ref = compute_features(model, info, None, store.images, batch_size=64)   # the default layer, as the CLI
+    assert f.dtype == torch.float16 and prov["store"] == str(store.path) and prov["precision"] == "fp32"
+    torch.testing.assert_close(f, ref.half(), rtol=1e-3, atol=1e-3)   # the CLI's model: loaded, its own threads
