@@ -45,9 +45,9 @@ QUERY_CHUNK = 256      # queries per FAISS call (bounds its result buffers; larg
 ROUNDING = 1e-5        # relative slack for float32 rounding in the safety check (float32 eps is 1.2e-7)
 MIN_PER_LIST = 39      # FAISS's k-means wants at least this many training points per centroid
 # Rows FAISS's product quantiser encodes at once. With 16-d sub-vectors it encodes through a distance table of
-# rows x 256 x pq_m floats: FAISS's own blocks (32,768 rows while adding) make that 2.1 GB at pq_m = 64, this 0.27 GB
-# (docs/scale.md: the build's peak memory).
-PQ_ENCODE_ROWS = 4096
+# rows x 256 x pq_m floats: FAISS's own blocks (32,768 rows while adding) make that 2.1 GB at pq_m = 64, this 1 GB,
+# as fast on two threads (4,096 rows: 0.27 GB but 1.8x slower there; docs/scale.md).
+PQ_ENCODE_ROWS = 16384
 
 
 @dataclass
