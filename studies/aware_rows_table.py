@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = rows_of(folder)
     if not rows:
         raise SystemExit(f"error: no attack rows under {folder}: has the run reached its attack-row stage?")
-    print("| row | static | RMC | source | attack's verdict | verdict = score | attack s |\n|---|---|---|---|---|---|---|")
+    print("| row | static | RMC | source | attack's verdict | verdict = score | attack s |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         static = f"{_rate(r['static'][:len(r['rmc'])] if r['static'] else [])} (N={len(r['rmc'])})" \
             if r["static"] is not None else "-"

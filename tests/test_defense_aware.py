@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+from typing import ClassVar
 
 import pytest
 import torch
@@ -291,10 +292,11 @@ def test_attack_rows_resume_after_interruption_and_fill_the_table(broken, tiny_d
     q = extract_features(broken, "block3", chosen).numpy()
     assert [own.step(chosen[i:i + 1], q[i:i + 1], key=own_keys[i]).prediction for i in range(5)] == attack_preds
     assert [scored.step(chosen[i:i + 1], q[i:i + 1], key=scored_keys[i]).prediction for i in range(5)] == score_preds
+    pairs = list(zip(attack_preds, score_preds, strict=True))
     assert not _states_equal(own.state_dict(), scored.state_dict())     # two online states, each along its stream
     agreement = json.loads((folder / ev.AGREEMENT_FILE).read_text())
-    assert [(r["attack_pred"], r["score_pred"]) for r in agreement["inputs"]] == list(zip(attack_preds, score_preds))
-    assert agreement["agree"] == fpa.info["agree"] == sum(a == b for a, b in zip(attack_preds, score_preds))
+    assert [(r["attack_pred"], r["score_pred"]) for r in agreement["inputs"]] == pairs
+    assert agreement["agree"] == fpa.info["agree"] == sum(a == b for a, b in pairs)
     assert agreement["attacker"] == "own-copy" and "attacker's own RMC copy and keys" in fpa.label
     assert "exact state and keys" in full[2].label and "best-loss iterate" in full[0].label
 
@@ -609,7 +611,7 @@ def test_each_protocol_ascends_its_loss(tiny_trained, tiny_dprime, digits, monke
 
 class _Inputs(ModelSet):
     """ModelSet that records the images it is evaluated on (the PGD iterates, in order)."""
-    seen: list = []
+    seen: ClassVar[list[torch.Tensor]] = []
 
     def forward(self, x):
         _Inputs.seen.append(x.detach().clone())
@@ -634,7 +636,7 @@ def test_pgd_starts_at_random_in_the_ball_and_steps_eps_over_8(tiny_trained, tin
     inside = (x > eps) & (x < 1 - eps)                                  # pixels the [0, 1] clip cannot touch
     assert off.max() <= eps + 1e-6 and inside.sum() >= 5
     assert (off[inside] > 0).all() and off[inside].max() > eps / 2     # a random start, uniform in the ball
-    moves = [(b - a).abs().max().item() for a, b in zip([start] + steps[:-1], steps)]
+    moves = [(b - a).abs().max().item() for a, b in zip([start] + steps[:-1], steps, strict=True)]
     assert moves == pytest.approx([eps / 8] * len(moves), abs=1e-6)
 
 

@@ -31,8 +31,8 @@ def test_fine_tuning_keeps_the_last_weights_not_the_best():
     # so training stops after 1 + patience = 4 epochs. The original (Keras' EarlyStopping without
     # restore_best_weights) keeps the weights of epoch 4: those of the same 4 epochs run without validation.
     model, x, y, xv, yv = _problem(val_flip=True)
-    res = fine_tune(model, list(model.parameters()), x, y, xv, yv,
-                    RMCConfig(k=64, lr=0.05, batch_size=16, max_epochs=30, patience=3), torch.Generator().manual_seed(0))
+    cfg = RMCConfig(k=64, lr=0.05, batch_size=16, max_epochs=30, patience=3)
+    res = fine_tune(model, list(model.parameters()), x, y, xv, yv, cfg, torch.Generator().manual_seed(0))
     assert res.epochs == 4 and res.stopped_early
     torch.manual_seed(0)
     last = nn.Linear(2, 2)                                   # the same initial weights as `model` (seed 0)
@@ -47,8 +47,8 @@ def test_early_stopping_counts_an_equal_validation_loss_as_no_improvement():
     # (`<`, not `<=`), and patience 2 stops training after epoch 3.
     model, x, y, _, _ = _problem(val_flip=False)
     xv, yv = torch.zeros(8, 2), torch.zeros(8, dtype=torch.long)
-    res = fine_tune(model, [model.weight], x, y, xv, yv,
-                    RMCConfig(k=64, lr=0.05, batch_size=16, max_epochs=10, patience=2), torch.Generator().manual_seed(0))
+    cfg = RMCConfig(k=64, lr=0.05, batch_size=16, max_epochs=10, patience=2)
+    res = fine_tune(model, [model.weight], x, y, xv, yv, cfg, torch.Generator().manual_seed(0))
     assert res.epochs == 3 and res.stopped_early
 
 

@@ -34,7 +34,7 @@ class Lane:
     steps: int             # PGD iterations per round (GMSA-MIN: times the number of models, as Chen et al.)
     step_size: float
     restarts: int          # PGD runs per round from independent random starts; the highest attack loss wins
-    keys_known: bool       # the attacker's RMC is the scored one (its exact state and keys); else its own copy, own keys
+    keys_known: bool       # the attacker's RMC is the scored one (exact state and keys); else its own copy, own keys
     keep_clean: bool       # nothing fooled RMC: it receives the clean input (Chen et al.); else the lowest margin
 
     @property

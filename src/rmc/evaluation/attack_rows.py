@@ -35,12 +35,12 @@ from rmc.defense import build_rmc
 from rmc.defense.config import Mode, RMCConfig
 from rmc.defense.dprime import DPrime
 from rmc.errors import RMCError
-from rmc.io import write_json
-from rmc.evaluation.common import BaseModel, NeighbourSearch
 from rmc.evaluation.aware_stream import AwareStream
+from rmc.evaluation.common import BaseModel, NeighbourSearch
 from rmc.evaluation.driver import evaluate_set
 from rmc.evaluation.report import Cell, Table, cell_from_records, row_label
 from rmc.evaluation.stats import Rate
+from rmc.io import write_json
 
 TRANSFER, AWARE, WORST = "transfer", "defense-aware", "worst case"
 AGREEMENT_FILE = "agreement.json"   # a defense-aware row's folder: the attack's verdict and the score, per input
@@ -53,7 +53,7 @@ class AttackRow:
     label: str                                  # row label in the table (same for every base model)
     kind: str                                   # "transfer", "defense-aware" or "worst case"
     records: dict[str, list[dict]]              # "undefended" / "rmc" -> per-example records
-    info: dict = field(default_factory=dict)    # settings, the attack's verdicts and their agreement with the score, seconds
+    info: dict = field(default_factory=dict)    # settings, the attack's verdicts, their agreement with the score
 
 
 def _num(x: float) -> str:
@@ -248,8 +248,8 @@ def _aware_row(kind, protocol, made: EvalSet, label: str, folder: Path, n: int, 
     agree = [a["index"] for a in attack_records if scored.get(a["index"]) == a["pred"]]
     attack_s = sum(a.get("seconds", 0) for a in attack_records)
     info = {"seconds": round(attack_s + time.perf_counter() - t0, 1), "attack_seconds": round(attack_s, 1),
-            "verdict_correct": sum(a["pred"] == a["label"] for a in attack_records), "agree": len(agree), "n": n, "kind": kind, "protocol": protocol,
-            "attacker": acfg.lane(protocol).attacker_rmc, "rounds": acfg.rounds,
+            "verdict_correct": sum(a["pred"] == a["label"] for a in attack_records), "agree": len(agree), "n": n,
+            "kind": kind, "protocol": protocol, "attacker": acfg.lane(protocol).attacker_rmc, "rounds": acfg.rounds,
             "attack_records": attack_records, "rounds_run": sum(a.get("rounds", 0) for a in attack_records)}
     # Per input, the attack's verdict beside the score (the table's agreement column, input by input).
     write_json(folder / AGREEMENT_FILE, {
