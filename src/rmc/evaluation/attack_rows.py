@@ -23,7 +23,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import torch
 from tqdm import tqdm
@@ -72,7 +72,8 @@ ATTACKER_TEXT = {   # Lane.attacker_rmc -> what the row label says about the RMC
 
 def _lane_text(acfg: AttackRowsConfig, protocol: str, kind: str) -> str:
     lane = acfg.lane(protocol)
-    per_round = f"PGD-{lane.steps}" + (" x models" if kind == "gmsa-min" else "") + (f" x {lane.restarts} restarts" if lane.restarts > 1 else "")
+    per_round = (f"PGD-{lane.steps}" + (" x models" if kind == "gmsa-min" else "")
+                 + (f" x {lane.restarts} restarts" if lane.restarts > 1 else ""))
     extra = ", + chen2022 fallback" if protocol == "strong" and acfg.strong_fallback else ""
     return (f"{per_round}, {lane.loss}, step {_num(lane.step_size)}, best-loss iterate, "
             f"{ATTACKER_TEXT[lane.attacker_rmc]}{extra}")
@@ -200,7 +201,8 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
     for a in aware:
         name = names[aware_key(*a)]
         stream = pending.get(a)
-        made = ensure(name, metas[a], lambda: stream.adv)   # noqa: B023 (called at once)
+        # only called when the set is not cached, that is when it was attacked above
+        made = ensure(name, metas[a], lambda: cast(AwareStream, stream).adv)   # noqa: B023 (called at once)
         rows.append(_aware_row(*a, made, labels[aware_key(*a)], out_dir / base.name / name, n, acfg, score))
     rows.append(worst_case(rows, clean_records, n))
     _figure(rows, acfg, out_dir / base.name / "rounds.png", base.name, log)
