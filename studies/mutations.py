@@ -10,6 +10,9 @@ not pin down.
     python studies/mutations.py                       # every mutation; table on stdout, studies/mutations.json
     python studies/mutations.py --only eps8-to-eps4   # some of them (names from --list)
     python studies/mutations.py --suite               # the whole fast suite per mutation (slow), not its tests
+    python studies/mutations.py --table               # the table of the results on disk, without running
+
+With --only, the named mutations' results replace theirs in the JSON file and the others' stay.
 
 The unmutated copy runs the same tests first (`--no-baseline` skips it): a test failing there says nothing about a
 mutation, so the script stops.
@@ -28,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rmc.io import write_json
+from rmc.io import read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,10 +114,14 @@ MUTATIONS = [
     Mutation("last-iterate", "PGD returns its last iterate, not the best-loss one", "src/rmc/attacks/defense_aware.py",
              "better = loss.detach() > best_loss", "better = torch.ones_like(best_loss, dtype=torch.bool)",
              tuple(ATTACK_TESTS)),
-    Mutation("iterations-x-models", "FPA and GMSA-AVG also run steps x models iterations (only GMSA-MIN does)",
+    Mutation("iterations-x-models", "FPA and GMSA-AVG also run steps x models attacked iterations (only GMSA-MIN does)",
              "src/rmc/attacks/defense_aware.py",
              'iterations = lane.steps * (len(targets) if kind == "gmsa-min" else 1)',
              "iterations = lane.steps * len(targets)", tuple(ATTACK_TESTS)),
+    Mutation("iterations-x-set", "every attack runs steps x (models in the set so far) iterations, FPA included",
+             "src/rmc/attacks/defense_aware.py",
+             'iterations = lane.steps * (len(targets) if kind == "gmsa-min" else 1)',
+             "iterations = lane.steps * len(models)", tuple(ATTACK_TESTS)),
 ]
 
 
@@ -199,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutations")
     ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--table", action="store_true", help="print the table of the results in --out and exit")
     ap.add_argument("--suite", action="store_true", help="run the whole fast suite per mutation")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the tests")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per pytest run (default 1800)")
@@ -207,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for m in MUTATIONS:
             print(f"{m.name:24} {m.file}: {m.what}")
+        return 0
+    if args.table:
+        outcomes = load_outcomes(args.out)
+        print(table([outcomes[m.name] for m in MUTATIONS if m.name in outcomes]))
         return 0
     chosen = MUTATIONS
     if args.only:
@@ -243,11 +255,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i}/{len(chosen)}] {m.name}: {verdict} ({seconds:.0f} s)", flush=True)
     print()
     print(table(outcomes))
-    missed = [o.name for o in outcomes if not o.caught]
-    write_json(args.out, {"mutations": [asdict(m) for m in chosen],
-                          "outcomes": [{**asdict(o), "caught": o.caught} for o in outcomes], "not_caught": missed})
-    print(f"\n{len(outcomes) - len(missed)} of {len(outcomes)} mutations caught; results: {args.out}")
-    return 1 if missed else 0
+    # The file keeps every mutation's latest outcome: a run of some (--only) replaces theirs.
+    merged = {**load_outcomes(args.out), **{o.name: o for o in outcomes}}
+    kept = [merged[m.name] for m in MUTATIONS if m.name in merged]
+    missed = [o.name for o in kept if not o.caught]
+    write_json(args.out, {"mutations": [asdict(m) for m in MUTATIONS if m.name in merged],
+                          "outcomes": [{**asdict(o), "caught": o.caught} for o in kept], "not_caught": missed})
+    print(f"\n{sum(o.caught for o in outcomes)} of {len(outcomes)} mutations caught in this run; {args.out} holds "
+          f"{len(kept)}, {len(missed)} not caught")
+    return 1 if any(not o.caught for o in outcomes) else 0
+
+
+def load_outcomes(path: Path) -> dict[str, Outcome]:
+    """The outcomes saved in `path` by name (none if it does not exist); those of mutations no longer listed are
+    dropped."""
+    if not path.exists():
+        return {}
+    names = {m.name for m in MUTATIONS}
+    saved = read_json(path, "mutation results").get("outcomes", [])
+    return {o["name"]: Outcome(**{k: v for k, v in o.items() if k != "caught"}) for o in saved if o["name"] in names}
 
 
 if __name__ == "__main__":
