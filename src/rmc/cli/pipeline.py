@@ -165,8 +165,10 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer(log)
     t_start = time.perf_counter()
-    train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size)
-    test = load_dataset(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.image_size)
+    train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size, cfg.data.resize,
+                         cfg.data.lazy)
+    test = load_dataset(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.image_size, cfg.data.resize,
+                        cfg.data.lazy)
     if cfg.data.dataset == "digits":
         cfg.rmc.calib_flip = False   # a flipped digit is another (or no) digit
     data = to_dict(cfg.data)

@@ -41,6 +41,9 @@ def add_model_and_data_arguments(p: argparse.ArgumentParser) -> None:
     add_trust_arch_argument(p)
     p.add_argument("--dataset", help="data set (default: the one the model was trained on)")
     p.add_argument("--data-dir", help="directory holding the data set (default: its standard location)")
+    p.add_argument("--resize", type=int, default=None, metavar="SIDE",
+                   help="imagefolder: shorter side before the centre crop to the model's input size (default: "
+                        "crop * 256 / 224, 256 for 224)")
     add_device_argument(p)
 
 
@@ -55,7 +58,9 @@ def model_and_split(args, split: str):
     dataset = args.dataset or info.dataset
     if not dataset:
         raise RMCError(f"{args.model} does not record its data set; pass --dataset")
-    data = load_dataset(dataset, split, args.data_dir)
+    # An image folder is cropped to the model's input size; other data sets have theirs.
+    data = load_dataset(dataset, split, args.data_dir, image_size=int(info.input_shape[-1]),
+                        resize=getattr(args, "resize", None))
     check_model_data(info, data, f"the {split} set")
     return model, info, data
 
