@@ -258,6 +258,36 @@ def test_online_shards(tmp_path, setup, reference_eval, kill):
                                                                                episodic["adapt_epochs"])
 
 
+def test_workers_read_dprime_from_the_store_path(tmp_path, model_file, reference_store, setup, monkeypatch):
+    """A D' on disk reaches Ray's workers as its path (the default): what goes into the object store holds no image
+    (the workers read the shards themselves), and the results equal the single-process ones and those with the images
+    sent through the object store. A worker that finds another store at that path refuses in one line."""
+    from rmc.artifacts.dprime import open_dprime_store
+    from rmc.artifacts.shards import ShardImages
+    from rmc.errors import RMCError
+    from rmc.models import extract_features
+    model, _, _ = model_file
+    _, _, sets = setup
+    store = open_dprime_store(reference_store.path)
+    base = BaseModel("standard", model, "sha", "block3", extract_features(model, "block3", store.images[:]).numpy())
+    put = []
+    real_put = executors.RayExecutor.put
+    monkeypatch.setattr(executors.RayExecutor, "put", lambda self, obj: put.append(obj) or real_put(self, obj))
+    cfg = _cfg("episodic")
+    here = evaluate([base], store.dprime(), sets, cfg, tmp_path / "here", 10, n=4, progress=False)
+    by_path = evaluate([base], store.dprime(), sets, cfg, tmp_path / "path", 10, n=4, progress=False, ray="local")
+    by_objects = evaluate([base], store.dprime(), sets, cfg, tmp_path / "objects", 10, n=4, progress=False,
+                          ray="local", dprime_via="object-store")
+    assert _strip(here) == _strip(by_path) == _strip(by_objects)
+    sent = [ray.cloudpickle.dumps(o) for o in put if isinstance(o, driver.DPrime)]
+    assert len(sent) == 2 and len(sent[0]) < store.images.numel() / 4 < store.images.numel() < len(sent[1])
+    assert isinstance(ray.cloudpickle.loads(sent[0]).images, ShardImages)
+    elsewhere = driver.DPrime(ShardImages(store.path, store.images.layout, manifest_sha256="0" * 64), store.labels,
+                              store.copy, store.copy_names, store.fingerprint)
+    with pytest.raises(RMCError, match=r"does not see the D' store the driver opened at .*--dprime-via object-store"):
+        evaluate([base], elsewhere, sets, cfg, tmp_path / "elsewhere", 10, n=4, progress=False, ray="local")
+
+
 def test_cli_augment_and_evaluate_with_ray(tmp_path, model_file, digits, reference_store, setup, capsys):
     _, _, model_path = model_file
     base, _, sets = setup

@@ -454,3 +454,106 @@ def test_cli_augment(model_file, tmp_path, built, capsys):
     assert cli_main(args[:args.index("--out") + 1] + [str(built.path), "--seed", "3", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "seed: existing 0, requested 3" in err
+
+
+# ---------------------------------------------------------------- stores of the single-file format (format 1)
+
+def _single_file_store(built, folder: Path) -> Path:
+    """`built` as an earlier rmc wrote it: format 1, every image in one images.npy (what `rmc migrate-dprime`
+    converts)."""
+    import shutil
+    folder.mkdir()
+    np.save(folder / "images.npy", built.images[:].numpy())
+    for f in ("labels.npy", "copy.npy", "source_index.npy"):
+        shutil.copy(built.path / f, folder / f)
+    m = json.loads((built.path / "manifest.json").read_text())
+    old = {k: v for k, v in m.items() if k not in ("shards", "per_class")}
+    old["format_version"] = 1
+    old["dataset"] = {k: v for k, v in m["dataset"].items() if k not in ("sha256_of", "preprocessing")}
+    old["files"] = {"images": "images.npy", **m["files"]}
+    old["content"] = {k: store_mod.sha256_file(folder / f) for k, f in old["files"].items()}
+    (folder / "manifest.json").write_text(json.dumps(old))
+    (folder / "progress.json").write_text(json.dumps({"done": list(range(9)), "total": 9, "hashes": {}}))
+    return folder
+
+
+def test_single_file_store_is_refused_with_the_migration_command(built, model_file, digits, tmp_path):
+    model, info, _ = model_file
+    old = _single_file_store(built, tmp_path / "old")
+    message = rf"single-file format of an earlier rmc.*convert it in place to shards with `rmc migrate-dprime {old}`"
+    with pytest.raises(RMCError, match=message):
+        open_dprime_store(old)
+    with pytest.raises(RMCError, match=message):
+        build_dprime_store(model, info, digits[0], old, CFG, progress=False)
+    partial = partial_path(tmp_path / "p")                     # an unfinished build of the old format
+    _single_file_store(built, partial)
+    with pytest.raises(RMCError, match="unfinished build in the single-file format.*delete it and re-run"):
+        build_dprime_store(model, info, digits[0], tmp_path / "p", CFG, progress=False)
+
+
+def test_migrate_dprime_converts_in_place_to_the_store_augment_builds(built, tmp_path, capsys, monkeypatch):
+    from rmc.artifacts import migrate
+    old = _single_file_store(built, tmp_path / "old")
+    images_before = (old / "images.npy").read_bytes()
+    real, calls = migrate.write_shard, []
+
+    def dies_at_the_fifth(path, rows, expect=None):
+        calls.append(path.name)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(path, rows, expect)
+
+    monkeypatch.setattr(migrate, "write_shard", dies_at_the_fifth)
+    assert cli_main(["migrate-dprime", str(old), "--quiet"]) == 130   # interrupted (the CLI's Ctrl-C code)
+    with pytest.raises(RMCError, match="rmc migrate-dprime"):   # still the old store, whole
+        open_dprime_store(old)
+    assert (old / "images.npy").read_bytes() == images_before
+    monkeypatch.setattr(migrate, "write_shard", real)
+    assert cli_main(["migrate-dprime", str(old), "--quiet"]) == 0
+    assert "converted" in capsys.readouterr().out
+    assert _bytes(old) == _bytes(built.path)                   # exactly the store `rmc augment` writes
+    s = open_dprime_store(old, verify="full")
+    assert s.fingerprint == built.fingerprint and torch.equal(s.images[:], built.images[:])
+    (old / "images.npy").write_bytes(images_before)            # as left by a conversion stopped after its commit
+    assert cli_main(["migrate-dprime", str(old), "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert "already in the shard format" in out.out and "removed" in out.err and not (old / "images.npy").exists()
+
+
+def test_migrate_dprime_refuses_a_damaged_store(built, tmp_path, capsys):
+    old = _single_file_store(built, tmp_path / "old")
+    mm = np.load(old / "images.npy", mmap_mode="r+")
+    mm[5] = 255 - mm[5]
+    mm.flush()
+    del mm
+    assert cli_main(["migrate-dprime", str(old), "--quiet"]) == 2
+    assert "images.npy is not what its manifest records; the store is damaged" in capsys.readouterr().err
+    assert not (old / "shards").exists() and json.loads((old / "manifest.json").read_text())["format_version"] == 1
+    assert cli_main(["migrate-dprime", str(tmp_path / "none")]) == 2
+    assert "not a finished D' store" in capsys.readouterr().err
+
+
+def test_per_class_subset_is_seeded_and_recorded(model_file, digits, tmp_path):
+    model, info, path = model_file
+    labels = digits[0].labels
+    cfg = dataclasses.replace(CFG, per_class=7, train_subset=None, steps=(1,))
+    idx = store_mod.select_subset(labels, cfg)
+    assert np.bincount(labels[idx].numpy(), minlength=10).tolist() == [7] * 10
+    assert torch.equal(idx, idx.sort().values) and torch.equal(idx, store_mod.select_subset(labels, cfg))
+    first = torch.cat([torch.nonzero(labels == c).flatten()[:7] for c in range(10)]).sort().values
+    assert not torch.equal(idx, first)                               # a seeded choice, not each class's first
+    assert not torch.equal(idx, store_mod.select_subset(labels, dataclasses.replace(cfg, seed=1)))
+    few = labels[:60]                                                # a class with fewer than 7 is kept whole
+    have = np.bincount(few.numpy(), minlength=10)
+    assert (have < 7).any() and (have > 7).any()
+    got = np.bincount(few[store_mod.select_subset(few, cfg)].numpy(), minlength=10)
+    assert got.tolist() == np.minimum(have, 7).tolist()
+    both = store_mod.select_subset(labels, dataclasses.replace(cfg, train_subset=20))
+    assert len(both) == 20 and set(both.tolist()) <= set(idx.tolist())   # train_subset applies after per_class
+    store = build_dprime_store(model, info, digits[0], tmp_path / "d", cfg, progress=False)
+    assert store.manifest["per_class"] == 7 and torch.equal(store.source_index[:70], idx)
+    assert store_mod.config_from_manifest(store.manifest) == cfg
+    args = ["augment", "--model", str(path), "--dataset", "digits", "--steps", "1", "--eps", "0.1", "--step-size",
+            "0.02", "--chunk-size", "48", "--batch-size", "32", "--per-class", "7", "--out", str(tmp_path / "cli"),
+            "--quiet"]
+    assert cli_main(args) == 0 and _bytes(tmp_path / "cli") == _bytes(store.path)

@@ -195,24 +195,31 @@ def run_chunk(model: nn.Module, task: ChunkTask, images: torch.Tensor, labels: t
     if task.steps == 0:
         return images.clone()
     device = next(model.parameters()).device
-    x = images.to(device).float().div_(255)
     # The generator lives on the CPU (pgd draws the random start there), so results do not depend on the device's RNG.
     gen = torch.Generator().manual_seed(task.seed)
+    out = torch.empty_like(images)
     was_training = model.training
     model.eval()
     try:
-        y = labels.to(device) if config.label == "true" else _predictions(model, x, config.batch_size)
-        adv = pgd(model, x, y, config.eps, config.step_size, task.steps, random_start=config.random_start,
-                  generator=gen, batch_size=config.batch_size)
+        # One PGD batch at a time, start to finish: memory is one batch's floats, not the chunk's (a 2048-image chunk
+        # at 224 px is 1.2 GB as float). pgd draws each batch's random start from `gen` in this same order, so the
+        # result is the one a single pgd call over the chunk would give.
+        for start in range(0, len(images), config.batch_size):
+            clean = images[start:start + config.batch_size]
+            x = clean.to(device).float().div_(255)
+            y = labels[start:start + config.batch_size].to(device) if config.label == "true" else _predictions(model, x)
+            adv = pgd(model, x, y, config.eps, config.step_size, task.steps, random_start=config.random_start,
+                      generator=gen, batch_size=config.batch_size)
+            out[start:start + len(clean)] = quantize_within_eps(adv, clean, config.eps).cpu()
     finally:
         model.train(was_training)
-    return quantize_within_eps(adv, images, config.eps).cpu()
+    return out
 
 
 @torch.no_grad()
-def _predictions(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _predictions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The static model's predicted classes (what the original's label-free PGD attacks)."""
-    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    return model(x).argmax(1)
 
 
 # ---------------------------------------------------------------- manifest
@@ -285,11 +292,15 @@ def make_manifest(model_info: ModelInfo, train: ImageDataset, n: int, config: Au
         "total": layout.total,
         "shape": [layout.total, *layout.image_shape],
         "layout": "copy-major: rows [i*n, (i+1)*n) hold copy i; copy 0 is clean",
-        "shards": {"count": layout.count, "rows": config.chunk_size, "first": f"{SHARDS}/{layout.name(0)}",
-                   "files": f"{SHARDS}/<chunk index, zero-padded>.npy, one per chunk; a copy's last shard may hold "
-                            "fewer rows"},
+        "shards": shards_section(layout),
         "files": dict(FILES),
     }
+
+
+def shards_section(layout: ShardLayout) -> dict[str, Any]:
+    """The manifest's description of the shards (a record for readers: rmc derives every name from the index)."""
+    return {"count": layout.count, "rows": layout.chunk, "first": f"{SHARDS}/{layout.name(0)}",
+            "files": f"{SHARDS}/<chunk index, zero-padded>.npy, one per chunk; a copy's last shard may hold fewer rows"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

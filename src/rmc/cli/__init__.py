@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from rmc.cli.commands import attack, augment, evaluate, features, layers, report, run, train, visualize
+from rmc.cli.commands import attack, augment, evaluate, features, layers, migrate_dprime, report, run, train, visualize
 from rmc.cpu import pick_threads, tune_allocator
 from rmc.errors import RMCError
 
@@ -20,6 +20,7 @@ COMMANDS = {
     "train": (train, "train a model (standard or PGD adversarial training); writes safetensors + JSON metadata"),
     "attack": (attack, "write evaluation sets (clean, FGSM, PGD) made against a static model"),
     "augment": (augment, "build the augmented dataset D' (clean + PGD copies), resumable"),
+    "migrate-dprime": (migrate_dprime, "convert a D' store of an earlier rmc (one images.npy) to shards, in place"),
     "features": (features, "hidden features of D' and evaluation sets from one layer of the static model"),
     "layers": (layers, "list the layer names a model offers for feature extraction"),
     "evaluate": (evaluate, "run RMC and the baselines over evaluation sets and print the table"),

@@ -6,7 +6,8 @@ them, so a pretrained network's outputs line up with the labels. Images are conv
 side is `Preprocessing.resize` (default round(crop * 256 / 224): 256 for a 224 crop, the original's) and
 centre-cropped to crop x crop: the usual ImageNet evaluation transform.
 
-A split whose decoded images exceed `IN_MEMORY_LIMIT` is not decoded at load: its images are a `FolderImages`,
+A split whose decoded images exceed `IN_MEMORY_LIMIT` (or a quarter of the memory left to the process) is not
+decoded at load: its images are a `FolderImages`,
 which decodes the rows asked for, in batches on a thread pool, each time they are asked for (ImageNet's 1.28 M
 training images are 193 GB decoded at 224 px). Smaller splits are decoded once into a tensor.
 """
@@ -34,7 +35,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 EXTENSIONS = {".png", ".jpg", ".jpeg"}   # compared in lower case: ImageNet's .JPEG included
 _SPLIT_DIRS = {"train": ("train",), "test": ("test", "val")}
 LAYOUT = "expected <data-dir>/<split>/<class name>/<image>.png|jpg|jpeg"
-IN_MEMORY_LIMIT = 2 << 30    # decoded bytes of a split up to which it is decoded at load (above: read lazily)
+IN_MEMORY_LIMIT = 2 << 30    # decoded bytes of a split up to which it may be decoded at load (above: read lazily)
+MEMORY_SHARE = 4             # ... and at most this fraction (1/4) of the memory the process may still use
 DECODE_THREADS = min(8, os.cpu_count() or 1)   # Pillow decodes and resizes without the GIL: threads scale
 BAR_MIN = 512                # reads of at least this many images show a progress bar
 
@@ -176,11 +178,37 @@ def _list_split(root: Path, split: str) -> tuple[Path, list[str], np.ndarray, np
         np.array(labels, dtype=np.int64)
 
 
+def memory_room() -> int | None:
+    """Bytes this process may still allocate: the machine's available memory, and the room left under an address-space
+    limit (RLIMIT_AS); None where neither can be read."""
+    room = []
+    try:
+        room.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit != resource.RLIM_INFINITY:
+            with open("/proc/self/status") as f:
+                used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+            room.append(max(0, limit - used))
+    except (ImportError, OSError, StopIteration, ValueError):
+        pass
+    return min(room) if room else None
+
+
+def decode_at_load(nbytes: int) -> bool:
+    """Whether a split of `nbytes` decoded is decoded at load (small) rather than read lazily."""
+    room = memory_room()
+    return nbytes <= IN_MEMORY_LIMIT and (room is None or nbytes <= room // MEMORY_SHARE)
+
+
 def load_imagefolder(split: str, root: str | Path | None, image_size: int = 224, resize: int | None = None,
                      lazy: bool | None = None) -> ImageDataset:
     """One split of an image folder. `image_size`: the centre crop; `resize`: the shorter side before it (None:
     round(image_size * 256 / 224)); `lazy`: decode on demand (True), at load (False), or by size (None: lazily
-    when the decoded split exceeds IN_MEMORY_LIMIT)."""
+    when the decoded split exceeds IN_MEMORY_LIMIT or a quarter of the memory left to the process)."""
     if split not in _SPLIT_DIRS:
         raise RMCError(f"unknown split {split!r}; use 'train' or 'test'")
     if root is None:
@@ -192,7 +220,7 @@ def load_imagefolder(split: str, root: str | Path | None, image_size: int = 224,
     folder, classes, files, sizes, labels = _list_split(root, split)
     lazy_images = FolderImages(folder, files, sizes, prep)
     if lazy is None:
-        lazy = lazy_images.numel() > IN_MEMORY_LIMIT
+        lazy = not decode_at_load(lazy_images.numel())
     images: torch.Tensor | FolderImages = lazy_images if lazy else lazy_images[:]
     return ImageDataset(images, torch.from_numpy(labels), classes, "imagefolder", mean=IMAGENET_MEAN,
                         std=IMAGENET_STD, preprocessing=prep.record())

@@ -90,6 +90,10 @@ def add_ray_arguments(p: argparse.ArgumentParser, shards: bool = False) -> None:
                        help="online RMC: cut each test stream into S independent streams, each with its own "
                             "adapted state (run in parallel with --ray). Online results depend on S; S is recorded "
                             "in the results. Episodic mode ignores it (default: %(default)s)")
+        p.add_argument("--dprime-via", choices=["path", "object-store"], default=None,
+                       help="with --ray: how workers get the D' images: read from the store's path, which every worker "
+                            "must see at the same path (a shared file system; the default), or through Ray's object "
+                            "store (a cluster without one; D' must fit in memory)")
         p.add_argument("--block", type=int, default=None, metavar="B",
                        help="with --ray: inputs per task (online: the state is saved after each task, so a stopped "
                             "run redoes at most B inputs per stream; default: about four tasks per worker, <= 16)")
