@@ -38,6 +38,14 @@ from torch import nn
 K = 2048
 
 
+def _cpu_seconds() -> float:
+    """CPU time this process has used (user + system): beside wall time, it shows how much of a shared machine the
+    phase got."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return round(r.ru_utime + r.ru_stime, 1)
+
+
 def _status(field: str) -> float:
     """A /proc/self/status figure in MB (VmHWM: this process's resident high-water mark)."""
     with open("/proc/self/status") as f:
@@ -76,7 +84,8 @@ def build(args) -> dict:
     info = ModelInfo("linear-probe", 10, (3, 224, 224), dataset="synthetic-224",
                      sha256=hashlib.sha256(weights).hexdigest())
     train = synthetic_train(args.train)
-    cfg = AugmentConfig(steps=(1,), eps=8 / 255, step_size=2 / 255, chunk_size=args.chunk_size, batch_size=256)
+    cfg = AugmentConfig(steps=(1,), eps=8 / 255, step_size=2 / 255, random_start=False, chunk_size=args.chunk_size,
+                        batch_size=256)
     spent = {"seconds": 0.0, "bytes": 0}
     real = StoreWriter.write_chunk
 
@@ -92,7 +101,8 @@ def build(args) -> dict:
     wall = time.perf_counter() - t0
     on_disk = sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file())
     return {"rows": len(store), "shards": store.manifest["shards"]["count"], "chunk_size": args.chunk_size,
-            "bytes_on_disk": on_disk, "build_seconds": round(wall, 1),
+            "bytes_on_disk": on_disk, "build_seconds": round(wall, 1), "build_cpu_seconds": _cpu_seconds(),
+            "load_average_1min": round(os.getloadavg()[0], 1),
             "peak_rss_mb": round(_status("VmHWM")), "shard_writer_mb_per_s": round(spent["bytes"] / 2**20
                                                                                    / spent["seconds"], 1),
             "build_mb_per_s": round(on_disk / 2**20 / wall, 1), "format_version": dprime_mod.FORMAT_VERSION}
@@ -140,7 +150,8 @@ def gather(args) -> dict:
     mb = K * 3 * 224 * 224 / 2**20
     return {"evicted_by": how, "open_seconds": round(open_seconds, 3), "k": K, "mb_read": round(mb, 1), **timed,
             "read_cold_mb_per_s": round(mb / timed["read_cold"], 1),
-            "shards_in_store": store.manifest["shards"]["count"], "gather_peak_rss_mb": round(_status("VmHWM"))}
+            "shards_in_store": store.manifest["shards"]["count"], "load_average_1min": round(os.getloadavg()[0], 1),
+            "gather_peak_rss_mb": round(_status("VmHWM"))}
 
 
 def _child(phase: str, args) -> dict:
