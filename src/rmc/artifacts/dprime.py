@@ -254,7 +254,8 @@ def layout_of(manifest: dict) -> ShardLayout:
     """Where a store's rows live, from its manifest (untrusted: a damaged one gets a one-line error)."""
     try:
         names, n, chunk = manifest["copy_names"], manifest["counts"]["clean"], manifest["chunk_size"]
-        layout = ShardLayout(len(names), n, chunk, tuple(manifest["shape"][1:]))
+        c, h, w = manifest["shape"][1:]
+        layout = ShardLayout(len(names), n, chunk, (c, h, w))
         ok = manifest["total"] == layout.total and manifest["shards"]["count"] == layout.count
     except (KeyError, TypeError, ValueError, IndexError):
         ok = False
@@ -266,7 +267,7 @@ def layout_of(manifest: dict) -> ShardLayout:
 
 def make_manifest(model_info: ModelInfo, train: ImageDataset, n: int, config: AugmentConfig) -> dict[str, Any]:
     names = config.copy_names
-    layout = ShardLayout(len(names), n, config.chunk_size, tuple(int(d) for d in train.images.shape[1:]))
+    layout = ShardLayout(len(names), n, config.chunk_size, train.input_shape)
     lazy = isinstance(train.images, LazyImages)
     return {
         "kind": KIND,
@@ -502,7 +503,7 @@ class StoreWriter:
         if missing:
             raise RuntimeError(f"{missing} chunks are not written yet")
         if self.folder == self.partial:
-            content = {name: sha256_file(self.partial / fname) for name, fname in FILES.items()}
+            content: dict[str, Any] = {name: sha256_file(self.partial / fname) for name, fname in FILES.items()}
             content["shards"] = [self.hashes[t.index] for t in self.tasks]
             self.manifest = {**self.manifest, "content": content}
             write_json(self.partial / MANIFEST, self.manifest)

@@ -111,7 +111,7 @@ def write_shard(path: Path, rows: np.ndarray, expect: str | None = None) -> str:
         with open(tmp, "wb") as f:
             w = _HashingWriter(f)
             w.write(_npy_header(rows.shape))
-            w.write(memoryview(rows.reshape(-1)))
+            w.write(rows.reshape(-1).data)
             f.flush()
             os.fsync(f.fileno())
         digest = w.h.hexdigest()

@@ -88,7 +88,7 @@ class LazyImages:
         if isinstance(key, tuple):   # rows first, then the rest as a tensor would index them
             picked = self[key[0]]
             rest = key[1:]
-            return picked[rest] if picked.dim() == 3 else picked[(slice(None), *rest)]
+            return picked[rest] if picked.dim() == 3 else picked[(slice(None),) + rest]
         single = isinstance(key, (int, np.integer))
         idx = self.rows([key] if single else key)
         if len(idx) == 0:
