@@ -9,8 +9,7 @@ import signal
 import sys
 import threading
 
-from rmc.cli.commands import (attack, augment, evaluate, features, import_model, layers, report, run, train,
-                              visualize)
+from rmc.cli.commands import attack, augment, evaluate, features, import_model, layers, report, run, train, visualize
 from rmc.cpu import pick_threads, tune_allocator
 from rmc.errors import RMCError
 
@@ -19,8 +18,8 @@ COMMANDS = {
     "run": (run, "the main job: train -> augment -> features -> attack -> evaluate -> visualize into a run "
                  "directory"),
     "train": (train, "train a model (standard or PGD adversarial training); writes safetensors + JSON metadata"),
-    "import-model": (import_model, "turn pretrained weights (PyTorch state dict, safetensors, Keras ResNet152V2 .h5) "
-                                   "into an rmc model with their provenance"),
+    "import-model": (import_model, ("turn pretrained weights (PyTorch state dict, safetensors, Keras ResNet152V2 "
+                                    ".h5) into an rmc model with their provenance")),
     "attack": (attack, "write evaluation sets (clean, FGSM, PGD) made against a static model"),
     "augment": (augment, "build the augmented dataset D' (clean + PGD copies), resumable"),
     "features": (features, "hidden features of D' and evaluation sets from one layer of the static model"),

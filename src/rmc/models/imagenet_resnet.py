@@ -6,7 +6,7 @@ first 1 x 1). Written from the paper and torchvision's published layout; torchvi
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -11,9 +11,10 @@ from __future__ import annotations
 import enum
 import pickle
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,14 +71,18 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise RMCError(f"{path} is not a readable PyTorch file ({str(e).splitlines()[0]})") from None
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f" (it needs {found.group(1)})" if found else ""
+        # The weights-only unpickler names the class or function a pickled object needs; any other complaint is
+        # about the bytes themselves.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)|unrecognized function|Unsupported class", str(e))
+        if found is None:
+            detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()
+                           and "WeightsUnpickler" not in line and "Please file" not in line), str(e).splitlines()[0])
+            raise RMCError(f"{path} is not a readable PyTorch file ({detail})") from None
+        what = f" (it needs {found.group(1)})" if found.group(1) else ""
         raise RMCError(f"{path} is a pickled object, not a plain state dict{what}, and rmc never unpickles: where "
                        "you trust the file, load it and torch.save(model.state_dict(), 'weights.pt'), then import "
                        "that") from None
-    except Exception as e:   # torch.load reports a damaged or foreign file as KeyError, EOFError, RuntimeError ...
+    except Exception as e:  # noqa: BLE001 - torch.load reports a damaged file as KeyError, EOFError, RuntimeError ...
         raise RMCError(f"{path} is not a readable PyTorch file ({type(e).__name__}: {e})") from None
     return unwrap_state_dict(obj, path)
 
@@ -106,7 +111,7 @@ class Preprocessing:
     mean: list[float] | None = None    # None: the architecture's own default (rmc.models.BUILTIN's classes)
     std: list[float] | None = None
 
-    def validate(self) -> "Preprocessing":
+    def validate(self) -> Preprocessing:
         if isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or self.input_size < 1:
             raise RMCError(f"--input-size must be a positive integer, got {self.input_size!r}")
         if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:

@@ -90,7 +90,7 @@ def read_keras_resnet_v2(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _read(f, path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    root = f["model_weights"] if "model_weights" in f else f
+    root = f.get("model_weights", f)
     layers = _attr_list(root, "layer_names")
     if not layers:
         raise RMCError(f"{path} has no Keras `layer_names` attribute: not a Keras HDF5 weights file (Keras 3's "

@@ -20,7 +20,7 @@ _3_conv -> .conv3, post_bn -> post_bn, predictions -> fc.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
