@@ -42,7 +42,7 @@ def main(args) -> int:
     src = info.imported
     dropped = f"; dropped {len(src['ignored_keys'])} unexpected entries" if src["ignored_keys"] else ""
     norm = (f"mean {[round(v, 4) for v in info.mean]}, std {[round(v, 4) for v in info.std]}"
-            if info.mean is not None else "normalised by the factory's own model")
+            if info.mean is not None and info.std is not None else "normalised by the factory's own model")
     print(f"imported {src['source_name']} ({src['format']}, sha256 {src['source_sha256'][:12]}) as {info.arch}: "
           f"{info.num_classes} classes ({src['num_classes']}), input {' x '.join(map(str, info.input_shape))}, "
           f"{norm}{dropped}; wrote {args.out} (sha256 {info.sha256[:12]})")
