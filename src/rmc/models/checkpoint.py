@@ -77,7 +77,8 @@ def read_info(weights: str | Path) -> ModelInfo:
         meta["input_shape"] = tuple(meta["input_shape"])
         info = ModelInfo(**meta)
     except (TypeError, KeyError) as e:
-        raise RMCError(f"model metadata {meta_path(weights)} is malformed ({e}); re-create it with `rmc train`") from None
+        raise RMCError(f"model metadata {meta_path(weights)} is malformed ({e}); "
+                       "re-create it with `rmc train`") from None
     check_metadata(info, meta_path(weights))
     return info
 

@@ -15,13 +15,13 @@ class Normalize(nn.Module):
     (torchvision, Keras) then load those state dicts as they are, and their checkpoints record the statistics in
     their metadata (rmc.models.checkpoint.ModelInfo.mean / std) instead."""
 
-    mean: torch.Tensor
-    std: torch.Tensor
-
     def __init__(self, mean: Sequence[float], std: Sequence[float], persistent: bool = True):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=persistent)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=persistent)
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
