@@ -80,7 +80,8 @@ def main() -> None:
                "seconds": {b: forward_seconds(model, args.size, b, args.repeats) for b in args.batches}}
         rows.append(row)
         print(f"{arch:12s} params {row['parameters'] / 1e6:6.2f} M  forward {row['forward_flops'] / 1e9:6.2f} GFLOP  "
-              f"fwd+bwd {row['train_step_flops'] / 1e9:6.2f} GFLOP  feature {layer} ({row['feature_dim']}-d)", flush=True)
+              f"fwd+bwd {row['train_step_flops'] / 1e9:6.2f} GFLOP  feature {layer} ({row['feature_dim']}-d)",
+              flush=True)
         for b, (wall, cpu) in row["seconds"].items():
             print(f"{'':12s} batch {b}: wall {wall:.2f} s, CPU {cpu:.2f} s "
                   f"({row['forward_flops'] * b / cpu / 1e9:.0f} GFLOP/s of CPU time)", flush=True)

@@ -24,7 +24,7 @@ def torchvision_layout(depth: int, num_classes: int) -> dict[str, tuple[int, ...
     out["conv1.weight"] = (64, 3, 7, 7)
     bn("bn1", 64)
     inplanes = 64
-    for i, (planes, n) in enumerate(zip((64, 128, 256, 512), TV_BLOCKS[depth])):
+    for i, (planes, n) in enumerate(zip((64, 128, 256, 512), TV_BLOCKS[depth], strict=True)):
         for b in range(n):
             p = f"layer{i + 1}.{b}"
             out[f"{p}.conv1.weight"] = (planes, inplanes, 1, 1)
@@ -107,7 +107,7 @@ def keras_weights(blocks, classes: int, gen: np.random.Generator) -> dict[str, d
 
     conv("conv1_conv", 7, 3, 64, True)
     cin = 64
-    for s, (filters, n) in enumerate(zip((64, 128, 256, 512), blocks), start=2):
+    for s, (filters, n) in enumerate(zip((64, 128, 256, 512), blocks, strict=True), start=2):
         for b in range(1, n + 1):
             name = f"conv{s}_block{b}"
             bn(f"{name}_preact_bn", cin)
@@ -146,7 +146,7 @@ def reference_keras_v2(w, x, blocks):
     x = x * 255 / 127.5 - 1                               # preprocess_input(mode="tf")
     x = conv(x, "conv1_conv", 2, pad=3)                   # conv1_pad + conv1_conv, no BN (preact)
     x = F.max_pool2d(F.pad(x, (1, 1, 1, 1)), 3, 2)        # pool1_pad (zeros) + pool1_pool
-    for s, (n, stride1) in enumerate(zip(blocks, (2, 2, 2, 1)), start=2):
+    for s, (n, stride1) in enumerate(zip(blocks, (2, 2, 2, 1), strict=True), start=2):
         for b in range(1, n + 1):
             name, stride = f"conv{s}_block{b}", (stride1 if b == n else 1)
             preact_bn = bn(x, f"{name}_preact_bn")
@@ -188,5 +188,5 @@ def write_keras_h5(path, weights, layout: str = "weights", suffix: str = ":0") -
             arrays = weights.get(layer, {})
             wnames = [f"{layer}/{k}{suffix}" for k in arrays]
             group.attrs["weight_names"] = np.array([n.encode() for n in wnames]) if wnames else np.array([])
-            for wname, value in zip(wnames, arrays.values()):
+            for wname, value in zip(wnames, arrays.values(), strict=True):
                 group.create_dataset(wname, data=value)

@@ -29,8 +29,8 @@ class ModelInfo:
     test_accuracy: float | None = None
     seed: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
-    imported: dict[str, Any] = field(default_factory=dict)   # weights made outside rmc: their source file, its
-                                   # sha256 and format, the stated preprocessing (rmc import-model); empty if trained here
+    imported: dict[str, Any] = field(default_factory=dict)   # weights made outside rmc (rmc import-model): source
+                                   # file, its sha256 and format, the preprocessing; empty for a model trained here
     sha256: str = ""               # hash of the weights file; filled in on save
 
 

@@ -63,7 +63,7 @@ class ImageNetResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         cin, stages = 64, []
-        for i, (width, blocks) in enumerate(zip(STAGE_WIDTHS, DEPTHS[depth])):
+        for i, (width, blocks) in enumerate(zip(STAGE_WIDTHS, DEPTHS[depth], strict=True)):
             stride = 1 if i == 0 else 2
             layers = [Bottleneck(cin, width, stride)]
             cin = width * EXPANSION

@@ -80,12 +80,13 @@ class PreActResNetV2(nn.Module):
                  mean: Sequence[float] = KERAS_TF_MEAN, std: Sequence[float] = KERAS_TF_STD):
         super().__init__()
         if len(blocks) != 4 or min(blocks) < 2:
-            raise ValueError(f"four stages of at least 2 blocks each (Keras' first and last blocks differ), got {blocks}")
+            raise ValueError(f"four stages of at least 2 blocks each (Keras' first and last blocks differ), got "
+                             f"{blocks}")
         self.normalize = Normalize(mean, std, persistent=False)
         self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=True)
         self.maxpool = nn.Sequential(nn.ZeroPad2d(1), nn.MaxPool2d(3, 2))
         cin, stages = 64, []
-        for width, n, stride in zip(STAGE_WIDTHS, blocks, STAGE_STRIDES):
+        for width, n, stride in zip(STAGE_WIDTHS, blocks, STAGE_STRIDES, strict=True):
             layers = [PreActBottleneck(cin, width, 1, project=True)]
             cin = width * EXPANSION
             layers += [PreActBottleneck(cin, width, 1, project=False) for _ in range(n - 2)]
