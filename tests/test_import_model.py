@@ -165,6 +165,13 @@ def test_formats_and_architectures_that_cannot_be_read_are_refused(tmp_path, cap
     _refused(capsys, code, "needs timm", "pip install timm")
     code, _ = _import(tmp_path, source, "--arch", "timm:hf-hub:org/model", "--input-size", "32")
     _refused(capsys, code, "no hub names")
+    grey = _save(random_state(torchvision_layout(50, 10) | {"conv1.weight": (64, 1, 7, 7)}, torch.Generator()),
+                 tmp_path / "grey.pt")
+    code, _ = _import(tmp_path, grey, "--arch", "resnet50", "--input-size", "32", "--channels", "1")
+    _refused(capsys, code, "normalises 3 channels by default", "one value per channel")
+    code, _ = _import(tmp_path, grey, "--arch", "resnet50", "--input-size", "32", "--channels", "1", "--mean", "0.5",
+                      "--std", "0.3")
+    assert code == 0
     small = _save(build_model("small_cnn", 10, 1).state_dict(), tmp_path / "small.pt")
     code, _ = _import(tmp_path, small, "--arch", "small_cnn", "--channels", "1", "--input-size", "1")
     _refused(capsys, code, "cannot run on 1 x 1 x 1 images", "--input-size")

@@ -143,8 +143,11 @@ def _normalization(model: nn.Module) -> tuple[list[float], list[float]] | None:
 def _classifier_key(arch: str, channels: int, pre: Preprocessing) -> str | None:
     """The state-dict key of the classifier's weight (its first dimension is the number of classes): the one
     linear layer with a single output when the architecture is built for one class."""
-    with torch.device("meta"):
-        probe = build_model(arch, 1, channels, pre.mean, pre.std)
+    try:
+        with torch.device("meta"):   # shapes only: no memory, no initialisation
+            probe = build_model(arch, 1, channels, pre.mean, pre.std)
+    except (RuntimeError, NotImplementedError):   # a factory that computes with values while it builds
+        return None
     target = probe.net if isinstance(probe, TimmModel) else probe
     heads = [name for name, m in target.named_modules() if isinstance(m, nn.Linear) and m.out_features == 1]
     return f"{heads[-1]}.weight" if len(heads) == 1 else None
@@ -194,6 +197,10 @@ def import_weights(weights: str | Path, arch: str, pre: Preprocessing, num_class
         raise RMCError(f"--num-classes must be a positive integer, got {num_classes!r}")
 
     model = build_model(arch, num_classes, pre.channels, pre.mean, pre.std)
+    stats = _normalization(model)
+    if stats is not None and len(stats[0]) != pre.channels:
+        raise RMCError(f"architecture {arch!r} normalises {len(stats[0])} channels by default, not --channels "
+                       f"{pre.channels}; give --mean and --std, one value per channel")
     target = model.net if isinstance(model, TimmModel) else model
     expected = target.state_dict()
     carried = _persistent_normalization(target)
