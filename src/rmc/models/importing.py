@@ -207,7 +207,7 @@ def import_weights(weights: str | Path, arch: str, pre: Preprocessing, num_class
     for k, v in carried.items():
         if k not in state:
             state[k] = v.clone()       # the stated (or default) preprocessing, as the architecture stores it
-        elif pre.mean is not None and not torch.allclose(state[k].float(), v):
+        elif pre.mean is not None and (state[k].shape != v.shape or not torch.allclose(state[k].float(), v)):
             raise RMCError(f"{path} carries its own normalisation ({k} = {state[k].flatten().tolist()}), not the "
                            "--mean / --std given; drop --mean / --std to keep the file's")
     ignored = _check_keys(state, expected, path, arch, ignore_unexpected)
