@@ -28,14 +28,23 @@ from rmc.models import build_model, default_layer, extract_features
 ARCHS = ["resnet50", "resnet101", "resnet152", "resnet152v2"]
 
 
-def flops(model: torch.nn.Module, size: int, backward: bool) -> int:
-    x = torch.rand(1, 3, size, size)
-    with FlopCounterMode(display=False) as counter:
-        if backward:
-            F.cross_entropy(model(x), torch.zeros(1, dtype=torch.long)).backward()
-        else:
-            with torch.no_grad():
-                model(x)
+def flops(model: torch.nn.Module, size: int, backward: bool, to_input: bool = False) -> int:
+    """FLOPs of one image: forward; with `backward`, also the backward pass to the weights (a fine-tuning step), or
+    with `to_input` only to the input (a PGD step: no weight gradients)."""
+    x = torch.rand(1, 3, size, size, requires_grad=to_input)
+    frozen = [p for p in model.parameters() if p.requires_grad] if to_input else []
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            if backward or to_input:
+                F.cross_entropy(model(x), torch.zeros(1, dtype=torch.long)).backward()
+            else:
+                with torch.no_grad():
+                    model(x)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
