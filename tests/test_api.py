@@ -49,6 +49,10 @@ def test_every_public_name_resolves_and_is_documented():
         obj = getattr(rmc, name)
         if name != "__version__":
             assert inspect.getdoc(obj), f"rmc.{name} has no docstring"
+        if inspect.isclass(obj):                    # and so is each public method or property of a public class
+            for member, value in vars(obj).items():
+                if not member.startswith("_") and (inspect.isfunction(value) or isinstance(value, property)):
+                    assert inspect.getdoc(value), f"rmc.{name}.{member} has no docstring"
     assert rmc.RMC.__module__ == "rmc.defense.core" and rmc.RMCClassifier.__module__ == "rmc.defense.classifier"
     assert dir(rmc) == sorted(rmc.__all__)           # what tab completion offers: the public names
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
