@@ -37,8 +37,9 @@ import torch
 from torch import nn
 
 import rmc
-from rmc.attacks.gradient import check_attack_settings, pgd
+from rmc.attacks.gradient import LOSSES, check_attack_settings, pgd
 from rmc.checks import check_positive
+from rmc.data.augment import random_shift_flip
 from rmc.data.base import ImageDataset
 from rmc.defense.dprime import DPrime
 from rmc.errors import RMCError
@@ -72,6 +73,9 @@ class AugmentConfig:
     batch_size: int = 512                     # PGD batch inside a chunk (changes the random stream, so recorded)
     train_subset: int | None = None           # use only the first n of a seeded permutation of the training set
     label: str = "predicted"                  # what PGD moves away from: predicted (original: the static model's prediction) | true (the true label); copies are stored with the true label either way
+    loss: str = "logits"                      # PGD's loss: logits (cross-entropy on logits) | softmax_output (the original: cross-entropy on the softmax output, a double softmax)
+    clip: bool = True                         # clip every PGD iterate to [0, 1] (the original does not; stored images are clipped either way, as its PNGs)
+    crop_shift: int = 0                       # attack a random shift of each image by up to this many pixels (zero-padded), stored shifted (the original attacks random 224-px crops); 0: none
 
     def __post_init__(self):
         object.__setattr__(self, "steps", tuple(self.steps))
@@ -94,6 +98,11 @@ class AugmentConfig:
             check_positive(self.train_subset, "train subset", integer=True)
         if self.label not in ATTACK_LABELS:
             raise RMCError(f"augment.label must be one of {', '.join(ATTACK_LABELS)}, got {self.label!r}")
+        if self.loss not in LOSSES:
+            raise RMCError(f"augment.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not isinstance(self.clip, bool):
+            raise RMCError(f"augment.clip must be true or false, got {self.clip!r}")
+        check_positive(self.crop_shift, "augment.crop_shift", integer=True, allow_zero=True)
         return self
 
     @property
@@ -184,10 +193,14 @@ def run_chunk(model: nn.Module, task: ChunkTask, images: torch.Tensor, labels: t
     gen = torch.Generator().manual_seed(task.seed)
     was_training = model.training
     model.eval()
+    if config.crop_shift:
+        # The shift's randomness comes first from the chunk's generator, then PGD's random start.
+        x = random_shift_flip(x, gen, pad=config.crop_shift, flip=False)
+        images = (x * 255).round_().to(torch.uint8)   # exact: a shift moves whole pixels and pads with zeros
     try:
         y = labels.to(device) if config.label == "true" else _predictions(model, x, config.batch_size)
         adv = pgd(model, x, y, config.eps, config.step_size, task.steps, random_start=config.random_start,
-                  generator=gen, batch_size=config.batch_size)
+                  generator=gen, batch_size=config.batch_size, loss_fn=LOSSES[config.loss], clip=config.clip)
     finally:
         model.train(was_training)
     return quantize_within_eps(adv, images, config.eps).cpu()
@@ -234,7 +247,8 @@ def make_manifest(model_info: ModelInfo, train: ImageDataset, n: int, config: Au
         "attack": {"method": "pgd", "norm": "linf", "targeted": False, "attack_labels": config.label,
                    "stored_labels": "true",
                    "steps": list(config.steps), "eps": config.eps, "step_size": config.step_size,
-                   "random_start": config.random_start, "batch_size": config.batch_size},
+                   "random_start": config.random_start, "batch_size": config.batch_size, "loss": config.loss,
+                   "clip": config.clip, "crop_shift": config.crop_shift},
         "seed": config.seed,
         "train_subset": config.train_subset,
         "chunk_size": config.chunk_size,

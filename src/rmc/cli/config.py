@@ -167,6 +167,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attack.pgd": [[10, 0.05], [10, 0.1], [100, 0.1]],
         "attack.untargeted": [[10, 0.1]],   # not in the original's table (targeted only): the usual untargeted
                                              # transfer column, PGD-10 at the large eps, beside the original's
+        # The original's evaluation PGD steps 1/255 at both 8/255 and 16/255: eps/16 at the large eps (0.1 here) and
+        # the same absolute step at the small one, so PGD-10 at the large eps moves at most 10/16 of eps.
+        "attack.pgd_step_size": 0.00625,
+        # The original's D' attack: cross-entropy on the softmax output, iterates not clipped, random crops
+        # (here shifts of up to 2 pixels of the 28-px images).
+        "augment.loss": "softmax_output",
+        "augment.clip": False,
+        "augment.crop_shift": 2,
+        "rmc.adam_eps": 1e-7,                # Keras' Adam epsilon
         "model.bases": ["standard", "adversarial", "denoising"],   # the original's rows: None, Adv. trained, Denoising
         "attack_rows.attacks": ["fpa", "gmsa-avg", "gmsa-min"],   # Chen et al.'s three defense-aware attacks (x both protocols)
         "attack_rows.autoattack": True,         # and the transfer AutoAttack row

@@ -131,7 +131,7 @@ class BatchedEpisodic:
 
         grads_of = vmap(grad(loss_of))
         val_of = vmap(loss_of)
-        adam = _StackedAdam(params, cfg.lr)
+        adam = _StackedAdam(params, cfg.lr, eps=cfg.adam_eps)
         n = x_tr.shape[1]
         best = torch.full((b,), math.inf, device=device)
         wait = torch.zeros(b, dtype=torch.long, device=device)

@@ -32,6 +32,7 @@ PRECISIONS = ("fp32", "bf16")
 class RMCConfig:
     k: int = 2048                  # neighbours of each test input in D' (original: 2048 ImageNet, 1024 CIFAR-10)
     lr: float = 1e-5               # Adam learning rate of the local fine-tuning (original: 1e-5)
+    adam_eps: float = 1e-8         # Adam's epsilon (torch's default; the original, Keras' Adam: 1e-7)
     optimizer: Optimizer = Optimizer.STREAM   # stream (original: one Adam for the run, part of the online state) | per-input
     batch_size: int = 128          # fine-tuning batch size (original: 128)
     max_epochs: int = 100          # epochs over the neighbours at most (original: 100)
@@ -60,6 +61,7 @@ class RMCConfig:
         for name in ("k", "batch_size", "max_epochs", "patience"):
             check_positive(getattr(self, name), f"rmc.{name}", integer=True)
         check_positive(self.lr, "rmc.lr")
+        check_positive(self.adam_eps, "rmc.adam_eps")
         if self.precision not in PRECISIONS:
             raise RMCError(f"rmc.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("fast_path", "cache_head_inputs"):

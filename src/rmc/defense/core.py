@@ -74,7 +74,7 @@ def fine_tune(forward: Callable[[torch.Tensor], torch.Tensor], params: list[nn.P
     tick = hook or _no_hook
     for p in params:
         p.grad = None
-    opt = make_optimizer(params, cfg.lr) if optimizer is None else optimizer
+    opt = make_optimizer(params, cfg.lr, cfg.adam_eps) if optimizer is None else optimizer
     device = x_train.device
     amp = autocast_context(cfg.precision, device)
     validate = cfg.restore_best or cfg.patience < cfg.max_epochs
@@ -207,7 +207,7 @@ class RMC:
         self.make_forward = forward
         self.forward = forward(self.model)
         stream = config.optimizer is Optimizer.STREAM
-        self.optimizer = make_optimizer(self.params, config.lr) if stream else None   # None: one per fine-tuning
+        self.optimizer = make_optimizer(self.params, config.lr, config.adam_eps) if stream else None   # None: one per fine-tuning
         self.static_state = self.state_dict()
         self.steps_done = 0
         self.profile: Hook | None = None
