@@ -13,7 +13,7 @@ from rmc.artifacts.features import make_provenance, save_features, store_source
 from rmc.cli import main as cli
 from rmc.defense import build_rmc as internal_build_rmc
 from rmc.defense.knn import NeighbourIndex
-from rmc.models import extract_features
+from rmc.models import default_layer, extract_features
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_every_public_name_resolves_and_is_documented():
     assert rmc.RMC.__module__ == "rmc.defense.core" and rmc.RMCClassifier.__module__ == "rmc.defense.classifier"
     assert dir(rmc) == sorted(rmc.__all__)           # what tab completion offers: the public names
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        rmc.nothing
+        rmc.nothing  # noqa: B018 (the lookup is what is tested)
 
 
 def test_load_model_and_open_dprime_are_the_checkpoint_and_store(made):
@@ -75,25 +75,27 @@ def test_build_rmc_computes_the_features_itself_and_matches_the_library(made):
     store = rmc.open_dprime(made / "dprime")
     x, _ = _test_images(4)
     ours = rmc.build_rmc(model, made / "dprime", _cfg())
-    feats = extract_features(model, "block3", store.images).numpy()
-    theirs = internal_build_rmc(model, store.dprime(), NeighbourIndex(feats), _cfg(), "block3")
-    q = extract_features(model, "block3", x).numpy()
+    layer = default_layer(model)
+    feats = extract_features(model, layer, store.images).numpy()
+    theirs = internal_build_rmc(model, store.dprime(), NeighbourIndex(feats), _cfg(), layer)
+    q = extract_features(model, layer, x).numpy()
     for i in range(len(x)):
         a, b = ours.step(x[i:i + 1], q[i:i + 1]), theirs.step(x[i:i + 1], q[i:i + 1])
         assert np.array_equal(a.neighbours, b.neighbours) and a.logits == b.logits
-    assert ours.feature_layer == "block3"
+    assert ours.feature_layer == layer
 
 
 def test_build_rmc_reads_a_feature_file_and_refuses_one_of_another_d_prime_or_layer(made, tmp_path):
     model, info = rmc.load_model(made / "m.safetensors")
     store = rmc.open_dprime(made / "dprime")
-    feats = extract_features(model, "block3", store.images)
-    path = save_features(tmp_path / "f.npy", feats, make_provenance(info, "block3", store_source(store), feats))
+    layer = default_layer(model)
+    feats = extract_features(model, layer, store.images)
+    path = save_features(tmp_path / "f.npy", feats, make_provenance(info, layer, store_source(store), feats))
     from_file = rmc.build_rmc(model, store, _cfg(), features=path)
     assert np.array_equal(from_file.index.vectors(np.arange(5)), feats[:5].numpy())
     with pytest.raises(rmc.RMCError, match="layer"):
-        rmc.build_rmc(model, store, _cfg(), features=path, layer="block2")
-    other = save_features(tmp_path / "g.npy", feats, make_provenance(info, "block3", "store:0123456789ab", feats))
+        rmc.build_rmc(model, store, _cfg(), features=path, layer="block1")
+    other = save_features(tmp_path / "g.npy", feats, make_provenance(info, layer, "store:0123456789ab", feats))
     with pytest.raises(rmc.RMCError, match="source"):
         rmc.build_rmc(model, store, _cfg(), features=other)
     with pytest.raises(rmc.RMCError, match="one row per D' image"):
@@ -109,7 +111,7 @@ def test_evaluate_is_the_stream_of_steps_and_the_static_accuracy(made):
     x, y = _test_images(6)
     stream = rmc.build_rmc(model, made / "dprime", _cfg())
     by_hand = rmc.build_rmc(model, made / "dprime", _cfg())
-    q = extract_features(model, "block3", x).numpy()
+    q = extract_features(model, default_layer(model), x).numpy()
     preds = [by_hand.step(x[i:i + 1], q[i:i + 1]).prediction for i in range(len(x))]
     assert rmc.evaluate(stream, x, y, batch_size=4) == pytest.approx(np.mean(np.array(preds) == y.numpy()))
     assert stream.steps_done == 6                     # online: the defense went along the images, as deployed
@@ -132,7 +134,8 @@ def test_classifier_without_a_static_model_uses_the_weights_rmc_started_from(mad
     x, y = _test_images(3)
     defense = rmc.build_rmc(model, made / "dprime", _cfg())
     rmc.evaluate(defense, x, y)                        # the adapted weights now differ from the static ones
-    alone, given = rmc.RMCClassifier(defense), rmc.RMCClassifier(defense, model, "block3")
-    assert alone.layer == "block3"
-    assert torch.equal(extract_features(alone.static, "block3", x), extract_features(model, "block3", x))
+    layer = default_layer(model)
+    alone, given = rmc.RMCClassifier(defense), rmc.RMCClassifier(defense, model, layer)
+    assert alone.layer == layer
+    assert torch.equal(extract_features(alone.static, layer, x), extract_features(model, layer, x))
     assert torch.equal(alone(x), given(x))

@@ -102,8 +102,8 @@ def _two_streams(tmp_path: Path, second: int) -> Path:
 def test_a_finished_run_travels_without_weights_states_or_image_sets(tmp_path):
     index = carry.save(_two_streams(tmp_path, 3), tmp_path / "carried", finished=3)
     assert index["finished"] is True
-    assert sorted(index["files"]) == ["evalsets/standard-4/index.json", "figures/robustness.png",
-                                      "results.md", "results/standard/clean/rmc.jsonl", "results/standard/pgd/rmc.jsonl"]
+    assert sorted(index["files"]) == ["evalsets/standard-4/index.json", "figures/robustness.png", "results.md",
+                                      "results/standard/clean/rmc.jsonl", "results/standard/pgd/rmc.jsonl"]
     assert sorted(index["left_out"]) == ["evalsets/standard-4/clean.safetensors", "models/standard-1.safetensors",
                                          "report.html"]      # finished streams' states: left out by --finished alone
     assert all(len(meta["sha256"]) == 64 for meta in index["left_out"].values())

@@ -93,7 +93,8 @@ def build_rmc(model: nn.Module, dprime: DPrimeStore | DPrime | str | Path, confi
 
     from rmc.artifacts.dprime import DPrimeStore, open_dprime_store
     from rmc.artifacts.features import compute_features, load_features
-    from rmc.defense import RMCConfig, build_rmc as build
+    from rmc.defense import RMCConfig
+    from rmc.defense import build_rmc as build
     from rmc.defense.dprime import DPrime
     from rmc.defense.knn import NeighbourIndex
     from rmc.models import default_layer
@@ -103,7 +104,8 @@ def build_rmc(model: nn.Module, dprime: DPrimeStore | DPrime | str | Path, confi
     if isinstance(dprime, DPrimeStore):
         dprime = dprime.dprime()
     if not isinstance(dprime, DPrime):
-        raise RMCError(f"dprime must be a D' store (rmc.open_dprime), its path or a DPrime, got {type(dprime).__name__}")
+        raise RMCError(f"dprime must be a D' store (rmc.open_dprime), its path or a DPrime, got "
+                       f"{type(dprime).__name__}")
     if config is not None and not isinstance(config, RMCConfig):
         raise RMCError(f"config must be an rmc.RMCConfig, got {type(config).__name__}")
     layer = layer or default_layer(model)
