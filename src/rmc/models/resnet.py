@@ -40,7 +40,7 @@ class ResNet18(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         stages, cin = [], 64
-        for i, (cout, stride) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):
+        for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
             stages.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
             cin = cout
         self.layer1, self.layer2, self.layer3, self.layer4 = stages

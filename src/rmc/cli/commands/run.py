@@ -3,8 +3,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rmc.cli.commands import (add_device_argument, add_shared_arguments, attack_overrides, check_ray_arguments,
-                              check_ray_device)
+from rmc.cli.commands import (
+    add_device_argument,
+    add_shared_arguments,
+    attack_overrides,
+    check_ray_arguments,
+    check_ray_device,
+)
 from rmc.cli.config import PRESETS, documented_yaml, load_config, parse_override
 from rmc.cli.pipeline import run_pipeline
 from rmc.errors import RMCError
@@ -51,7 +56,8 @@ def main(args) -> int:
     check_ray_arguments(args)
     overrides = [parse_override(s) for s in args.set]
     if args.seed is not None:
-        overrides += [(f"{section}.seed", args.seed) for section in ("train", "augment", "attack", "rmc", "attack_rows")]
+        overrides += [(f"{section}.seed", args.seed)
+                      for section in ("train", "augment", "attack", "rmc", "attack_rows")]
     if args.n is not None:
         overrides.append(("attack.n", args.n))
     if args.rmc_n is not None:
