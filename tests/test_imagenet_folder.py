@@ -55,7 +55,7 @@ def test_class_numbering_and_preprocessing_are_torchvision_s(folder):
     with Image.open(path) as img:
         w, h = img.size
         size = (37, int(37 * h / w)) if w <= h else (int(37 * w / h), 37)
-        r = img.convert("RGB").resize(size, Image.BILINEAR)
+        r = img.convert("RGB").resize(size, Image.Resampling.BILINEAR)
     top, left = int(round((r.size[1] - 32) / 2)), int(round((r.size[0] - 32) / 2))
     want = np.asarray(r.crop((left, top, left + 32, top + 32))).transpose(2, 0, 1)
     assert np.array_equal(lazy.images[3].numpy(), want)

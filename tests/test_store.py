@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from rmc.artifacts import dprime as store_mod
-from rmc.artifacts.dprime import (AugmentConfig, StoreWriter, build_dprime_store, chunk_tasks, copy_names,
-                                  open_dprime_store, partial_path, quantize_within_eps, run_chunk)
+from rmc.artifacts.dprime import (
+    AugmentConfig,
+    StoreWriter,
+    build_dprime_store,
+    chunk_tasks,
+    copy_names,
+    open_dprime_store,
+    partial_path,
+    quantize_within_eps,
+    run_chunk,
+)
 from rmc.attacks import pgd
 from rmc.cli import main as cli_main
 from rmc.errors import RMCError
@@ -96,7 +105,8 @@ def test_pgd_copies_attack_the_configured_label_and_keep_the_true_one(label, mod
               generator=torch.Generator().manual_seed(task.seed), batch_size=cfg.batch_size)
     got = run_chunk(model, task, x, y, cfg)
     assert torch.equal(got, quantize_within_eps(adv, x, cfg.eps))
-    other = run_chunk(model, task, x, y, dataclasses.replace(cfg, label="true" if label == "predicted" else "predicted"))
+    flipped = "true" if label == "predicted" else "predicted"
+    other = run_chunk(model, task, x, y, dataclasses.replace(cfg, label=flipped))
     assert not torch.equal(got, other)
     store = build_dprime_store(model, info, train, tmp_path / "d", dataclasses.replace(cfg, steps=(1,)), progress=False)
     assert store.manifest["attack"]["attack_labels"] == label and store.manifest["attack"]["stored_labels"] == "true"
@@ -254,7 +264,8 @@ def test_damaged_shard_of_a_finished_store_is_found_and_rebuilt_alone(tmp_path, 
     with pytest.raises(RMCError, match=r"shards/00007.npy is missing.*re-run `rmc augment`"):
         open_dprime_store(store, verify="none")
     redone = []
-    s = build_dprime_store(model, info, digits[0], store, CFG, progress=False, on_chunk=lambda t: redone.append(t.index))
+    s = build_dprime_store(model, info, digits[0], store, CFG, progress=False,
+                           on_chunk=lambda t: redone.append(t.index))
     assert redone == [4, 7]                                    # only the damaged shards
     assert _bytes(store) == _bytes(built.path) and s.fingerprint == built.fingerprint
     open_dprime_store(store, verify="full")

@@ -50,9 +50,10 @@ import rmc
 from rmc.artifacts.provenance import check_model_data
 from rmc.artifacts.shards import SHARDS, ShardImages, ShardLayout, write_shard
 from rmc.artifacts.verify import matches_hash, remember
-from rmc.attacks.gradient import check_attack_settings, pgd
+from rmc.attacks.gradient import LOSSES, check_attack_settings, pgd
 from rmc.checks import check_positive
 from rmc.data.arrays import LazyImages
+from rmc.data.augment import random_shift_flip
 from rmc.data.base import ImageDataset, per_class_subset
 from rmc.defense.dprime import DPrime
 from rmc.errors import RMCError
@@ -84,7 +85,16 @@ class AugmentConfig:
     chunk_size: int = 2048                    # images of one copy per unit of work / resume granularity
     batch_size: int = 512                     # PGD batch inside a chunk (changes the random stream, so recorded)
     train_subset: int | None = None           # use only the first n of a seeded permutation of the training set
-    label: str = "predicted"                  # what PGD moves away from: predicted (original: the static model's prediction) | true (the true label); copies are stored with the true label either way
+    label: str = "predicted"                  # what PGD moves away from: predicted (original: the static model's
+                                              # prediction) | true (the true label); copies are stored with the true
+                                              # label either way
+    loss: str = "logits"                      # PGD's loss: logits (cross-entropy on logits) | softmax_output (the
+                                              # original: cross-entropy on the softmax output, a double softmax)
+    clip: bool = True                         # clip every PGD iterate to [0, 1] (the original does not; stored images
+                                              # are clipped either way, as its PNGs)
+    crop_shift: int = 0                       # attack a random shift of each image by up to this many pixels
+                                              # (zero-padded), stored shifted (the original attacks random 224-px
+                                              # crops); 0: none
     per_class: int | None = None              # at most this many training images per class (seeded; before subset)
 
     def __post_init__(self):
@@ -93,7 +103,8 @@ class AugmentConfig:
     def validate(self) -> "AugmentConfig":
         steps = tuple(self.steps)
         if not steps:
-            raise RMCError("no PGD copies requested; give at least one step count (augment --steps 10 30 100; rmc run: augment.steps)")
+            raise RMCError("no PGD copies requested; give at least one step count "
+                           "(augment --steps 10 30 100; rmc run: augment.steps)")
         for s in steps:
             check_positive(s, "PGD steps of each copy", integer=True)
         check_attack_settings(self.eps, self.step_size, 1)
@@ -110,6 +121,11 @@ class AugmentConfig:
             check_positive(self.per_class, "per-class subset (augment.per_class)", integer=True)
         if self.label not in ATTACK_LABELS:
             raise RMCError(f"augment.label must be one of {', '.join(ATTACK_LABELS)}, got {self.label!r}")
+        if self.loss not in LOSSES:
+            raise RMCError(f"augment.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not isinstance(self.clip, bool):
+            raise RMCError(f"augment.clip must be true or false, got {self.clip!r}")
+        check_positive(self.crop_shift, "augment.crop_shift", integer=True, allow_zero=True)
         return self
 
     @property
@@ -174,7 +190,7 @@ def chunk_seed(seed: int, copy: int, chunk: int) -> int:
 
 def chunk_tasks(n: int, config: AugmentConfig) -> list[ChunkTask]:
     """All chunks of a store over `n` training examples, clean copy first."""
-    tasks = []
+    tasks: list[ChunkTask] = []
     for copy, steps in enumerate((0, *config.steps)):
         for chunk, start in enumerate(range(0, n, config.chunk_size)):
             stop = min(start + config.chunk_size, n)
@@ -197,6 +213,10 @@ def run_chunk(model: nn.Module, task: ChunkTask, images: torch.Tensor, labels: t
     device = next(model.parameters()).device
     # The generator lives on the CPU (pgd draws the random start there), so results do not depend on the device's RNG.
     gen = torch.Generator().manual_seed(task.seed)
+    if config.crop_shift:
+        # The shift's randomness comes first from the chunk's generator, then PGD's random start. Shifted as uint8:
+        # a shift moves whole pixels and pads with zeros, so this is the shift of the float images, exactly.
+        images = random_shift_flip(images, gen, pad=config.crop_shift, flip=False)
     out = torch.empty_like(images)
     was_training = model.training
     model.eval()
@@ -209,7 +229,7 @@ def run_chunk(model: nn.Module, task: ChunkTask, images: torch.Tensor, labels: t
             x = clean.to(device).float().div_(255)
             y = labels[start:start + config.batch_size].to(device) if config.label == "true" else _predictions(model, x)
             adv = pgd(model, x, y, config.eps, config.step_size, task.steps, random_start=config.random_start,
-                      generator=gen, batch_size=config.batch_size)
+                      generator=gen, batch_size=config.batch_size, loss_fn=LOSSES[config.loss], clip=config.clip)
             out[start:start + len(clean)] = quantize_within_eps(adv, clean, config.eps).cpu()
     finally:
         model.train(was_training)
@@ -283,7 +303,8 @@ def make_manifest(model_info: ModelInfo, train: ImageDataset, n: int, config: Au
         "attack": {"method": "pgd", "norm": "linf", "targeted": False, "attack_labels": config.label,
                    "stored_labels": "true",
                    "steps": list(config.steps), "eps": config.eps, "step_size": config.step_size,
-                   "random_start": config.random_start, "batch_size": config.batch_size},
+                   "random_start": config.random_start, "batch_size": config.batch_size, "loss": config.loss,
+                   "clip": config.clip, "crop_shift": config.crop_shift},
         "seed": config.seed,
         "train_subset": config.train_subset,
         "per_class": config.per_class,
@@ -568,7 +589,7 @@ def _remove_unfinished_shards(folder: Path) -> None:
 def _read_progress(partial: Path, total: int, with_hashes: bool = False):
     """The finished chunks (and, `with_hashes`, their recorded hashes). A damaged progress file on resume means
     nothing is trusted: every chunk is rebuilt."""
-    empty: Any = (set(), {}) if with_hashes else set()
+    empty: tuple[set[int], dict[int, str]] | set[int] = (set(), {}) if with_hashes else set()
     if not (partial / PROGRESS).exists():
         return empty
     try:
@@ -601,7 +622,8 @@ def _chunk(inputs: tuple, task: ChunkTask, config: AugmentConfig, fault: Callabl
     labels, the subset) come inside a tuple, so Ray passes the references rather than the objects."""
     model_h, *data = inputs
     model = cached("augment-model", handle_key(model_h), lambda: get(model_h))   # resolved once per worker
-    out = run_chunk(model, task, *_chunk_inputs(*(get(h) for h in data), task), config)
+    images, labels, subset = (get(h) for h in data)
+    out = run_chunk(model, task, *_chunk_inputs(images, labels, subset, task), config)
     if fault is not None:
         fault()
     return out.numpy()
@@ -682,14 +704,17 @@ class DPrimeStore:
 
     @property
     def model_sha256(self) -> str:
+        """Hash of the weights of the model D' was crafted against."""
         return self.manifest["model"]["sha256"]
 
     @property
     def num_classes(self) -> int:
+        """Classes of the model D' was crafted against."""
         return int(self.manifest["model"]["num_classes"])
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
+        """C, H, W of D''s images."""
         c, h, w = self.manifest["shape"][1:]
         return int(c), int(h), int(w)
 
@@ -801,7 +826,7 @@ def config_from_manifest(manifest: dict) -> AugmentConfig:
     return AugmentConfig(steps=tuple(a["steps"]), eps=a["eps"], step_size=a["step_size"],
                          random_start=a["random_start"], seed=manifest["seed"], chunk_size=manifest["chunk_size"],
                          batch_size=a["batch_size"], train_subset=manifest["train_subset"], label=a["attack_labels"],
-                         per_class=manifest.get("per_class"))
+                         loss=a["loss"], clip=a["clip"], crop_shift=a["crop_shift"], per_class=manifest["per_class"])
 
 
 __all__ = ["AugmentConfig", "DPrimeStore", "ChunkTask", "StoreWriter", "build_dprime_store", "chunk_seed",

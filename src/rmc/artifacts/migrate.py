@@ -27,6 +27,7 @@ from rmc.artifacts.dprime import (
     MANIFEST,
     PROGRESS,
     SINGLE_FILE_FORMAT,
+    AugmentConfig,
     fingerprint_of,
     layout_of,
     shards_section,
@@ -58,9 +59,12 @@ def migrated_manifest(old: dict[str, Any]) -> dict[str, Any]:
                                  "interpolation": "bilinear", "color": "RGB"} if dataset.get("name") == "imagefolder"
                                 else None)
     dataset["sha256_of"] = "pixels"
+    # Attack settings a store of format 1 may predate: it was made with their defaults.
+    default = AugmentConfig()
+    attack = {"loss": default.loss, "clip": default.clip, "crop_shift": default.crop_shift, **old["attack"]}
     new = {k: v for k, v in old.items() if k != "content"}
-    new.update(format_version=FORMAT_VERSION, dataset=dataset, per_class=None, shards=shards_section(layout),
-               files=dict(FILES))
+    new.update(format_version=FORMAT_VERSION, dataset=dataset, attack=attack, per_class=None,
+               shards=shards_section(layout), files=dict(FILES))
     return new
 
 

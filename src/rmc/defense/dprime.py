@@ -27,14 +27,14 @@ class DPrime:
 
     def gather(self, rows: np.ndarray, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Float images in [0, 1] and labels of the given rows (one sorted read: of a store, only the shards holding
-        them), on `device` (default: the CPU). Rows travel to a GPU as uint8 from pinned memory (a quarter of float32's bytes) and
-        become float there."""
+        them), on `device` (default: the CPU). Rows travel to a GPU as uint8 from pinned memory (a quarter of
+        float32's bytes) and become float there."""
         rows = np.asarray(rows)
         order = np.argsort(rows, kind="stable")
         ascending = rows[order]
-        if not isinstance(self.images, np.ndarray):
-            ascending = torch.from_numpy(ascending)
-        x = torch.as_tensor(self.images[ascending])[torch.from_numpy(np.argsort(order, kind="stable"))]
+        # a memory map is indexed with the array, a tensor (or a store's lazy images) with a tensor
+        index = ascending if isinstance(self.images, np.ndarray) else torch.from_numpy(ascending)
+        x = torch.as_tensor(self.images[index])[torch.from_numpy(np.argsort(order, kind="stable"))]
         y = self.labels[torch.from_numpy(rows)]
         if device is not None and torch.device(device).type != "cpu":
             if torch.device(device).type == "cuda":

@@ -265,7 +265,8 @@ def stream_plan(inputs: int, fingerprint: str, cfg: RMCConfig, shards: int, rmc_
     # Several online streams: the count decides where each one starts, so it is included.
     split = {"streams": shards} if count == inputs else {"streams": shards, "inputs": count}
     return [(name, digest(fingerprint, {**split, "stream": s}), part.tolist(), {"stream": s, "streams": shards})
-            for s, (name, part) in enumerate(zip(stream_names(shards), np.array_split(np.arange(count), shards)))]
+            for s, (name, part) in enumerate(zip(stream_names(shards), np.array_split(np.arange(count), shards),
+                                                 strict=True))]
 
 
 def _open_streams(job: SetJob, cfg: RMCConfig, shards: int, rmc_n: int | None = None) -> list[_Stream]:
@@ -449,6 +450,6 @@ def evaluate_set(base: BaseModel, dprime: DPrime, search: NeighbourSearch, eval_
                               progress)[eval_set.name]
 
 
-__all__ = ["BASELINES", "BaseModel", "DPrimeVia", "MAX_BLOCK", "NeighbourSearch", "SetJob", "check_work_split", "evaluate",
-           "evaluate_set", "finished_results", "online_streams", "open_set", "rmc_task", "stream_fingerprint",
-           "stream_names", "stream_plan"]
+__all__ = ["BASELINES", "BaseModel", "DPrimeVia", "MAX_BLOCK", "NeighbourSearch", "SetJob", "check_work_split",
+           "dprime_for_workers", "evaluate", "evaluate_set", "finished_results", "online_streams", "open_set",
+           "rmc_task", "stream_fingerprint", "stream_names", "stream_plan"]
