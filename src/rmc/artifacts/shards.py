@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import mmap
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -69,10 +70,13 @@ class ShardLayout:
     def shape_of(self, shard: int) -> tuple[int, int, int, int]:
         return (self.rows_of(shard), *self.image_shape)
 
+    def header_size(self, shard: int) -> int:
+        """Bytes of the shard's .npy header (its rows follow)."""
+        return len(_npy_header(self.shape_of(shard)))
+
     def file_size(self, shard: int) -> int:
         """Bytes of the shard's .npy file (its header, then its rows)."""
-        shape = self.shape_of(shard)
-        return len(_npy_header(shape)) + int(np.prod(shape))
+        return self.header_size(shard) + int(np.prod(self.shape_of(shard)))
 
     def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard, offset within the shard) of each row."""
@@ -123,19 +127,41 @@ def write_shard(path: Path, rows: np.ndarray, expect: str | None = None) -> str:
 
 
 def open_shard(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """The shard at `path` memory-mapped read-only, checked to hold uint8 `shape`."""
+    """The shard at `path` memory-mapped read-only, checked to hold uint8 `shape`. The array's `base` is its
+    `mmap.mmap`, through which reads are announced to the kernel (`prefetch`)."""
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            found, fortran, dtype = read_header(f)
+            offset = f.tell()
+            if dtype != np.uint8 or tuple(found) != tuple(shape) or fortran:
+                raise RMCError(f"store shard {path} holds {dtype} {list(found)}, expected uint8 {list(shape)}; "
+                               "re-run `rmc augment` with the same settings to rebuild it")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.ndarray(shape, dtype=np.uint8, buffer=mm, offset=offset)
     except FileNotFoundError:
         raise RMCError(f"store shard {path} is missing; re-run `rmc augment` with the same settings to rebuild "
                        "it") from None
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, TypeError) as e:
         raise RMCError(f"store shard {path} is not a readable .npy file ({e}); re-run `rmc augment` with the same "
                        "settings to rebuild it") from None
-    if arr.dtype != np.uint8 or tuple(arr.shape) != tuple(shape):
-        raise RMCError(f"store shard {path} holds {arr.dtype} {list(arr.shape)}, expected uint8 {list(shape)}; "
-                       "re-run `rmc augment` with the same settings to rebuild it")
-    return arr
+
+
+def prefetch(arr: np.ndarray, header: int, offsets: np.ndarray) -> None:
+    """Tell the kernel that rows `offsets` of the memory-mapped shard `arr` (its .npy header `header` bytes long) are
+    about to be read (madvise(MADV_WILLNEED)): it reads them all ahead, side by side, instead of one page fault at a
+    time (a cold read of 2048 scattered rows took 1-4 s with it, 6-7 s without, on this machine). Only a hint: it
+    changes no data."""
+    mm = arr.base
+    if not isinstance(mm, mmap.mmap) or not hasattr(mmap, "MADV_WILLNEED"):
+        return
+    row = arr.strides[0]
+    for off in offsets:
+        start = header + int(off) * row
+        aligned = start - start % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_WILLNEED, aligned, start + row - aligned)
 
 
 class ShardImages(LazyImages):
@@ -176,7 +202,11 @@ class ShardImages(LazyImages):
         shards, offsets = self.layout.locate(rows)
         # Rows come ascending, so each shard's rows are one contiguous run of `rows`, in file order.
         bounds = np.flatnonzero(np.diff(shards)) + 1
-        for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(rows)], strict=True):
+        runs = list(zip(np.r_[0, bounds], np.r_[bounds, len(rows)], strict=True))
+        for a, b in runs:   # every read announced first, so the disk serves them side by side
+            i = int(shards[a])
+            prefetch(self.shard(i), self.layout.header_size(i), offsets[a:b])
+        for a, b in runs:
             out[a:b] = self.shard(int(shards[a]))[offsets[a:b]]
         return out
 
