@@ -86,8 +86,7 @@ def build(args) -> dict:
     info = ModelInfo("linear-probe", 10, (3, 224, 224), dataset="synthetic-224",
                      sha256=hashlib.sha256(weights).hexdigest())
     train = synthetic_train(args.train)
-    cfg = AugmentConfig(steps=(1,), eps=8 / 255, step_size=2 / 255, random_start=False, chunk_size=args.chunk_size,
-                        batch_size=256)
+    cfg = AugmentConfig(steps=(1,), eps=8 / 255, step_size=2 / 255, chunk_size=args.chunk_size)
     spent = {"seconds": 0.0, "bytes": 0}
     real = StoreWriter.write_chunk
 
