@@ -305,6 +305,25 @@ def test_reading_k_rows_opens_only_their_shards(built, monkeypatch):
     assert np.array_equal(s.images[[3]].numpy(), whole[[3]])
 
 
+def test_threads_share_one_store_reader(built):
+    """Batched RMC's threads gather from one D': the bounded cache of open shards is shared safely."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rmc.artifacts.shards import ShardImages
+    s = open_dprime_store(built.path)
+    whole = s.images[:].numpy()
+    shared = ShardImages(s.path, s.images.layout, max_open=2)        # far fewer than the 9 shards: constant churn
+
+    def reads(seed: int) -> bool:
+        rng = np.random.default_rng(seed)
+        return all(np.array_equal(shared[rows].numpy(), whole[rows])
+                   for rows in (rng.choice(360, 40, replace=False) for _ in range(30)))
+
+    with ThreadPoolExecutor(6) as pool:
+        assert all(pool.map(reads, range(12)))
+    assert len(shared._open) <= 2
+
+
 def test_fault_in_a_chunk_task_loses_only_that_chunk(tmp_path, model_file, digits, built):
     """In this process the PGD chunks run as tasks of the inline executor (the executor Ray replaces): a task that
     dies loses its own chunk only, and the rerun gives the same bytes."""

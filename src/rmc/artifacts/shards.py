@@ -17,6 +17,7 @@ import io
 import math
 import mmap
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,7 @@ class ShardImages(LazyImages):
         super().__init__((layout.total, *layout.image_shape))
         self.folder, self.layout, self.manifest_sha256, self.max_open = Path(folder), layout, manifest_sha256, max_open
         self._open: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()   # threads share a D' (rmc.defense.batched): one cache, changed by one at a time
         self._check_path = False
 
     @property
@@ -186,16 +188,17 @@ class ShardImages(LazyImages):
 
     def shard(self, i: int) -> np.ndarray:
         """Shard i, memory-mapped (opened on first use; the least recently used is closed beyond max_open)."""
-        if self._check_path:
-            self._same_store()
-        arr = self._open.get(i)
-        if arr is None:
-            arr = self._open[i] = open_shard(self.shard_path(i), self.layout.shape_of(i))
-            while len(self._open) > self.max_open:
-                self._open.popitem(last=False)
-        else:
-            self._open.move_to_end(i)
-        return arr
+        with self._lock:
+            if self._check_path:
+                self._same_store()
+            arr = self._open.get(i)
+            if arr is None:
+                arr = self._open[i] = open_shard(self.shard_path(i), self.layout.shape_of(i))
+                while len(self._open) > self.max_open:
+                    self._open.popitem(last=False)
+            else:
+                self._open.move_to_end(i)
+            return arr
 
     def _read(self, rows: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), *self.layout.image_shape), dtype=np.uint8)
@@ -211,7 +214,8 @@ class ShardImages(LazyImages):
         return out
 
     def close(self) -> None:
-        self._open.clear()
+        with self._lock:
+            self._open.clear()
 
     def _same_store(self) -> None:
         """On a worker: the path must hold the store the driver opened (a shared file system at the same path)."""
@@ -229,11 +233,12 @@ class ShardImages(LazyImages):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_open"] = OrderedDict()   # memory maps stay in their process; the path travels
+        del state["_open"], state["_lock"]   # memory maps stay in their process; the path travels
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self._open, self._lock = OrderedDict(), threading.Lock()
         self._check_path = self.manifest_sha256 is not None
 
 
