@@ -359,24 +359,20 @@ def partial_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def save_npy(path: Path, arr: np.ndarray) -> None:
+def _save_npy(path: Path, arr: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:   # a file object, so numpy does not append ".npy" to the temporary name
             np.save(f, arr)
 
 
-def migrate_command(path: Path) -> str:
-    return f"rmc migrate-dprime {path}"
-
-
-def check_manifest(manifest: Any, where: Path, store: Path | None = None) -> dict:
+def _check_manifest(manifest: Any, where: Path, store: Path | None = None) -> dict:
     """A parsed manifest of this format, or a one-line error (a single-file store: the command converting it)."""
     if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
         raise RMCError(f"{where} is not an augmented-dataset manifest; point to a directory written by `rmc augment`")
     version = manifest.get("format_version")
     if version == SINGLE_FILE_FORMAT and store is not None:
         raise RMCError(f"the D' store {store} is in the single-file format of an earlier rmc (one images.npy); "
-                       f"convert it in place to shards with `{migrate_command(store)}`")
+                       f"convert it in place to shards with `rmc migrate-dprime {store}`")
     if version == SINGLE_FILE_FORMAT:
         raise RMCError(f"{where.parent} is an unfinished build in the single-file format of an earlier rmc; it "
                        "cannot be resumed as shards: delete it and re-run `rmc augment`")
@@ -421,14 +417,14 @@ class StoreWriter:
     def shard_path(self, index: int) -> Path:
         return self.folder / SHARDS / self.layout.name(index)
 
-    def damaged(self, candidates, full: bool = False) -> list[int]:
+    def damaged(self, candidates) -> list[int]:
         """The chunks among `candidates` whose shard does not match its recorded hash (a missing, truncated or
-        edited file). Re-hashes a shard only when it changed since it last verified, unless `full`."""
+        edited file). Re-hashes a shard only when it changed since it last verified."""
         bad = []
         for i in sorted(candidates):
             path = self.shard_path(i)
             if not path.is_file() or path.stat().st_size != self.layout.file_size(i) or \
-                    not matches_hash(path, self.hashes.get(i), full=full):
+                    not matches_hash(path, self.hashes.get(i)):
                 bad.append(i)
         return bad
 
@@ -451,13 +447,13 @@ class StoreWriter:
         if out.exists() and not out.is_dir():
             raise RMCError(f"--out {out} is a file; name a directory")
         if out.exists() and (out / MANIFEST).exists():
-            existing = check_manifest(read_json(out / MANIFEST, "store manifest"), out / MANIFEST, store=out)
+            existing = _check_manifest(read_json(out / MANIFEST, "store manifest"), out / MANIFEST, store=out)
             _refuse_if_different(existing, manifest, out)
             return cls._reopen_finished(out, existing, train, subset, tasks)
         if out.exists() and any(out.iterdir()):
             raise RMCError(f"--out {out} exists and is not an augmented dataset; use a new --out or delete it")
         if (partial / MANIFEST).exists():
-            existing = check_manifest(read_json(partial / MANIFEST, "store manifest"), partial / MANIFEST)
+            existing = _check_manifest(read_json(partial / MANIFEST, "store manifest"), partial / MANIFEST)
             _refuse_if_different(existing, manifest, partial)
             _repair_small_arrays(partial, train, subset, manifest)
             _remove_unfinished_shards(partial / SHARDS)
@@ -477,7 +473,7 @@ class StoreWriter:
         check_free_space(partial, need, "the augmented dataset")
         (partial / SHARDS).mkdir(parents=True, exist_ok=True)
         for name, arr in _small_arrays(train, subset, manifest).items():
-            save_npy(partial / FILES[name], arr)
+            _save_npy(partial / FILES[name], arr)
         write_json(partial / MANIFEST, manifest)   # last: its presence marks a usable partial store
         return cls(out, partial, manifest, subset, tasks, set(), {})
 
@@ -571,7 +567,7 @@ def _repair_small_arrays(folder: Path, train: ImageDataset, subset: torch.Tensor
             ok = matches_hash(f, expect.get(name))
         if not ok:
             print(f"note: {f} is missing or damaged; rewriting it", file=sys.stderr)
-            save_npy(f, want)
+            _save_npy(f, want)
             if expect is not None and not matches_hash(f, expect.get(name), full=True):
                 raise RMCError(f"{f} re-derived from the training set differs from the store's record; the store was "
                                "made from other data: delete it and re-run `rmc augment`")
@@ -782,7 +778,7 @@ def open_dprime_store(path: str | Path, verify: str = "auto") -> DPrimeStore:
         if path.is_dir():
             raise RMCError(f"{path} has no {MANIFEST}; it is not an augmented dataset (build one with `rmc augment`)")
         raise RMCError(f"augmented dataset not found: {path}; build it with `rmc augment`")
-    manifest = check_manifest(read_json(path / MANIFEST, "store manifest"), path / MANIFEST, store=path)
+    manifest = _check_manifest(read_json(path / MANIFEST, "store manifest"), path / MANIFEST, store=path)
     layout = layout_of(manifest)
     arrays = {}
     for name, fname in FILES.items():
