@@ -255,12 +255,20 @@ def _aware_row(kind, protocol, made: EvalSet, label: str, folder: Path, n: int, 
             "verdict_correct": sum(a["pred"] == a["label"] for a in attack_records), "agree": len(agree), "n": n,
             "kind": kind, "protocol": protocol, "attacker": acfg.lane(protocol).attacker_rmc, "rounds": acfg.rounds,
             "attack_records": attack_records, "rounds_run": sum(a.get("rounds", 0) for a in attack_records)}
-    # Per input, the attack's verdict beside the score (the table's agreement column, input by input).
-    write_json(folder / AGREEMENT_FILE, {
+    # Per input, the attack's verdict beside the score (the table's agreement column, input by input); a re-run
+    # that changes nothing leaves the file as it is, as it leaves the records.
+    agreement = {
         "attacker": info["attacker"], "n": n, "attack_verdict_correct": info["verdict_correct"],
         "score_correct": sum(r["pred"] == r["label"] for r in records["rmc"]), "agree": len(agree),
         "inputs": [{"index": a["index"], "label": a["label"], "attack_pred": a["pred"],
-                    "score_pred": scored.get(a["index"])} for a in attack_records]})
+                    "score_pred": scored.get(a["index"])} for a in attack_records]}
+    path = folder / AGREEMENT_FILE
+    try:
+        same = json.loads(path.read_text()) == json.loads(json.dumps(agreement))
+    except (OSError, ValueError):   # absent or damaged: (re)written from the records
+        same = False
+    if not same:
+        write_json(path, agreement)
     # The static model's accuracy on a sequence crafted against RMC is no attack on it: RMC column only.
     return AttackRow(made.name, label, AWARE, {"rmc": records["rmc"]}, info)
 
