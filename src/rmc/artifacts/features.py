@@ -24,9 +24,10 @@ from torch import nn
 
 import rmc
 from rmc.checks import check_positive
+from rmc.data.arrays import LazyImages
 from rmc.defense.optim import autocast_context, check_precision, resolve_channels_last, resolve_precision
 from rmc.errors import RMCError
-from rmc.io import check_free_space, preallocate, read_json, sha256_file, write_json
+from rmc.io import check_free_space, read_json, sha256_file, write_json
 from rmc.models.checkpoint import ModelInfo
 from rmc.models.features import FeatureHook, default_layer
 
@@ -79,7 +80,7 @@ class FeatureConfig:
         return self
 
 
-def _check_images(model_info: ModelInfo | None, images) -> None:
+def _check_images(model_info: ModelInfo | None, images: torch.Tensor | LazyImages) -> None:
     if images.dim() != 4:
         raise RMCError(f"images have shape {tuple(images.shape)}; expected N x C x H x W")
     if model_info is not None and tuple(images.shape[1:]) != tuple(model_info.input_shape):
@@ -99,7 +100,7 @@ def arithmetic(config: FeatureConfig | None, device: torch.device) -> dict[str, 
 
 
 @torch.no_grad()
-def feature_batches(model: nn.Module, layer: str, images, batch_size: int, start: int = 0,
+def feature_batches(model: nn.Module, layer: str, images: torch.Tensor | LazyImages, batch_size: int, start: int = 0,
                     how: dict[str, Any] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """(first row, float32 CPU features) of each batch of `images[start:]`, checked finite. Each batch travels to
     the model's device on its own (uint8 from pinned memory to a GPU, float there), under `how` (from arithmetic)."""
@@ -137,9 +138,9 @@ def _memory_format(model: nn.Module) -> torch.memory_format:
         and not w.is_contiguous() else torch.contiguous_format
 
 
-def compute_features(model: nn.Module, model_info: ModelInfo | None, layer: str | None, images: torch.Tensor,
-                     batch_size: int = 512, progress: bool = False, desc: str = "features",
-                     config: FeatureConfig | None = None) -> torch.Tensor:
+def compute_features(model: nn.Module, model_info: ModelInfo | None, layer: str | None,
+                     images: torch.Tensor | LazyImages, batch_size: int = 512, progress: bool = False,
+                     desc: str = "features", config: FeatureConfig | None = None) -> torch.Tensor:
     """N x d float32 (contiguous, CPU) features of `images` at `layer` (None: the model's default layer), in memory:
     for evaluation sets and small D' (`write_features` streams a large D' to disk instead).
 
@@ -235,7 +236,8 @@ def partial_paths(path: str | Path) -> tuple[Path, Path]:
     return path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.progress.json")
 
 
-def write_features(model: nn.Module, model_info: ModelInfo, layer: str | None, images, path: str | Path,
+def write_features(model: nn.Module, model_info: ModelInfo, layer: str | None, images: torch.Tensor | LazyImages,
+                   path: str | Path,
                    source: str, config: FeatureConfig | None = None, progress: bool = False,
                    desc: str | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Embed `images` batch by batch straight into the .npy file at `path` (never the whole matrix in memory), with
@@ -349,16 +351,14 @@ def _resume_point(partial: Path, record: Path, identity: dict[str, Any]) -> tupl
 
 
 def _create_npy(path: Path, shape: tuple[int, int], dtype: np.dtype) -> None:
-    """A .npy file of `shape` with its header and the data's space reserved (ENOSPC now, not half-way)."""
+    """A .npy file of `shape`: its header, then (sparse) room for the rows, which are written with write(2) (a full
+    disk is then an error on that write, never a fault in a memory map)."""
     need = shape[0] * shape[1] * dtype.itemsize
     check_free_space(path.parent, need + (1 << 16), f"the features {path.name}")
-    mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    del mm
-    fd = os.open(path, os.O_RDWR)
-    try:
-        preallocate(fd, os.fstat(fd).st_size, path)
-    finally:
-        os.close(fd)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                                                 "shape": shape})
+        f.truncate(f.tell() + need)
 
 
 def _data_offset_or_none(path: Path, shape: tuple[int, int], dtype: np.dtype) -> int | None:

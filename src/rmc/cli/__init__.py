@@ -9,7 +9,19 @@ import signal
 import sys
 import threading
 
-from rmc.cli.commands import attack, augment, evaluate, features, layers, report, run, train, visualize
+from rmc.cli.commands import (
+    attack,
+    augment,
+    evaluate,
+    features,
+    import_model,
+    layers,
+    migrate_dprime,
+    report,
+    run,
+    train,
+    visualize,
+)
 from rmc.cpu import pick_threads, tune_allocator
 from rmc.errors import RMCError
 
@@ -18,8 +30,11 @@ COMMANDS = {
     "run": (run, "the main job: train -> augment -> features -> attack -> evaluate -> visualize into a run "
                  "directory"),
     "train": (train, "train a model (standard or PGD adversarial training); writes safetensors + JSON metadata"),
+    "import-model": (import_model, ("turn pretrained weights (PyTorch state dict, safetensors, Keras ResNet152V2 "
+                                    ".h5) into an rmc model with their provenance")),
     "attack": (attack, "write evaluation sets (clean, FGSM, PGD) made against a static model"),
     "augment": (augment, "build the augmented dataset D' (clean + PGD copies), resumable"),
+    "migrate-dprime": (migrate_dprime, "convert a D' store of an earlier rmc (one images.npy) to shards, in place"),
     "features": (features, "hidden features of D' and evaluation sets from one layer of the static model"),
     "layers": (layers, "list the layer names a model offers for feature extraction"),
     "evaluate": (evaluate, "run RMC and the baselines over evaluation sets and print the table"),
@@ -42,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # What each command's --out is: a directory, or a file (None: the command writes nothing to lock).
-OUTPUT_KIND = {"run": "dir", "train": "file", "attack": "dir", "augment": "dir", "features": "dir",
-               "evaluate": "dir", "visualize": "file", "layers": None}
+OUTPUT_KIND = {"run": "dir", "train": "file", "import-model": "file", "attack": "dir", "augment": "dir",
+               "features": "dir", "evaluate": "dir", "visualize": "file", "layers": None}
 
 
 def _note(message: str) -> None:

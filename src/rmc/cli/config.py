@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from rmc.artifacts.dprime import AugmentConfig
+from rmc.artifacts.dprime import AugmentConfig, select_subset
 from rmc.artifacts.features import FeatureConfig
 from rmc.attacks.defense_aware import AttackRowsConfig
 from rmc.checks import check_positive
@@ -32,13 +32,19 @@ from rmc.training import TrainConfig
 class DataConfig:
     dataset: str = "fashion-mnist"   # fashion-mnist (embedded default) | mnist | cifar10 | imagefolder | digits
     data_dir: str | None = None      # directory holding the data set; None: fashion-mnist's Debian package path
-    image_size: int | None = None    # imagefolder only: resize + centre-crop to this size
+    image_size: int | None = None    # imagefolder only: centre-crop to this size (None: 224, the original's)
+    resize: int | None = None        # imagefolder only: shorter side before the crop (None: image_size * 256 / 224)
+    lazy: bool | None = None         # imagefolder only: decode on demand, never whole (None: above 2 GiB decoded)
 
     def validate(self) -> "DataConfig":
         if not isinstance(self.dataset, str) or not self.dataset:
             raise RMCError(f"data.dataset must name a data set, got {self.dataset!r}")
         if self.image_size is not None:
             check_positive(self.image_size, "data.image_size", integer=True)
+        if self.resize is not None:
+            check_positive(self.resize, "data.resize", integer=True)
+        if self.lazy is not None and not isinstance(self.lazy, bool):
+            raise RMCError(f"data.lazy must be true, false or null, got {self.lazy!r}")
         return self
 
 
@@ -55,6 +61,9 @@ class ModelConfig:
                                                                      # each gets its own D', features and evaluation
                                                                      # sets, and a row alone and one + RMC
     denoise_op: str = "nonlocal"     # the denoising base's operation: nonlocal (Xie et al.'s best) | mean | median
+    weights: dict[str, str] = field(default_factory=dict)   # imported weights per base, e.g. {standard:
+                                                            # m.safetensors}: an rmc checkpoint (`rmc import-model`)
+                                                            # used as that base model instead of training it
 
     def validate(self) -> "ModelConfig":
         kinds = [k.value for k in BaseKind]
@@ -64,6 +73,16 @@ class ModelConfig:
             raise RMCError(f"model.denoise_op must be one of {[o.value for o in DenoiseOp]}, got {self.denoise_op!r}")
         if self.layer is not None and (not isinstance(self.layer, str) or not self.layer):
             raise RMCError(f"model.layer must be a layer name (`rmc layers` lists them) or null, got {self.layer!r}")
+        if not isinstance(self.weights, dict):
+            raise RMCError(f"model.weights maps base models to checkpoints, e.g. {{standard: m.safetensors}}; got "
+                           f"{self.weights!r}")
+        for base, path in self.weights.items():
+            if base not in self.bases:
+                raise RMCError(f"model.weights names base {base!r}, which is not in model.bases {self.bases}; add it "
+                               "to model.bases (--bases) or drop its weights")
+            if not isinstance(path, str) or not path:
+                raise RMCError(f"model.weights.{base} must be the path of an rmc checkpoint (.safetensors), got "
+                               f"{path!r}")
         return self
 
 
@@ -355,17 +374,21 @@ def validate_before_work(cfg: RunConfig) -> None:
     holds rmc.k neighbours, the test set holds attack.n inputs, the model has model.layer."""
     import torch
 
+    from rmc.artifacts.provenance import check_model_data
     from rmc.data import load_dataset
     from rmc.models import build_model, default_layer
+    from rmc.models.checkpoint import check_trusted, read_info
     from rmc.models.features import get_layer
     if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
         raise RMCError(f"train.device = {cfg.train.device!r} but CUDA is not available here; set train.device: cpu")
-    train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size)
-    test = load_dataset(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.image_size)
+    train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size, cfg.data.resize,
+                         cfg.data.lazy)
+    test = load_dataset(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.image_size, cfg.data.resize,
+                        cfg.data.lazy)
     n_train = len(train) if cfg.train.train_subset is None else min(cfg.train.train_subset, len(train))
     if n_train < 2:
         raise RMCError(f"training needs at least 2 images, got {n_train}; raise train.train_subset")
-    n = len(train) if cfg.augment.train_subset is None else min(cfg.augment.train_subset, len(train))
+    n = len(select_subset(train.labels, cfg.augment))
     size = n * (1 + len(cfg.augment.steps))
     if cfg.rmc.k > size:
         raise RMCError(f"rmc.k = {cfg.rmc.k} exceeds |D'| = {size} ({n:,} training images x "
@@ -377,6 +400,13 @@ def validate_before_work(cfg: RunConfig) -> None:
     from rmc.evaluation.attack_rows import check_rows_within_rmc
     check_rows_within_rmc(cfg.attack_rows, cfg.attack.n, cfg.attack.rmc_n)
     layer = cfg.model.layer
-    if layer is not None:
+    if layer is not None and set(cfg.model.bases) - set(cfg.model.weights):
         model = build_model(cfg.train.arch, len(train.classes) or int(train.labels.max()) + 1, train.input_shape[0])
+        get_layer(model, layer or default_layer(model))
+    for base, path in cfg.model.weights.items():   # imported base models: they fit the data and have the layer
+        info = read_info(path)
+        check_trusted(info, path, cfg.train.arch)
+        check_model_data(info, test, f"the test set (model.weights.{base})")
+        with torch.device("meta"):
+            model = build_model(info.arch, info.num_classes, info.input_shape[0], info.mean, info.std, info.denoise)
         get_layer(model, layer or default_layer(model))

@@ -1,4 +1,5 @@
-"""`rmc run`: train each base model, attack, augment, extract features, evaluate, tabulate; one call per stage.
+"""`rmc run`: train each base model (or take its imported weights, model.weights), attack, augment, extract features,
+evaluate, tabulate; one call per stage.
 
 Every stage's output lives in a folder named after the base model and a short hash of the stage's own inputs, so
 re-running resumes, and a changed setting re-runs only the stages that depend on it (changing `rmc.k` reuses the
@@ -7,7 +8,7 @@ records are all on disk (e.g. restored on another machine by studies/carry_run.p
 rebuilding its D' and features, which only the streams still running need. Layout:
 
     config.yaml, results.json/.md    the latest run's configuration and table (results.json names its stage folders)
-    models/<base>-<key>.safetensors  base models; key: data + training settings
+    models/<base>-<key>.safetensors  base models; key: data + training settings (imported ones stay where they are)
     dprime/<base>-<key>/             each base model's augmented dataset D', crafted against it; key: model + augment
     features/<base>-<key>.npy        D' features at the base model's feature layer; key: D' + layer
     evalsets/<base>-<key>/           evaluation sets made against each base model (transfer); key: model + attack
@@ -31,6 +32,7 @@ from rmc.artifacts.evalsets import (
     save_eval_sets,
 )
 from rmc.artifacts.features import ensure_features
+from rmc.artifacts.provenance import check_model_data
 from rmc.cli.config import BaseKind, RunConfig, documented_yaml, to_dict, validate_before_work
 from rmc.data import load_dataset
 from rmc.errors import RMCError
@@ -88,6 +90,16 @@ def ensure_model(path: Path, train, test, cfg, log):
     return model, info
 
 
+def imported_model(path: Path, test, cfg: TrainConfig, log):
+    """A base model given as an rmc checkpoint (`rmc import-model`, or any rmc checkpoint) instead of trained; a
+    factory architecture is built only when train.arch names it (the run's own config)."""
+    model, info = load_checkpoint(path, cfg.device, trust_arch=cfg.arch)
+    check_model_data(info, test, "the test set")
+    source = info.imported.get("source_name") or "a model trained by rmc"
+    log(f"  using {path} ({info.arch}, from {source}; sha256 {info.sha256[:12]}): not trained here")
+    return model, info
+
+
 def attack_specs(cfg) -> list[AttackSpec]:
     specs = [AttackSpec("clean")] + [AttackSpec("fgsm", eps=float(e)) for e in cfg.fgsm_eps]
     for pair in cfg.pgd:
@@ -115,17 +127,17 @@ def ensure_eval_sets(model, info, test, cfg, folder: Path):
 
 def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = print,
                  with_rmc: bool = True, ray: str | None = None, workers: int | None = None,
-                 shards: int = 1, batch: int = 1, block: int | None = None) -> Table:
+                 shards: int = 1, batch: int = 1, block: int | None = None, dprime_via: str | None = None) -> Table:
     """`ray` ("local" or a cluster address): augmentation chunks and RMC's per-input work run as Ray tasks (one Ray
     session for the whole run); `shards`: independent online streams per test stream, `batch`: episodic inputs
-    adapted at once (see rmc.evaluation.driver)."""
+    adapted at once, `dprime_via`: how Ray's workers get D' (see rmc.evaluation.driver)."""
     check_work_split(batch, cfg.rmc, ray, shards, block)      # before hours of work, not after
     validate_before_work(cfg)                                 # and before config.yaml is written
     t0 = time.perf_counter()
     with hold(ray, workers) as slots:
         if ray is not None:
             log(f"[ray] {slots} workers ready in {time.perf_counter() - t0:.1f} s ({ray})")
-        return _run(cfg, Path(out), log, with_rmc, ray, workers, shards, batch, block)
+        return _run(cfg, Path(out), log, with_rmc, ray, workers, shards, batch, block, dprime_via)
 
 
 def settled(tree):
@@ -171,12 +183,14 @@ def results_key(cfg: RunConfig, model_sha256: str, dprime_key: str, layer: str, 
 
 
 def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, ray: str | None,
-         workers: int | None, shards: int, batch: int, block: int | None) -> Table:
+         workers: int | None, shards: int, batch: int, block: int | None, dprime_via: str | None = None) -> Table:
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer(log)
     t_start = time.perf_counter()
-    train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size)
-    test = load_dataset(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.image_size)
+    train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size, cfg.data.resize,
+                         cfg.data.lazy)
+    test = load_dataset(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.image_size, cfg.data.resize,
+                        cfg.data.lazy)
     if cfg.data.dataset == "digits":
         cfg.rmc.calib_flip = False   # a flipped digit is another (or no) digit
     data = to_dict(cfg.data)
@@ -186,13 +200,21 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
     attack_rows = {}   # base -> the attack rows (transfer / defense-aware), rmc.evaluation.attack_rows
     stores = {}        # base -> its own D', crafted against it (the original's principle)
     for name in cfg.model.bases:   # one base after the other: the first one's rows come before the next is trained
-        tcfg = base_train_config(name, cfg)
-        path = out / "models" / f"{name}-{stage_key(data, training_settings(tcfg))}.safetensors"
-        model, info = models[name] = timer(f"train {name}", ensure_model, path, train, test, tcfg, log)
+        imported = cfg.model.weights.get(name)
+        if imported is None:
+            tcfg = base_train_config(name, cfg)
+            path = out / "models" / f"{name}-{stage_key(data, training_settings(tcfg))}.safetensors"
+            model, info = models[name] = timer(f"train {name}", ensure_model, path, train, test, tcfg, log)
+        else:
+            path = Path(imported)
+            model, info = models[name] = timer(f"import {name}", imported_model, path, test, cfg.train, log)
         where = stages[name] = {"model": str(path)}
-        dkey = stage_key(info.sha256, to_dict(cfg.augment))
+        # A trained model's hash already names its data; an imported one may be applied to other data, so the data
+        # is part of the names of the stages made from it.
+        data_tag = [] if imported is None else [data]
+        dkey = stage_key(info.sha256, to_dict(cfg.augment), *data_tag)
         layer = cfg.model.layer or default_layer(model)
-        sets_dir = out / "evalsets" / f"{name}-{stage_key(info.sha256, attack_settings(cfg.attack))}"
+        sets_dir = out / "evalsets" / f"{name}-{stage_key(info.sha256, attack_settings(cfg.attack), *data_tag)}"
         sets = timer(f"attack {name}", ensure_eval_sets, model, info, test, cfg.attack, sets_dir)
         notes.update({s.name: "transfer" if s.attack["kind"] != "clean" else "clean" for s in sets})
         rows_dir = out / "results" / results_key(cfg, info.sha256, dkey, layer, shards, with_rmc)
@@ -214,7 +236,7 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
         base = BaseModel(name, model, info.sha256, layer, feats, feats_path, cfg.knn)
         res = timer(f"evaluate {name}", evaluate, [base], dprime, sets, cfg.rmc, rows_dir,
                     info.num_classes, with_rmc=with_rmc, ray=ray, workers=workers, shards=shards, batch=batch,
-                    block=block, rmc_n=cfg.attack.rmc_n)
+                    block=block, rmc_n=cfg.attack.rmc_n, dprime_via=dprime_via)
         results.update(res)
         if rows_wanted:
             attack_rows[name] = timer(f"attack rows {name}", evaluate_attacks, base, dprime, sets, cfg.rmc,

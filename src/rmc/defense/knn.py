@@ -12,7 +12,7 @@ import math
 import sys
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Iterator, cast
+from typing import Any, Callable, Iterator, cast
 
 from rmc.cpu import configure_openblas
 
@@ -178,15 +178,16 @@ def build_ivf(vectors: np.ndarray, settings: dict, add_batch: int = 100_000,
     del sample
     if progress is not None:
         progress(0)
-    old = faiss.cvar.product_quantizer_compute_codes_bs
-    faiss.cvar.product_quantizer_compute_codes_bs = PQ_ENCODE_ROWS
+    cvar: Any = faiss.cvar     # FAISS's globals; its type stubs list only some of them
+    old = cvar.product_quantizer_compute_codes_bs
+    cvar.product_quantizer_compute_codes_bs = PQ_ENCODE_ROWS
     try:
         for sl in _chunks(n, add_batch):
             index.add(float32_rows(vectors, sl))
             if progress is not None:
                 progress(sl.stop - sl.start)
     finally:
-        faiss.cvar.product_quantizer_compute_codes_bs = old
+        cvar.product_quantizer_compute_codes_bs = old
     return index
 
 
