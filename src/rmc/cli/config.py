@@ -21,6 +21,7 @@ from rmc.artifacts.dprime import AugmentConfig
 from rmc.attacks.defense_aware import AttackRowsConfig
 from rmc.defense.core import RMCConfig
 from rmc.checks import check_positive
+from rmc.data import DATASETS, DEFAULT_DATASET
 from rmc.errors import RMCError
 from rmc.models.denoising import DenoiseOp
 from rmc.training import TrainConfig
@@ -28,13 +29,14 @@ from rmc.training import TrainConfig
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion-mnist"   # fashion-mnist (embedded default) | mnist | cifar10 | imagefolder | digits
+    dataset: str = DEFAULT_DATASET   # a registered data set (rmc.data.DATASETS): fashion-mnist (embedded default) | mnist | cifar10 | imagefolder | digits
     data_dir: str | None = None      # directory holding the data set; None: fashion-mnist's Debian package path
     image_size: int | None = None    # imagefolder only: resize + centre-crop to this size
 
     def validate(self) -> "DataConfig":
         if not isinstance(self.dataset, str) or not self.dataset:
             raise RMCError(f"data.dataset must name a data set, got {self.dataset!r}")
+        DATASETS[self.dataset]
         if self.image_size is not None:
             check_positive(self.image_size, "data.image_size", integer=True)
         return self

@@ -32,7 +32,7 @@ from rmc.artifacts.evalsets import (
 )
 from rmc.artifacts.features import ensure_features
 from rmc.cli.config import BaseKind, RunConfig, documented_yaml, to_dict, validate_before_work
-from rmc.data import load_dataset
+from rmc.data import DATASETS, load_dataset
 from rmc.errors import RMCError
 from rmc.evaluation.attack_rows import attack_table, evaluate_attacks, wants_attack_rows
 from rmc.evaluation.common import BaseModel, digest
@@ -167,8 +167,8 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
     t_start = time.perf_counter()
     train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size)
     test = load_dataset(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.image_size)
-    if cfg.data.dataset == "digits":
-        cfg.rmc.calib_flip = False   # a flipped digit is another (or no) digit
+    if not DATASETS[cfg.data.dataset].flips:
+        cfg.rmc.calib_flip = False   # e.g. a flipped digit is another (or no) digit
     data = to_dict(cfg.data)
 
     models, stages = {}, {}   # base -> (model, info); base -> the folders of its stages

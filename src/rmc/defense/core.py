@@ -28,6 +28,7 @@ from rmc.defense.forwards import Forward, PlainForward
 from rmc.defense.optim import autocast_context, check_precision, load_optimizer_state, make_optimizer, optimizer_state, split_state
 from rmc.defense.scope import collect_params, configure_model
 from rmc.errors import RMCError
+from rmc.interface import Adaptation
 from rmc.seeding import generator
 
 Hook = Callable[[str | None], None]     # profiling: called with a phase name when that phase's work ends
@@ -211,6 +212,11 @@ class RMC:
         self.static_state = self.state_dict()
         self.steps_done = 0
         self.profile: Hook | None = None
+
+    @property
+    def adaptation(self) -> Adaptation:
+        """Online (the original) or episodic, as configured (rmc.interface.Defense)."""
+        return Adaptation.ONLINE if self.cfg.mode is Mode.ONLINE else Adaptation.EPISODIC
 
     # -- online state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from rmc.artifacts.features import evalset_source
 from rmc.defense import DPrime, Mode, RMCConfig, build_rmc
 from rmc.defense.forwards import compute_path
-from rmc.defense.knn import vote
+from rmc.defense.registry import DEFENSES, STATIC, BuildContext, baselines
 from rmc.defense.optim import check_precision
 from rmc.errors import RMCError
 from rmc.evaluation.anatomy import DriftMeter, confidences, record_fields
@@ -40,7 +40,7 @@ from rmc.io import read_json, write_json
 from rmc.models import extract_features
 from rmc.scaleout.executors import cached, executor, get, handle_key
 
-BASELINES = ("undefended", "deepnn", "webnn")
+BASELINES = tuple(baselines())   # the static model and the kNN votes (rmc.defense.baselines)
 MAX_BLOCK = 16             # inputs per Ray task at most (online streams save their state once per task)
 
 
@@ -107,15 +107,16 @@ def open_set(base: BaseModel, dprime: DPrime, search: NeighbourSearch, eval_set,
     rows = search.all.search(feats, cfg.k)[1]
     job = SetJob(eval_set.name, x, eval_set.labels[:n], None if eval_set.targets is None else eval_set.targets[:n],
                  feats, rows, out_dir / base.name / eval_set.name, stream_fingerprint(base, dprime, eval_set, cfg, n))
-    with torch.no_grad():
-        static_logits = base.model(x)
-        static = static_logits.argmax(1).numpy()
-    labels = dprime.labels.numpy()
-    clean_rows = search.clean.search(feats, min(cfg.k, search.clean.size))[1]
-    preds = {"undefended": static, "deepnn": vote(labels[clean_rows], num_classes),
-             "webnn": vote(labels[rows], num_classes)}
-    out = {name: [job.record(i, p[i]) for i in range(len(x))] for name, p in preds.items()}
-    for i, r in enumerate(out["undefended"]):   # the static model's confidence (rmc report's per-input anatomy)
+    ctx = BuildContext(base.model, base.layer, cfg, dprime, search.all, search.clean, cfg.k, num_classes)
+    out, static_logits = {}, None
+    for name in BASELINES:
+        defense = DEFENSES[name].build(ctx)
+        # A vote over all of D' reads the rows searched above (RMC's neighbours), not a second search.
+        shared = rows if getattr(defense, "index", None) is search.all else None
+        logits = defense.trial(x, feats, rows=shared).logits
+        static_logits = logits if name == STATIC else static_logits
+        out[name] = [job.record(i, p) for i, p in enumerate(logits.argmax(1).tolist())]
+    for i, r in enumerate(out[STATIC]):   # the static model's confidence (rmc report's per-input anatomy)
         r.update(confidences(static_logits[i], r["label"]))
     write_json(job.folder / "baselines.json", {"fingerprint": job.fingerprint, **out})
     return job, out

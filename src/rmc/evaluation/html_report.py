@@ -76,7 +76,7 @@ def tables(run: RunRecords) -> tuple[Table, str]:
             notes[s.name] = s.kind
             continue
         for defense in ATTACK_ROW_DEFENSES:   # the attack rows' columns, as rmc.evaluation.attack_rows
-            if defense in recs and not (s.kind == AWARE and defense != "rmc"):
+            if defense in recs and not (s.kind == AWARE and defense != s.defense):
                 col = row_label(s.base, defense)
                 columns += [col] if col not in columns else []
                 rows.setdefault(f"{s.name} [{s.kind}]", {})[col] = cell_from_records(recs[defense])

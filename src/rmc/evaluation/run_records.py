@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 import yaml
 
+from rmc.attacks.kinds import ATTACK_KINDS
+from rmc.data import class_names
+from rmc.defense.registry import RMC, selectable
 from rmc.errors import RMCError
 from rmc.io import read_json
 
 CLEAN, TRANSFER, AWARE = "clean", "transfer", "defense-aware"
-AWARE_KINDS = ("fpa", "gmsa-avg", "gmsa-min")          # defense-aware attacks (rmc.attacks.defense_aware)
-AWARE_LABELS = {"fpa": "FPA", "gmsa-avg": "GMSA-AVG", "gmsa-min": "GMSA-MIN"}
+AWARE_KINDS = ATTACK_KINDS.names()                      # defense-aware attacks (rmc.attacks.kinds)
 STAGE_KEY = re.compile(r"[0-9a-f]{8}")                  # a stage folder's key (rmc.cli.pipeline.stage_key)
 
 
@@ -42,6 +44,11 @@ class SetInfo:
     def kind(self) -> str:
         k = self.attack.get("kind", "clean" if self.name == "clean" else "")
         return CLEAN if k == "clean" else AWARE if k in AWARE_KINDS else TRANSFER
+
+    @property
+    def defense(self) -> str:
+        """The defense a defense-aware set was crafted against (sets made before others existed: RMC)."""
+        return str(self.attack.get("defense", RMC))
 
     @property
     def eps(self) -> float | None:
@@ -72,7 +79,7 @@ class SetInfo:
         elif k == "transfer-autoattack":
             text = "AutoAttack"
         elif k in AWARE_KINDS:
-            text = f"{AWARE_LABELS[k]} r{a.get('rounds')}"
+            text = f"{ATTACK_KINDS[k].label} r{a.get('rounds')}"
         else:
             text = k or self.name
         if self.attack_row:
@@ -164,9 +171,7 @@ class RunRecords:
 
     @cached_property
     def class_names(self) -> list[str]:
-        from rmc.data.cifar10 import CIFAR10_CLASSES
-        from rmc.data.idx import FASHION_CLASSES
-        return {"fashion-mnist": FASHION_CLASSES, "cifar10": CIFAR10_CLASSES}.get(self.dataset, [])
+        return class_names(self.dataset)
 
     def class_name(self, c: int) -> str:
         return self.class_names[c] if 0 <= c < len(self.class_names) else str(c)
@@ -276,8 +281,23 @@ class RunRecords:
         out = {k: [slim(r) for r in v] for k, v in self.baselines(s).items()}
         rmc = sorted((slim(r) for r in self.rmc(s)), key=lambda r: r["index"])
         if rmc:
-            out["rmc"] = rmc
+            out[RMC] = rmc
+        for name in selectable():
+            batch = sorted((slim(r) for r in self.batch_defense(s, name)), key=lambda r: r["index"])
+            if batch:
+                out[name] = batch
         return out
+
+    def batch_defense(self, s: SetInfo, name: str) -> list[dict]:
+        """The records of a defense evaluated a batch at a time (`<name>.json`, rmc.evaluation.batch_defense);
+        [] if it did not run on this set (and a note if its file is unreadable)."""
+        path = s.folder / f"{name}.json"
+        if name == RMC or not path.exists():
+            return []
+        data = _read_json(path, self.missing)
+        recs = data.get("records") if isinstance(data, dict) else None
+        return [r for r in recs if isinstance(r, dict) and "pred" in r and "label" in r] if isinstance(recs, list) \
+            else []
 
     def incomplete(self) -> list[str]:
         """Sets whose RMC records cover fewer inputs than the set has (a run still under way or stopped)."""
