@@ -18,10 +18,12 @@ from typing import Any
 import yaml
 
 from rmc.artifacts.dprime import AugmentConfig
+from rmc.attacks.batch_aware import BatchRowsConfig
 from rmc.attacks.defense_aware import AttackRowsConfig
-from rmc.defense.core import RMCConfig
 from rmc.checks import check_positive
 from rmc.data import DATASETS, DEFAULT_DATASET
+from rmc.defense.core import RMCConfig
+from rmc.defense.registry import DEFAULT_DEFENSES, DEFENSES, check_defenses
 from rmc.errors import RMCError
 from rmc.models.denoising import DenoiseOp
 from rmc.training import TrainConfig
@@ -29,7 +31,7 @@ from rmc.training import TrainConfig
 
 @dataclass
 class DataConfig:
-    dataset: str = DEFAULT_DATASET   # a registered data set (rmc.data.DATASETS): fashion-mnist (embedded default) | mnist | cifar10 | imagefolder | digits
+    dataset: str = DEFAULT_DATASET   # fashion-mnist (embedded default) | mnist | cifar10 | imagefolder | digits (rmc.data.DATASETS)
     data_dir: str | None = None      # directory holding the data set; None: fashion-mnist's Debian package path
     image_size: int | None = None    # imagefolder only: resize + centre-crop to this size
 
@@ -137,6 +139,7 @@ class VisualizeConfig:
 
 @dataclass
 class RunConfig:
+    defenses: list[str] = field(default_factory=lambda: list(DEFAULT_DEFENSES))   # the defenses evaluated beside the static model and the kNN votes (rmc.defense.registry; `rmc run --help` lists them), each a column of every table
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -144,7 +147,17 @@ class RunConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     rmc: RMCConfig = field(default_factory=RMCConfig)
     attack_rows: AttackRowsConfig = field(default_factory=AttackRowsConfig)   # the attack rows (transfer / defense-aware)
+    batch_rows: BatchRowsConfig = field(default_factory=BatchRowsConfig)   # defense-aware rows against batch defenses (DENT)
     visualize: VisualizeConfig = field(default_factory=VisualizeConfig)
+
+    def validate(self) -> "RunConfig":
+        self.defenses = check_defenses(self.defenses)
+        return self
+
+    def settings(self, defense: str):
+        """A defense's section of the configuration (None for one without settings)."""
+        section = DEFENSES[defense].settings
+        return None if section is None else getattr(self, section)
 
 
 # The dataclasses' defaults are the original's values. A preset lists only where it departs from them, each with why.
@@ -174,6 +187,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attack_rows.autoattack": True,         # and the transfer AutoAttack row
     },
 }
+
+
+# Keys of the configuration that are values, not sections.
+TOP_KEYS = ("defenses",)
 
 
 def _comments(cls) -> dict[str, str]:
@@ -293,6 +310,9 @@ def load_config(path: str | Path | None = None, preset: str = "default",
         if not isinstance(loaded, dict):
             raise RMCError(f"config {path} must be a mapping of sections (data, train, rmc, ...)")
         for section, values in loaded.items():
+            if section in TOP_KEYS:
+                _set(tree, section, values)
+                continue
             if not isinstance(values, dict):
                 raise RMCError(f"config {path}: section {section!r} must be a mapping")
             for key, value in values.items():
@@ -315,8 +335,13 @@ def to_dict(cfg) -> dict:
 def documented_yaml(cfg: RunConfig) -> str:
     """The config as YAML, every key followed by the comment from its definition."""
     lines = ["# rmc run configuration. Every key, its value and what it does. CLI: --set section.key=value"]
+    top = _comments(RunConfig)
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
+        if f.name in TOP_KEYS:
+            dumped = yaml.safe_dump(to_dict(section), default_flow_style=True).strip()
+            lines.append(f"{f.name}: {dumped}   # {top[f.name]}")
+            continue
         notes = _comments(type(section))
         lines.append(f"\n{f.name}:")
         for key, value in to_dict(section).items():
@@ -329,11 +354,11 @@ def validate_before_work(cfg: RunConfig) -> None:
     """What `rmc run` can only know from the data, checked before anything is trained or written (config.yaml
     included): the data sets load, every class has images, |D'| (from the training set's size and augment.*)
     holds rmc.k neighbours, the test set holds attack.n inputs, the model has model.layer."""
+    import torch
+
     from rmc.data import load_dataset
     from rmc.models import build_model, default_layer
     from rmc.models.features import get_layer
-
-    import torch
     if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
         raise RMCError(f"train.device = {cfg.train.device!r} but CUDA is not available here; set train.device: cpu")
     train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size)

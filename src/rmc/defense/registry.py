@@ -8,7 +8,7 @@ The static model and the kNN votes are always evaluated beside the selected defe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,32 +44,41 @@ class DefenseSpec:
     label: str                                  # its rows / columns in tables ("Adv. trained + " is prefixed)
     colour: str                                 # its lines in the report's figures (matplotlib colour)
     adaptation: Adaptation                      # how it adapts by default (an instance says for its settings)
-    build: Callable[[BuildContext], Defense]    # the defense for one base model
+    builder: str                                # "module:function" taking a BuildContext (imported when first used)
     selectable: bool = True                     # named in `defenses: [...]`; else always evaluated (baselines)
     settings: str | None = None                 # its section of the run configuration (`rmc run --print-config`)
 
+    def build(self, context: BuildContext) -> Defense:
+        """The defense for one base model."""
+        module, _, function = self.builder.partition(":")
+        return getattr(importlib.import_module(module), function)(context)
 
-def _rmc(c: BuildContext) -> Defense:
-    from rmc.defense import build_rmc
-    return build_rmc(c.model, c.need_dprime("RMC"), c.index, c.settings, c.layer)
+
+def build_rmc(c: BuildContext) -> Defense:
+    from rmc.defense import build_rmc as build
+    return build(c.model, c.need_dprime("RMC"), c.index, c.settings, c.layer)
 
 
-def _vote(which: str) -> Callable[[BuildContext], Defense]:
-    def build(c: BuildContext) -> Defense:
-        dprime = c.need_dprime("a neighbour vote")
-        return NeighbourVote(c.model, c.clean_index if which == "clean" else c.index, dprime.labels.numpy(),
-                             c.k, c.num_classes)
-    return build
+def build_static(c: BuildContext) -> Defense:
+    return StaticModel(c.model)
+
+
+def build_deepnn(c: BuildContext) -> Defense:
+    return NeighbourVote(c.model, c.clean_index, c.need_dprime("DeepNN").labels.numpy(), c.k, c.num_classes)
+
+
+def build_webnn(c: BuildContext) -> Defense:
+    return NeighbourVote(c.model, c.index, c.need_dprime("WebNN").labels.numpy(), c.k, c.num_classes)
 
 
 STATIC = "undefended"                     # the base model alone: the first row, and the static column of every table
 RMC = "rmc"                               # the defense this package is about (its own figures: drift, anatomy, purity)
 
 DEFENSES: Registry[DefenseSpec] = Registry("defense", [
-    DefenseSpec(STATIC, "None", "tab:gray", Adaptation.STATIC, lambda c: StaticModel(c.model), selectable=False),
-    DefenseSpec("deepnn", "DeepNN", "tab:blue", Adaptation.STATIC, _vote("clean"), selectable=False),
-    DefenseSpec("webnn", "WebNN", "tab:green", Adaptation.STATIC, _vote("all"), selectable=False),
-    DefenseSpec(RMC, "RMC", "tab:red", Adaptation.ONLINE, _rmc, settings="rmc"),
+    DefenseSpec(STATIC, "None", "tab:gray", Adaptation.STATIC, f"{__name__}:build_static", selectable=False),
+    DefenseSpec("deepnn", "DeepNN", "tab:blue", Adaptation.STATIC, f"{__name__}:build_deepnn", selectable=False),
+    DefenseSpec("webnn", "WebNN", "tab:green", Adaptation.STATIC, f"{__name__}:build_webnn", selectable=False),
+    DefenseSpec(RMC, "RMC", "tab:red", Adaptation.ONLINE, f"{__name__}:build_rmc", settings="rmc"),
 ])
 
 DEFAULT_DEFENSES = ("rmc",)               # what a run evaluates unless told otherwise
@@ -91,12 +100,14 @@ def check_defenses(names) -> list[str]:
     if not isinstance(names, (list, tuple)) or not names:
         raise RMCError(f"defenses must list one or more of {', '.join(selectable())}; got {names!r}")
     for n in names:
-        if not DEFENSES[str(n)].selectable:
+        if n not in DEFENSES:
+            raise RMCError(f"unknown defense {n!r}; choose from {', '.join(selectable())}")
+        if not DEFENSES[n].selectable:
             raise RMCError(f"{n!r} is always evaluated beside the defenses; choose from {', '.join(selectable())}")
     if len(set(names)) != len(names):
         raise RMCError(f"defenses repeats an entry ({list(names)}); give each once")
     return [d for d in selectable() if d in names]
 
 
-__all__ = ["DEFAULT_DEFENSES", "DEFENSES", "RMC", "STATIC", "BuildContext", "DefenseSpec", "baselines", "check_defenses",
-           "selectable"]
+__all__ = ["DEFAULT_DEFENSES", "DEFENSES", "RMC", "STATIC", "BuildContext", "DefenseSpec", "baselines",
+           "check_defenses", "selectable"]

@@ -18,20 +18,23 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
 from rmc.artifacts.evalsets import EvalSet, list_eval_sets, load_eval_sets, save_eval_sets
 from rmc.artifacts.features import evalset_source
+from rmc.attacks.batch_aware import BatchRowsConfig, batch_lane
 from rmc.attacks.defense_aware import LABELS, AttackRowsConfig, initial_candidates
 from rmc.defense import build_rmc
 from rmc.defense.config import Mode, RMCConfig
 from rmc.defense.dprime import DPrime
+from rmc.defense.registry import DEFENSES, RMC, STATIC, selectable
 from rmc.errors import RMCError
-from rmc.evaluation.common import BaseModel, NeighbourSearch
+from rmc.evaluation import batch_defense
 from rmc.evaluation.aware_stream import AwareStream
+from rmc.evaluation.common import BaseModel, NeighbourSearch, digest
 from rmc.evaluation.driver import evaluate_set
 from rmc.evaluation.report import Table, cell_from_records, row_label
 
@@ -44,7 +47,7 @@ class AttackRow:
     name: str                                   # evaluation-set name (its folder under results/<base>/)
     label: str                                  # row label in the table (same for every base model)
     kind: str                                   # "transfer", "defense-aware" or "worst case"
-    records: dict[str, list[dict]]              # "undefended" / "rmc" -> per-example records
+    records: dict[str, list[dict]]              # defense ("undefended", "rmc", ...) -> per-example records
     info: dict = field(default_factory=dict)    # settings, agreement of the re-score with the attack, seconds
 
 
@@ -124,12 +127,15 @@ def _cached_set(folder: Path, name: str, base: BaseModel, meta: dict) -> EvalSet
 
 def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], cfg: RMCConfig, acfg: AttackRowsConfig,
                      out_dir: str | Path, num_classes: int, clean_records: dict[str, list[dict]] | None = None,
-                     progress: bool = True, log: Callable[[str], None] = print) -> list[AttackRow]:
+                     progress: bool = True, log: Callable[[str], None] = print, defenses: Sequence[str] = (RMC,),
+                     settings: dict[str, Any] | None = None, brows: BatchRowsConfig | None = None) -> list[AttackRow]:
     """The attack rows for one base model, in table order, ending with the worst case per input.
 
     `sets` must include the clean set (the attacks start from its inputs; the first `acfg.n` of them).
     `clean_records` ({"undefended": ..., "rmc": ...} from the clean set's evaluation), if given, joins the worst
-    case: an unperturbed input lies in every eps-ball, so a clean mistake is a successful attack."""
+    case: an unperturbed input lies in every eps-ball, so a clean mistake is a successful attack.
+    `defenses`: the columns beside the static model (rmc.defense.registry); `settings[name]`: each batch
+    defense's settings (RMC's are `cfg`); `brows`: how the batch defenses' defense-aware rows run."""
     out_dir = Path(out_dir)
     clean = clean_set(sets)
     n = len(clean) if acfg.n is None else min(acfg.n, len(clean))   # the row labels state N
@@ -143,9 +149,16 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
     base.model.eval()
     rows: list[AttackRow] = []
 
+    batch = batch_defense.batch_defenses(defenses)
+    settings, brows = settings or {}, brows or BatchRowsConfig()
+
     def score(s: EvalSet) -> dict[str, list[dict]]:
-        res = evaluate_set(base, dprime, search, s, cfg, out_dir, num_classes, progress=progress)   # a fresh RMC run
-        return {"undefended": res["undefended"], "rmc": res["rmc"]}
+        res = evaluate_set(base, dprime, search, s, cfg, out_dir, num_classes, with_rmc=RMC in defenses,
+                           progress=progress)   # a fresh RMC run
+        out = {d: res[d] for d in (STATIC, RMC) if d in res}
+        for name in batch:
+            out[name] = batch_defense.evaluate_set(name, settings[name], base, s, out_dir)
+        return out
 
     def ensure(name: str, meta: dict, make: Callable[[], torch.Tensor]) -> EvalSet:
         s = _cached_set(sets_dir, name, base, meta)
@@ -174,10 +187,10 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
                     lambda: autoattack(base.model, x, y, acfg.eps, num_classes, seed=acfg.seed))
         rows.append(AttackRow(aa.name, labels["transfer-autoattack"], TRANSFER, score(aa),
                               {"seconds": round(time.perf_counter() - t0, 1)}))
-    if acfg.rand_n:
+    if acfg.rand_n and RMC in defenses:
         rows.append(_rand_row(base, dprime, search, clean, cfg, acfg, n, num_classes, names["rand-autoattack"],
                               labels["rand-autoattack"], sets_dir, score, log))
-    aware = [(kind, protocol) for kind in acfg.attacks for protocol in acfg.protocols]
+    aware = [(kind, protocol) for kind in acfg.attacks for protocol in acfg.protocols] if RMC in defenses else []
     metas = {a: _aware_meta(*a, clean, base, cfg, acfg, n) for a in aware}
     pending = {a: AwareStream(*a, names[aware_key(*a)], base, dprime, search, x, y, cfg, acfg,
                               out_dir / base.name / names[aware_key(*a)], evalset_source(clean))
@@ -189,6 +202,9 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
         stream = pending.get(a)
         made = ensure(name, metas[a], lambda: stream.adv)   # noqa: B023 (called at once)
         rows.append(_aware_row(*a, made, labels[aware_key(*a)], out_dir / base.name / name, n, acfg, score))
+    for name in batch:
+        rows += _batch_aware_rows(name, settings[name], base, clean, x, y, acfg, brows, n, num_classes, out_dir,
+                                  sets_dir, progress, log)
     rows.append(worst_case(rows, clean_records, n))
     _figure(rows, acfg, out_dir / base.name / "rounds.png", base.name, log)
     return rows
@@ -234,9 +250,10 @@ def _aware_row(kind, protocol, made: EvalSet, label: str, folder: Path, n: int, 
     attack_s = sum(a.get("seconds", 0) for a in attack_records)
     info = {"seconds": round(attack_s + time.perf_counter() - t0, 1), "attack_seconds": round(attack_s, 1),
             "rescore_agrees": agree, "n": n, "kind": kind, "protocol": protocol, "rounds": acfg.rounds,
-            "attack_records": attack_records, "rounds_run": sum(a.get("rounds", 0) for a in attack_records)}
+            "attack_records": attack_records, "rounds_run": sum(a.get("rounds", 0) for a in attack_records),
+            "defense": RMC}
     # The static model's accuracy on a sequence crafted against RMC is no attack on it: RMC column only.
-    return AttackRow(made.name, label, AWARE, {"rmc": records["rmc"]}, info)
+    return AttackRow(made.name, label, AWARE, {RMC: records[RMC]}, info)
 
 
 def _rand_row(base, dprime, search, clean, cfg, acfg, n, num_classes, name, label, sets_dir, score, log) -> AttackRow:
@@ -264,7 +281,7 @@ def _rand_row(base, dprime, search, clean, cfg, acfg, n, num_classes, name, labe
 
 
 def _figure(rows, acfg, path: Path, base_name: str, log) -> None:
-    curves = {r.label.split(" (")[0]: (r.info["attack_records"], r.records["rmc"]) for r in rows
+    curves = {_short(r): (r.info["attack_records"], r.records[r.info.get("defense", RMC)]) for r in rows
               if r.kind == AWARE and "attack_records" in r.info}
     if curves:
         from rmc.evaluation.rounds_figure import save_rounds_figure
@@ -272,10 +289,67 @@ def _figure(rows, acfg, path: Path, base_name: str, log) -> None:
         log(f"  {base_name}: per-round accuracy figure {path}")
 
 
+def _columns(rows: Sequence[AttackRow]) -> list[str]:
+    """The defenses with a column in these rows: the static model and the selectable defenses, in registry order."""
+    present = {d for r in rows for d in r.records}
+    return [d for d in (STATIC, *selectable()) if d in present]
+
+
+def _short(r: AttackRow) -> str:
+    """A row's label without its settings (a row against another defense than RMC names it)."""
+    return r.label.split(" (")[0]
+
+
+def _batch_aware_rows(name: str, settings: Any, base: BaseModel, clean: EvalSet, x: torch.Tensor, y: torch.Tensor,
+                      acfg: AttackRowsConfig, brows: BatchRowsConfig, n: int, num_classes: int, out_dir: Path,
+                      sets_dir: Path, progress: bool, log: Callable[[str], None]) -> list[AttackRow]:
+    """The defense-aware rows against the batch defense `name` (rmc.attacks.batch_aware), each re-scored by a fresh
+    pass over the same batches."""
+    rows = []
+    label_name = DEFENSES.label(name)
+    for kind in acfg.attacks:
+        for protocol in acfg.protocols:
+            lane = batch_lane(brows, acfg, protocol)
+            meta = _attack_meta(clean, base, n, kind=kind, protocol=protocol, defense=name, eps=acfg.eps,
+                                steps=lane.steps, step_size=acfg.resolved_step_size, restarts=lane.restarts,
+                                targeted_runs=lane.targeted, rounds=brows.rounds, reorder=brows.reorder,
+                                fallback=lane.fallback, attack_seed=acfg.seed, **{name: asdict(settings)})
+            set_name = (f"{name}-{kind}-{protocol}-r{brows.rounds}-pgd{lane.steps}-eps{_num(acfg.eps)}-"
+                        f"{digest(meta)[:6]}")
+            folder = out_dir / base.name / set_name
+            t0 = time.perf_counter()
+            made = _cached_set(sets_dir, set_name, base, meta)
+            stream = batch_defense.BatchAwareStream(name, settings, kind, protocol, base, x, y, acfg, brows, folder,
+                                                    evalset_source(clean), num_classes)
+            runs = lane.restarts + (num_classes - 1 if lane.targeted else 0)
+            label = (f"{LABELS[kind]} [{protocol}] against {label_name} ({brows.rounds} rounds per batch of "
+                     f"{settings.batch_size} of {runs} PGD-{lane.steps} runs" + (" x models" if kind == "gmsa-min"
+                                                                                  else "")
+                     + f", margin, step {_num(acfg.resolved_step_size)}"
+                     + (", per-input pick + chen2022 fallback" if lane.fallback else
+                        ", per-input pick" if lane.compose else ", lowest batch accuracy")
+                     + (", reordered" if brows.reorder else "") + f", N={n})")
+            if made is None:
+                log(f"  {base.name}: {label}")
+                stream.run(progress, f"{label_name} {kind} [{protocol}] {base.name}")
+                made = EvalSet(set_name, stream.adv.contiguous(), y.clone(), None, clean.indices[:n].clone(), meta)
+                save_eval_sets(sets_dir, [made])
+            attack_records = stream.records
+            records = batch_defense.evaluate_set(name, settings, base, made, out_dir, reorder=brows.reorder)
+            agree = sum(a["pred"] == r["pred"] for a, r in zip(attack_records, records))
+            attack_s = sum(a.get("seconds", 0) for a in attack_records)
+            info = {"seconds": round(attack_s + time.perf_counter() - t0, 1), "attack_seconds": round(attack_s, 1),
+                    "rescore_agrees": agree, "n": n, "kind": kind, "protocol": protocol, "rounds": brows.rounds,
+                    "attack_records": attack_records, "defense": name,
+                    "rounds_run": sum(a.get("rounds", 0) for a in attack_records)}
+            rows.append(AttackRow(set_name, label, AWARE, {name: records}, info))
+    return rows
+
+
 def worst_case(rows: Sequence[AttackRow], clean_records: dict[str, list[dict]] | None, n: int) -> AttackRow:
     """Per input: correct only if correct in every row (and clean, if given); else the first wrong prediction."""
     out: dict[str, list[dict]] = {}
-    for defense in ("undefended", "rmc"):
+    for defense in _columns(rows):
         sources = [r.records[defense] for r in rows if defense in r.records]
         if clean_records and defense in clean_records:
             sources.append(clean_records[defense][:n])
@@ -317,18 +391,18 @@ def attack_table(rows_by_base: dict[str, list[AttackRow]]) -> Table:
     rows: dict = {}
     checks, times = [], []
     for base, attack_rows in rows_by_base.items():
-        for defense in ("undefended", "rmc"):
+        for defense in _columns(attack_rows):
             columns.append(row_label(base, defense))
         for r in attack_rows:
             label = f"{r.label} [{r.kind}]"
             for defense, records in r.records.items():
                 rows.setdefault(label, {})[row_label(base, defense)] = cell_from_records(records)
-            short = r.label.split(" (")[0]
+            short, who = _short(r).split(" against ")[0], row_label(base, r.info.get("defense", RMC))
             if "rescore_agrees" in r.info:
-                checks.append(f"{row_label(base, 'rmc')} / {short}: {r.info['rescore_agrees']} of "
+                checks.append(f"{who} / {short}: {r.info['rescore_agrees']} of "
                               f"{r.info['n']}, {r.info['rounds_run']} rounds")
             if "seconds" in r.info:
-                times.append(f"{row_label(base, 'rmc')} / {short}: {r.info['seconds']:.0f} s")
+                times.append(f"{who} / {short}: {r.info['seconds']:.0f} s")
     notes = list(NOTES)
     if checks:
         notes.append("Fresh re-score agrees with the attack's own verdict on: " + "; ".join(checks) + ".")

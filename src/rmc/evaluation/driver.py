@@ -108,16 +108,15 @@ def open_set(base: BaseModel, dprime: DPrime, search: NeighbourSearch, eval_set,
     job = SetJob(eval_set.name, x, eval_set.labels[:n], None if eval_set.targets is None else eval_set.targets[:n],
                  feats, rows, out_dir / base.name / eval_set.name, stream_fingerprint(base, dprime, eval_set, cfg, n))
     ctx = BuildContext(base.model, base.layer, cfg, dprime, search.all, search.clean, cfg.k, num_classes)
-    out, static_logits = {}, None
+    logits = {}
     for name in BASELINES:
         defense = DEFENSES[name].build(ctx)
         # A vote over all of D' reads the rows searched above (RMC's neighbours), not a second search.
         shared = rows if getattr(defense, "index", None) is search.all else None
-        logits = defense.trial(x, feats, rows=shared).logits
-        static_logits = logits if name == STATIC else static_logits
-        out[name] = [job.record(i, p) for i, p in enumerate(logits.argmax(1).tolist())]
+        logits[name] = defense.trial(x, feats, rows=shared).logits
+    out = {name: [job.record(i, p) for i, p in enumerate(v.argmax(1).tolist())] for name, v in logits.items()}
     for i, r in enumerate(out[STATIC]):   # the static model's confidence (rmc report's per-input anatomy)
-        r.update(confidences(static_logits[i], r["label"]))
+        r.update(confidences(logits[STATIC][i], r["label"]))
     write_json(job.folder / "baselines.json", {"fingerprint": job.fingerprint, **out})
     return job, out
 

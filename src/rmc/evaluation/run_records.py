@@ -22,7 +22,7 @@ import yaml
 
 from rmc.attacks.kinds import ATTACK_KINDS
 from rmc.data import class_names
-from rmc.defense.registry import RMC, selectable
+from rmc.defense.registry import DEFENSES, RMC, STATIC, selectable
 from rmc.errors import RMCError
 from rmc.io import read_json
 
@@ -240,7 +240,10 @@ class RunRecords:
 
     # -- records -----------------------------------------------------------------------------------------
     def baselines(self, s: SetInfo) -> dict[str, list[dict]]:
-        """{"undefended"|"deepnn"|"webnn": records} of a set ({} and a note if missing)."""
+        """{"undefended"|"deepnn"|"webnn": records} of a set ({} and a note if missing). A set crafted against a
+        batch defense has none: only that defense scores it (rmc.evaluation.batch_defense)."""
+        if self.batch_scored(s):
+            return {}
         data = _read_json(s.folder / "baselines.json", self.missing) if s.folder.is_dir() else None
         return {k: v for k, v in (data or {}).items() if isinstance(v, list)}
 
@@ -305,11 +308,17 @@ class RunRecords:
         for s in self.sets:
             if not s.folder.is_dir():
                 continue
-            n = s.n or len(self.baselines(s).get("undefended", []))
-            done = sum(1 for _ in self.rmc(s))
+            n = s.n or len(self.baselines(s).get(STATIC, []))
+            who = s.defense if self.batch_scored(s) else RMC
+            done = len(self.batch_defense(s, who)) if self.batch_scored(s) else sum(1 for _ in self.rmc(s))
             if n and done < n:
-                out.append(f"{s.folder.relative_to(self.root)}/: RMC has {done} of {n} inputs")
+                out.append(f"{s.folder.relative_to(self.root)}/: {DEFENSES.label(who)} has {done} of {n} inputs")
         return out
+
+    @staticmethod
+    def batch_scored(s: SetInfo) -> bool:
+        """A defense-aware set crafted against another defense than RMC: scored by that defense alone."""
+        return s.kind == AWARE and s.defense != RMC
 
     # -- images ------------------------------------------------------------------------------------------
     def images(self, s: SetInfo, indices: list[int]) -> torch.Tensor | None:

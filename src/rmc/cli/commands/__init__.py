@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from rmc.attacks.kinds import ATTACK_KINDS, PROTOCOLS
 from rmc.errors import RMCError
 
 
@@ -46,10 +47,9 @@ def add_model_and_data_arguments(p: argparse.ArgumentParser) -> None:
 
 def model_and_split(args, split: str):
     """The model named by --model (on --device) and the `split` of --dataset, default the model's own data set."""
+    from rmc.artifacts.provenance import check_model_data
     from rmc.data import load_dataset
     from rmc.training import resolve_device
-
-    from rmc.artifacts.provenance import check_model_data
 
     model, info = load_model(args, resolve_device(args.device))
     dataset = args.dataset or info.dataset
@@ -105,10 +105,10 @@ def add_attack_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of the attack rows (evaluate, run); they override the config's `attack_rows` section."""
     g = p.add_argument_group("attack rows", "transfer PGD (always), transfer AutoAttack and the defense-aware "
                              "attacks FPA / GMSA-AVG / GMSA-MIN against RMC under each protocol; the config's attack_rows section")
-    g.add_argument("--attacks", nargs="+", metavar="ATTACK",
-                   choices=["fpa", "gmsa-avg", "gmsa-min", "autoattack", "none"],
-                   help="rows beside transfer PGD: fpa gmsa-avg gmsa-min autoattack, or none (default: gmsa-min)")
-    g.add_argument("--protocols", nargs="+", metavar="PROTOCOL", choices=["chen2022", "strong"],
+    kinds = [*ATTACK_KINDS.names(), "autoattack"]
+    g.add_argument("--attacks", nargs="+", metavar="ATTACK", choices=[*kinds, "none"],
+                   help=f"rows beside transfer PGD: {' '.join(kinds)}, or none (default: gmsa-min)")
+    g.add_argument("--protocols", nargs="+", metavar="PROTOCOL", choices=PROTOCOLS.names(),
                    help="protocols of the defense-aware attacks: chen2022 (Chen et al., ICLR 2022, as they ran it) "
                         "and/or strong (every choice that strengthens it); default: both (attack_rows.protocols)")
     g.add_argument("--rand-n", type=int, metavar="N",

@@ -3,10 +3,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rmc.cli.commands import (add_device_argument, add_shared_arguments, attack_overrides, check_ray_arguments,
-                              check_ray_device)
+from rmc.cli.commands import (
+    add_device_argument,
+    add_shared_arguments,
+    attack_overrides,
+    check_ray_arguments,
+    check_ray_device,
+)
 from rmc.cli.config import PRESETS, documented_yaml, load_config, parse_override
 from rmc.cli.pipeline import run_pipeline
+from rmc.defense.registry import DEFAULT_DEFENSES, selectable
 from rmc.errors import RMCError
 
 DEFAULT_SWEEP_STEPS = 10   # PGD steps of --eps-sweep when attack.pgd is empty
@@ -23,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, help="test inputs per evaluation set (attack.n)")
     p.add_argument("--rmc-n", type=int, help="RMC on the first N of them (attack.rmc_n; default: all)")
     p.add_argument("--mode", choices=["online", "episodic"], help="RMC mode (rmc.mode)")
+    p.add_argument("--defenses", nargs="+", choices=selectable(), metavar="DEFENSE",
+                   help=f"defenses evaluated beside the static model and the kNN votes, each a column of every table: "
+                        f"{', '.join(selectable())} (defenses; default: {' '.join(DEFAULT_DEFENSES)})")
     p.add_argument("--bases", nargs="+", choices=["standard", "adversarial", "denoising"],
                    help="base models, each alone and + RMC with its own D' (model.bases; default: standard)")
     p.add_argument("--adversarial-base", action="store_true",
@@ -60,6 +69,8 @@ def main(args) -> int:
         overrides.append(("rmc.mode", args.mode))
     if args.bases:
         overrides.append(("model.bases", args.bases))
+    if args.defenses:
+        overrides.append(("defenses", args.defenses))
     if args.device:
         overrides.append(("train.device", args.device))
     overrides += attack_overrides(args)
