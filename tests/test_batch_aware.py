@@ -12,6 +12,7 @@ import torch
 from rmc.attacks import batch_aware as ba
 from rmc.attacks.batch_aware import BatchRowsConfig, attack_batch, batch_order, error, margin_loss, true_margin
 from rmc.attacks.defense_aware import AttackRowsConfig, ModelSet
+from rmc.defense.dent import Dent, DentConfig
 from rmc.errors import RMCError
 from rmc.evaluation.batch_defense import run_batches
 from rmc.interface import Adaptation, Defense
@@ -63,7 +64,7 @@ class BatchStats:
         pass
 
 
-FACTORIES = {"batch-stats": lambda model: BatchStats(model)}
+FACTORIES = {"batch-stats": lambda model: BatchStats(model), "dent": lambda model: Dent(model, DentConfig())}
 
 
 @pytest.fixture(params=sorted(FACTORIES))

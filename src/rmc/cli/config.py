@@ -23,6 +23,7 @@ from rmc.attacks.defense_aware import AttackRowsConfig
 from rmc.checks import check_positive
 from rmc.data import DATASETS, DEFAULT_DATASET
 from rmc.defense.core import RMCConfig
+from rmc.defense.dent import DentConfig
 from rmc.defense.registry import DEFAULT_DEFENSES, DEFENSES, check_defenses
 from rmc.errors import RMCError
 from rmc.models.denoising import DenoiseOp
@@ -146,6 +147,7 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     rmc: RMCConfig = field(default_factory=RMCConfig)
+    dent: DentConfig = field(default_factory=DentConfig)   # DENT's settings (rmc.defense.dent), when `defenses` names it
     attack_rows: AttackRowsConfig = field(default_factory=AttackRowsConfig)   # the attack rows (transfer / defense-aware)
     batch_rows: BatchRowsConfig = field(default_factory=BatchRowsConfig)   # defense-aware rows against batch defenses (DENT)
     visualize: VisualizeConfig = field(default_factory=VisualizeConfig)

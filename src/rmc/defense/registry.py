@@ -79,6 +79,7 @@ DEFENSES: Registry[DefenseSpec] = Registry("defense", [
     DefenseSpec("deepnn", "DeepNN", "tab:blue", Adaptation.STATIC, f"{__name__}:build_deepnn", selectable=False),
     DefenseSpec("webnn", "WebNN", "tab:green", Adaptation.STATIC, f"{__name__}:build_webnn", selectable=False),
     DefenseSpec(RMC, "RMC", "tab:red", Adaptation.ONLINE, f"{__name__}:build_rmc", settings="rmc"),
+    DefenseSpec("dent", "DENT", "tab:purple", Adaptation.BATCH, "rmc.defense.dent:build", settings="dent"),
 ])
 
 DEFAULT_DEFENSES = ("rmc",)               # what a run evaluates unless told otherwise
