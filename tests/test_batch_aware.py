@@ -197,7 +197,7 @@ def test_chen2022_keeps_the_clean_batch_unless_a_round_lowers_the_batch_accuracy
     res = attack_batch(make(tiny_trained), tiny_trained, x, y, "fpa", "chen2022", AttackRowsConfig(eps=0.3), brows, 10)
     accs = [r.accuracy for r in res.rounds]
     clean = float((make(tiny_trained).trial(x).logits.argmax(1) == y).float().mean())
-    got = float(np.mean([p == int(t) for p, t in zip(res.predictions, y)]))
+    got = float(np.mean([p == int(t) for p, t in zip(res.predictions, y, strict=True)]))
     assert min(accs) < clean and got == min(accs)          # the lowest batch accuracy over the rounds
     first = accs.index(min(accs)) + 1
     assert set(res.chosen_round) == {first} and torch.equal(res.x_adv, res.rounds[first - 1].candidate)
@@ -211,7 +211,7 @@ def test_strong_is_never_weaker_than_chen2022_on_a_batch(tiny_trained, digits, m
         acc = {}
         for protocol in ("chen2022", "strong"):
             res = attack_batch(make(tiny_trained), tiny_trained, x, y, "fpa", protocol, acfg, brows, 10)
-            acc[protocol] = float(np.mean([p == int(t) for p, t in zip(res.predictions, y)]))
+            acc[protocol] = float(np.mean([p == int(t) for p, t in zip(res.predictions, y, strict=True)]))
         assert acc["strong"] <= acc["chen2022"], (start, acc)
 
 

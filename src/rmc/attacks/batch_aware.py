@@ -45,11 +45,13 @@ from rmc.seeding import generator
 
 @dataclass
 class BatchRowsConfig:
-    rounds: int = 3                  # rounds per test batch: candidate batch -> the defense adapts -> restored (Chen et al. on DENT: 3)
+    rounds: int = 3                  # rounds per test batch: candidate batch -> the defense adapts -> restored
+                                     # (Chen et al. on DENT: 3)
     steps: int = 100                 # PGD iterations per run (Chen et al. on DENT: 100; GMSA-MIN: x the models)
     restarts: int = 5                # untargeted PGD runs per round from random starts (Chen et al. on DENT: 5)
     targeted: bool = True            # also one targeted run towards each other class per round (Chen et al.: yes)
-    reorder: bool = False            # sort the inputs by label within windows of two batches first (Chen et al.'s REORDER, off by default)
+    reorder: bool = False            # sort the inputs by label within windows of two batches first (Chen et al.'s
+                                     # REORDER, off by default)
 
     def __post_init__(self):
         for name in ("rounds", "steps", "restarts"):

@@ -32,7 +32,8 @@ from rmc.training import TrainConfig
 
 @dataclass
 class DataConfig:
-    dataset: str = DEFAULT_DATASET   # fashion-mnist (embedded default) | mnist | cifar10 | imagefolder | digits (rmc.data.DATASETS)
+    dataset: str = DEFAULT_DATASET   # fashion-mnist (embedded default) | mnist | cifar10 | imagefolder | digits
+                                     # (rmc.data.DATASETS)
     data_dir: str | None = None      # directory holding the data set; None: fashion-mnist's Debian package path
     image_size: int | None = None    # imagefolder only: resize + centre-crop to this size
 
@@ -54,7 +55,9 @@ class BaseKind(str, enum.Enum):
 @dataclass
 class ModelConfig:
     layer: str | None = None         # hidden layer for the neighbour search; None: the architecture's default
-    bases: list[str] = field(default_factory=lambda: ["standard"])   # base models (standard | adversarial | denoising): each gets its own D', features and evaluation sets, and a row alone and one + RMC
+    bases: list[str] = field(default_factory=lambda: ["standard"])   # base models (standard | adversarial | denoising):
+                                                                     # each gets its own D', features and evaluation
+                                                                     # sets, and a row alone and one + RMC
     denoise_op: str = "nonlocal"     # the denoising base's operation: nonlocal (Xie et al.'s best) | mean | median
 
     def validate(self) -> "ModelConfig":
@@ -63,9 +66,6 @@ class ModelConfig:
             raise RMCError(f"model.bases must list distinct base models among {kinds}, got {self.bases!r}")
         if self.denoise_op not in [o.value for o in DenoiseOp]:
             raise RMCError(f"model.denoise_op must be one of {[o.value for o in DenoiseOp]}, got {self.denoise_op!r}")
-        return self
-
-    def validate(self) -> "ModelConfig":
         if self.layer is not None and (not isinstance(self.layer, str) or not self.layer):
             raise RMCError(f"model.layer must be a layer name (`rmc layers` lists them) or null, got {self.layer!r}")
         return self
@@ -80,7 +80,8 @@ class AttackConfig:
     fgsm_eps: list[float] = field(default_factory=list)   # FGSM sets, one per eps
     pgd: list[list[float]] = field(default_factory=lambda: [[10, 0.1], [10, 0.2]])   # PGD sets: [steps, eps] pairs
     pgd_step_size: float | None = None   # PGD step size; None: 2.5 * eps / steps (Madry et al.)
-    untargeted: bool | list = True   # an untargeted set (moves away from the true label) per PGD setting; or a list of [steps, eps] pairs of attack.pgd that get one
+    untargeted: bool | list = True   # an untargeted set (moves away from the true label) per PGD setting; or a list of
+                                     # [steps, eps] pairs of attack.pgd that get one
     targeted: bool = True            # a targeted set per PGD setting (random wrong class, fixed by the seed)
     seed: int = 0                    # picks the test inputs, random starts and targets
 
@@ -140,16 +141,23 @@ class VisualizeConfig:
 
 @dataclass
 class RunConfig:
-    defenses: list[str] = field(default_factory=lambda: list(DEFAULT_DEFENSES))   # the defenses evaluated beside the static model and the kNN votes (rmc.defense.registry; `rmc run --help` lists them), each a column of every table
+    defenses: list[str] = field(default_factory=lambda: list(DEFAULT_DEFENSES))   # the defenses evaluated beside
+                                                                                  # the static model and the kNN
+                                                                                  # votes (rmc.defense.registry;
+                                                                                  # `rmc run --help` lists them),
+                                                                                  # each a column of every table
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     rmc: RMCConfig = field(default_factory=RMCConfig)
-    dent: DentConfig = field(default_factory=DentConfig)   # DENT's settings (rmc.defense.dent), when `defenses` names it
-    attack_rows: AttackRowsConfig = field(default_factory=AttackRowsConfig)   # the attack rows (transfer / defense-aware)
-    batch_rows: BatchRowsConfig = field(default_factory=BatchRowsConfig)   # defense-aware rows against batch defenses (DENT)
+    dent: DentConfig = field(default_factory=DentConfig)   # DENT's settings (rmc.defense.dent), when `defenses`
+                                                           # names it
+    attack_rows: AttackRowsConfig = field(default_factory=AttackRowsConfig)   # the attack rows (transfer /
+                                                                              # defense-aware)
+    batch_rows: BatchRowsConfig = field(default_factory=BatchRowsConfig)   # defense-aware rows against batch
+                                                                           # defenses (DENT)
     visualize: VisualizeConfig = field(default_factory=VisualizeConfig)
 
     def validate(self) -> "RunConfig":
@@ -174,7 +182,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rmc.max_epochs": 3,                 # original 100 (early stopping with patience 5 rarely ends sooner)
         "rmc.lr": 1e-3,                      # original 1e-5, which moves the weights too little in 3 epochs
         "rmc.calib_k": 128,                  # original: K
-        "attack_rows.n": 20,                    # attack rows on the first 20 inputs (GMSA-MIN, each protocol: ~1-10 s per input)
+        "attack_rows.n": 20,                    # attack rows on the first 20 inputs (GMSA-MIN, each protocol: ~1-10 s
+                                                # per input)
         "attack_rows.rounds": 5,                # Chen et al. 10; most inputs fall by round 1-3 (the table states R, N)
     },
     "paper": {
@@ -184,8 +193,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attack.pgd": [[10, 0.05], [10, 0.1], [100, 0.1]],
         "attack.untargeted": [[10, 0.1]],   # not in the original's table (targeted only): the usual untargeted
                                              # transfer column, PGD-10 at the large eps, beside the original's
+        # The original's evaluation PGD steps 1/255 at both 8/255 and 16/255: eps/16 at the large eps (0.1 here) and
+        # the same absolute step at the small one, so PGD-10 at the large eps moves at most 10/16 of eps.
+        "attack.pgd_step_size": 0.00625,
+        # The original's D' attack: cross-entropy on the softmax output, iterates not clipped, random crops
+        # (here shifts of up to 2 pixels of the 28-px images).
+        "augment.loss": "softmax_output",
+        "augment.clip": False,
+        "augment.crop_shift": 2,
+        "rmc.adam_eps": 1e-7,                # Keras' Adam epsilon
         "model.bases": ["standard", "adversarial", "denoising"],   # the original's rows: None, Adv. trained, Denoising
-        "attack_rows.attacks": ["fpa", "gmsa-avg", "gmsa-min"],   # Chen et al.'s three defense-aware attacks (x both protocols)
+        "attack_rows.attacks": ["fpa", "gmsa-avg", "gmsa-min"],   # Chen et al.'s three defense-aware attacks (x both
+                                                                  # protocols)
         "attack_rows.autoattack": True,         # and the transfer AutoAttack row
     },
 }
@@ -196,12 +215,21 @@ TOP_KEYS = ("defenses",)
 
 
 def _comments(cls) -> dict[str, str]:
-    """`name -> comment` from the `name: type = default  # comment` lines of a dataclass's source."""
-    out = {}
+    """`name -> comment` from the `name: type = default  # comment` lines of a dataclass's source; a comment
+    continues on the comment-only lines below whose `#` is in the same column."""
+    out: dict[str, str] = {}
+    name, column = None, -1
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^=]+=.*?#\s*(.*)$", line)
+        m = re.match(r"\s+(\w+)\s*:[^=]+=.*?(#\s*)(.*)$", line)
         if m:
-            out[m.group(1)] = m.group(2)
+            name, column = m.group(1), m.start(2)
+            out[name] = m.group(3)
+            continue
+        more = re.match(r"(\s*)#\s*(.*)$", line)
+        if name is not None and more and len(more.group(1)) == column:
+            out[name] += " " + more.group(2)
+        else:
+            name = None
     return out
 
 
@@ -258,7 +286,7 @@ def _build(cls, values: dict, where: str):
     for name, f in fields.items():
         if name not in values:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()   # type: ignore[operator]
         if dataclasses.is_dataclass(default):
             if not isinstance(values[name], dict):
                 raise RMCError(f"config {where}.{name} must be a section (mapping), got {values[name]!r}")
@@ -371,8 +399,9 @@ def validate_before_work(cfg: RunConfig) -> None:
     n = len(train) if cfg.augment.train_subset is None else min(cfg.augment.train_subset, len(train))
     size = n * (1 + len(cfg.augment.steps))
     if cfg.rmc.k > size:
-        raise RMCError(f"rmc.k = {cfg.rmc.k} exceeds |D'| = {size} ({n:,} training images x {1 + len(cfg.augment.steps)} "
-                       "copies); lower rmc.k or raise augment.train_subset / add augment.steps")
+        raise RMCError(f"rmc.k = {cfg.rmc.k} exceeds |D'| = {size} ({n:,} training images x "
+                       f"{1 + len(cfg.augment.steps)} copies); lower rmc.k or raise augment.train_subset / "
+                       "add augment.steps")
     if cfg.attack.n > len(test):
         raise RMCError(f"attack.n = {cfg.attack.n} exceeds the {len(test):,} images of the {test.name} test set; "
                        "lower attack.n (--n)")

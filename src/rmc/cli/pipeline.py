@@ -52,7 +52,8 @@ class StageTimer:
     """Logs what each stage did and how long it took (kept in results.json)."""
 
     def __init__(self, log: Callable[[str], None]):
-        self.log, self.stages = log, []
+        self.log = log
+        self.stages: list[dict] = []
 
     def __call__(self, name: str, fn: Callable, *args, **kwargs):
         self.log(f"[{name}] ...")
@@ -249,8 +250,8 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
     if attack_rows:
         table.appendix.append(attack_table(attack_rows))
     meta = {"config": to_dict(cfg), "models": {n: dataclasses.asdict(i) for n, (_, i) in models.items()},
-            "stores": {n: {"path": str(st.path), "fingerprint": st.fingerprint, "size": len(st), "copies": st.copy_names,
-                           "model_sha256": st.model_sha256} for n, st in stores.items()},
+            "stores": {n: {"path": str(st.path), "fingerprint": st.fingerprint, "size": len(st),
+                           "copies": st.copy_names, "model_sha256": st.model_sha256} for n, st in stores.items()},
             "stage_dirs": stages, "stages": timer.stages,
             "seconds_total": round(time.perf_counter() - t_start, 1), "table": table.to_dict(),
             "online_streams": online_streams(cfg.rmc, shards), "compute": compute_paths(results),

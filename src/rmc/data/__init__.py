@@ -13,7 +13,6 @@ from rmc.data.idx import FASHION_CLASSES, MNIST_CLASSES
 from rmc.errors import RMCError
 from rmc.interface import Registry
 
-
 DEFAULT_DATASET = "fashion-mnist"   # embedded on these machines (Debian package dataset-fashion-mnist)
 
 

@@ -17,10 +17,10 @@ attack through this module is therefore a fixed-point / BPDA-style approximation
 defended classifier, and its failure proves little about robustness. Worse, fine-tuning on neighbours that
 share one label can make the adapted network so confident that the cross-entropy's input gradient underflows
 to (nearly) zero (gradient masking: PGD with cross-entropy stalls; where it is exactly zero, AutoAttack's
-zero-gradient check fires). And if `stateful=True` (the online defense as deployed), every call changes the weights: the function
-being attacked is not the one that will later classify the input, and repeated queries give different answers
-(AutoAttack's randomness check fires). Each call also costs one full adaptation per input: PGD-10 through this
-module on 100 inputs runs RMC 1,000 times.
+zero-gradient check fires). And if `stateful=True` (the online defense as deployed), every call changes the
+weights: the function being attacked is not the one that will later classify the input, and repeated queries give
+different answers (AutoAttack's randomness check fires). Each call also costs one full adaptation per input:
+PGD-10 through this module on 100 inputs runs RMC 1,000 times.
 
 AutoAttack flags it: its `check_dynamic` traces the forward pass and warns "it seems to be a dynamic
 defense! The evaluation with AutoAttack might be insufficient." whenever `backward` or `grad` is called
@@ -32,11 +32,13 @@ run their attacks as a further (weaker) check, or to score inputs.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from rmc.defense.core import RMC, check_input
+from rmc.defense.core import RMC, Snapshot, check_input
 from rmc.errors import RMCError
 from rmc.models import extract_features
 
@@ -106,7 +108,7 @@ class RMCClassifier(nn.Module):
                         t = self.rmc.trial(xi.detach(), feats[i:i + 1], self.key, keep=True)
                     finally:
                         self.rmc.restore(snap)
-                adapted = t.adapted.weights
+                adapted = cast(Snapshot, t.adapted).weights   # kept: keep=True
             # The adapted network's logits, differentiable in the input (the adaptation held fixed).
             out.append(functional_call(self.rmc.model, adapted, (xi,)))
             self.inputs_seen += 1

@@ -38,7 +38,8 @@ class DentConfig:
     lr: float = 6e-3                 # AdaMod learning rate (released: 6e-3)
     beta1: float = 0.99              # AdaMod's first-moment decay (released OPTIM.BETA: 0.99)
     beta2: float = 0.999             # its second-moment decay (released: 0.999)
-    beta3: float = 0.6               # decay of the moving average that bounds the step sizes (released OPTIM.BETA3: 0.6)
+    beta3: float = 0.6               # decay of the moving average that bounds the step sizes (released
+                                     # OPTIM.BETA3: 0.6)
     eps: float = 1e-8                # added to the square root of the second moment (AdaMod, Adam)
     weight_decay: float = 0.0        # L2 on the adapted parameters, added to their gradient (released OPTIM.WD: 0)
     batch_size: int = 128            # test inputs adapted together (released TEST.BATCH_SIZE: 128; Chen et al. too)

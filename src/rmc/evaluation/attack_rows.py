@@ -18,7 +18,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 from tqdm import tqdm
@@ -62,7 +62,8 @@ def _pgd_text(acfg: AttackRowsConfig) -> str:
 
 def _lane_text(acfg: AttackRowsConfig, protocol: str, kind: str) -> str:
     lane = acfg.lane(protocol)
-    per_round = f"PGD-{lane.steps}" + (" x models" if kind == "gmsa-min" else "") + (f" x {lane.restarts} restarts" if lane.restarts > 1 else "")
+    per_round = (f"PGD-{lane.steps}" + (" x models" if kind == "gmsa-min" else "")
+                 + (f" x {lane.restarts} restarts" if lane.restarts > 1 else ""))
     keys = "RMC's keys known" if lane.keys_known else "RMC's keys unknown"
     extra = ", + chen2022 fallback" if protocol == "strong" and acfg.strong_fallback else ""
     return f"{per_round}, {lane.loss}, step {_num(lane.step_size)}, {keys}{extra}"
@@ -200,7 +201,8 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
     for a in aware:
         name = names[aware_key(*a)]
         stream = pending.get(a)
-        made = ensure(name, metas[a], lambda: stream.adv)   # noqa: B023 (called at once)
+        # only called when the set is not cached, that is when it was attacked above
+        made = ensure(name, metas[a], lambda: cast(AwareStream, stream).adv)   # noqa: B023 (called at once)
         rows.append(_aware_row(*a, made, labels[aware_key(*a)], out_dir / base.name / name, n, acfg, score))
     for name in batch:
         rows += _batch_aware_rows(name, settings[name], base, clean, x, y, acfg, brows, n, num_classes, out_dir,
@@ -246,7 +248,7 @@ def _aware_row(kind, protocol, made: EvalSet, label: str, folder: Path, n: int, 
     stream_path = folder / "attack.jsonl"
     attack_records = [json.loads(line) for line in stream_path.read_text().splitlines() if line.strip()][:n] \
         if stream_path.exists() else []
-    agree = sum(a["pred"] == r["pred"] for a, r in zip(attack_records, records["rmc"]))
+    agree = sum(a["pred"] == r["pred"] for a, r in zip(attack_records, records["rmc"], strict=False))
     attack_s = sum(a.get("seconds", 0) for a in attack_records)
     info = {"seconds": round(attack_s + time.perf_counter() - t0, 1), "attack_seconds": round(attack_s, 1),
             "rescore_agrees": agree, "n": n, "kind": kind, "protocol": protocol, "rounds": acfg.rounds,
@@ -336,7 +338,8 @@ def _batch_aware_rows(name: str, settings: Any, base: BaseModel, clean: EvalSet,
                 save_eval_sets(sets_dir, [made])
             attack_records = stream.records
             records = batch_defense.evaluate_set(name, settings, base, made, out_dir, reorder=brows.reorder)
-            agree = sum(a["pred"] == r["pred"] for a, r in zip(attack_records, records))
+            # not strict: a cached set whose attack log is gone has no attack records to agree with
+            agree = sum(a["pred"] == r["pred"] for a, r in zip(attack_records, records, strict=False))
             attack_s = sum(a.get("seconds", 0) for a in attack_records)
             info = {"seconds": round(attack_s + time.perf_counter() - t0, 1), "attack_seconds": round(attack_s, 1),
                     "rescore_agrees": agree, "n": n, "kind": kind, "protocol": protocol, "rounds": brows.rounds,

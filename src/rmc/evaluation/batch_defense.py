@@ -147,7 +147,7 @@ class BatchAwareStream:
                            self.acfg, self.brows, self.num_classes, key=(self.name, self.kind, b))
         self.adv[pos] = res.x_adv
         inputs = [int(r["input"]) for r in self.stream.records] + pos.tolist()
-        for j, (i, rec) in enumerate(zip(pos.tolist(), res.records())):
+        for j, (i, rec) in enumerate(zip(pos.tolist(), res.records(), strict=True)):
             last = j == len(pos) - 1
             saved = {"__adv__": self.adv[inputs].clone()} if last else None
             self.stream.append({"index": self.done, "input": i, "label": int(self.y[i]), "pred": res.predictions[j],

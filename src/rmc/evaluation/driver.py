@@ -30,8 +30,8 @@ from tqdm import tqdm
 from rmc.artifacts.features import evalset_source
 from rmc.defense import DPrime, Mode, RMCConfig, build_rmc
 from rmc.defense.forwards import compute_path
-from rmc.defense.registry import DEFENSES, STATIC, BuildContext, baselines
 from rmc.defense.optim import check_precision
+from rmc.defense.registry import DEFENSES, STATIC, BuildContext, baselines
 from rmc.errors import RMCError
 from rmc.evaluation.anatomy import DriftMeter, confidences, record_fields
 from rmc.evaluation.common import BaseModel, NeighbourSearch, digest
@@ -239,7 +239,8 @@ def stream_plan(inputs: int, fingerprint: str, cfg: RMCConfig, shards: int, rmc_
     # Several online streams: the count decides where each one starts, so it is included.
     split = {"streams": shards} if count == inputs else {"streams": shards, "inputs": count}
     return [(name, digest(fingerprint, {**split, "stream": s}), part.tolist(), {"stream": s, "streams": shards})
-            for s, (name, part) in enumerate(zip(stream_names(shards), np.array_split(np.arange(count), shards)))]
+            for s, (name, part) in enumerate(zip(stream_names(shards), np.array_split(np.arange(count), shards),
+                                                 strict=True))]
 
 
 def _open_streams(job: SetJob, cfg: RMCConfig, shards: int, rmc_n: int | None = None) -> list[_Stream]:

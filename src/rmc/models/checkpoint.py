@@ -77,7 +77,8 @@ def load_checkpoint(weights: str | Path, device: str | torch.device = "cpu",
         meta["input_shape"] = tuple(meta["input_shape"])
         info = ModelInfo(**meta)
     except (TypeError, KeyError) as e:
-        raise RMCError(f"model metadata {meta_path(weights)} is malformed ({e}); re-create it with `rmc train`") from None
+        raise RMCError(f"model metadata {meta_path(weights)} is malformed ({e}); "
+                       "re-create it with `rmc train`") from None
     actual = sha256_file(weights)
     if info.sha256 and info.sha256 != actual:
         raise RMCError(f"{weights} does not match its metadata (hash differs); the pair was mixed up or edited")

@@ -16,5 +16,8 @@ class Normalize(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Sequence
+from typing import Sequence, cast
 
 from torch import nn
 
@@ -27,7 +27,7 @@ def build_model(arch: str, num_classes: int, in_channels: int,
     if arch in BUILTIN:
         kwargs = {}
         if mean is not None:
-            kwargs = {"mean": tuple(mean), "std": tuple(std)}
+            kwargs = {"mean": tuple(mean), "std": tuple(cast(Sequence[float], std))}   # given together
         model = BUILTIN[arch](num_classes=num_classes, in_channels=in_channels, **kwargs)
         if denoise is not None:
             try:

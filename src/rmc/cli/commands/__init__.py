@@ -4,9 +4,13 @@ import each other)."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from rmc.attacks.kinds import ATTACK_KINDS, PROTOCOLS
 from rmc.errors import RMCError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_trust_arch_argument(p: argparse.ArgumentParser) -> None:
@@ -19,8 +23,8 @@ def add_trust_arch_argument(p: argparse.ArgumentParser) -> None:
 
 def add_device_argument(p: argparse.ArgumentParser, default: str | None = "cpu") -> None:
     """--device, taken by every command that computes (one setting for all of its stages)."""
-    p.add_argument("--device", default=default, help="cpu, cuda or cuda:N" + (" (default: %(default)s)" if default else
-                                                                             " (default: the configuration's train.device)"))
+    p.add_argument("--device", default=default, help="cpu, cuda or cuda:N" + (
+        " (default: %(default)s)" if default else " (default: the configuration's train.device)"))
 
 
 def check_ray_device(ray, device) -> None:
@@ -30,7 +34,7 @@ def check_ray_device(ray, device) -> None:
                        "or use --device cpu")
 
 
-def load_model(args, device: str = "cpu"):
+def load_model(args, device: str | torch.device = "cpu"):
     """(model, info) of --model, on `device`, trusting only the factory the user named with --arch."""
     from rmc.models import load_checkpoint
     return load_checkpoint(args.model, device, trust_arch=getattr(args, "arch", None))
@@ -104,7 +108,8 @@ def add_batch_argument(p: argparse.ArgumentParser) -> None:
 def add_attack_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of the attack rows (evaluate, run); they override the config's `attack_rows` section."""
     g = p.add_argument_group("attack rows", "transfer PGD (always), transfer AutoAttack and the defense-aware "
-                             "attacks FPA / GMSA-AVG / GMSA-MIN against RMC under each protocol; the config's attack_rows section")
+                             "attacks FPA / GMSA-AVG / GMSA-MIN against RMC under each protocol; the config's "
+                             "attack_rows section")
     kinds = [*ATTACK_KINDS.names(), "autoattack"]
     g.add_argument("--attacks", nargs="+", metavar="ATTACK", choices=[*kinds, "none"],
                    help=f"rows beside transfer PGD: {' '.join(kinds)}, or none (default: gmsa-min)")

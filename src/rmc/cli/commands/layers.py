@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     if not args.model and not args.arch:
-        raise RMCError("name a model: --model FILE.safetensors, or --arch NAME to list an untrained architecture's layers")
+        raise RMCError("name a model: --model FILE.safetensors, or --arch NAME to list an untrained "
+                       "architecture's layers")
     if args.model:
         model = load_checkpoint(args.model, trust_arch=args.arch)[0]
     else:

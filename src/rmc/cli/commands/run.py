@@ -60,7 +60,8 @@ def main(args) -> int:
     check_ray_arguments(args)
     overrides = [parse_override(s) for s in args.set]
     if args.seed is not None:
-        overrides += [(f"{section}.seed", args.seed) for section in ("train", "augment", "attack", "rmc", "attack_rows")]
+        overrides += [(f"{section}.seed", args.seed)
+                      for section in ("train", "augment", "attack", "rmc", "attack_rows")]
     if args.n is not None:
         overrides.append(("attack.n", args.n))
     if args.rmc_n is not None:
