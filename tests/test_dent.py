@@ -144,7 +144,6 @@ def test_bad_input_and_settings_are_refused_in_one_line(tiny_trained):
 
 def test_defenses_from_the_config_and_the_cli():
     from rmc.cli import build_parser
-    from rmc.cli.commands.run import main as run_main  # noqa: F401  (the flag's module)
     assert load_config().defenses == ["rmc"]
     assert load_config(overrides=[("defenses", ["dent", "rmc"])]).defenses == ["rmc", "dent"]   # registry order
     args = build_parser().parse_args(["run", "--defenses", "rmc", "dent", "--out", "x"])

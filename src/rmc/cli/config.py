@@ -185,6 +185,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attack_rows.n": 20,                    # attack rows on the first 20 inputs (GMSA-MIN, each protocol: ~1-10 s
                                                 # per input)
         "attack_rows.rounds": 5,                # Chen et al. 10; most inputs fall by round 1-3 (the table states R, N)
+        # Batch defenses (DENT): Chen et al.'s 14 PGD-100 runs per round (5 restarts + 9 targeted) cost ~100 model
+        # passes per input and round; here one PGD-40 run, the step count of every other row (the label states it).
+        "batch_rows.steps": 40,
+        "batch_rows.restarts": 1,
+        "batch_rows.targeted": False,
     },
     "paper": {
         "attack.n": 1000,                    # the original sampled 10,000 ImageNet validation images

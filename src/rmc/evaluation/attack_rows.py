@@ -27,6 +27,7 @@ from rmc.artifacts.evalsets import EvalSet, list_eval_sets, load_eval_sets, save
 from rmc.artifacts.features import evalset_source
 from rmc.attacks.batch_aware import BatchRowsConfig, batch_lane
 from rmc.attacks.defense_aware import LABELS, AttackRowsConfig, initial_candidates
+from rmc.attacks.kinds import ATTACK_KINDS
 from rmc.defense import build_rmc
 from rmc.defense.config import Mode, RMCConfig
 from rmc.defense.dprime import DPrime
@@ -62,7 +63,7 @@ def _pgd_text(acfg: AttackRowsConfig) -> str:
 
 def _lane_text(acfg: AttackRowsConfig, protocol: str, kind: str) -> str:
     lane = acfg.lane(protocol)
-    per_round = (f"PGD-{lane.steps}" + (" x models" if kind == "gmsa-min" else "")
+    per_round = (f"PGD-{lane.steps}" + (" x models" if ATTACK_KINDS[kind].iterations_per_model else "")
                  + (f" x {lane.restarts} restarts" if lane.restarts > 1 else ""))
     keys = "RMC's keys known" if lane.keys_known else "RMC's keys unknown"
     extra = ", + chen2022 fallback" if protocol == "strong" and acfg.strong_fallback else ""
@@ -248,7 +249,7 @@ def _aware_row(kind, protocol, made: EvalSet, label: str, folder: Path, n: int, 
     stream_path = folder / "attack.jsonl"
     attack_records = [json.loads(line) for line in stream_path.read_text().splitlines() if line.strip()][:n] \
         if stream_path.exists() else []
-    agree = sum(a["pred"] == r["pred"] for a, r in zip(attack_records, records["rmc"], strict=False))
+    agree = sum(a["pred"] == r["pred"] for a, r in zip(attack_records, records[RMC], strict=False))
     attack_s = sum(a.get("seconds", 0) for a in attack_records)
     info = {"seconds": round(attack_s + time.perf_counter() - t0, 1), "attack_seconds": round(attack_s, 1),
             "rescore_agrees": agree, "n": n, "kind": kind, "protocol": protocol, "rounds": acfg.rounds,
@@ -279,7 +280,7 @@ def _rand_row(base, dprime, search, clean, cfg, acfg, n, num_classes, name, labe
         s = EvalSet(name, adv.contiguous(), clean.labels[:m].clone(), None, clean.indices[:m].clone(), meta)
         save_eval_sets(sets_dir, [s])
     # Crafted against RMC: the static model's column would be no attack on it; RMC column only.
-    return AttackRow(s.name, label, EOT, {"rmc": score(s)["rmc"]}, {"seconds": round(time.perf_counter() - t0, 1)})
+    return AttackRow(s.name, label, EOT, {RMC: score(s)[RMC]}, {"seconds": round(time.perf_counter() - t0, 1)})
 
 
 def _figure(rows, acfg, path: Path, base_name: str, log) -> None:
@@ -300,6 +301,18 @@ def _columns(rows: Sequence[AttackRow]) -> list[str]:
 def _short(r: AttackRow) -> str:
     """A row's label without its settings (a row against another defense than RMC names it)."""
     return r.label.split(" (")[0]
+
+
+def _batch_label(kind: str, protocol: str, defense: str, batch_size: int, acfg: AttackRowsConfig,
+                 brows: BatchRowsConfig, n: int, num_classes: int) -> str:
+    lane = batch_lane(brows, acfg, protocol)
+    runs = lane.restarts + (num_classes - 1 if lane.targeted else 0)
+    per_run = f"PGD-{lane.steps}" + (" x models" if ATTACK_KINDS[kind].iterations_per_model else "")
+    pick = ("per-input pick + chen2022 fallback" if lane.fallback else "per-input pick" if lane.compose
+            else "lowest batch accuracy")
+    return (f"{LABELS[kind]} [{protocol}] against {defense} ({brows.rounds} rounds per batch of {batch_size}, "
+            f"{runs} {per_run} run{'s' if runs > 1 else ''} each, margin, step {_num(acfg.resolved_step_size)}, {pick}"
+            + (", reordered" if brows.reorder else "") + f", N={n})")
 
 
 def _batch_aware_rows(name: str, settings: Any, base: BaseModel, clean: EvalSet, x: torch.Tensor, y: torch.Tensor,
@@ -323,14 +336,7 @@ def _batch_aware_rows(name: str, settings: Any, base: BaseModel, clean: EvalSet,
             made = _cached_set(sets_dir, set_name, base, meta)
             stream = batch_defense.BatchAwareStream(name, settings, kind, protocol, base, x, y, acfg, brows, folder,
                                                     evalset_source(clean), num_classes)
-            runs = lane.restarts + (num_classes - 1 if lane.targeted else 0)
-            label = (f"{LABELS[kind]} [{protocol}] against {label_name} ({brows.rounds} rounds per batch of "
-                     f"{settings.batch_size} of {runs} PGD-{lane.steps} runs" + (" x models" if kind == "gmsa-min"
-                                                                                  else "")
-                     + f", margin, step {_num(acfg.resolved_step_size)}"
-                     + (", per-input pick + chen2022 fallback" if lane.fallback else
-                        ", per-input pick" if lane.compose else ", lowest batch accuracy")
-                     + (", reordered" if brows.reorder else "") + f", N={n})")
+            label = _batch_label(kind, protocol, label_name, settings.batch_size, acfg, brows, n, num_classes)
             if made is None:
                 log(f"  {base.name}: {label}")
                 stream.run(progress, f"{label_name} {kind} [{protocol}] {base.name}")

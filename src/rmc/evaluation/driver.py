@@ -31,7 +31,7 @@ from rmc.artifacts.features import evalset_source
 from rmc.defense import DPrime, Mode, RMCConfig, build_rmc
 from rmc.defense.forwards import compute_path
 from rmc.defense.optim import check_precision
-from rmc.defense.registry import DEFENSES, STATIC, BuildContext, baselines
+from rmc.defense.registry import DEFENSES, RMC, STATIC, BuildContext, baselines
 from rmc.errors import RMCError
 from rmc.evaluation.anatomy import DriftMeter, confidences, record_fields
 from rmc.evaluation.common import BaseModel, NeighbourSearch, digest
@@ -213,7 +213,7 @@ class _Stream:
 
 def compute_paths(results: dict) -> list[str]:
     """The compute paths RMC's records of `results` ({base: {set: {defense: records}}}) were made with."""
-    return sorted({r["compute"] for sets in results.values() for d in sets.values() for r in d.get("rmc", [])
+    return sorted({r["compute"] for sets in results.values() for d in sets.values() for r in d.get(RMC, [])
                    if "compute" in r})
 
 
@@ -292,7 +292,7 @@ def finished_results(folder: Path, eval_sets: Sequence, cfg: RMCConfig, n: int |
             if [r["index"] for r in kept] != positions:
                 return None
             records += kept
-        results[s.name]["rmc"] = sorted(records, key=lambda r: r["index"])
+        results[s.name][RMC] = sorted(records, key=lambda r: r["index"])
     return results
 
 
@@ -383,7 +383,7 @@ def _evaluate_base(ex, base: BaseModel, dprime: DPrime, search: NeighbourSearch,
     _run_streams(ex, source, streams, block, batch, progress, on_record, fault, f"RMC {base.name} ({ex.where})")
     for job, _ in opened:
         records = (r for st in streams if st.job is job for r in st.kept)
-        results[job.name]["rmc"] = sorted(records, key=lambda r: r["index"])
+        results[job.name][RMC] = sorted(records, key=lambda r: r["index"])
     return results
 
 
