@@ -638,14 +638,17 @@ class DPrimeStore:
 
     @property
     def model_sha256(self) -> str:
+        """Hash of the weights of the model D' was crafted against."""
         return self.manifest["model"]["sha256"]
 
     @property
     def num_classes(self) -> int:
+        """Classes of the model D' was crafted against."""
         return int(self.manifest["model"]["num_classes"])
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
+        """C, H, W of D''s images."""
         return tuple(self.manifest["shape"][1:])
 
     def dprime(self) -> DPrime:

@@ -59,6 +59,9 @@ class ModelConfig:
                                                                      # each gets its own D', features and evaluation
                                                                      # sets, and a row alone and one + RMC
     denoise_op: str = "nonlocal"     # the denoising base's operation: nonlocal (Xie et al.'s best) | mean | median
+    weights: dict[str, str] = field(default_factory=dict)   # imported weights per base, e.g. {standard:
+                                                            # m.safetensors}: an rmc checkpoint (`rmc import-model`)
+                                                            # used as that base model instead of training it
 
     def validate(self) -> "ModelConfig":
         kinds = [k.value for k in BaseKind]
@@ -68,6 +71,16 @@ class ModelConfig:
             raise RMCError(f"model.denoise_op must be one of {[o.value for o in DenoiseOp]}, got {self.denoise_op!r}")
         if self.layer is not None and (not isinstance(self.layer, str) or not self.layer):
             raise RMCError(f"model.layer must be a layer name (`rmc layers` lists them) or null, got {self.layer!r}")
+        if not isinstance(self.weights, dict):
+            raise RMCError(f"model.weights maps base models to checkpoints, e.g. {{standard: m.safetensors}}; got "
+                           f"{self.weights!r}")
+        for base, path in self.weights.items():
+            if base not in self.bases:
+                raise RMCError(f"model.weights names base {base!r}, which is not in model.bases {self.bases}; add it "
+                               "to model.bases (--bases) or drop its weights")
+            if not isinstance(path, str) or not path:
+                raise RMCError(f"model.weights.{base} must be the path of an rmc checkpoint (.safetensors), got "
+                               f"{path!r}")
         return self
 
 
@@ -391,8 +404,10 @@ def validate_before_work(cfg: RunConfig) -> None:
     holds rmc.k neighbours, the test set holds attack.n inputs, the model has model.layer."""
     import torch
 
+    from rmc.artifacts.provenance import check_model_data
     from rmc.data import load_dataset
     from rmc.models import build_model, default_layer
+    from rmc.models.checkpoint import check_trusted, read_info
     from rmc.models.features import get_layer
     if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
         raise RMCError(f"train.device = {cfg.train.device!r} but CUDA is not available here; set train.device: cpu")
@@ -413,6 +428,13 @@ def validate_before_work(cfg: RunConfig) -> None:
     from rmc.evaluation.attack_rows import check_rows_within_rmc
     check_rows_within_rmc(cfg.attack_rows, cfg.attack.n, cfg.attack.rmc_n)
     layer = cfg.model.layer
-    if layer is not None:
+    if layer is not None and set(cfg.model.bases) - set(cfg.model.weights):
         model = build_model(cfg.train.arch, len(train.classes) or int(train.labels.max()) + 1, train.input_shape[0])
+        get_layer(model, layer or default_layer(model))
+    for base, path in cfg.model.weights.items():   # imported base models: they fit the data and have the layer
+        info = read_info(path)
+        check_trusted(info, path, cfg.train.arch)
+        check_model_data(info, test, f"the test set (model.weights.{base})")
+        with torch.device("meta"):
+            model = build_model(info.arch, info.num_classes, info.input_shape[0], info.mean, info.std, info.denoise)
         get_layer(model, layer or default_layer(model))

@@ -236,6 +236,7 @@ class RMC:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the online state from `state_dict()`'s output (weights, buffers and the stream optimizer's moments)."""
         weights, moments = split_state(state)
         self.model.load_state_dict(weights, strict=True)
         if self.optimizer is not None:
@@ -246,9 +247,11 @@ class RMC:
         self.load_state_dict(self.static_state)
 
     def snapshot(self) -> Snapshot:
+        """Everything one input changes, to `restore` later (the defense-aware attacks try inputs between the two)."""
         return Snapshot(self.state_dict(), self.steps_done)
 
     def restore(self, snap: Snapshot) -> None:
+        """Back to the state of a `snapshot()`, input count included."""
         self.load_state_dict(snap.state)
         self.steps_done = snap.steps_done
 
@@ -266,6 +269,7 @@ class RMC:
             self.profile(phase)
 
     def neighbours(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
+        """D' rows of the K nearest neighbours of each query (Q x K, closest first) for static-model `features`."""
         rows = self.index.search(features, self.cfg.k)[1]
         self._tick("search")
         return rows
@@ -327,6 +331,7 @@ class RMC:
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the network in its current (adapted) state for images `x`."""
         logits = self.model(x.to(self.device))
         self._tick("predict")
         return logits

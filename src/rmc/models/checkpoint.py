@@ -12,12 +12,13 @@ from torch import nn
 from rmc.errors import RMCError
 from rmc.io import load_tensors, read_json, save_tensors, sha256_file, write_json
 from rmc.models.registry import BUILTIN, build_model
+from rmc.models.timm_arch import is_timm
 
 
 @dataclass
 class ModelInfo:
     """What is needed to rebuild a model, and where it came from."""
-    arch: str                      # "small_cnn", "resnet18" or "pkg.mod:factory"
+    arch: str                      # a built-in name (rmc.models.BUILTIN), "timm:NAME" or "pkg.mod:factory"
     num_classes: int
     input_shape: tuple[int, int, int]   # C, H, W
     mean: list[float] | None = None     # normalisation inside built-in models
@@ -28,6 +29,8 @@ class ModelInfo:
     test_accuracy: float | None = None
     seed: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    imported: dict[str, Any] = field(default_factory=dict)   # weights made outside rmc (rmc import-model): source
+                                   # file, its sha256 and format, the preprocessing; empty for a model trained here
     sha256: str = ""               # hash of the weights file; filled in on save
 
 
@@ -37,7 +40,7 @@ def check_metadata(info: ModelInfo, where: Path) -> None:
     ok = (isinstance(info.arch, str) and isinstance(info.num_classes, int) and not isinstance(info.num_classes, bool)
           and info.num_classes >= 1 and len(shape) == 3
           and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
-          and isinstance(info.dataset, str))
+          and isinstance(info.dataset, str) and isinstance(info.imported, dict))
     for stats in (info.mean, info.std):
         ok = ok and (stats is None or (isinstance(stats, list) and len(stats) == shape[0]
                                        and all(isinstance(v, (int, float)) for v in stats)))
@@ -62,16 +65,13 @@ def save_checkpoint(model: nn.Module, info: ModelInfo, weights: str | Path) -> M
     return info
 
 
-def load_checkpoint(weights: str | Path, device: str | torch.device = "cpu",
-                    trust_arch: str | None = None) -> tuple[nn.Module, ModelInfo]:
-    """Rebuild the model described by the JSON beside `weights` and load the weights (strictly).
-
-    The JSON is data, never code: its `arch` may name a built-in architecture only. A "package.module:factory"
-    architecture is built only when the caller names that same factory in `trust_arch` (the user's --arch, or
-    the run's own config), so a model file someone sends cannot choose code to run."""
+def read_info(weights: str | Path) -> ModelInfo:
+    """The checked metadata of the checkpoint `weights` (its JSON; the weights file must exist, its hash is not
+    checked here)."""
     weights = Path(weights)
     if not weights.exists():
-        raise RMCError(f"model weights not found: {weights}; train one with `rmc train`")
+        raise RMCError(f"model weights not found: {weights}; train one with `rmc train` or import one with "
+                       "`rmc import-model`")
     meta = read_json(meta_path(weights), "model metadata")
     try:
         meta["input_shape"] = tuple(meta["input_shape"])
@@ -79,14 +79,31 @@ def load_checkpoint(weights: str | Path, device: str | torch.device = "cpu",
     except (TypeError, KeyError) as e:
         raise RMCError(f"model metadata {meta_path(weights)} is malformed ({e}); "
                        "re-create it with `rmc train`") from None
+    check_metadata(info, meta_path(weights))
+    return info
+
+
+def check_trusted(info: ModelInfo, weights: str | Path, trust_arch: str | None) -> None:
+    """A checkpoint's architecture may be built: built in, a timm registry name, or the factory the user named."""
+    if info.arch not in BUILTIN and not is_timm(info.arch) and info.arch != trust_arch:
+        raise RMCError(f"{meta_path(weights)} names architecture {info.arch!r}, which is code outside rmc; rmc runs "
+                       f"it only when you name it yourself: add --arch {info.arch} if you trust it")
+
+
+def load_checkpoint(weights: str | Path, device: str | torch.device = "cpu",
+                    trust_arch: str | None = None) -> tuple[nn.Module, ModelInfo]:
+    """Rebuild the model described by the JSON beside `weights` and load the weights (strictly).
+
+    The JSON is data, never code: its `arch` may name a built-in architecture or a timm registry model only. A
+    "package.module:factory" architecture is built only when the caller names that same factory in `trust_arch`
+    (the user's --arch, or the run's own config), so a model file someone sends cannot choose code to run."""
+    weights = Path(weights)
+    info = read_info(weights)
     actual = sha256_file(weights)
     if info.sha256 and info.sha256 != actual:
         raise RMCError(f"{weights} does not match its metadata (hash differs); the pair was mixed up or edited")
     info.sha256 = actual
-    check_metadata(info, meta_path(weights))
-    if info.arch not in BUILTIN and info.arch != trust_arch:
-        raise RMCError(f"{meta_path(weights)} names architecture {info.arch!r}, which is code outside rmc; rmc runs "
-                       f"it only when you name it yourself: add --arch {info.arch} if you trust it")
+    check_trusted(info, weights, trust_arch)
     model = build_model(info.arch, info.num_classes, info.input_shape[0], info.mean, info.std, info.denoise)
     state = load_tensors(weights, "model weights")
     try:

@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="base models, each alone and + RMC with its own D' (model.bases; default: standard)")
     p.add_argument("--adversarial-base", action="store_true",
                    help="add the adversarially trained base model to model.bases")
+    p.add_argument("--weights", action="append", default=[], metavar="BASE=CHECKPOINT",
+                   help="use an imported rmc checkpoint (`rmc import-model`) as base model BASE instead of training "
+                        "it, e.g. --weights standard=resnet50.safetensors (model.weights.BASE; repeatable)")
     p.add_argument("--eps-sweep", nargs="+", metavar="EPS",
                    help="evaluate PGD at each of these L-inf eps (e.g. 0.05 0.1 0.15 0.2 or 8/255), replacing "
                         "attack.pgd's eps values (steps: its first entry's), so `rmc report` draws a curve with "
@@ -74,6 +77,11 @@ def main(args) -> int:
         overrides.append(("defenses", args.defenses))
     if args.device:
         overrides.append(("train.device", args.device))
+    for given in args.weights:
+        base, _, path = given.partition("=")
+        if not base or not path:
+            raise RMCError(f"--weights {given!r}: write BASE=CHECKPOINT, e.g. --weights standard=model.safetensors")
+        overrides.append((f"model.weights.{base}", path))
     overrides += attack_overrides(args)
     cfg = load_config(args.config, args.preset, overrides)
     check_ray_device(args.ray, cfg.train.device)
