@@ -186,6 +186,7 @@ def test_rmc_run_with_dent_has_a_dent_column_everywhere_and_resumes(tmp_path, ca
     clean = json.loads(next(out.glob("results/*/standard/clean/dent.json")).read_text())
     assert [r["index"] for r in clean["records"]] == list(range(8)) and {r["batch"] for r in clean["records"]} == {0, 1}
     assert "DENT" in (out / "results.md").read_text() and "DENT" in (out / "report.html").read_text()
+    assert "Against a batch defense (DENT)" in (out / "results.md").read_text()   # its protocol, stated
     from rmc.evaluation.figure_data import curve_data
     from rmc.evaluation.run_records import RunRecords
     run = RunRecords(out)

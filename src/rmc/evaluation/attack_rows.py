@@ -176,7 +176,7 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
     t0 = time.perf_counter()
     if acfg.transfer_pgd:
         pgd_set = ensure(names["transfer-pgd"], pgd_meta, lambda: initial_candidates(base.model, x, y, acfg))
-        log(f"  {base.name}: {labels['transfer-pgd']} -> RMC")
+        log(f"  {base.name}: {labels['transfer-pgd']} -> {', '.join(DEFENSES.label(d) for d in defenses)}")
         rows.append(AttackRow(pgd_set.name, labels["transfer-pgd"], TRANSFER, score(pgd_set),
                               {"seconds": round(time.perf_counter() - t0, 1)}))
     if acfg.autoattack:
@@ -394,6 +394,14 @@ NOTES = [
 ]
 
 
+BATCH_NOTE = ("Against a batch defense (DENT) the defense-aware rows attack each test batch of the defense's own size "
+              "(Chen et al.'s DENT/eval_dent_gmsa.py): [chen2022] rounds of PGD on the logit margin (untargeted runs "
+              "from random starts, and one targeted run per other class when set), round 1 against the static "
+              "model, the candidate batch with the lowest batch accuracy kept (else the clean batch); [strong] more "
+              "iterations and runs, per input the lowest-margin candidate of its rounds, and chen2022's rounds as a "
+              "fallback: never weaker than chen2022 on a batch. The label states the budget.")
+
+
 def attack_table(rows_by_base: dict[str, list[AttackRow]]) -> Table:
     """Rows = attacks (each labelled transfer / defense-aware / worst case), columns = static and + RMC per base."""
     columns: list[str] = []
@@ -406,13 +414,17 @@ def attack_table(rows_by_base: dict[str, list[AttackRow]]) -> Table:
             label = f"{r.label} [{r.kind}]"
             for defense, records in r.records.items():
                 rows.setdefault(label, {})[row_label(base, defense)] = cell_from_records(records)
-            short, who = _short(r).split(" against ")[0], row_label(base, r.info.get("defense", RMC))
+            # a transfer row's time covers every column's re-score: named after RMC's, else the static model's
+            who = row_label(base, r.info.get("defense", RMC if RMC in r.records else STATIC))
+            short = _short(r).split(" against ")[0]
             if "rescore_agrees" in r.info:
                 checks.append(f"{who} / {short}: {r.info['rescore_agrees']} of "
                               f"{r.info['n']}, {r.info['rounds_run']} rounds")
             if "seconds" in r.info:
                 times.append(f"{who} / {short}: {r.info['seconds']:.0f} s")
     notes = list(NOTES)
+    if any(r.info.get("defense", RMC) != RMC for rows in rows_by_base.values() for r in rows):
+        notes.append(BATCH_NOTE)
     if checks:
         notes.append("Fresh re-score agrees with the attack's own verdict on: " + "; ".join(checks) + ".")
     if times:
