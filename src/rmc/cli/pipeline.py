@@ -129,17 +129,17 @@ def ensure_eval_sets(model, info, test, cfg, folder: Path):
 
 def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = print,
                  with_rmc: bool = True, ray: str | None = None, workers: int | None = None,
-                 shards: int = 1, batch: int = 1, block: int | None = None) -> Table:
+                 shards: int = 1, batch: int = 1, block: int | None = None, dprime_via: str | None = None) -> Table:
     """`ray` ("local" or a cluster address): augmentation chunks and RMC's per-input work run as Ray tasks (one Ray
     session for the whole run); `shards`: independent online streams per test stream, `batch`: episodic inputs
-    adapted at once (see rmc.evaluation.driver)."""
+    adapted at once, `dprime_via`: how Ray's workers get D' (see rmc.evaluation.driver)."""
     check_work_split(batch, cfg.rmc, ray, shards, block)      # before hours of work, not after
     validate_before_work(cfg)                                 # and before config.yaml is written
     t0 = time.perf_counter()
     with hold(ray, workers) as slots:
         if ray is not None:
             log(f"[ray] {slots} workers ready in {time.perf_counter() - t0:.1f} s ({ray})")
-        return _run(cfg, Path(out), log, with_rmc, ray, workers, shards, batch, block)
+        return _run(cfg, Path(out), log, with_rmc, ray, workers, shards, batch, block, dprime_via)
 
 
 def settled(tree):
@@ -198,12 +198,14 @@ def _finished_batch(done: dict, batch: list[str], cfg: RunConfig, sha256: str, b
 
 
 def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, ray: str | None,
-         workers: int | None, shards: int, batch: int, block: int | None) -> Table:
+         workers: int | None, shards: int, batch: int, block: int | None, dprime_via: str | None = None) -> Table:
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer(log)
     t_start = time.perf_counter()
-    train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size)
-    test = load_dataset(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.image_size)
+    train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size, cfg.data.resize,
+                         cfg.data.lazy)
+    test = load_dataset(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.image_size, cfg.data.resize,
+                        cfg.data.lazy)
     run_rmc = with_rmc and RMC in cfg.defenses
     batch_names = batch_defense.batch_defenses(cfg.defenses) if with_rmc else []   # with_rmc False: baselines only
     if not DATASETS[cfg.data.dataset].flips:
@@ -253,7 +255,7 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
         base = BaseModel(name, model, info.sha256, layer, feats)
         res = timer(f"evaluate {name}", evaluate, [base], dprime, sets, cfg.rmc, rows_dir,
                     info.num_classes, with_rmc=run_rmc, ray=ray, workers=workers, shards=shards, batch=batch,
-                    block=block, rmc_n=cfg.attack.rmc_n)
+                    block=block, rmc_n=cfg.attack.rmc_n, dprime_via=dprime_via)
         for defense in batch_names:   # a batch-transductive defense's column (DENT): one cheap pass per set
             timer(f"{defense} {name}", _batch_column, defense, cfg, base, sets, rows_dir, res[name])
         results.update(res)

@@ -91,7 +91,7 @@ def main(args) -> int:
     dprime = store.dprime()
     results = evaluate([base], dprime, sets, cfg.rmc, out / "results", info.num_classes, n=args.n, rmc_n=args.rmc_n,
                        with_rmc=not args.no_rmc, ray=args.ray, workers=args.workers, shards=args.shards,
-                       block=args.block, batch=args.batch)
+                       block=args.block, batch=args.batch, dprime_via=args.dprime_via)
     notes = {s.name: "clean" if s.attack.get("kind") == "clean" else "transfer" for s in sets}
     table = Table.from_results(results, notes)
     if attack_rows:

@@ -93,7 +93,7 @@ def main(args) -> int:
         sys.stdout.write(documented_yaml(cfg))
         return 0
     table = run_pipeline(cfg, args.out, ray=args.ray, workers=args.workers, shards=args.shards, batch=args.batch,
-                         block=args.block)
+                         block=args.block, dprime_via=args.dprime_via)
     print()
     print(table.plain())
     print(f"results: {args.out}/results.md, {args.out}/results.json; neighbours: {args.out}/neighbours.png; "
