@@ -178,9 +178,14 @@ def test_rmc_run_with_dent_has_a_dent_column_everywhere_and_resumes(tmp_path, ca
     rows = meta["table"]["rows"]
     assert rows["DENT"]["clean"]["accuracy"]["n"] == 8 and "DENT" in rows and "RMC" in rows
     attack = meta["table"]["appendix"][0]
-    assert attack["columns"] == ["None", "RMC", "DENT"]
+    verdict, agree = "attack's verdict", "verdict = score"
+    assert attack["columns"] == ["None", "RMC", "DENT", f"RMC: {verdict}", f"RMC: {agree}", f"DENT: {verdict}",
+                                 f"DENT: {agree}"]
     dent_rows = [label for label in attack["rows"] if "against DENT" in label]
-    assert len(dent_rows) == 2 and all(set(attack["rows"][r]) == {"DENT"} for r in dent_rows)   # both protocols
+    assert len(dent_rows) == 2                                                                   # both protocols
+    for r in dent_rows:
+        assert set(attack["rows"][r]) == {"DENT", f"DENT: {verdict}", f"DENT: {agree}"}
+        assert attack["rows"][r][f"DENT: {agree}"]["accuracy"]["hits"] == 8      # deterministic: the scored verdict
     worst = next(v for k, v in attack["rows"].items() if k.startswith("worst case"))
     assert set(worst) == {"None", "RMC", "DENT"}
     clean = json.loads(next(out.glob("results/*/standard/clean/dent.json")).read_text())

@@ -46,7 +46,7 @@ from rmc.evaluation.common import BaseModel, NeighbourSearch, digest
 from rmc.evaluation.driver import evaluate_set
 from rmc.evaluation.report import Cell, Table, cell_from_records, row_label
 from rmc.evaluation.stats import Rate
-from rmc.io import write_json
+from rmc.io import read_json, write_json
 
 TRANSFER, AWARE, WORST = "transfer", "defense-aware", "worst case"
 AGREEMENT_FILE = "agreement.json"   # a defense-aware row's folder: the attack's verdict and the score, per input
@@ -281,11 +281,14 @@ def _aware_row(kind, protocol, made: EvalSet, label: str, folder: Path, n: int, 
 def _write_agreement(folder: Path, info: dict, attack_records: list[dict], scored_records: list[dict]) -> None:
     """Per input, the attack's verdict beside the score (the table's agreement column, input by input)."""
     scored = {r["index"]: r["pred"] for r in scored_records}
-    write_json(folder / AGREEMENT_FILE, {
+    agreement = {
         "attacker": info.get("attacker"), "n": info["n"], "attack_verdict_correct": info["verdict_correct"],
         "score_correct": sum(r["pred"] == r["label"] for r in scored_records), "agree": info["agree"],
         "inputs": [{"index": a["index"], "label": a["label"], "attack_pred": a["pred"],
-                    "score_pred": scored.get(a["index"])} for a in attack_records]})
+                    "score_pred": scored.get(a["index"])} for a in attack_records]}
+    path = folder / AGREEMENT_FILE
+    if not (path.exists() and read_json(path, "agreement") == agreement):   # a rerun that changes nothing: untouched
+        write_json(path, agreement)
 
 
 def _rand_row(base, dprime, search, clean, cfg, acfg, n, num_classes, name, label, sets_dir, score, log) -> AttackRow:
