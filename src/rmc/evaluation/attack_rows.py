@@ -364,7 +364,6 @@ def _batch_aware_rows(name: str, settings: Any, base: BaseModel, clean: EvalSet,
             set_name = (f"{name}-{kind}-{protocol}-r{brows.rounds}-pgd{lane.steps}-eps{_num(acfg.eps)}-"
                         f"{digest(meta)[:6]}")
             folder = out_dir / base.name / set_name
-            t0 = time.perf_counter()
             made = _cached_set(sets_dir, set_name, base, meta)
             stream = batch_defense.BatchAwareStream(name, settings, kind, protocol, base, x, y, acfg, brows, folder,
                                                     evalset_source(clean), num_classes)
@@ -375,6 +374,7 @@ def _batch_aware_rows(name: str, settings: Any, base: BaseModel, clean: EvalSet,
                 made = EvalSet(set_name, stream.adv.contiguous(), y.clone(), None, clean.indices[:n].clone(), meta)
                 save_eval_sets(sets_dir, [made])
             attack_records = stream.records
+            t0 = time.perf_counter()   # the attack's own time is in its records
             records = batch_defense.evaluate_set(name, settings, base, made, out_dir, reorder=brows.reorder)
             scored = {r["index"]: r["pred"] for r in records}
             attack_s = sum(a.get("seconds", 0) for a in attack_records)
