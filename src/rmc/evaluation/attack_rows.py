@@ -46,7 +46,7 @@ from rmc.evaluation.common import BaseModel, NeighbourSearch, digest
 from rmc.evaluation.driver import evaluate_set
 from rmc.evaluation.report import Cell, Table, cell_from_records, row_label
 from rmc.evaluation.stats import Rate
-from rmc.io import read_json, write_json
+from rmc.io import write_json
 
 TRANSFER, AWARE, WORST = "transfer", "defense-aware", "worst case"
 AGREEMENT_FILE = "agreement.json"   # a defense-aware row's folder: the attack's verdict and the score, per input
@@ -286,8 +286,13 @@ def _write_agreement(folder: Path, info: dict, attack_records: list[dict], score
         "score_correct": sum(r["pred"] == r["label"] for r in scored_records), "agree": info["agree"],
         "inputs": [{"index": a["index"], "label": a["label"], "attack_pred": a["pred"],
                     "score_pred": scored.get(a["index"])} for a in attack_records]}
+    # A re-run that changes nothing leaves the file as it is, as it leaves the records.
     path = folder / AGREEMENT_FILE
-    if not (path.exists() and read_json(path, "agreement") == agreement):   # a rerun that changes nothing: untouched
+    try:
+        same = json.loads(path.read_text()) == json.loads(json.dumps(agreement))
+    except (OSError, ValueError):   # absent or damaged: (re)written from the records
+        same = False
+    if not same:
         write_json(path, agreement)
 
 
