@@ -25,7 +25,7 @@ def _run(tmp_path: Path) -> Path:
     (run / "features" / "standard-3.npy").write_bytes(b"\0" * 100)
     stream = RecordStream(run / "results" / "standard" / "clean", "rmc", "fp")
     for i in range(3):
-        stream.append({"index": i, "pred": i}, {"w": torch.full((4,), float(i))})
+        stream.append({"index": i, "label": 0, "pred": i}, {"w": torch.full((4,), float(i))})
     return run
 
 
@@ -52,7 +52,7 @@ def test_states_are_copied_before_their_records(tmp_path):
 def test_restore_keeps_newer_local_files_and_refuses_a_damaged_copy(tmp_path):
     run = _run(tmp_path)
     carry.save(run, tmp_path / "carried")
-    RecordStream(run / "results" / "standard" / "clean", "rmc", "fp").append({"index": 3, "pred": 0},
+    RecordStream(run / "results" / "standard" / "clean", "rmc", "fp").append({"index": 3, "label": 0, "pred": 0},
                                                                             {"w": torch.zeros(4)})
     before = (run / "results" / "standard" / "clean" / "rmc.jsonl").read_text()
     assert carry.restore(tmp_path / "carried", run) == []

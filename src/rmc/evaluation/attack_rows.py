@@ -14,7 +14,6 @@ Layout under the results directory:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from rmc.defense.dprime import DPrime
 from rmc.errors import RMCError
 from rmc.evaluation.common import BaseModel, NeighbourSearch
 from rmc.evaluation.aware_stream import AwareStream
+from rmc.evaluation.records import read_records
 from rmc.evaluation.driver import evaluate_set
 from rmc.evaluation.report import Table, cell_from_records, row_label
 
@@ -228,8 +228,7 @@ def _aware_row(kind, protocol, made: EvalSet, label: str, folder: Path, n: int, 
     t0 = time.perf_counter()
     records = score(made)
     stream_path = folder / "attack.jsonl"
-    attack_records = [json.loads(line) for line in stream_path.read_text().splitlines() if line.strip()][:n] \
-        if stream_path.exists() else []
+    attack_records = read_records(stream_path)[:n] if stream_path.exists() else []
     agree = sum(a["pred"] == r["pred"] for a, r in zip(attack_records, records["rmc"]))
     attack_s = sum(a.get("seconds", 0) for a in attack_records)
     info = {"seconds": round(attack_s + time.perf_counter() - t0, 1), "attack_seconds": round(attack_s, 1),

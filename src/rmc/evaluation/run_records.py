@@ -20,8 +20,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from rmc.artifacts.evalsets import INDEX_SCHEMA
 from rmc.errors import RMCError
+from rmc.evaluation.records import RECORD, check_record
 from rmc.io import read_json
+from rmc.paths import inside, safe_name
+from rmc.schema import Bool, Int, Lazy, ListOf, MapOf, Name, Obj, Str, check
 
 CLEAN, TRANSFER, AWARE = "clean", "transfer", "defense-aware"
 AWARE_KINDS = ("fpa", "gmsa-avg", "gmsa-min")          # defense-aware attacks (rmc.attacks.defense_aware)
@@ -85,9 +89,30 @@ def _read_json(path: Path, missing: list[str]):
         return json.loads(path.read_text())
     except FileNotFoundError:
         missing.append(f"{path.name} ({path.parent})")
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+    except (ValueError, RecursionError, OSError) as e:
         missing.append(f"{path} is unreadable ({type(e).__name__})")
     return None
+
+
+FIX = "the run directory is damaged or was not written by rmc: re-run `rmc run` into it, or delete the file"
+_RATE = Obj({"hits": Int(0), "n": Int(0)})
+TABLE = Obj({}, {"title": Str(), "columns": ListOf(Str()), "column_notes": MapOf(Str(), Str()), "corner": Str(),
+                 "notes": ListOf(Str()),
+                 "rows": MapOf(Str(), MapOf(Str(), Obj({"accuracy": _RATE}, {"attack_success": _RATE}))),
+                 "appendix": ListOf(Lazy(lambda: TABLE), 0, 64)})
+# What `rmc report` reads of results.json: the table, and where each base model's stages are.
+RESULTS = Obj({}, {"table": TABLE, "stage_dirs": MapOf(Name(), MapOf(Str(("model", "dprime", "features", "evalsets",
+                                                                          "results")), Str(empty=False)))})
+# What it reads of config.yaml (the rest is shown as it is).
+CONFIG = Obj({}, {"data": Obj({}, {"dataset": Str(max_len=200)}), "rmc": Obj({}, {"mode": Str(max_len=200)}),
+                  "model": Obj({}, {"bases": ListOf(Name()), "adversarial_base": Bool()})})
+BASELINE_RECORDS = Obj({}, {"fingerprint": Str(max_len=200), **{d: ListOf(RECORD) for d in
+                                                               ("undefended", "deepnn", "webnn")}})
+
+
+def read_results(path: Path) -> dict:
+    """A run's results.json, the fields `rmc report` uses checked."""
+    return check(read_json(path, "run results"), RESULTS, path, FIX)
 
 
 # The stage folders of one base model in a run directory (rmc.cli.pipeline names them by their inputs' key).
@@ -98,14 +123,17 @@ STAGE_GLOBS = {"model": "models/{base}-*.safetensors", "dprime": "dprime/{base}-
 def stage_folder(root: Path, results: dict | None, base: str, kind: str) -> Path | None:
     """`base`'s folder (or file) of stage `kind` (a STAGE_GLOBS key): the one results.json names (`stage_dirs`,
     re-rooted here: the run may have moved or been made with a relative --out), else the newest of its kind (a run
-    still going), else None."""
+    still going), else None. Never a path that leads out of `root` (a link included)."""
     where = ((results or {}).get("stage_dirs") or {}).get(base, {}).get(kind)
+    source = root / "results.json"
     if where:
-        parts = Path(where).parts   # results/<key>/<base>; the others <kind folder>/<base>-<key>[.ext]
-        return root.joinpath("results", *parts[-2:]) if kind == "results" else \
-            root / STAGE_GLOBS[kind].split("/")[0] / parts[-1]
+        parts = [safe_name(p, f"stage_dirs.{base}.{kind}", source) for p in Path(where).parts[-2:]]
+        if kind == "results" and len(parts) < 2:
+            raise RMCError(f"{source}: stage_dirs.{base}.results is {where[:60]!r}, not results/<key>/<base>; {FIX}")
+        rel = "/".join(["results", *parts[-2:]] if kind == "results" else [STAGE_GLOBS[kind].split("/")[0], parts[-1]])
+        return inside(root, rel, f"stage_dirs.{base}.{kind}", source)
     found = sorted(root.glob(STAGE_GLOBS[kind].format(base=base)), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+    return inside(root, str(found[-1].relative_to(root)), f"the {kind} folder of {base}") if found else None
 
 
 def stage_folders(run: str | Path, base: str = "standard") -> dict[str, Path]:
@@ -116,7 +144,7 @@ def stage_folders(run: str | Path, base: str = "standard") -> dict[str, Path]:
         raise RMCError(f"run directory {run} not found; run `rmc run --out {run}` first")
     results = None
     if (run / "results.json").exists():
-        results = read_json(run / "results.json", "run results")
+        results = read_results(run / "results.json")
     found = {kind: stage_folder(run, results, base, kind) for kind in STAGE_GLOBS}
     found = {k: v for k, v in found.items() if v is not None}
     if not found:
@@ -128,7 +156,7 @@ class RunRecords:
     """The records of one run directory."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = Path(root).resolve()   # what it holds is followed only inside it, links resolved
         if not self.root.is_dir():
             raise RMCError(f"run directory {self.root} not found; pass the --out of an `rmc run`")
         if not (self.root / "results").is_dir() and not (self.root / "results.json").exists():
@@ -139,6 +167,8 @@ class RunRecords:
         self.results = None
         if (self.root / "results.json").exists():
             self.results = _read_json(self.root / "results.json", self.missing)
+            if self.results is not None:
+                self.results = check(self.results, RESULTS, self.root / "results.json", FIX)
         else:
             self.missing.append("results.json (the run has not finished: tables are rebuilt from the records)")
         self.sets = self._sets()
@@ -149,10 +179,11 @@ class RunRecords:
             self.missing.append("config.yaml (settings unknown)")
             return {}
         try:
-            return yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, ValueError, RecursionError):
             self.missing.append("config.yaml is unreadable (settings unknown)")
             return {}
+        return check(loaded, CONFIG, path, FIX)
 
     @property
     def dataset(self) -> str:
@@ -187,9 +218,10 @@ class RunRecords:
             self.missing.append(f"{folder.relative_to(self.root)}/ (attack settings unknown: no eps on the curve)")
             return {}
         index = _read_json(folder / "index.json", self.missing)
-        if not isinstance(index, dict):
+        if index is None:
             return {}
-        return {e["name"]: e for e in index.get("sets", []) if isinstance(e, dict) and "name" in e}
+        check(index, INDEX_SCHEMA, folder / "index.json", FIX)
+        return {e["name"]: e for e in index["sets"]}
 
     def _folders(self) -> list[tuple[str, Path, Path]]:
         """(base, its results folder, its evaluation-set folder). Layouts: results/<key>/<base>/ with
@@ -224,20 +256,25 @@ class RunRecords:
                                      if (res / "attack-sets").exists() else {})):
                 for name, e in entries.items():
                     known.add(name)
-                    info = SetInfo(base, name, e.get("attack") or {}, res / name, folder / e.get("file", ""))
+                    info = SetInfo(base, name, e["attack"], inside(res, name, "a set's records", folder),
+                                   inside(folder, e["file"], f"the file of set {name!r}", folder / "index.json"))
                     if not info.folder.is_dir():
                         self.missing.append(f"{info.folder.relative_to(self.root)}/ (set not evaluated yet)")
                     out.append(info)
             for p in sorted(res.iterdir()) if res.is_dir() else []:
                 if p.is_dir() and p.name != "attack-sets" and p.name not in known:
-                    out.append(SetInfo(base, p.name, {}, p, None))
+                    out.append(SetInfo(base, p.name, {}, inside(res, p.name, "a set's records"), None))
         return out
 
     # -- records -----------------------------------------------------------------------------------------
     def baselines(self, s: SetInfo) -> dict[str, list[dict]]:
         """{"undefended"|"deepnn"|"webnn": records} of a set ({} and a note if missing)."""
-        data = _read_json(s.folder / "baselines.json", self.missing) if s.folder.is_dir() else None
-        return {k: v for k, v in (data or {}).items() if isinstance(v, list)}
+        path = s.folder / "baselines.json"
+        data = _read_json(path, self.missing) if s.folder.is_dir() else None
+        if data is None:
+            return {}
+        check(data, BASELINE_RECORDS, path, FIX)
+        return {k: data[k] for k in ("undefended", "deepnn", "webnn") if k in data}
 
     def rmc_streams(self, s: SetInfo) -> list[Path]:
         one = s.folder / "rmc.jsonl"
@@ -251,12 +288,11 @@ class RunRecords:
                     continue
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:
+                except ValueError:
                     self.missing.append(f"{path.relative_to(self.root)}: line {i + 1} is corrupt; records after it "
                                         "are left out")
                     return
-                if isinstance(rec, dict) and "pred" in rec and "label" in rec:
-                    yield rec
+                yield check_record(rec, path, i + 1)
 
     def rmc(self, s: SetInfo) -> Iterator[dict]:
         """RMC's records of a set, stream by stream (each in input order)."""

@@ -7,6 +7,7 @@ from rmc.artifacts.dprime import ATTACK_LABELS, AugmentConfig, build_dprime_stor
 from rmc.artifacts.evalsets import parse_number
 from rmc.cli.commands import (add_model_and_data_arguments, add_ray_arguments, check_ray_arguments, check_ray_device,
                               model_and_split)
+from rmc.scaleout.executors import hold
 
 _D = AugmentConfig()
 
@@ -40,8 +41,9 @@ def main(args) -> int:
                            batch_size=args.batch_size, train_subset=args.train_subset, label=args.label).validate()
     model, info, train = model_and_split(args, "train")
     started = time.perf_counter()
-    store = build_dprime_store(model, info, train, args.out, config, progress=not args.quiet, ray=args.ray,
-                               workers=args.workers)
+    with hold(args.ray, args.workers, args.ray_timeout):   # a cluster that does not answer fails here, in seconds
+        store = build_dprime_store(model, info, train, args.out, config, progress=not args.quiet, ray=args.ray,
+                                   workers=args.workers)
     seconds = time.perf_counter() - started
     size = sum(f.stat().st_size for f in store.path.iterdir() if f.is_file())
     counts = ", ".join(f"{k} {v}" for k, v in store.manifest["counts"].items())
