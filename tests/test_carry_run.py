@@ -62,6 +62,19 @@ def test_restore_keeps_newer_local_files_and_refuses_a_damaged_copy(tmp_path):
         carry.restore(tmp_path / "carried", tmp_path / "elsewhere")
 
 
+@pytest.mark.parametrize("rel", ["../../outside.txt", "/tmp/rmc-carry-outside.txt"])
+def test_restore_writes_nothing_outside_the_run_whatever_the_index_names(tmp_path, rel):
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    (carried / "outside.txt").write_text("x")
+    index = {"files": {rel: {"sha256": carry._sha256(carried / "outside.txt"), "bytes": 1}}}
+    (carried / carry.INDEX).write_text(json.dumps(index))
+    with pytest.raises(SystemExit, match="leads outside|absolute path"):
+        carry.restore(carried, tmp_path / "a" / "run")
+    assert not (tmp_path / "outside.txt").exists() and not Path("/tmp/rmc-carry-outside.txt").exists()
+    assert not (tmp_path / "a").exists()
+
+
 def test_save_replaces_the_previous_carry_whole(tmp_path):
     run = _run(tmp_path)
     carry.save(run, tmp_path / "carried")

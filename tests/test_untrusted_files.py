@@ -364,8 +364,7 @@ def test_damaged_record_stream(evaluated, data):
             # A record out of order (or removed) ends the stream there: the rest is recomputed (the driver refuses a
             # stream that starts at another input than it expects). A valid value in another field is results as
             # recorded (rmc cannot tell an edited prediction from its own).
-            runs = [clean[k:k + len(got)] for k in range(len(clean))]
-            truncated = got in runs and (len(path) == 1 or path[1] == "index")
+            truncated = got == doc[:len(got)] and (len(path) == 1 or path[1] == "index")
             edited = len(got) == len(clean) and len(path) >= 2 and path[1] not in ("index", "fingerprint") and all(
                 g == c for i, (g, c) in enumerate(zip(got, clean)) if i != path[0])
             assert got == clean or truncated or edited, (op, path)
@@ -576,3 +575,24 @@ def test_a_report_does_not_follow_a_set_folder_out_of_the_run(evaluated, tmp_pat
     os.symlink(tmp_path / "clean-elsewhere", sets / "clean")
     assert cli(["report", str(tmp_path / "run")]) == 2
     assert "leads outside" in _one_line_error(capsys)
+
+
+def test_a_report_does_not_embed_a_figure_that_links_out_of_the_run(evaluated, tmp_path, capsys):
+    _, _, run = evaluated
+    shutil.copytree(run, tmp_path / "run")
+    (tmp_path / "secret.png").write_bytes(b"\x89PNG not for the page")
+    os.symlink(tmp_path / "secret.png", tmp_path / "run" / "neighbours.png")
+    assert cli(["report", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 2
+    assert "the neighbours figure" in _one_line_error(capsys) and not (tmp_path / "out" / "report.html").exists()
+
+
+def test_an_invalid_value_a_flag_replaces_is_still_refused(ws, tmp_path, capsys):
+    from rmc.cli.config import load_config
+    assert load_config(None, "default", [("rmc.mode", "online")], [("rmc.mode", "episodic")]).rmc.mode.value == \
+        "episodic"                                           # the flag wins over a valid value
+    with pytest.raises(RMCError, match="'foo' is not a valid Mode"):
+        load_config(None, "default", [("rmc.mode", "foo")], [("rmc.mode", "episodic")])
+    assert cli(_evaluate(ws, tmp_path / "out", "--set", "rmc.mode=foo", "--mode", "episodic")) == 2
+    assert "foo" in _one_line_error(capsys) and not (tmp_path / "out" / "results").exists()
+    with pytest.raises(RMCError, match="model.bases"):        # a check that was shadowed by a second validate()
+        load_config(None, "default", [("model.bases", ["nope"])])

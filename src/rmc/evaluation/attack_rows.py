@@ -32,7 +32,7 @@ from rmc.errors import RMCError
 from rmc.evaluation.common import BaseModel, NeighbourSearch
 from rmc.evaluation.aware_stream import AwareStream
 from rmc.evaluation.records import read_records
-from rmc.evaluation.driver import evaluate_set
+from rmc.evaluation.driver import evaluate_set, results_folder
 from rmc.evaluation.report import Table, cell_from_records, row_label
 
 TRANSFER, AWARE, WORST = "transfer", "defense-aware", "worst case"
@@ -139,7 +139,7 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
     x, y = clean.images[:n], clean.labels[:n]
     search = NeighbourSearch(base.features, dprime)
     names, labels = set_names(acfg), row_labels(acfg, n)
-    sets_dir = out_dir / base.name / "attack-sets"
+    sets_dir = results_folder(out_dir, base.name, "attack-sets")
     base.model.eval()
     rows: list[AttackRow] = []
 
@@ -180,7 +180,7 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
     aware = [(kind, protocol) for kind in acfg.attacks for protocol in acfg.protocols]
     metas = {a: _aware_meta(*a, clean, base, cfg, acfg, n) for a in aware}
     pending = {a: AwareStream(*a, names[aware_key(*a)], base, dprime, search, x, y, cfg, acfg,
-                              out_dir / base.name / names[aware_key(*a)], evalset_source(clean))
+                              results_folder(out_dir, base.name, names[aware_key(*a)]), evalset_source(clean))
                for a in aware if _cached_set(sets_dir, names[aware_key(*a)], base, metas[a]) is None}
     if pending:
         _attack_in_turn(pending, n, labels, base.name, cfg, progress, log)
@@ -188,7 +188,8 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
         name = names[aware_key(*a)]
         stream = pending.get(a)
         made = ensure(name, metas[a], lambda: stream.adv)   # noqa: B023 (called at once)
-        rows.append(_aware_row(*a, made, labels[aware_key(*a)], out_dir / base.name / name, n, acfg, score))
+        rows.append(_aware_row(*a, made, labels[aware_key(*a)], results_folder(out_dir, base.name, name), n, acfg,
+                               score))
     rows.append(worst_case(rows, clean_records, n))
     _figure(rows, acfg, out_dir / base.name / "rounds.png", base.name, log)
     return rows

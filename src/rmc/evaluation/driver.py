@@ -433,5 +433,5 @@ def evaluate_set(base: BaseModel, dprime: DPrime, search: NeighbourSearch, eval_
 
 
 __all__ = ["BASELINES", "BaseModel", "MAX_BLOCK", "NeighbourSearch", "SetJob", "check_work_split", "evaluate",
-           "evaluate_set", "finished_results", "online_streams", "open_set", "rmc_task", "stream_fingerprint",
-           "stream_names", "stream_plan"]
+           "evaluate_set", "finished_results", "online_streams", "open_set", "results_folder", "rmc_task",
+           "stream_fingerprint", "stream_names", "stream_plan"]

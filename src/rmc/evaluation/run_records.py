@@ -24,8 +24,8 @@ from rmc.artifacts.evalsets import INDEX_SCHEMA
 from rmc.errors import RMCError
 from rmc.evaluation.records import RECORD, check_record
 from rmc.io import read_json
-from rmc.paths import inside, safe_name
-from rmc.schema import Bool, Int, Lazy, ListOf, MapOf, Name, Obj, Str, check
+from rmc.paths import inside
+from rmc.schema import Bool, Int, Lazy, ListOf, MapOf, Name, Obj, Spec, Str, check
 
 CLEAN, TRANSFER, AWARE = "clean", "transfer", "defense-aware"
 AWARE_KINDS = ("fpa", "gmsa-avg", "gmsa-min")          # defense-aware attacks (rmc.attacks.defense_aware)
@@ -95,7 +95,19 @@ def _read_json(path: Path, missing: list[str]):
 
 
 FIX = "the run directory is damaged or was not written by rmc: re-run `rmc run` into it, or delete the file"
-_RATE = Obj({"hits": Int(0), "n": Int(0)})
+
+
+class _Rate(Spec):
+    """A rate of the table: hits and n, 0 <= hits <= n."""
+
+    def __call__(self, value, at):
+        Obj({"hits": Int(0), "n": Int(0)})(value, at)
+        if value["hits"] > value["n"]:
+            at.child("hits").fail(f"at most n ({value['n']})", value["hits"])
+        return value
+
+
+_RATE = _Rate()
 TABLE = Obj({}, {"title": Str(), "columns": ListOf(Str()), "column_notes": MapOf(Str(), Str()), "corner": Str(),
                  "notes": ListOf(Str()),
                  "rows": MapOf(Str(), MapOf(Str(), Obj({"accuracy": _RATE}, {"attack_success": _RATE}))),
@@ -127,10 +139,19 @@ def stage_folder(root: Path, results: dict | None, base: str, kind: str) -> Path
     where = ((results or {}).get("stage_dirs") or {}).get(base, {}).get(kind)
     source = root / "results.json"
     if where:
-        parts = [safe_name(p, f"stage_dirs.{base}.{kind}", source) for p in Path(where).parts[-2:]]
-        if kind == "results" and len(parts) < 2:
-            raise RMCError(f"{source}: stage_dirs.{base}.results is {where[:60]!r}, not results/<key>/<base>; {FIX}")
-        rel = "/".join(["results", *parts[-2:]] if kind == "results" else [STAGE_GLOBS[kind].split("/")[0], parts[-1]])
+        # Only the names rmc run gives its stage folders are followed, re-rooted: results/<key>/<base>, else
+        # <kind folder>/<base>-<key>[.ext] (STAGE_GLOBS).
+        parts = Path(where).parts
+        pattern = re.escape(STAGE_GLOBS[kind].split("/")[-1].format(base=base)).replace(r"\*", "[0-9a-f]{8}")
+        if kind == "results":
+            ok = len(parts) >= 2 and STAGE_KEY.fullmatch(parts[-2]) is not None and parts[-1] == base
+            rel = f"results/{parts[-2]}/{base}" if ok else ""
+        else:
+            ok = bool(parts) and re.fullmatch(pattern, parts[-1]) is not None
+            rel = f"{STAGE_GLOBS[kind].split('/')[0]}/{parts[-1]}" if ok else ""
+        if not ok:
+            raise RMCError(f"{source}: stage_dirs.{base}.{kind} is {where[:60]!r}, not a stage folder of `rmc run` "
+                           f"({STAGE_GLOBS[kind].format(base=base).replace('*', '<key>')}); {FIX}")
         return inside(root, rel, f"stage_dirs.{base}.{kind}", source)
     found = sorted(root.glob(STAGE_GLOBS[kind].format(base=base)), key=lambda p: p.stat().st_mtime)
     return inside(root, str(found[-1].relative_to(root)), f"the {kind} folder of {base}") if found else None
