@@ -46,16 +46,32 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DEFAULT_RUN, DEFAULT_RUN_DPRIME, DEFAULT_WORKDIR, LAYER, get_dprime, get_model, log,  # noqa: E402
-                    make_bank, peak_rss_mb, run_cfg, subset_rows, test_inputs)
+from common import (  # noqa: E402
+    DEFAULT_RUN,
+    DEFAULT_RUN_DPRIME,
+    DEFAULT_WORKDIR,
+    LAYER,
+    get_dprime,
+    get_model,
+    log,
+    make_bank,
+    peak_rss_mb,
+    run_cfg,
+    subset_rows,
+    test_inputs,
+)
 from reference import NaiveRMC, naive_knn  # noqa: E402
 
-from rmc.defense import kernels  # noqa: E402
 from rmc.attacks import pgd  # noqa: E402
+from rmc.defense import (  # noqa: E402
+    RMC,
+    RMCConfig,
+    build_rmc,
+    kernels,  # noqa: E402
+)
 from rmc.defense.batched import BatchedEpisodic  # noqa: E402
-from rmc.defense import RMC, RMCConfig, build_rmc  # noqa: E402
-from rmc.defense.profiling import PhaseTimer  # noqa: E402
 from rmc.defense.knn import NeighbourIndex  # noqa: E402
+from rmc.defense.profiling import PhaseTimer  # noqa: E402
 
 ALL_SECTIONS = ("matmul", "search", "latency", "ablation", "scopes", "threads", "batched", "memory")
 SIZES = {  # quick / full
@@ -136,7 +152,7 @@ def section_search(args, out, feats, q_all):
         got_rows = rows_b
     ref_rows = np.stack(ref_rows)
     identical = int((got_rows[:nref] == ref_rows).all(1).sum())
-    same_sets = int(sum(set(a) == set(b) for a, b in zip(got_rows[:nref], ref_rows)))
+    same_sets = int(sum(set(a) == set(b) for a, b in zip(got_rows[:nref], ref_rows, strict=True)))
     res = {"dprime": len(feats), "dim": feats.shape[1], "k": k, "ref_queries": nref, "batch_queries": nq,
            "ref_s_per_query": statistics.mean(t_ref), "flat_single_s_per_query": statistics.mean(t_one),
            "flat_batched_s_per_query": statistics.mean(t_batch), "flat_build_s": t_build,
@@ -148,7 +164,7 @@ def section_search(args, out, feats, q_all):
     for nprobe in (16, 64):
         ivf, t_b = timed(NeighbourIndex, feats, "ivf", nlist=1024, nprobe=nprobe)
         (_, rows_i), dt = timed(ivf.search, q_all[:nq], k)
-        recall = float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(rows_i, exact)]))
+        recall = float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(rows_i, exact, strict=True)]))
         res[f"ivf_nprobe{nprobe}"] = {"build_s": t_b, "s_per_query": dt / nq, "recall_at_k": recall,
                                       "speedup_vs_ref": res["ref_s_per_query"] / (dt / nq)}
         del ivf
@@ -241,11 +257,14 @@ def section_latency(args, out, model, bank_run, feats_run, x, y, q):
             res[k]["fraction_of_fp32_matmul_peak"] = res[k]["flops_per_s_overall"] / peak["fp32"]
             res[k]["peak_dtype"] = dtype
         res[k]["speedup_vs_reference"] = res["reference"]["s_per_input"] / res[k]["s_per_input"]
-        res[k]["agreement_with_reference"] = float(np.mean(np.array(res[k]["preds"]) == np.array(res["reference"]["preds"])))
-    res["reference"]["profile_s_per_input"] = {p: s / ref.steps for p, s in sorted(ref.seconds.items(), key=lambda kv: -kv[1])}
+        res[k]["agreement_with_reference"] = float(np.mean(np.array(res[k]["preds"])
+                                                           == np.array(res["reference"]["preds"])))
+    res["reference"]["profile_s_per_input"] = {p: s / ref.steps
+                                               for p, s in sorted(ref.seconds.items(), key=lambda kv: -kv[1])}
     out["latency"] = {"inputs": n, "dprime": len(bank_run), "settings": DEFAULT_RUN, "threads": args.threads, **res}
-    log(f"[latency] reference {res['reference']['s_per_input']:.3f} s/input, accuracy {res['reference']['accuracy']:.3f}; "
-        "profile (ms/input): " + ", ".join(f"{p} {s * 1e3:.1f}" for p, s in res["reference"]["profile_s_per_input"].items()))
+    log(f"[latency] reference {res['reference']['s_per_input']:.3f} s/input, "
+        f"accuracy {res['reference']['accuracy']:.3f}; profile (ms/input): "
+        + ", ".join(f"{p} {s * 1e3:.1f}" for p, s in res["reference"]["profile_s_per_input"].items()))
     for k in variants:
         r = res[k]
         frac = f", {r['fraction_of_matmul_peak'] * 100:.0f}% of the {r['peak_dtype']} matmul peak" if peak else ""
@@ -269,7 +288,8 @@ def section_ablation(args, out, model, bank_run, feats_run, x, y, q):
     log(f"[ablation] rmc fp32 with the fast path (with / without its C kernels) and without it, {n} inputs ...")
     r = run_interleaved(impls, x, y, q, n, "ablation")
     out["ablation"] = {"inputs": n, **{k: {kk: vv for kk, vv in v.items() if kk != "preds"} for k, v in r.items()},
-                       "same_predictions": float(np.mean(np.array(r["fast-path"]["preds"]) == np.array(r["plain-model"]["preds"])))}
+                       "same_predictions": float(np.mean(np.array(r["fast-path"]["preds"])
+                                                         == np.array(r["plain-model"]["preds"])))}
     log("[ablation] " + "; ".join(f"{k} {v['s_per_input']:.3f} s/input" for k, v in r.items()))
     out["ablation"]["step"] = step_breakdown(model, bank_run.gather(np.arange(128))[0])
 
@@ -285,8 +305,8 @@ def step_breakdown(model, xb: torch.Tensor) -> dict:
     from torch.nn import Conv2d
     from torch.nn import functional as F
 
-    from rmc.defense.scope import configure_model
     from rmc.defense.fastpath import fast_forward
+    from rmc.defense.scope import configure_model
     net = configure_model(copy.deepcopy(model))
     params = [p for p in net.parameters() if p.requires_grad]
     y = torch.zeros(len(xb), dtype=torch.long)
@@ -413,7 +433,8 @@ def section_batched(args, out, model, bank_run, feats_run, x, y, q):
     base = max(v["inputs_per_s"] for k, v in res.items() if k.startswith("one_at_a_time"))
     for k in res:
         res[k]["vs_best_one_at_a_time"] = res[k]["inputs_per_s"] / base
-        res[k]["same_predictions_as_one_at_a_time"] = float(np.mean(np.array(preds[k]) == np.array(preds["one_at_a_time_1thread"])))
+        res[k]["same_predictions_as_one_at_a_time"] = float(np.mean(np.array(preds[k])
+                                                                    == np.array(preds["one_at_a_time_1thread"])))
     out["batched"] = {"B": b, "rounds": rounds, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), **res}
     if not args.full:
         log("[batched] (quick mode: --full adds the vmap backend)")
@@ -448,7 +469,8 @@ def main(argv=None):
     ap.add_argument("--n-scopes", type=int, default=None)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tuned-malloc", action="store_true",
-                    help="keep freed memory in glibc's heap (no page faults on re-allocation); helps the reference most")
+                    help="keep freed memory in glibc's heap (no page faults on re-allocation); "
+                         "helps the reference most")
     args = ap.parse_args(argv)
     if args.tuned_malloc:
         import ctypes

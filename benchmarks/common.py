@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from rmc.cli.config import load_config
-from rmc.defense.core import DPrime, RMCConfig
 from rmc.data import load_dataset
+from rmc.defense.core import DPrime, RMCConfig
 from rmc.models import extract_features, load_checkpoint, save_checkpoint
 
 DEFAULT_WORKDIR = os.environ.get("RMC_BENCH_DIR", "/tmp/rmc-bench")
@@ -98,7 +98,8 @@ def subset_rows(n_train: int, per_copy: int, copies: int) -> np.ndarray:
 
 
 def make_bank(images: np.ndarray, labels: np.ndarray, copy: np.ndarray) -> DPrime:
-    return DPrime(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(copy.astype(np.int64)))
+    return DPrime(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
+                  torch.from_numpy(copy.astype(np.int64)))
 
 
 def test_inputs(n: int, model, layer: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:

@@ -1,4 +1,5 @@
-"""Online RMC's compute paths side by side, on both x86 instruction sets, each against the naive reference in the same run.
+"""Online RMC's compute paths side by side, on both x86 instruction sets, each against the naive reference in the
+same run.
 
     python benchmarks/compute_paths.py            # quick: 8 inputs per path (a smoke test, ~5 minutes on 2 cores)
     python benchmarks/compute_paths.py --full     # the table of benchmarks/README.md: 100 inputs per path
@@ -14,9 +15,9 @@ Each instruction set runs in its own processes (oneDNN and ATen read their limit
 emulated with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2. The compiled paths run in a process of their own,
 with the reference again, so that a crash of the compiler costs only their row, and with an inductor cache of
 their own per instruction set (<workdir>/inductor-<set>): torch.compile's on-disk cache does not key on ATen's
-capability, and code cached under one was reused under the other, giving wrong predictions or crashing. In every process the paths step
-through the same inputs interleaved (benchmarks/bench.py's run_interleaved), so load from other processes falls on
-all alike; the ratios are what to compare across machines, the seconds only on this one.
+capability, and code cached under one was reused under the other, giving wrong predictions or crashing. In every
+process the paths step through the same inputs interleaved (benchmarks/bench.py's run_interleaved), so load from
+other processes falls on all alike; the ratios are what to compare across machines, the seconds only on this one.
 Results: <workdir>/compute-paths[-full].json and a markdown table on stdout.
 """
 
@@ -38,7 +39,7 @@ def child(group: str, n: int, workdir: Path) -> dict:
     """Runs the reference and `group`'s paths on n inputs in this process; returns their statistics."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
-    from bench import run_interleaved, rmc_impl, without_kernels
+    from bench import rmc_impl, run_interleaved, without_kernels
     from common import DEFAULT_RUN_DPRIME, LAYER, get_dprime, get_model, make_bank, run_cfg, subset_rows, test_inputs
     from reference import NaiveRMC
 
@@ -76,7 +77,7 @@ def child(group: str, n: int, workdir: Path) -> dict:
     ref_preds = res["reference"]["preds"]
     for r in res.values():
         r["speedup_vs_reference"] = res["reference"]["s_per_input"] / r["s_per_input"]
-        r["agreement_with_reference"] = sum(a == b for a, b in zip(r.pop("preds"), ref_preds)) / n
+        r["agreement_with_reference"] = sum(a == b for a, b in zip(r.pop("preds"), ref_preds, strict=True)) / n
     return {"paths": res, "seconds": time.perf_counter() - t0, "kernels": kernels.load(),
             "capability": torch.backends.cpu.get_cpu_capability(), "compute_paths": paths,
             "loadavg": os.getloadavg()}
@@ -126,7 +127,8 @@ def main(argv=None) -> None:
 
 
 def table(out: dict) -> str:
-    lines = ["| instruction set | path | s / input | vs reference (same process) | accuracy | same class as reference |",
+    lines = ["| instruction set | path | s / input | vs reference (same process) | accuracy "
+             "| same class as reference |",
              "|---|---|---|---|---|---|"]
     order = [f"{isa}/{group}" for isa in ISAS for group in GROUPS]
     for key, r in sorted(out["results"].items(), key=lambda kv: order.index(kv[0])):

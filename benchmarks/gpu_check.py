@@ -78,7 +78,8 @@ def main() -> None:
     preds = [online.step(xs[i:i + 1], feats[i:i + 1]).prediction for i in range(args.inputs)]
     _sync(device)
     log["online_s_per_input"] = round((time.perf_counter() - t0) / args.inputs, 4)
-    log["online_accuracy"] = sum(int(p == int(t)) for p, t in zip(preds, test.labels[:args.inputs])) / args.inputs
+    hits = sum(int(p == int(t)) for p, t in zip(preds, test.labels[:args.inputs], strict=True))
+    log["online_accuracy"] = hits / args.inputs
 
     epi_cfg = type(rmc_cfg)(**{**rmc_cfg.__dict__, "mode": Mode.EPISODIC})
     one = build_rmc(model, dprime, index, epi_cfg, LAYER)
@@ -92,8 +93,9 @@ def main() -> None:
     together = [r.prediction for r in batched.run(xs[:b], feats[:b], list(range(b)))]
     _sync(device)
     t_batch = time.perf_counter() - t0
-    log.update(episodic_one_at_a_time_s_per_input=round(t_one / b, 4), episodic_batched_s_per_input=round(t_batch / b, 4),
-               batched_speedup=round(t_one / t_batch, 2), batched_agreement=sum(map(int.__eq__, single, together)) / b)
+    log.update(episodic_one_at_a_time_s_per_input=round(t_one / b, 4),
+               episodic_batched_s_per_input=round(t_batch / b, 4), batched_speedup=round(t_one / t_batch, 2),
+               batched_agreement=sum(map(int.__eq__, single, together)) / b)
     args.out.write_text(json.dumps(log, indent=2) + "\n")
     for k, v in log.items():
         print(f"{k:34s} {v}")

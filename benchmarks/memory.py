@@ -73,7 +73,8 @@ def main():
     peaks["after_steps"] = peak_rss_mb()
     out = {"dprime": len(images), "steps": args.steps, "rss_mb": {k: round(v, 1) for k, v in stages.items()},
            "peak_rss_mb": round(peak_rss_mb(), 1), "peak_after_mb": {k: round(v, 1) for k, v in peaks.items()},
-           "images_file_mb": round(images.nbytes / 2 ** 20, 1), "features_mb": round(len(images) * 128 * 4 / 2 ** 20, 1)}
+           "images_file_mb": round(images.nbytes / 2 ** 20, 1),
+           "features_mb": round(len(images) * 128 * 4 / 2 ** 20, 1)}
     print(json.dumps(out))
 
 

@@ -42,8 +42,8 @@ def _timed(fn) -> float:
 def child(rounds: int) -> dict:
     import torch
     import torch.nn.functional as F
-    from rmc.models import build_model
-    from rmc.models import denoising
+
+    from rmc.models import build_model, denoising
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -41,13 +41,13 @@ def main() -> None:
 
     import ray
 
-    from rmc.cli.config import load_config
+    from rmc.artifacts.dprime import open_dprime_store
     from rmc.artifacts.evalsets import load_eval_sets
+    from rmc.artifacts.features import load_features, store_source
+    from rmc.cli.config import load_config
     from rmc.evaluation.common import BaseModel
     from rmc.evaluation.driver import evaluate
-    from rmc.artifacts.features import load_features, store_source
     from rmc.models import default_layer, load_checkpoint
-    from rmc.artifacts.dprime import open_dprime_store
     from rmc.scaleout.executors import connect
 
     cfg = load_config(None, "default", [("rmc.k", args.k), ("rmc.max_epochs", args.max_epochs),
@@ -94,7 +94,7 @@ def main() -> None:
     med = {w: statistics.median(v) for w, v in times.items()}
     base_w = args.workers[0]
     for w in args.workers[1:]:
-        pairs = [a / b for a, b in zip(times[base_w], times[w])]
+        pairs = [a / b for a, b in zip(times[base_w], times[w], strict=True)]
         print(f"speed-up {base_w} -> {w} workers: median times {med[base_w]:.1f} s -> {med[w]:.1f} s = "
               f"{med[base_w] / med[w]:.2f}x (per repeat: {', '.join(f'{p:.2f}' for p in pairs)})")
     print(f"Ray start-up (init + first task on each worker): median {statistics.median(startup):.1f} s, "

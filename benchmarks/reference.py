@@ -1,6 +1,6 @@
 """A faithful naive reference of the original RMC's per-input loop, for speed comparisons only.
 
-It does what the original code does, the way it does it (written from the paper's description and the SPEC; none
+It does what the original code does, the way it does it (written from the paper's description; none
 of the original's code is copied):
 
 - **Neighbour search**: for every test input, a Python loop over the stored D' features in batches (the original
@@ -12,7 +12,8 @@ of the original's code is copied):
 - **Fine-tuning**: the plain network (channels-first, float32, batch-norm as a separate layer), Adam, batch 128,
   early stopping on the validation loss; online mode keeps the weights and calibrates on K random D' examples.
 
-Same hyperparameters as `rmc.defense.core.RMCConfig`; its own random draws (so the two disagree on some inputs by chance).
+Same hyperparameters as `rmc.defense.core.RMCConfig`; its own random draws (so the two disagree on some inputs by
+chance).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class NaiveRMC:
         self.per_feature = per_feature_search
         self.seconds: dict[str, float] = defaultdict(float)   # search, data, train (forward+backward+Adam), validation
         self.steps = 0
-        self.stream = torch.optim.Adam(self.model.parameters(), lr=cfg.lr) if cfg.optimizer is Optimizer.STREAM else None
+        self.stream = (torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+                       if cfg.optimizer is Optimizer.STREAM else None)
 
     def _timed_batches(self, loader):
         """The loader's batches, the time spent producing them counted as 'data'."""
@@ -105,7 +107,7 @@ class NaiveRMC:
         cfg = self.cfg
         opt = self.stream or torch.optim.Adam(self.model.parameters(), lr=cfg.lr)   # the original: one for the run
         best, wait, epoch = float("inf"), 0, 0
-        for epoch in range(1, cfg.max_epochs + 1):
+        for epoch in range(1, cfg.max_epochs + 1):   # noqa: B007 (the last epoch run is returned)
             g = torch.Generator().manual_seed(int(self.rng.integers(2 ** 62)))
             train = DataLoader(ExampleDataset(x, y, augment, cfg.calib_flip, self.rng), batch_size=cfg.batch_size,
                                shuffle=True, generator=g)

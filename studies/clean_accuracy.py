@@ -1,4 +1,4 @@
-"""What drives RMC's clean-accuracy loss? (issue 12, item 4)
+"""What drives RMC's clean-accuracy loss?
 
 Online RMC on the first N clean and N PGD-10 eps 0.1 (transfer) inputs of a finished `rmc run` directory, with one
 knob at a time moved away from the run's own RMC settings: locality (K), learning rate x epochs, and whether Adam's
@@ -87,7 +87,7 @@ def rate(records) -> dict:
 def versus_static(rmc, static) -> dict:
     """Paired with the static model on the same inputs (sharper than two CIs): inputs RMC got wrong that the
     static model got right (lost), and the other way round (gained)."""
-    pairs = [(a["pred"] == a["label"], b["pred"] == b["label"]) for a, b in zip(rmc, static)]
+    pairs = [(a["pred"] == a["label"], b["pred"] == b["label"]) for a, b in zip(rmc, static, strict=True)]
     return {"lost": sum(s and not r for r, s in pairs), "gained": sum(r and not s for r, s in pairs)}
 
 
@@ -100,9 +100,9 @@ def plot(summary: dict, path: Path) -> None:
     d = summary["configs"]["default"]["settings"]
     refs = [("static", "static model", "black", "-"), ("deepnn", f"DeepNN (K={d['k']})", "tab:purple", "--"),
             ("webnn", f"WebNN (K={d['k']})", "tab:brown", ":")]
-    for ax, (key, title) in zip(axes, [("clean", "clean inputs"), ("pgd", "PGD-10 eps 0.1 (transfer)")]):
+    for ax, (key, title) in zip(axes, [("clean", "clean inputs"), ("pgd", "PGD-10 eps 0.1 (transfer)")], strict=True):
         ticks, labels, x = [], [], 0
-        for (group, points), colour in zip(GROUPS.items(), colours):
+        for (group, points), colour in zip(GROUPS.items(), colours, strict=True):
             start = x
             for name, label in points:
                 r = summary["configs"][name][key]

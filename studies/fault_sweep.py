@@ -717,7 +717,8 @@ def cases(sweep: Sweep) -> list[Case]:
 
     # data sets
     add("imagefolder-empty-class", "data", ["train", "--dataset", "imagefolder", "--data-dir", "imgs", "--out",
-                                            "x.safetensors"], keyword="has no .png", setup=imagefolder(empty_class=True))
+                                            "x.safetensors"],
+        keyword="has no .png", setup=imagefolder(empty_class=True))
     add("imagefolder-corrupt-image", "data", ["train", "--dataset", "imagefolder", "--data-dir", "imgs", "--out",
                                               "x.safetensors"], keyword="bad.png", setup=imagefolder(corrupt=True))
     add("imagefolder-no-train", "data", ["train", "--dataset", "imagefolder", "--data-dir", "imgs", "--out",
@@ -728,7 +729,8 @@ def cases(sweep: Sweep) -> list[Case]:
     # stores
     add("store-labels-shuffled", "store", ev(), keyword="labels.npy",
         setup=npy_edit("dprime/labels.npy", lambda a: a[::-1].copy()))
-    add("store-images-zeroed", "store", ev(), keyword="images.npy", setup=npy_edit("dprime/images.npy", lambda a: a * 0))
+    add("store-images-zeroed", "store", ev(), keyword="images.npy",
+        setup=npy_edit("dprime/images.npy", lambda a: a * 0))
     add("store-images-truncated", "store", ev(), keyword="images.npy", setup=truncate("dprime/images.npy", 1000))
     add("store-copy-edited", "store", ev(), keyword="copy.npy", setup=npy_edit("dprime/copy.npy", lambda a: a * 0))
     add("store-manifest-deleted", "store", ev(), keyword="manifest",

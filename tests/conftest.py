@@ -49,7 +49,7 @@ def tiny_trained(digits):
     model = build_model("small_cnn", 10, 1)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     x, y = train.float_images(), train.labels
-    for step in range(150):
+    for _ in range(150):
         idx = torch.randint(0, len(x), (64,))
         loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()

@@ -26,7 +26,7 @@ def test_batched_equals_one_at_a_time(tiny_trained, tiny_dprime, digits, backend
     keys = [("s", i) for i in range(len(x))]
     one = [rmc.step(x[i:i + 1], q[i:i + 1], key=keys[i]) for i in range(len(x))]
     got = BatchedEpisodic(rmc, backend=backend, workers=2).run(x, q, keys)
-    for a, b in zip(one, got):
+    for a, b in zip(one, got, strict=True):
         assert np.array_equal(a.neighbours, b.neighbours)
         assert a.adapt_epochs == b.adapt_epochs
         assert a.prediction == b.prediction

@@ -94,3 +94,72 @@ def test_finished_streams_travel_without_their_state(tmp_path):
     assert done.load_state(needed=3) is None and len(done) == 3       # finished: read from its records
     more = RecordStream(folder, "rmc", "fp")
     assert more.load_state(needed=4) is None and len(more) == 0       # more inputs wanted: no weights, start over
+
+
+def _two_streams(tmp_path: Path, second: int) -> Path:
+    """A run with a second evaluation stream of `second` records, an evaluation set, a figure and a report page."""
+    run = _run(tmp_path)
+    (run / "evalsets" / "standard-4").mkdir(parents=True)
+    (run / "evalsets" / "standard-4" / "clean.safetensors").write_bytes(b"images")
+    (run / "evalsets" / "standard-4" / "index.json").write_text("{}")
+    (run / "figures").mkdir()
+    (run / "figures" / "robustness.png").write_bytes(b"png")
+    (run / "report.html").write_text("<html></html>")
+    (run / "results.md").write_text("| table |")
+    stream = RecordStream(run / "results" / "standard" / "pgd", "rmc", "fp")
+    for i in range(second):
+        stream.append({"index": i, "pred": i}, {"w": torch.zeros(4)})
+    return run
+
+
+def test_a_finished_run_travels_without_weights_states_or_image_sets(tmp_path):
+    index = carry.save(_two_streams(tmp_path, 3), tmp_path / "carried", finished=3)
+    assert index["finished"] is True
+    assert sorted(index["files"]) == ["evalsets/standard-4/index.json", "figures/robustness.png", "results.md",
+                                      "results/standard/clean/rmc.jsonl", "results/standard/pgd/rmc.jsonl"]
+    assert sorted(index["left_out"]) == ["evalsets/standard-4/clean.safetensors", "models/standard-1.safetensors",
+                                         "report.html"]      # finished streams' states: left out by --finished alone
+    assert all(len(meta["sha256"]) == 64 for meta in index["left_out"].values())
+    assert not list((tmp_path / "carried").rglob("*.safetensors"))
+    carry.restore(tmp_path / "carried", tmp_path / "fresh")
+    assert len(RecordStream(tmp_path / "fresh" / "results" / "standard" / "pgd", "rmc", "fp")) == 3
+
+
+def test_an_unfinished_run_keeps_what_resuming_needs(tmp_path):
+    index = carry.save(_two_streams(tmp_path, 2), tmp_path / "carried", finished=3)
+    assert index["finished"] is False and index["left_out"] == {}
+    assert {"models/standard-1.safetensors", "evalsets/standard-4/clean.safetensors", "report.html",
+            "results/standard/pgd/rmc.state.safetensors"} <= set(index["files"])
+    assert "results/standard/clean/rmc.state.safetensors" not in index["files"]   # that stream is done
+    assert carry.save(_two_streams(tmp_path / "b", 3), tmp_path / "unsaid")["finished"] is False   # no --finished
+
+
+def test_prune_turns_a_carried_run_that_has_finished_into_its_records(tmp_path):
+    run = _two_streams(tmp_path, 2)
+    carry.save(run, tmp_path / "carried")
+    with pytest.raises(SystemExit, match="not finished"):
+        carry.prune(tmp_path / "carried", 3)
+    assert (tmp_path / "carried" / "models" / "standard-1.safetensors").exists()
+    RecordStream(run / "results" / "standard" / "pgd", "rmc", "fp").append({"index": 2, "pred": 2},
+                                                                          {"w": torch.zeros(4)})
+    carry.save(run, tmp_path / "carried")
+    dropped = carry.prune(tmp_path / "carried", 3)
+    assert set(dropped) == {"models/standard-1.safetensors", "evalsets/standard-4/clean.safetensors", "report.html",
+                            "results/standard/clean/rmc.state.safetensors",
+                            "results/standard/pgd/rmc.state.safetensors"}
+    index = json.loads((tmp_path / "carried" / carry.INDEX).read_text())
+    assert index["finished"] is True and set(index["left_out"]) == set(dropped)
+    assert not list((tmp_path / "carried").rglob("*.safetensors")) and not (tmp_path / "carried" / "models").exists()
+    assert (tmp_path / "carried" / "figures" / "robustness.png").exists()
+    carry.restore(tmp_path / "carried", tmp_path / "fresh")            # the index names only what is there
+    assert len(RecordStream(tmp_path / "fresh" / "results" / "standard" / "pgd", "rmc", "fp")) == 3
+
+
+def test_the_committed_finished_runs_hold_no_tensors():
+    """The two finished long runs keep records, tables, figures and configuration, and every file their index names."""
+    studies = Path(__file__).parents[1] / "studies"
+    for folder in ("reproduction/paper2", "defense_aware/adversarial"):
+        index = json.loads((studies / folder / carry.INDEX).read_text())
+        assert index["finished"] and not any(carry.only_for_resuming(Path(rel)) for rel in index["files"])
+        assert all((studies / folder / rel).is_file() for rel in index["files"])
+        assert not list((studies / folder).rglob("*.safetensors"))

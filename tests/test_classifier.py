@@ -29,7 +29,8 @@ def _clf(model, tiny_dprime, stateful=False, **kw):
     dprime, feats = tiny_dprime
     cfg = RMCConfig(**{"k": 64, "lr": 1e-2, "max_epochs": 4, "patience": 2, "batch_size": 32, "calib_k": 64,
                        "calib_flip": False, **kw})
-    return RMCClassifier(build_rmc(model, dprime, NeighbourIndex(feats), cfg, "block3"), model, "block3", stateful=stateful)
+    return RMCClassifier(build_rmc(model, dprime, NeighbourIndex(feats), cfg, "block3"), model, "block3",
+                         stateful=stateful)
 
 
 def _state(clf):

@@ -112,7 +112,8 @@ def test_episodic_leaves_static_weights_untouched_online_drifts(tiny_trained, ti
     epi.reset()
     assert all(torch.equal(v, static[k]) for k, v in epi.model.state_dict().items())
     a = [epi.step(x[i:i + 1], q[i:i + 1], key=i).logits for i in range(3)]
-    b = [_rmc(tiny_trained, dprime, feats, mode=Mode.EPISODIC).step(x[i:i + 1], q[i:i + 1], key=i).logits for i in range(3)]
+    b = [_rmc(tiny_trained, dprime, feats, mode=Mode.EPISODIC).step(x[i:i + 1], q[i:i + 1], key=i).logits
+         for i in range(3)]
     assert a == b                     # ... but every input starts from the static weights, whatever came before
 
     onl = _rmc(tiny_trained, dprime, feats, mode=Mode.ONLINE)

@@ -139,7 +139,7 @@ def test_idx_missing_file(tmp_path):
 
 def cifar_records(labels, rng) -> tuple[bytes, np.ndarray]:
     images = rng.integers(0, 256, (len(labels), 3, 32, 32), dtype=np.uint8)
-    recs = b"".join(bytes([lab]) + img.tobytes() for lab, img in zip(labels, images))
+    recs = b"".join(bytes([lab]) + img.tobytes() for lab, img in zip(labels, images, strict=True))
     return recs, images
 
 

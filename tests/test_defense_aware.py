@@ -7,10 +7,17 @@ import pytest
 import torch
 
 from rmc.artifacts.evalsets import EvalSet
-from rmc.attacks.autoattack import autoattack
 from rmc.attacks import defense_aware as da
-from rmc.attacks.defense_aware import (AttackRowsConfig, ModelSet, attack_input, attack_stream, ensemble_loss,
-                                       initial_candidates, pgd_best)
+from rmc.attacks.autoattack import autoattack
+from rmc.attacks.defense_aware import (
+    AttackRowsConfig,
+    ModelSet,
+    attack_input,
+    attack_stream,
+    ensemble_loss,
+    initial_candidates,
+    pgd_best,
+)
 from rmc.cli.config import load_config
 from rmc.defense import build_rmc
 from rmc.defense.config import RMCConfig
@@ -259,7 +266,7 @@ def test_attack_rows_resume_after_interruption_and_fill_the_table(broken, tiny_d
     resumed = ev.evaluate_attacks(base, dprime, sets, cfg, acfg, tmp_path / "b", 10, progress=False, log=lambda s: None)
 
     strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
-    for a, b in zip(full, resumed):
+    for a, b in zip(full, resumed, strict=True):
         assert a.label == b.label and a.kind == b.kind
         assert {d: strip(r) for d, r in a.records.items()} == {d: strip(r) for d, r in b.records.items()}
     assert [r.kind for r in full] == ["transfer", "defense-aware", "defense-aware", "worst case"]
@@ -273,7 +280,7 @@ def test_attack_rows_resume_after_interruption_and_fill_the_table(broken, tiny_d
 
     worst = full[-1].records["rmc"]
     for row in full[:-1]:
-        for w, r in zip(worst, row.records["rmc"]):
+        for w, r in zip(worst, row.records["rmc"], strict=True):
             assert not (r["pred"] != r["label"] and w["pred"] == w["label"])   # worst case is never better
     table = ev.attack_table({"standard": full})
     text = table.markdown()
@@ -355,7 +362,8 @@ def _robust_input(model, digits):
     x, y = digits[1].float_images()[:20], digits[1].labels[:20]
     with torch.no_grad():
         logits = model(x)
-    m = logits.gather(1, y[:, None])[:, 0] - logits.masked_fill(torch.nn.functional.one_hot(y, 10).bool(), -1e9).max(1).values
+    others = logits.masked_fill(torch.nn.functional.one_hot(y, 10).bool(), -1e9)
+    m = logits.gather(1, y[:, None])[:, 0] - others.max(1).values
     i = int(m.argmax())
     return x[i:i + 1], int(y[i])
 

@@ -87,7 +87,7 @@ def test_adversarial_training_of_a_denoising_model_is_seeded_and_rmc_adapts_it(d
     a, info = train_model(train, test, cfg, progress=False)
     b, _ = train_model(train, test, cfg, progress=False)
     assert info.denoise == "nonlocal" and info.adversarial
-    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
     blocks = [m for m in a.modules() if isinstance(m, DenoiseBlock)]
     assert any(b.bn.weight.abs().sum() > 0 for b in blocks)    # training moved the blocks off the identity

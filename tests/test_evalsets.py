@@ -59,7 +59,9 @@ def test_contents(made):
                               "targeted": False, "random_start": True}
     assert clean.targets is None and pgd_set.targets is None
     assert (targeted.targets != targeted.labels).all()
-    acc = lambda s: (predict(model, s.images) == s.labels).float().mean().item()
+    def acc(s) -> float:
+        return (predict(model, s.images) == s.labels).float().mean().item()
+
     assert acc(pgd_set) < acc(clean) - 0.3
     assert (predict(model, targeted.images) == targeted.targets).float().mean().item() > 0.5
 
@@ -67,7 +69,7 @@ def test_contents(made):
 def test_seeded(made):
     model, info, test, sets = made
     again = make_eval_sets(model, info, test, 60, SPECS, seed=1)
-    for a, b in zip(sets, again):
+    for a, b in zip(sets, again, strict=True):
         assert torch.equal(a.images, b.images)
     # A set does not depend on which other sets are made beside it.
     alone = make_eval_sets(model, info, test, 60, [SPECS[2]], seed=1)[0]
@@ -80,7 +82,7 @@ def test_round_trip(made, saved):
     sets = made[3]
     assert list_eval_sets(saved) == [s.name for s in sets]
     loaded = load_eval_sets(saved)
-    for a, b in zip(sets, loaded):
+    for a, b in zip(sets, loaded, strict=True):
         assert a.name == b.name and a.attack == b.attack
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
         assert torch.equal(a.indices, b.indices)

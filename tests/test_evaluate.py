@@ -425,8 +425,9 @@ def test_ray_workers_tune_the_allocator_and_threads_once(monkeypatch):
 def test_paper_preset_evaluates_the_originals_targeted_columns_and_one_untargeted():
     from rmc.cli.pipeline import attack_specs
     names = [s.resolved().name for s in attack_specs(load_config(preset="paper").attack)]
-    assert names == ["clean", "pgd10-eps0.05-targeted", "pgd10-eps0.1", "pgd10-eps0.1-targeted",
-                     "pgd100-eps0.1-targeted"]
+    # The original's fixed step (eps/16 of the large eps) is part of every set's name.
+    assert names == ["clean", "pgd10-eps0.05-step0.00625-targeted", "pgd10-eps0.1-step0.00625",
+                     "pgd10-eps0.1-step0.00625-targeted", "pgd100-eps0.1-step0.00625-targeted"]
     with pytest.raises(RMCError, match=r"\[10, 0.2\], which is not a \[steps, eps\] pair of attack.pgd"):
         load_config(preset="paper", overrides=[("attack.untargeted", [[10, 0.2]])])
     with pytest.raises(RMCError, match="attack.untargeted = 3 is not a valid bool"):

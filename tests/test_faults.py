@@ -17,17 +17,7 @@ from rmc.artifacts.dprime import AugmentConfig, build_dprime_store, open_dprime_
 from rmc.cli import main as cli
 from rmc.errors import RMCError
 from rmc.evaluation.records import RecordStream
-from rmc.io import sha256_file
-
-
-def OutputLock(*a, **kw):   # imported late: the tests must run (and fail) on the code before issue 15 too
-    from rmc.io import OutputLock as cls
-    return cls(*a, **kw)
-
-
-def lock_path(out):
-    from rmc.io import lock_path as f
-    return f(out)
+from rmc.io import OutputLock, lock_path, sha256_file
 
 AUG = ["--steps", "2", "--eps", "0.1", "--step-size", "0.03", "--chunk-size", "64", "--batch-size", "64",
        "--train-subset", "200", "--quiet"]
@@ -441,8 +431,9 @@ def test_an_unwritable_out_is_refused_before_work(ws, tmp_path, capsys, monkeypa
 
 
 def test_disk_full_inside_safetensors_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
-    import rmc.io as io
     from safetensors import SafetensorError
+
+    import rmc.io as io
 
     def full(*a, **kw):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")

@@ -8,9 +8,18 @@ import torch
 
 from rmc.artifacts import features as features_mod
 from rmc.artifacts.dprime import AugmentConfig, build_dprime_store
-from rmc.artifacts.features import (compute_features, ensure_features, evalset_features_path, evalset_source,
-                                    load_features, make_provenance, save_features, store_features_path, store_source,
-                                    tensor_source)
+from rmc.artifacts.features import (
+    compute_features,
+    ensure_features,
+    evalset_features_path,
+    evalset_source,
+    load_features,
+    make_provenance,
+    save_features,
+    store_features_path,
+    store_source,
+    tensor_source,
+)
 from rmc.cli import main as cli_main
 from rmc.errors import RMCError
 from rmc.models import ModelInfo, build_model, extract_features, save_checkpoint
@@ -31,18 +40,19 @@ def setup(tmp_path_factory, digits):
 def test_store_features_batchwise_match_and_roundtrip(setup, tmp_path):
     _, model, info, store = setup
     feats = compute_features(model, info, None, store.images, batch_size=37)    # default layer, odd batches
-    assert feats.dtype == torch.float32 and feats.shape == (200, 128) and feats.is_contiguous()
-    whole = extract_features(model, "block3", store.images.float() / 255)
+    assert feats.dtype == torch.float32 and feats.shape == (200, 64) and feats.is_contiguous()
+    whole = extract_features(model, "block2", store.images.float() / 255)
     assert torch.allclose(feats, whole, atol=1e-5)
-    prov = make_provenance(info, "block3", store_source(store), feats)
+    prov = make_provenance(info, "block2", store_source(store), feats)
     path = save_features(tmp_path / "d.npy", feats, prov)
     arr = np.load(path)
-    assert arr.dtype == np.float32 and arr.flags["C_CONTIGUOUS"] and arr.shape == (200, 128)
+    assert arr.dtype == np.float32 and arr.flags["C_CONTIGUOUS"] and arr.shape == (200, 64)
     side = json.loads((tmp_path / "d.json").read_text())
     assert {k: side[k] for k in ("model_sha256", "layer", "source", "count", "dim")} == {
-        "model_sha256": info.sha256, "layer": "block3", "source": f"store:{store.fingerprint}", "count": 200, "dim": 128}
+        "model_sha256": info.sha256, "layer": "block2", "source": f"store:{store.fingerprint}", "count": 200,
+        "dim": 64}
     for mmap in (False, True):
-        loaded, p = load_features(path, expect_model_sha256=info.sha256, expect_layer="block3",
+        loaded, p = load_features(path, expect_model_sha256=info.sha256, expect_layer="block2",
                                   expect_source=store_source(store), mmap=mmap)
         assert torch.equal(loaded, feats) and p["count"] == 200
     assert sorted(f.name for f in tmp_path.iterdir()) == ["d.json", "d.npy"]   # no temporary files left
@@ -64,7 +74,8 @@ def test_provenance_mismatch_refused(setup, tmp_path):
     _, model, info, store = setup
     feats = compute_features(model, info, "block2", store.images[:10])
     path = save_features(tmp_path / "f.npy", feats, make_provenance(info, "block2", store_source(store), feats))
-    with pytest.raises(RMCError, match=r"computed with model [0-9a-f]{12} but you are using model 0000.*re-run `rmc features`"):
+    with pytest.raises(RMCError,
+                       match=r"computed with model [0-9a-f]{12} but you are using model 0000.*re-run `rmc features`"):
         load_features(path, expect_model_sha256="0" * 64)
     with pytest.raises(RMCError, match="computed with layer block2 but you are using layer block3"):
         load_features(path, expect_layer="block3")
@@ -110,12 +121,12 @@ def test_cli_features(setup, tmp_path, digits, capsys):
     model_path = str(root / "m.safetensors")
     assert cli_main(["features", "--model", model_path, "--store", str(store.path), "--evalsets",
                      str(tmp_path / "ev"), "--out", str(out), "--quiet"]) == 0
-    f, prov = load_features(store_features_path(out), expect_model_sha256=info.sha256, expect_layer="block3",
+    f, prov = load_features(store_features_path(out), expect_model_sha256=info.sha256, expect_layer="block2",
                             expect_source=store_source(store))
-    assert f.shape == (200, 128)
+    assert f.shape == (200, 64)
     for s in load_eval_sets(tmp_path / "ev"):
         g, _ = load_features(evalset_features_path(out, s.name), expect_source=evalset_source(s))
-        assert torch.allclose(g, extract_features(model, "block3", s.images), atol=1e-5)
+        assert torch.allclose(g, extract_features(model, "block2", s.images), atol=1e-5)
     capsys.readouterr()
     bad = [
         ["--store", str(tmp_path / "nostore")],

@@ -30,7 +30,7 @@ def test_head_scope_cached_inputs_give_the_uncached_result(tiny_trained, tiny_dp
         assert (isinstance(r.forward, CachedHead) and r.forward.vectors is not None) == cached
         runs[cached] = [r.step(x[i:i + 1], q[i:i + 1], key=i) for i in range(len(x))]
         runs[cached, "state"] = r.state_dict()
-    for a, b in zip(runs[True], runs[False]):
+    for a, b in zip(runs[True], runs[False], strict=True):
         assert a.prediction == b.prediction
         np.testing.assert_allclose(a.logits, b.logits, rtol=1e-4, atol=1e-4)
     for k, v in runs[False, "state"].items():
@@ -57,7 +57,7 @@ def test_fast_bf16_and_plain_forwards_agree(tiny_trained, tiny_dprime, digits):
         r = build_rmc(tiny_trained, dprime, NeighbourIndex(feats), cfg, "block3")
         assert isinstance(r.forward.module, GraphModule) == (name != "plain")
         preds[name] = [r.step(x[i:i + 1], q[i:i + 1]) for i in range(len(x))]
-    for a, b in zip(preds["fast"], preds["plain"]):
+    for a, b in zip(preds["fast"], preds["plain"], strict=True):
         np.testing.assert_allclose(a.logits, b.logits, rtol=1e-3, atol=1e-3)
     if "bf16" in preds:
         assert [p.prediction for p in preds["bf16"]] == [p.prediction for p in preds["fast"]]

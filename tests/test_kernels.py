@@ -79,7 +79,7 @@ def test_first_block_kernel_matches_pytorch(c_in, shape, padding, bn, isa):
     assert got_y.is_contiguous(memory_format=torch.channels_last)
     assert (got_y == 0).any() and (got_y > 0).any()        # ReLU both clamps and passes values here
     torch.testing.assert_close(got_y, want_y, rtol=1e-5, atol=1e-6)
-    for got, want in zip(got_g, want_g):
+    for got, want in zip(got_g, want_g, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert _kernel(got_y) == "conv_pool_relu" and _kernel(want_y) is None
 
@@ -113,7 +113,7 @@ def test_later_block_kernels_match_pytorch(kind, shape, bn, isa):
         results.append((y, grads))
     (want_y, want_g), (got_y, got_g) = results
     torch.testing.assert_close(got_y, want_y, rtol=1e-5, atol=1e-6)
-    for got, want in zip(got_g, want_g):
+    for got, want in zip(got_g, want_g, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -182,7 +182,8 @@ def test_kernels_unavailable_falls_back_with_a_warning(monkeypatch, cache):
 
 def _load_in_new_process(cache, **env) -> subprocess.CompletedProcess:
     """kernels.load() in a fresh process (this one has its operators already; a process loads them once)."""
-    code = "from rmc.defense import kernels; import torch; print(kernels.load(), kernels.load() and torch.ops.rmc.isa())"
+    code = ("from rmc.defense import kernels; import torch; "
+            "print(kernels.load(), kernels.load() and torch.ops.rmc.isa())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "RMC_CACHE_DIR": str(cache), **env})
     assert out.returncode == 0, out.stderr[-2000:]
@@ -281,7 +282,7 @@ def test_fast_path_with_kernels_compiles(monkeypatch, tmp_path):
         losses.append(loss.detach())
         grads.append([p.grad.clone() for p in model.parameters()])
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    for a, b in zip(grads[1], grads[0]):
+    for a, b in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 

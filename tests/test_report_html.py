@@ -350,7 +350,8 @@ def test_stage_folders_follow_results_json_else_the_newest(tmp_path):
     assert stage_folders(run)["model"] == run / "models" / "standard-bbbb2222.safetensors"
     elsewhere = "/old/place/run"
     (run / "results.json").write_text(json.dumps({"stage_dirs": {"standard": {
-        "results": f"{elsewhere}/results/aaaa1111/standard", "model": f"{elsewhere}/models/standard-aaaa1111.safetensors"}}}))
+        "results": f"{elsewhere}/results/aaaa1111/standard",
+        "model": f"{elsewhere}/models/standard-aaaa1111.safetensors"}}}))
     found = stage_folders(run)
     assert found["results"] == run / "results" / "aaaa1111" / "standard"
     assert found["model"] == run / "models" / "standard-aaaa1111.safetensors"

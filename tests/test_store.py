@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from rmc.artifacts import dprime as store_mod
-from rmc.artifacts.dprime import (AugmentConfig, StoreWriter, build_dprime_store, chunk_tasks, copy_names,
-                                  open_dprime_store, partial_path, quantize_within_eps, run_chunk)
+from rmc.artifacts.dprime import (
+    AugmentConfig,
+    StoreWriter,
+    build_dprime_store,
+    chunk_tasks,
+    copy_names,
+    open_dprime_store,
+    partial_path,
+    quantize_within_eps,
+    run_chunk,
+)
 from rmc.attacks import pgd
 from rmc.cli import main as cli_main
 from rmc.errors import RMCError
@@ -85,7 +94,8 @@ def test_pgd_copies_attack_the_configured_label_and_keep_the_true_one(label, mod
               generator=torch.Generator().manual_seed(task.seed), batch_size=cfg.batch_size)
     got = run_chunk(model, task, x, y, cfg)
     assert torch.equal(got, quantize_within_eps(adv, x, cfg.eps))
-    other = run_chunk(model, task, x, y, dataclasses.replace(cfg, label="true" if label == "predicted" else "predicted"))
+    flipped = "true" if label == "predicted" else "predicted"
+    other = run_chunk(model, task, x, y, dataclasses.replace(cfg, label=flipped))
     assert not torch.equal(got, other)
     store = build_dprime_store(model, info, train, tmp_path / "d", dataclasses.replace(cfg, steps=(1,)), progress=False)
     assert store.manifest["attack"]["attack_labels"] == label and store.manifest["attack"]["stored_labels"] == "true"

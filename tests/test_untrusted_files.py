@@ -366,14 +366,14 @@ def test_damaged_record_stream(evaluated, data):
             # recorded (rmc cannot tell an edited prediction from its own).
             truncated = got == doc[:len(got)] and (len(path) == 1 or path[1] == "index")
             edited = len(got) == len(clean) and len(path) >= 2 and path[1] not in ("index", "fingerprint") and all(
-                g == c for i, (g, c) in enumerate(zip(got, clean)) if i != path[0])
+                g == c for i, (g, c) in enumerate(zip(got, clean, strict=True)) if i != path[0])
             assert got == clean or truncated or edited, (op, path)
 
 
 @given(data=st.data())
 def test_damaged_baselines_are_recomputed_or_refused(ws, evaluated, data):
-    from rmc.evaluation.driver import finished_results
     from rmc.cli.config import load_config
+    from rmc.evaluation.driver import finished_results
     _, out, _ = evaluated
     cfg = load_config(None, "default", [("rmc.k", 16), ("rmc.mode", "episodic"), ("rmc.max_epochs", 1),
                                         ("rmc.calib_k", 16)]).rmc

@@ -158,7 +158,8 @@ class OutputLock:
             if blocker is not None:
                 raise RMCError(f"{blocker} is a file, so {self.out} cannot be created under it; choose another "
                                "--out") from None
-            raise RMCError(f"cannot create {self.path.parent} for {self.out} ({e.strerror}); choose a writable --out") from None
+            raise RMCError(f"cannot create {self.path.parent} for {self.out} ({e.strerror}); "
+                           "choose a writable --out") from None
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -273,7 +274,7 @@ def preallocate(fd: int, size: int, path: str | Path) -> None:
                        "another --out") from None
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -37,7 +37,8 @@ class TrainConfig:
     adv_eps: float = 0.1           # L-inf radius of the training attack (0.1 suits Fashion-MNIST)
     adv_step_size: float = 0.025   # PGD step (2.5 x 0.01): 7 steps travel 1.75 eps, enough to cross the ball
     adv_steps: int = 7             # PGD steps per batch; each costs a forward + backward, so an epoch ~8x dearer
-    denoise: str | None = None     # Xie et al.'s feature-denoising blocks after each feature stage: nonlocal | mean | median
+    denoise: str | None = None     # Xie et al.'s feature-denoising blocks after each feature stage: nonlocal | mean |
+                                   # median
     train_subset: int | None = None   # train on the first n of a seeded permutation (None: everything)
     device: str = "cpu"            # torch device string, e.g. "cpu" or "cuda"
 
@@ -51,7 +52,8 @@ class TrainConfig:
         if self.train_subset is not None:
             check_positive(self.train_subset, "train subset", integer=True)
         if self.denoise is not None and self.denoise not in [o.value for o in DenoiseOp]:
-            raise RMCError(f"train.denoise must be one of {[o.value for o in DenoiseOp]} or empty, got {self.denoise!r}")
+            raise RMCError(f"train.denoise must be one of {[o.value for o in DenoiseOp]} or empty, "
+                           f"got {self.denoise!r}")
         if self.adversarial:
             check_attack_settings(self.adv_eps, self.adv_step_size, self.adv_steps)
         resolve_device(self.device)
@@ -193,9 +195,10 @@ def train_model(train: ImageDataset, test: ImageDataset, config: TrainConfig | N
     model.eval()
     log(f"done in {elapsed:.1f} s: clean test accuracy {test_acc:.4f}")
     info = ModelInfo(
-        arch=config.arch, num_classes=num_classes, input_shape=tuple(train.input_shape),
+        arch=config.arch, num_classes=num_classes, input_shape=train.input_shape,
         mean=list(train.mean) if train.mean is not None else None,
         std=list(train.std) if train.std is not None else None,
-        dataset=train.name, adversarial=config.adversarial, denoise=config.denoise, test_accuracy=test_acc, seed=config.seed,
+        dataset=train.name, adversarial=config.adversarial, denoise=config.denoise, test_accuracy=test_acc,
+        seed=config.seed,
         config={**asdict(config), "train_seconds": round(elapsed, 1), "train_size": len(x_train)})
     return model, info

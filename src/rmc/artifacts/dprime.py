@@ -37,17 +37,18 @@ import torch
 from torch import nn
 
 import rmc
-from rmc.attacks.gradient import check_attack_settings, pgd
+from rmc.artifacts.provenance import check_model_data
+from rmc.artifacts.verify import matches_hash, remember
+from rmc.attacks.gradient import LOSSES, check_attack_settings, pgd
 from rmc.checks import check_positive
+from rmc.data.augment import random_shift_flip
 from rmc.data.base import ImageDataset
 from rmc.defense.dprime import DPrime
 from rmc.errors import RMCError
-from rmc.artifacts.provenance import check_model_data
-from rmc.artifacts.verify import matches_hash, remember
 from rmc.io import atomic_path, check_free_space, preallocate, read_json, sha256_file, write_json
 from rmc.models.checkpoint import ModelInfo
-from rmc.schema import SHA256, Bool, Const, Int, ListOf, MapOf, Name, Num, Obj, Opt, Str, check
 from rmc.scaleout.executors import cached, executor, get, handle_key
+from rmc.schema import SHA256, Bool, Const, Int, ListOf, MapOf, Name, Num, Obj, Opt, Str, check
 
 FORMAT_VERSION = 1
 KIND = "rmc-augmented-dataset"
@@ -72,7 +73,16 @@ class AugmentConfig:
     chunk_size: int = 2048                    # images of one copy per unit of work / resume granularity
     batch_size: int = 512                     # PGD batch inside a chunk (changes the random stream, so recorded)
     train_subset: int | None = None           # use only the first n of a seeded permutation of the training set
-    label: str = "predicted"                  # what PGD moves away from: predicted (original: the static model's prediction) | true (the true label); copies are stored with the true label either way
+    label: str = "predicted"                  # what PGD moves away from: predicted (original: the static model's
+                                              # prediction) | true (the true label); copies are stored with the true
+                                              # label either way
+    loss: str = "logits"                      # PGD's loss: logits (cross-entropy on logits) | softmax_output (the
+                                              # original: cross-entropy on the softmax output, a double softmax)
+    clip: bool = True                         # clip every PGD iterate to [0, 1] (the original does not; stored images
+                                              # are clipped either way, as its PNGs)
+    crop_shift: int = 0                       # attack a random shift of each image by up to this many pixels
+                                              # (zero-padded), stored shifted (the original attacks random 224-px
+                                              # crops); 0: none
 
     def __post_init__(self):
         object.__setattr__(self, "steps", tuple(self.steps))
@@ -80,7 +90,8 @@ class AugmentConfig:
     def validate(self) -> "AugmentConfig":
         steps = tuple(self.steps)
         if not steps:
-            raise RMCError("no PGD copies requested; give at least one step count (augment --steps 10 30 100; rmc run: augment.steps)")
+            raise RMCError("no PGD copies requested; give at least one step count "
+                           "(augment --steps 10 30 100; rmc run: augment.steps)")
         for s in steps:
             check_positive(s, "PGD steps of each copy", integer=True)
         check_attack_settings(self.eps, self.step_size, 1)
@@ -95,6 +106,11 @@ class AugmentConfig:
             check_positive(self.train_subset, "train subset", integer=True)
         if self.label not in ATTACK_LABELS:
             raise RMCError(f"augment.label must be one of {', '.join(ATTACK_LABELS)}, got {self.label!r}")
+        if self.loss not in LOSSES:
+            raise RMCError(f"augment.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not isinstance(self.clip, bool):
+            raise RMCError(f"augment.clip must be true or false, got {self.clip!r}")
+        check_positive(self.crop_shift, "augment.crop_shift", integer=True, allow_zero=True)
         return self
 
     @property
@@ -159,7 +175,7 @@ def chunk_seed(seed: int, copy: int, chunk: int) -> int:
 
 def chunk_tasks(n: int, config: AugmentConfig) -> list[ChunkTask]:
     """All chunks of a store over `n` training examples, clean copy first."""
-    tasks = []
+    tasks: list[ChunkTask] = []
     for copy, steps in enumerate((0, *config.steps)):
         for chunk, start in enumerate(range(0, n, config.chunk_size)):
             stop = min(start + config.chunk_size, n)
@@ -185,10 +201,14 @@ def run_chunk(model: nn.Module, task: ChunkTask, images: torch.Tensor, labels: t
     gen = torch.Generator().manual_seed(task.seed)
     was_training = model.training
     model.eval()
+    if config.crop_shift:
+        # The shift's randomness comes first from the chunk's generator, then PGD's random start.
+        x = random_shift_flip(x, gen, pad=config.crop_shift, flip=False)
+        images = (x * 255).round_().to(torch.uint8)   # exact: a shift moves whole pixels and pads with zeros
     try:
         y = labels.to(device) if config.label == "true" else _predictions(model, x, config.batch_size)
         adv = pgd(model, x, y, config.eps, config.step_size, task.steps, random_start=config.random_start,
-                  generator=gen, batch_size=config.batch_size)
+                  generator=gen, batch_size=config.batch_size, loss_fn=LOSSES[config.loss], clip=config.clip)
     finally:
         model.train(was_training)
     return quantize_within_eps(adv, images, config.eps).cpu()
@@ -235,7 +255,8 @@ def make_manifest(model_info: ModelInfo, train: ImageDataset, n: int, config: Au
         "attack": {"method": "pgd", "norm": "linf", "targeted": False, "attack_labels": config.label,
                    "stored_labels": "true",
                    "steps": list(config.steps), "eps": config.eps, "step_size": config.step_size,
-                   "random_start": config.random_start, "batch_size": config.batch_size},
+                   "random_start": config.random_start, "batch_size": config.batch_size, "loss": config.loss,
+                   "clip": config.clip, "crop_shift": config.crop_shift},
         "seed": config.seed,
         "train_subset": config.train_subset,
         "chunk_size": config.chunk_size,
@@ -345,10 +366,16 @@ class StoreWriter:
         self.images = images   # None when the store is already complete
         self.hashes: dict[int, str] = {}   # sha256 of each finished chunk's rows, as written
 
+    def _open_images(self) -> np.memmap:
+        """The images being written; only an incomplete store has them."""
+        if self.images is None:
+            raise RuntimeError("store is already complete")
+        return self.images
+
     def check_done_chunks(self) -> None:
         """Re-hash the chunks progress.json calls finished; a chunk whose rows differ from what was written (a
         truncated or edited file, a progress file from before chunk hashes) is rebuilt, never trusted."""
-        bad = [i for i in sorted(self.done) if self.hashes.get(i) != _rows_hash(self.images, self.tasks[i])]
+        bad = [i for i in sorted(self.done) if self.hashes.get(i) != _rows_hash(self._open_images(), self.tasks[i])]
         if bad:
             print(f"note: {self.partial}: {len(bad)} finished chunk(s) do not match their recorded hashes "
                   f"(chunks {bad[:8]}{' ...' if len(bad) > 8 else ''}); rebuilding them", file=sys.stderr)
@@ -417,8 +444,9 @@ class StoreWriter:
         if data.dtype != torch.uint8 or tuple(data.shape) != expect:
             raise ValueError(f"chunk {task.index}: expected uint8 {expect}, got {data.dtype} {tuple(data.shape)}")
         rows = data.numpy()
-        self.images[task.row_start:task.row_start + len(task)] = rows
-        self.images.flush()
+        images = self._open_images()
+        images[task.row_start:task.row_start + len(task)] = rows
+        images.flush()
         self.done.add(task.index)
         self.hashes[task.index] = hashlib.sha256(np.ascontiguousarray(rows).tobytes()).hexdigest()
         self._save_progress()
@@ -429,7 +457,7 @@ class StoreWriter:
             missing = len(self.pending())
             if missing:
                 raise RuntimeError(f"{missing} chunks are not written yet")
-            self.images.flush()
+            self._open_images().flush()
             del self.images
             self.images = None
             content = {name: sha256_file(self.partial / fname) for name, fname in FILES.items()}
@@ -524,7 +552,7 @@ def _rows_hash(images: np.ndarray, task: ChunkTask) -> str:
 def _read_progress(partial: Path, total: int, with_hashes: bool = False):
     """The finished chunks (and, `with_hashes`, their recorded hashes). A damaged progress file on resume means
     nothing is trusted: every chunk is rebuilt."""
-    empty = (set(), {}) if with_hashes else set()
+    empty: tuple[set[int], dict[int, str]] | set[int] = (set(), {}) if with_hashes else set()
     if not (partial / PROGRESS).exists():
         return empty
     try:
@@ -556,7 +584,8 @@ def _chunk(inputs: tuple, task: ChunkTask, config: AugmentConfig, fault: Callabl
     labels, the subset) come inside a tuple, so Ray passes the references rather than the objects."""
     model_h, *data = inputs
     model = cached("augment-model", handle_key(model_h), lambda: get(model_h))   # resolved once per worker
-    out = run_chunk(model, task, *_chunk_inputs(*(get(h) for h in data), task), config)
+    images, labels, subset = (get(h) for h in data)
+    out = run_chunk(model, task, *_chunk_inputs(images, labels, subset, task), config)
     if fault is not None:
         fault()
     return out.numpy()
@@ -635,14 +664,17 @@ class DPrimeStore:
 
     @property
     def model_sha256(self) -> str:
+        """Hash of the weights of the model D' was crafted against."""
         return self.manifest["model"]["sha256"]
 
     @property
     def num_classes(self) -> int:
+        """Classes of the model D' was crafted against."""
         return int(self.manifest["model"]["num_classes"])
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
+        """C, H, W of D''s images."""
         return tuple(self.manifest["shape"][1:])
 
     def dprime(self) -> DPrime:

@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -82,8 +82,9 @@ class AttackSpec:
             base = f"fgsm-eps{_num(s.eps)}"
         else:
             base = f"pgd{s.steps}-eps{_num(s.eps)}"
-            if abs(s.step_size - 2.5 * s.eps / s.steps) > 1e-12:
-                base += f"-step{_num(s.step_size)}"
+            step = cast(float, s.step_size)   # resolved: PGD's step is filled in
+            if abs(step - 2.5 * s.eps / s.steps) > 1e-12:
+                base += f"-step{_num(step)}"
             if not s.random_start:
                 base += "-norand"
         return base + ("-targeted" if s.targeted else "")
@@ -157,7 +158,7 @@ def make_eval_sets(model: nn.Module, model_info: ModelInfo, test: ImageDataset, 
         raise RMCError(f"test images are {tuple(test.input_shape)} (C x H x W) but the model was trained on "
                        f"{tuple(model_info.input_shape)}; use the data set the model was trained on")
     idx = select_test_inputs(test, n, seed)
-    x = check_images(test.images[idx], "test images", shape=tuple(model_info.input_shape))
+    x = check_images(test.images[idx], "test images", shape=model_info.input_shape)
     y = check_labels(test.labels[idx], len(x), model_info.num_classes, "test labels")
     # One seeded target per input, shared by every targeted set so their rows are comparable.
     targets = random_targets(y, model_info.num_classes, torch.Generator().manual_seed(seed + 1))
@@ -177,7 +178,7 @@ def make_eval_sets(model: nn.Module, model_info: ModelInfo, test: ImageDataset, 
         else:
             # Each set's noise stream depends only on (seed, name): adding or removing a set changes no other.
             gen = torch.Generator().manual_seed(_stream_seed(seed, name))
-            adv = pgd(model, x.to(device), y.to(device), spec.eps, spec.step_size, spec.steps,
+            adv = pgd(model, x.to(device), y.to(device), spec.eps, cast(float, spec.step_size), spec.steps,
                       random_start=spec.random_start, targets=None if tgt is None else tgt.to(device),
                       generator=gen, batch_size=batch_size).cpu()
         attack = {"kind": spec.kind, "eps": spec.eps, "step_size": spec.step_size, "steps": spec.steps,

@@ -82,7 +82,7 @@ def compute_features(model: nn.Module, model_info: ModelInfo | None, layer: str 
                 x = images[start:start + batch_size]
                 x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
                 model(x.to(device))
-                f = hook.value.float().cpu()
+                f = hook.output().float().cpu()
                 if out is None:
                     out = torch.empty((n, f.shape[1]), dtype=torch.float32)
                 out[start:start + len(f)] = f

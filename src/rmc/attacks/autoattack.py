@@ -7,6 +7,8 @@ defenses with an optimisation loop in the forward pass.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -53,7 +55,8 @@ class NewKeyEachCall(nn.Module):
         super().__init__()
         if not hasattr(defense, "key"):
             raise RMCError(f"{type(defense).__name__} has no `key` to vary; wrap an RMCClassifier")
-        self.defense, self.prefix, self.calls = defense, prefix, 0
+        self.defense: Any = defense   # duck-typed: any module with a `key` attribute
+        self.prefix, self.calls = prefix, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.defense.key = (self.prefix, self.calls)

@@ -1,4 +1,4 @@
-"""Defense-aware attacks on RMC: FPA, GMSA-AVG and GMSA-MIN (Chen et al., ICLR 2022; SPEC section 2).
+"""Defense-aware attacks on RMC: FPA, GMSA-AVG and GMSA-MIN (Chen et al., ICLR 2022).
 
 RMC's prediction for an input comes from a model adapted *for that input*, so an attack crafted against the
 static model (the original paper's transfer setting) aims at the wrong function. These attacks aim at the
@@ -103,7 +103,8 @@ def margin(logits: torch.Tensor, label: int) -> float:
 
 
 def pgd_best(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, eps: float,
-             step_size: float, steps: int, loss_fn: Callable, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+             step_size: float, steps: int, loss_fn: Callable,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """L-inf PGD from a random start that returns, per example, the iterate with the highest loss seen, the clean
     input and the final iterate included (Chen et al.'s `elementwise_best`). Returns (images, their losses)."""
     with torch.no_grad():
@@ -162,7 +163,8 @@ class InputResult:
         return rec
 
 
-def initial_candidates(static_model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackRowsConfig) -> torch.Tensor:
+def initial_candidates(static_model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       cfg: AttackRowsConfig) -> torch.Tensor:
     """The transfer PGD row: PGD against the static model (cross-entropy, random start, the last iterate)."""
     static_model.eval()
     gen = generator(cfg.seed, "transfer-pgd")
@@ -185,13 +187,15 @@ def _rounds(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, labe
         targets = models[-1:] if kind == "fpa" else models
         iterations = lane.steps * (len(targets) if kind == "gmsa-min" else 1)   # Chen et al.: 40 x models
         ensemble = ModelSet(rmc.model, targets)
-        best, best_loss = None, None
+        best: torch.Tensor | None = None
+        best_loss = -math.inf
         for restart in range(lane.restarts):
             gen = generator(cfg.seed, kind, lane.protocol, key, r, restart)
             with torch.enable_grad():
                 cand, loss = pgd_best(ensemble, x, label, cfg.eps, lane.step_size, iterations, loss_fn, gen)
             if best is None or loss.item() > best_loss:
                 best, best_loss = cand.detach(), loss.item()
+        assert best is not None   # lane.restarts >= 1 (AttackRowsConfig checks strong_restarts)
         feats = extract_features(static_model, layer, best).numpy()
         trial_key = key if lane.keys_known else ("attacker", key, r)   # Chen et al.: RMC's randomness unknown
         t = rmc.trial(best, feats, trial_key, keep=True)
@@ -215,7 +219,7 @@ def _real_trial(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, 
 def attack_input(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, y: int, kind: str,
                  cfg: AttackRowsConfig, key, protocol: str = "chen2022") -> InputResult:
     """Attack one input `x` (1 x C x H x W) of true class `y` against `rmc` in its current state, then let RMC
-    process what it receives so its state moves on (SPEC section 2). `key` is the key the defense uses for this
+    process what it receives so its state moves on. `key` is the key the defense uses for this
     input (`RMC.step`'s key)."""
     check_kind(kind)
     if x.dim() != 4 or len(x) != 1:
@@ -240,11 +244,11 @@ def attack_input(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor,
             # Chen et al.'s rounds from the same state, their pick judged by RMC's own key: never weaker than them.
             chen = _rounds(rmc, static_model, layer, x, label, kind, cfg.lane("chen2022"), cfg, key, start)
             rounds += [i for _, _, i in chen]
-            fooled = [c for c, _, i in chen if i.margin < 0]
-            pick = fooled[0] if fooled else x
+            chen_fooled = [c for c, _, i in chen if i.margin < 0]
+            pick = chen_fooled[0] if chen_fooled else x
             tc = _real_trial(rmc, static_model, layer, pick, key, start)
             if margin(tc.logits, int(y)) < margin(t.logits, int(y)):
-                chosen, t, chosen_round = pick, tc, (-1 if fooled else 0)   # -1: strong's fallback lane
+                chosen, t, chosen_round = pick, tc, (-1 if chen_fooled else 0)   # -1: strong's fallback lane
     calib = rmc.commit(t)
     return InputResult(chosen, int(t.logits.argmax()), t.logits.tolist(), chosen_round, rounds, calib,
                        time.perf_counter() - t0, protocol)
@@ -259,7 +263,9 @@ class StreamResult:
 
     @property
     def accuracy(self) -> float:
-        return float(np.mean([p == y for p, y in zip(self.predictions, self.labels)])) if self.labels else math.nan
+        if not self.labels:
+            return math.nan
+        return float(np.mean([p == y for p, y in zip(self.predictions, self.labels, strict=True)]))
 
 
 def attack_stream(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, kind: str,

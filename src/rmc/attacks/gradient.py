@@ -19,6 +19,17 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels, reduction="none")
 
 
+def softmax_output_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy applied to the softmax *output*, as the original's D' PGD does (its Keras model ends in a
+    softmax, and the loss softmaxes again): a double softmax whose gradient vanishes on confidently classified
+    examples, so PGD moves such examples less than cross-entropy on logits would."""
+    return F.cross_entropy(logits.softmax(1), labels, reduction="none")
+
+
+# PGD losses by name (what `augment.loss` selects).
+LOSSES: dict[str, LossFn] = {"logits": cross_entropy, "softmax_output": softmax_output_cross_entropy}
+
+
 def random_targets(labels: torch.Tensor, num_classes: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """A random class different from the true one for every example (fixed by `generator`)."""
     if num_classes < 2:
@@ -44,9 +55,10 @@ def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Los
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int, *,
         random_start: bool = True, targets: torch.Tensor | None = None, generator: torch.Generator | None = None,
-        loss_fn: LossFn = cross_entropy, batch_size: int = 512) -> torch.Tensor:
+        loss_fn: LossFn = cross_entropy, batch_size: int = 512, clip: bool = True) -> torch.Tensor:
     """L-inf PGD. Untargeted: ascend the loss of the true label `y`. Targeted (`targets` given): descend the loss
-    of the target class. Returns adversarial images in [0, 1] within `eps` of `x`, on x's device.
+    of the target class. Returns adversarial images within `eps` of `x`, on x's device: in [0, 1] with `clip`
+    (every iterate clipped); without it (the original's D' PGD) iterates may leave [0, 1] by up to eps.
 
     The model's parameters and mode are not touched (callers put it in eval mode); only input gradients are taken.
     """
@@ -61,11 +73,13 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_siz
         adv = xb.clone()
         if random_start:
             noise = torch.rand(xb.shape, generator=generator).to(device)
-            adv = (xb + (2 * noise - 1) * eps).clamp(0, 1)
+            adv = xb + (2 * noise - 1) * eps
+            adv = adv.clamp(0, 1) if clip else adv
         for _ in range(steps):
             grad = _input_grad(model, adv, goal, loss_fn)
             adv = adv.detach() + sign * step_size * grad.sign()
-            adv = torch.min(torch.max(adv, xb - eps), xb + eps).clamp(0, 1)
+            adv = torch.min(torch.max(adv, xb - eps), xb + eps)
+            adv = adv.clamp(0, 1) if clip else adv
         out[sl] = adv.detach()
     return out
 

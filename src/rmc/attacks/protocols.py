@@ -1,4 +1,4 @@
-"""The settings of the attack rows, and the two protocols of the defense-aware attacks (SPEC section 2).
+"""The settings of the attack rows, and the two protocols of the defense-aware attacks.
 
 - `chen2022`: Chen et al.'s sequence attack (ICLR 2022; their public `RMC/eval_rmc_sequence.py`) as they ran it:
   cross-entropy, step eps/8, best-loss iterate (the clean input included), GMSA-MIN with steps x models
@@ -37,18 +37,22 @@ class Lane:
 @dataclass
 class AttackRowsConfig:
     attacks: list[str] = field(default_factory=lambda: ["gmsa-min"])   # defense-aware rows: fpa, gmsa-avg, gmsa-min
-    protocols: list[str] = field(default_factory=lambda: ["chen2022", "strong"])   # each attack once per protocol: chen2022 (Chen et al. exactly) | strong
+    protocols: list[str] = field(default_factory=lambda: ["chen2022", "strong"])   # each attack once per protocol:
+                                                                                   # chen2022 (Chen et al. exactly) |
+                                                                                   # strong
     rounds: int = 10                 # rounds per input: candidate -> RMC adapts -> state restored (Chen et al.: 10)
     steps: int = 40                  # PGD iterations per round and in the transfer PGD row (Chen et al.: 40)
-    eps: float = 0.1                 # L-inf radius in [0, 1] pixel units, all attack rows (Chen et al.: 8/255, CIFAR-10)
-    step_size: float | None = None   # PGD step; None: eps / 8 (Chen et al.'s 1/255 at 8/255; rmc before: 2.5 eps / steps)
+    eps: float = 0.1                 # L-inf radius in [0, 1] pixel units, all attack rows (Chen et al.: 8/255,
+                                     # CIFAR-10)
+    step_size: float | None = None   # PGD step; None: eps / 8 (Chen et al.'s 1/255 at 8/255)
     strong_steps_factor: int = 2     # strong: PGD iterations per round = this x steps (x models for GMSA-MIN)
     strong_restarts: int = 2         # strong: PGD runs per round from independent random starts (Chen et al.: 1)
     strong_fallback: bool = True     # strong: when its rounds all fail, try chen2022's rounds from the same state
     n: int | None = None             # inputs in the attack rows: the first n of the evaluation sets; None: all
     transfer_pgd: bool = True        # the transfer row: the same PGD against the static model, then fed to RMC
     autoattack: bool = False         # the transfer AutoAttack row (standard, L-inf, eps) against the static model
-    rand_n: int = 0                  # AutoAttack 'rand' (APGD-CE + APGD-DLR with EOT) against episodic stateless RMC on the first rand_n inputs; 0: no row
+    rand_n: int = 0                  # AutoAttack 'rand' (APGD-CE + APGD-DLR with EOT) against episodic stateless RMC on
+                                     # the first rand_n inputs; 0: no row
     rand_eot: int = 2                # its EOT samples per gradient (AutoAttack rand: 20; each costs a full adaptation)
     rand_steps: int = 10             # its APGD iterations per attack (AutoAttack: 100; torchattacks' default 10)
     seed: int = 0                    # PGD random starts and AutoAttack's seed

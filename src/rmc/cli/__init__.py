@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from rmc.cli.commands import attack, augment, evaluate, features, layers, report, run, train, visualize
+from rmc.cli.commands import attack, augment, evaluate, features, import_model, layers, report, run, train, visualize
 from rmc.cpu import pick_threads, tune_allocator
 from rmc.errors import RMCError
 
@@ -18,6 +18,8 @@ COMMANDS = {
     "run": (run, "the main job: train -> augment -> features -> attack -> evaluate -> visualize into a run "
                  "directory"),
     "train": (train, "train a model (standard or PGD adversarial training); writes safetensors + JSON metadata"),
+    "import-model": (import_model, ("turn pretrained weights (PyTorch state dict, safetensors, Keras ResNet152V2 "
+                                    ".h5) into an rmc model with their provenance")),
     "attack": (attack, "write evaluation sets (clean, FGSM, PGD) made against a static model"),
     "augment": (augment, "build the augmented dataset D' (clean + PGD copies), resumable"),
     "features": (features, "hidden features of D' and evaluation sets from one layer of the static model"),
@@ -42,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # What each command's --out is: a directory, or a file (None: the command writes nothing to lock).
-OUTPUT_KIND = {"run": "dir", "train": "file", "attack": "dir", "augment": "dir", "features": "dir",
-               "evaluate": "dir", "visualize": "file", "layers": None}
+OUTPUT_KIND = {"run": "dir", "train": "file", "import-model": "file", "attack": "dir", "augment": "dir",
+               "features": "dir", "evaluate": "dir", "visualize": "file", "layers": None}
 
 
 def _note(message: str) -> None:

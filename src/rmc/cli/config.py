@@ -20,8 +20,8 @@ import yaml
 
 from rmc.artifacts.dprime import AugmentConfig
 from rmc.attacks.defense_aware import AttackRowsConfig
-from rmc.defense.core import RMCConfig
 from rmc.checks import check_positive
+from rmc.defense.core import RMCConfig
 from rmc.errors import RMCError
 from rmc.models.denoising import DenoiseOp
 from rmc.training import TrainConfig
@@ -50,8 +50,13 @@ class BaseKind(str, enum.Enum):
 @dataclass
 class ModelConfig:
     layer: str | None = None         # hidden layer for the neighbour search; None: the architecture's default
-    bases: list[str] = field(default_factory=lambda: ["standard"])   # base models (standard | adversarial | denoising): each gets its own D', features and evaluation sets, and a row alone and one + RMC
+    bases: list[str] = field(default_factory=lambda: ["standard"])   # base models (standard | adversarial | denoising):
+                                                                     # each gets its own D', features and evaluation
+                                                                     # sets, and a row alone and one + RMC
     denoise_op: str = "nonlocal"     # the denoising base's operation: nonlocal (Xie et al.'s best) | mean | median
+    weights: dict[str, str] = field(default_factory=dict)   # imported weights per base, e.g. {standard:
+                                                            # m.safetensors}: an rmc checkpoint (`rmc import-model`)
+                                                            # used as that base model instead of training it
 
     def validate(self) -> "ModelConfig":
         kinds = [k.value for k in BaseKind]
@@ -61,6 +66,16 @@ class ModelConfig:
             raise RMCError(f"model.denoise_op must be one of {[o.value for o in DenoiseOp]}, got {self.denoise_op!r}")
         if self.layer is not None and (not isinstance(self.layer, str) or not self.layer):
             raise RMCError(f"model.layer must be a layer name (`rmc layers` lists them) or null, got {self.layer!r}")
+        if not isinstance(self.weights, dict):
+            raise RMCError(f"model.weights maps base models to checkpoints, e.g. {{standard: m.safetensors}}; got "
+                           f"{self.weights!r}")
+        for base, path in self.weights.items():
+            if base not in self.bases:
+                raise RMCError(f"model.weights names base {base!r}, which is not in model.bases {self.bases}; add it "
+                               "to model.bases (--bases) or drop its weights")
+            if not isinstance(path, str) or not path:
+                raise RMCError(f"model.weights.{base} must be the path of an rmc checkpoint (.safetensors), got "
+                               f"{path!r}")
         return self
 
 
@@ -73,7 +88,8 @@ class AttackConfig:
     fgsm_eps: list[float] = field(default_factory=list)   # FGSM sets, one per eps
     pgd: list[list[float]] = field(default_factory=lambda: [[10, 0.1], [10, 0.2]])   # PGD sets: [steps, eps] pairs
     pgd_step_size: float | None = None   # PGD step size; None: 2.5 * eps / steps (Madry et al.)
-    untargeted: bool | list = True   # an untargeted set (moves away from the true label) per PGD setting; or a list of [steps, eps] pairs of attack.pgd that get one
+    untargeted: bool | list = True   # an untargeted set (moves away from the true label) per PGD setting; or a list of
+                                     # [steps, eps] pairs of attack.pgd that get one
     targeted: bool = True            # a targeted set per PGD setting (random wrong class, fixed by the seed)
     seed: int = 0                    # picks the test inputs, random starts and targets
 
@@ -139,7 +155,8 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     rmc: RMCConfig = field(default_factory=RMCConfig)
-    attack_rows: AttackRowsConfig = field(default_factory=AttackRowsConfig)   # the attack rows (transfer / defense-aware)
+    attack_rows: AttackRowsConfig = field(default_factory=AttackRowsConfig)   # the attack rows (transfer /
+                                                                              # defense-aware)
     visualize: VisualizeConfig = field(default_factory=VisualizeConfig)
 
 
@@ -155,7 +172,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rmc.max_epochs": 3,                 # original 100 (early stopping with patience 5 rarely ends sooner)
         "rmc.lr": 1e-3,                      # original 1e-5, which moves the weights too little in 3 epochs
         "rmc.calib_k": 128,                  # original: K
-        "attack_rows.n": 20,                    # attack rows on the first 20 inputs (GMSA-MIN, each protocol: ~1-10 s per input)
+        "attack_rows.n": 20,                    # attack rows on the first 20 inputs (GMSA-MIN, each protocol: ~1-10 s
+                                                # per input)
         "attack_rows.rounds": 5,                # Chen et al. 10; most inputs fall by round 1-3 (the table states R, N)
     },
     "paper": {
@@ -165,20 +183,39 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attack.pgd": [[10, 0.05], [10, 0.1], [100, 0.1]],
         "attack.untargeted": [[10, 0.1]],   # not in the original's table (targeted only): the usual untargeted
                                              # transfer column, PGD-10 at the large eps, beside the original's
+        # The original's evaluation PGD steps 1/255 at both 8/255 and 16/255: eps/16 at the large eps (0.1 here) and
+        # the same absolute step at the small one, so PGD-10 at the large eps moves at most 10/16 of eps.
+        "attack.pgd_step_size": 0.00625,
+        # The original's D' attack: cross-entropy on the softmax output, iterates not clipped, random crops
+        # (here shifts of up to 2 pixels of the 28-px images).
+        "augment.loss": "softmax_output",
+        "augment.clip": False,
+        "augment.crop_shift": 2,
+        "rmc.adam_eps": 1e-7,                # Keras' Adam epsilon
         "model.bases": ["standard", "adversarial", "denoising"],   # the original's rows: None, Adv. trained, Denoising
-        "attack_rows.attacks": ["fpa", "gmsa-avg", "gmsa-min"],   # Chen et al.'s three defense-aware attacks (x both protocols)
+        "attack_rows.attacks": ["fpa", "gmsa-avg", "gmsa-min"],   # Chen et al.'s three defense-aware attacks (x both
+                                                                  # protocols)
         "attack_rows.autoattack": True,         # and the transfer AutoAttack row
     },
 }
 
 
 def _comments(cls) -> dict[str, str]:
-    """`name -> comment` from the `name: type = default  # comment` lines of a dataclass's source."""
-    out = {}
+    """`name -> comment` from the `name: type = default  # comment` lines of a dataclass's source; a comment
+    continues on the comment-only lines below whose `#` is in the same column."""
+    out: dict[str, str] = {}
+    name, column = None, -1
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^=]+=.*?#\s*(.*)$", line)
+        m = re.match(r"\s+(\w+)\s*:[^=]+=.*?(#\s*)(.*)$", line)
         if m:
-            out[m.group(1)] = m.group(2)
+            name, column = m.group(1), m.start(2)
+            out[name] = m.group(3)
+            continue
+        more = re.match(r"(\s*)#\s*(.*)$", line)
+        if name is not None and more and len(more.group(1)) == column:
+            out[name] += " " + more.group(2)
+        else:
+            name = None
     return out
 
 
@@ -235,7 +272,7 @@ def _build(cls, values: dict, where: str):
     for name, f in fields.items():
         if name not in values:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()   # type: ignore[operator]
         if dataclasses.is_dataclass(default):
             if not isinstance(values[name], dict):
                 raise RMCError(f"config {where}.{name} must be a section (mapping), got {values[name]!r}")
@@ -333,11 +370,13 @@ def validate_before_work(cfg: RunConfig) -> None:
     """What `rmc run` can only know from the data, checked before anything is trained or written (config.yaml
     included): the data sets load, every class has images, |D'| (from the training set's size and augment.*)
     holds rmc.k neighbours, the test set holds attack.n inputs, the model has model.layer."""
+    import torch
+
+    from rmc.artifacts.provenance import check_model_data
     from rmc.data import load_dataset
     from rmc.models import build_model, default_layer
+    from rmc.models.checkpoint import check_trusted, read_info
     from rmc.models.features import get_layer
-
-    import torch
     if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
         raise RMCError(f"train.device = {cfg.train.device!r} but CUDA is not available here; set train.device: cpu")
     train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size)
@@ -348,14 +387,22 @@ def validate_before_work(cfg: RunConfig) -> None:
     n = len(train) if cfg.augment.train_subset is None else min(cfg.augment.train_subset, len(train))
     size = n * (1 + len(cfg.augment.steps))
     if cfg.rmc.k > size:
-        raise RMCError(f"rmc.k = {cfg.rmc.k} exceeds |D'| = {size} ({n:,} training images x {1 + len(cfg.augment.steps)} "
-                       "copies); lower rmc.k or raise augment.train_subset / add augment.steps")
+        raise RMCError(f"rmc.k = {cfg.rmc.k} exceeds |D'| = {size} ({n:,} training images x "
+                       f"{1 + len(cfg.augment.steps)} copies); lower rmc.k or raise augment.train_subset / "
+                       "add augment.steps")
     if cfg.attack.n > len(test):
         raise RMCError(f"attack.n = {cfg.attack.n} exceeds the {len(test):,} images of the {test.name} test set; "
                        "lower attack.n (--n)")
     from rmc.evaluation.attack_rows import check_rows_within_rmc
     check_rows_within_rmc(cfg.attack_rows, cfg.attack.n, cfg.attack.rmc_n)
     layer = cfg.model.layer
-    if layer is not None:
+    if layer is not None and set(cfg.model.bases) - set(cfg.model.weights):
         model = build_model(cfg.train.arch, len(train.classes) or int(train.labels.max()) + 1, train.input_shape[0])
+        get_layer(model, layer or default_layer(model))
+    for base, path in cfg.model.weights.items():   # imported base models: they fit the data and have the layer
+        info = read_info(path)
+        check_trusted(info, path, cfg.train.arch)
+        check_model_data(info, test, f"the test set (model.weights.{base})")
+        with torch.device("meta"):
+            model = build_model(info.arch, info.num_classes, info.input_shape[0], info.mean, info.std, info.denoise)
         get_layer(model, layer or default_layer(model))

@@ -1,4 +1,5 @@
-"""`rmc run`: train each base model, attack, augment, extract features, evaluate, tabulate; one call per stage.
+"""`rmc run`: train each base model (or take its imported weights, model.weights), attack, augment, extract features,
+evaluate, tabulate; one call per stage.
 
 Every stage's output lives in a folder named after the base model and a short hash of the stage's own inputs, so
 re-running resumes, and a changed setting re-runs only the stages that depend on it (changing `rmc.k` reuses the
@@ -7,7 +8,7 @@ records are all on disk (e.g. restored on another machine by studies/carry_run.p
 rebuilding its D' and features, which only the streams still running need. Layout:
 
     config.yaml, results.json/.md    the latest run's configuration and table (results.json names its stage folders)
-    models/<base>-<key>.safetensors  base models; key: data + training settings
+    models/<base>-<key>.safetensors  base models; key: data + training settings (imported ones stay where they are)
     dprime/<base>-<key>/             each base model's augmented dataset D', crafted against it; key: model + augment
     features/<base>-<key>.npy        D' features at the base model's feature layer; key: D' + layer
     evalsets/<base>-<key>/           evaluation sets made against each base model (transfer); key: model + attack
@@ -31,13 +32,13 @@ from rmc.artifacts.evalsets import (
     save_eval_sets,
 )
 from rmc.artifacts.features import ensure_features
+from rmc.artifacts.provenance import check_model_data
 from rmc.cli.config import BaseKind, RunConfig, documented_yaml, to_dict, validate_before_work
 from rmc.data import load_dataset
 from rmc.errors import RMCError
 from rmc.evaluation.attack_rows import attack_table, evaluate_attacks, wants_attack_rows
 from rmc.evaluation.common import BaseModel, digest
-from rmc.evaluation.driver import (check_work_split, compute_paths, evaluate, finished_results,
-                                   online_streams)
+from rmc.evaluation.driver import check_work_split, compute_paths, evaluate, finished_results, online_streams
 from rmc.evaluation.report import Table
 from rmc.evaluation.visualize import neighbour_grid
 from rmc.io import write_json, write_text
@@ -51,7 +52,8 @@ class StageTimer:
     """Logs what each stage did and how long it took (kept in results.json)."""
 
     def __init__(self, log: Callable[[str], None]):
-        self.log, self.stages = log, []
+        self.log = log
+        self.stages: list[dict] = []
 
     def __call__(self, name: str, fn: Callable, *args, **kwargs):
         self.log(f"[{name}] ...")
@@ -85,6 +87,16 @@ def ensure_model(path: Path, train, test, cfg, log):
     info.config = want
     info = save_checkpoint(model, info, path)
     log(f"  {path}: clean test accuracy {info.test_accuracy:.4f}")
+    return model, info
+
+
+def imported_model(path: Path, test, cfg: TrainConfig, log):
+    """A base model given as an rmc checkpoint (`rmc import-model`, or any rmc checkpoint) instead of trained; a
+    factory architecture is built only when train.arch names it (the run's own config)."""
+    model, info = load_checkpoint(path, cfg.device, trust_arch=cfg.arch)
+    check_model_data(info, test, "the test set")
+    source = info.imported.get("source_name") or "a model trained by rmc"
+    log(f"  using {path} ({info.arch}, from {source}; sha256 {info.sha256[:12]}): not trained here")
     return model, info
 
 
@@ -177,13 +189,21 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
     attack_rows = {}   # base -> the attack rows (transfer / defense-aware), rmc.evaluation.attack_rows
     stores = {}        # base -> its own D', crafted against it (the original's principle)
     for name in cfg.model.bases:   # one base after the other: the first one's rows come before the next is trained
-        tcfg = base_train_config(name, cfg)
-        path = out / "models" / f"{name}-{stage_key(data, training_settings(tcfg))}.safetensors"
-        model, info = models[name] = timer(f"train {name}", ensure_model, path, train, test, tcfg, log)
+        imported = cfg.model.weights.get(name)
+        if imported is None:
+            tcfg = base_train_config(name, cfg)
+            path = out / "models" / f"{name}-{stage_key(data, training_settings(tcfg))}.safetensors"
+            model, info = models[name] = timer(f"train {name}", ensure_model, path, train, test, tcfg, log)
+        else:
+            path = Path(imported)
+            model, info = models[name] = timer(f"import {name}", imported_model, path, test, cfg.train, log)
         where = stages[name] = {"model": str(path)}
-        dkey = stage_key(info.sha256, to_dict(cfg.augment))
+        # A trained model's hash already names its data; an imported one may be applied to other data, so the data
+        # is part of the names of the stages made from it.
+        data_tag = [] if imported is None else [data]
+        dkey = stage_key(info.sha256, to_dict(cfg.augment), *data_tag)
         layer = cfg.model.layer or default_layer(model)
-        sets_dir = out / "evalsets" / f"{name}-{stage_key(info.sha256, attack_settings(cfg.attack))}"
+        sets_dir = out / "evalsets" / f"{name}-{stage_key(info.sha256, attack_settings(cfg.attack), *data_tag)}"
         sets = timer(f"attack {name}", ensure_eval_sets, model, info, test, cfg.attack, sets_dir)
         notes.update({s.name: "transfer" if s.attack["kind"] != "clean" else "clean" for s in sets})
         rows_dir = out / "results" / results_key(cfg, info.sha256, dkey, layer, shards, with_rmc)
@@ -218,8 +238,8 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
     if attack_rows:
         table.appendix.append(attack_table(attack_rows))
     meta = {"config": to_dict(cfg), "models": {n: dataclasses.asdict(i) for n, (_, i) in models.items()},
-            "stores": {n: {"path": str(st.path), "fingerprint": st.fingerprint, "size": len(st), "copies": st.copy_names,
-                           "model_sha256": st.model_sha256} for n, st in stores.items()},
+            "stores": {n: {"path": str(st.path), "fingerprint": st.fingerprint, "size": len(st),
+                           "copies": st.copy_names, "model_sha256": st.model_sha256} for n, st in stores.items()},
             "stage_dirs": stages, "stages": timer.stages,
             "seconds_total": round(time.perf_counter() - t_start, 1), "table": table.to_dict(),
             "online_streams": online_streams(cfg.rmc, shards), "compute": compute_paths(results),

@@ -30,7 +30,8 @@ class ImageDataset:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
+        c, h, w = self.images.shape[1:]
+        return c, h, w
 
     def float_images(self) -> torch.Tensor:
         return self.images.float().div_(255)

@@ -75,7 +75,8 @@ def load_cifar10(split: str, root: str | Path | None = None) -> ImageDataset:
     if split not in _FILES:
         raise RMCError(f"unknown split {split!r}; use 'train' or 'test'")
     if root is None:
-        raise RMCError(f"cifar10 needs --data-dir (rmc run: data.data_dir): a directory with the CIFAR-10 binary batches; {HOW_TO_GET}")
+        raise RMCError("cifar10 needs --data-dir (rmc run: data.data_dir): a directory with the CIFAR-10 binary "
+                       f"batches; {HOW_TO_GET}")
     root = Path(root)
     if not root.is_dir():
         raise RMCError(f"data directory {root} does not exist; {HOW_TO_GET}")

@@ -60,9 +60,11 @@ def load_idx_dataset(root: str | Path, split: str, name: str, classes: list[str]
     images = read_idx(find_file(root, f"{prefix}-images-idx3-ubyte", how_to_get), 3)
     labels = read_idx(find_file(root, f"{prefix}-labels-idx1-ubyte", how_to_get), 1)
     if len(images) != len(labels):
-        raise RMCError(f"{root}: {len(images)} {split} images but {len(labels)} labels; the files do not belong together")
+        raise RMCError(f"{root}: {len(images)} {split} images but {len(labels)} labels; "
+                       "the files do not belong together")
     if labels.size and labels.max() >= len(classes):
-        raise RMCError(f"{root}: label {labels.max()} out of range for {len(classes)} classes; the labels file is corrupt")
+        raise RMCError(f"{root}: label {labels.max()} out of range for {len(classes)} classes; "
+                       "the labels file is corrupt")
     x = torch.from_numpy(images.copy()).unsqueeze(1)
     y = torch.from_numpy(labels.astype(np.int64))
     return ImageDataset(x, y, classes, name, mean=(0.5,), std=(0.5,))
@@ -76,6 +78,7 @@ def load_fashion_mnist(split: str, root: str | Path | None = None) -> ImageDatas
 
 def load_mnist(split: str, root: str | Path | None = None) -> ImageDataset:
     if root is None:
-        raise RMCError("mnist needs --data-dir (rmc run: data.data_dir): a directory with the four MNIST *-ubyte(.gz) files")
+        raise RMCError("mnist needs --data-dir (rmc run: data.data_dir): a directory with the four MNIST "
+                       "*-ubyte(.gz) files")
     how = "download the four MNIST *-ubyte(.gz) files into it (or its raw/ sub-folder)"
     return load_idx_dataset(root, split, "mnist", MNIST_CLASSES, how)

@@ -42,7 +42,7 @@ def _resize_crop(img: Image.Image, image_size: int) -> Image.Image:
     # Same arithmetic as torchvision's Resize(int): the long side is truncated, not rounded.
     new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
     if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.BILINEAR)
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
     top = int(round((new_h - image_size) / 2.0))
     left = int(round((new_w - image_size) / 2.0))
     return img.crop((left, top, left + image_size, top + image_size))

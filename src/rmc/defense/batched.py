@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 import torch
@@ -95,12 +95,12 @@ class BatchedEpisodic:
                 work(self._clones[0], shares[0])
             else:
                 with ThreadPoolExecutor(w) as pool:
-                    for f in [pool.submit(work, c, s) for c, s in zip(self._clones, shares)]:
+                    for f in [pool.submit(work, c, s) for c, s in zip(self._clones, shares, strict=False)]:
                         f.result()
         finally:
             if self.intra_op_threads is not None:
                 torch.set_num_threads(old)
-        return results
+        return cast(list[StepResult], results)   # every slot filled by its share
 
     # -- vmap -----------------------------------------------------------------------------------------
     def _run_vmap(self, x: torch.Tensor, rows: np.ndarray, keys: list) -> list[StepResult]:
@@ -109,8 +109,9 @@ class BatchedEpisodic:
         b, k = rows.shape
         rmc.reset()
         gens = [generator(cfg.seed, "step", key) for key in keys]
-        xs, ys = zip(*(rmc.dprime.gather(r) for r in rows))
-        xs, ys = torch.stack(xs).to(device), torch.stack(ys).to(device)          # B x K x C x H x W, B x K
+        pairs = [rmc.dprime.gather(r) for r in rows]
+        xs = torch.stack([p[0] for p in pairs]).to(device)                       # B x K x C x H x W
+        ys = torch.stack([p[1] for p in pairs]).to(device)                       # B x K
         splits = [split_neighbours(k, cfg.closest_fraction, cfg.val_fraction, g) for g in gens]
         tr = torch.stack([s[0] for s in splits]).to(device)
         va = torch.stack([s[1] for s in splits]).to(device)
@@ -131,7 +132,7 @@ class BatchedEpisodic:
 
         grads_of = vmap(grad(loss_of))
         val_of = vmap(loss_of)
-        adam = _StackedAdam(params, cfg.lr)
+        adam = _StackedAdam(params, cfg.lr, eps=cfg.adam_eps)
         n = x_tr.shape[1]
         best = torch.full((b,), math.inf, device=device)
         wait = torch.zeros(b, dtype=torch.long, device=device)

@@ -1,6 +1,6 @@
 """RMC as an `nn.Module` that other attack libraries (torchattacks, ART, AutoAttack) take as it is.
 
-    clf = RMCClassifier(rmc, static_model, layer)
+    clf = RMCClassifier(rmc)                # or RMCClassifier(rmc, static_model, layer)
     logits = clf(images)                    # N x C x H x W in [0, 1] -> N x classes
 
 `forward` runs the whole defense for every input of the batch: features from the static model, the K nearest
@@ -17,10 +17,10 @@ attack through this module is therefore a fixed-point / BPDA-style approximation
 defended classifier, and its failure proves little about robustness. Worse, fine-tuning on neighbours that
 share one label can make the adapted network so confident that the cross-entropy's input gradient underflows
 to (nearly) zero (gradient masking: PGD with cross-entropy stalls; where it is exactly zero, AutoAttack's
-zero-gradient check fires). And if `stateful=True` (the online defense as deployed), every call changes the weights: the function
-being attacked is not the one that will later classify the input, and repeated queries give different answers
-(AutoAttack's randomness check fires). Each call also costs one full adaptation per input: PGD-10 through this
-module on 100 inputs runs RMC 1,000 times.
+zero-gradient check fires). And if `stateful=True` (the online defense as deployed), every call changes the
+weights: the function being attacked is not the one that will later classify the input, and repeated queries give
+different answers (AutoAttack's randomness check fires). Each call also costs one full adaptation per input:
+PGD-10 through this module on 100 inputs runs RMC 1,000 times.
 
 AutoAttack flags it: its `check_dynamic` traces the forward pass and warns "it seems to be a dynamic
 defense! The evaluation with AutoAttack might be insufficient." whenever `backward` or `grad` is called
@@ -32,13 +32,24 @@ run their attacks as a further (weaker) check, or to score inputs.
 
 from __future__ import annotations
 
+import copy
+from typing import cast
+
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from rmc.defense.core import RMC, check_input
+from rmc.defense.core import RMC, Snapshot, check_input
+from rmc.defense.optim import split_state
 from rmc.errors import RMCError
-from rmc.models import extract_features
+from rmc.models import default_layer, extract_features
+
+
+def static_copy(rmc: RMC) -> nn.Module:
+    """A copy of the network RMC adapts, holding the static weights RMC started from (for the static features)."""
+    model = copy.deepcopy(rmc.model)
+    model.load_state_dict(split_state(rmc.static_state)[0])
+    return model.eval()
 
 
 class RMCClassifier(nn.Module):
@@ -53,18 +64,21 @@ class RMCClassifier(nn.Module):
     Gradients with respect to the input are those of the adapted network with the adaptation held fixed (see
     the module docstring): an approximation, so attacks through this module are not defense-aware evaluations.
     AutoAttack's `check_dynamic` flags this module as a dynamic defense, because its forward pass fine-tunes.
+
+    `static_model` computes the inputs' features at `layer` for the neighbour search; None: a copy of RMC's network
+    with the static weights it started from, and RMC's feature layer (else the model's default layer).
     """
 
-    def __init__(self, rmc: RMC, static_model: nn.Module, layer: str, *, stateful: bool = False,
-                 key="classifier"):
+    def __init__(self, rmc: RMC, static_model: nn.Module | None = None, layer: str | None = None, *,
+                 stateful: bool = False, key="classifier"):
         super().__init__()
         if not isinstance(rmc, RMC):
             raise RMCError(f"RMCClassifier wraps an rmc.defense.core.RMC instance, got {type(rmc).__name__}")
         self.rmc = rmc
         # Registered so that `parameters()` and `.to()` reach the networks (torchattacks reads the device there).
         self.adapted = rmc.model
-        self.static = static_model
-        self.layer = layer
+        self.static = static_copy(rmc) if static_model is None else static_model
+        self.layer = layer or rmc.feature_layer or default_layer(self.static)
         self.stateful = stateful
         self.key = key
         self.inputs_seen = 0      # inputs classified (each one ran a full adaptation)
@@ -106,7 +120,7 @@ class RMCClassifier(nn.Module):
                         t = self.rmc.trial(xi.detach(), feats[i:i + 1], self.key, keep=True)
                     finally:
                         self.rmc.restore(snap)
-                adapted = t.adapted.weights
+                adapted = cast(Snapshot, t.adapted).weights   # kept: keep=True
             # The adapted network's logits, differentiable in the input (the adaptation held fixed).
             out.append(functional_call(self.rmc.model, adapted, (xi,)))
             self.inputs_seen += 1

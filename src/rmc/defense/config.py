@@ -32,7 +32,9 @@ PRECISIONS = ("fp32", "bf16")
 class RMCConfig:
     k: int = 2048                  # neighbours of each test input in D' (original: 2048 ImageNet, 1024 CIFAR-10)
     lr: float = 1e-5               # Adam learning rate of the local fine-tuning (original: 1e-5)
-    optimizer: Optimizer = Optimizer.STREAM   # stream (original: one Adam for the run, part of the online state) | per-input
+    adam_eps: float = 1e-8         # Adam's epsilon (torch's default; the original, Keras' Adam: 1e-7)
+    optimizer: Optimizer = Optimizer.STREAM   # stream (original: one Adam for the run, part of the online state) |
+                                              # per-input
     batch_size: int = 128          # fine-tuning batch size (original: 128)
     max_epochs: int = 100          # epochs over the neighbours at most (original: 100)
     patience: int = 5              # stop when validation loss has not improved for this many epochs (original: 5)
@@ -43,13 +45,17 @@ class RMCConfig:
     calibrate: bool = True         # online only: after each prediction fine-tune on random D' examples
     calib_k: int | None = None     # examples of D' drawn with replacement for calibration (None: k, the original)
     calib_holdout: float = 0.125   # ceil(12.5%) of the calibration sample held out for early stopping (original)
-    calib_augment: bool = True     # training-time augmentation during calibration: 2-pixel shift + flip (original, ImageNet: crop, flips, colour)
+    calib_augment: bool = True     # training-time augmentation during calibration: 2-pixel shift + flip (original,
+                                   # ImageNet: crop, flips, colour)
     calib_flip: bool = True        # allow horizontal flips in that augmentation (off for digits)
     scope: Scope = Scope.ALL       # which parameters are fine-tuned
     seed: int = 0                  # all randomness (splits, batch order, calibration samples) derives from it
-    precision: str = "fp32"        # fine-tuning arithmetic: fp32, or bf16 (bfloat16 autocast of forward/backward; weights, Adam, validation, prediction stay fp32)
-    fast_path: bool = True         # fine-tune through an equivalent rewritten graph (batch-norm folded into convolutions, channels-last): same function, faster
-    cache_head_inputs: bool = True # scope head: train the head on its inputs computed once (the stored neighbour features when the head starts with global pooling)
+    precision: str = "fp32"        # fine-tuning arithmetic: fp32, or bf16 (bfloat16 autocast of forward/backward;
+                                   # weights, Adam, validation, prediction stay fp32)
+    fast_path: bool = True         # fine-tune through an equivalent rewritten graph (batch-norm folded into
+                                   # convolutions, channels-last): same function, faster
+    cache_head_inputs: bool = True # scope head: train the head on its inputs computed once (the stored neighbour
+                                   # features when the head starts with global pooling)
 
     def __post_init__(self):
         try:
@@ -60,6 +66,7 @@ class RMCConfig:
         for name in ("k", "batch_size", "max_epochs", "patience"):
             check_positive(getattr(self, name), f"rmc.{name}", integer=True)
         check_positive(self.lr, "rmc.lr")
+        check_positive(self.adam_eps, "rmc.adam_eps")
         if self.precision not in PRECISIONS:
             raise RMCError(f"rmc.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("fast_path", "cache_head_inputs"):

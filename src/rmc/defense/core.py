@@ -2,7 +2,7 @@
 
 This module never opens a file: it takes a model, D' as tensors (`DPrime`), a neighbour index and a config.
 Pure helpers (`split_neighbours`, `fine_tune`) do one thing each; the `RMC` class holds the online state (the
-adapted weights and the stream's Adam) and runs the per-input loop of SPEC section 1:
+adapted weights and the stream's Adam) and runs the per-input loop of the paper:
 `trial` (neighbours -> split -> fine-tune -> predict) then `commit` (online: calibrate), which together are `step`.
 How fine-tuning computes logits (the plain model, a faster equivalent graph, a cached head) is handed in as a
 `Forward` factory (rmc.defense.forwards builds the fast ones); profiling is an optional hook (rmc.defense.profiling).
@@ -14,7 +14,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, cast
 
 import numpy as np
 import torch
@@ -25,7 +25,14 @@ from rmc.data.augment import random_shift_flip
 from rmc.defense.config import Mode, Optimizer, RMCConfig
 from rmc.defense.dprime import DPrime
 from rmc.defense.forwards import Forward, PlainForward
-from rmc.defense.optim import autocast_context, check_precision, load_optimizer_state, make_optimizer, optimizer_state, split_state
+from rmc.defense.optim import (
+    autocast_context,
+    check_precision,
+    load_optimizer_state,
+    make_optimizer,
+    optimizer_state,
+    split_state,
+)
 from rmc.defense.scope import collect_params, configure_model
 from rmc.errors import RMCError
 from rmc.seeding import generator
@@ -33,7 +40,8 @@ from rmc.seeding import generator
 Hook = Callable[[str | None], None]     # profiling: called with a phase name when that phase's work ends
 
 
-def split_neighbours(n: int, closest_fraction: float, val_fraction: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def split_neighbours(n: int, closest_fraction: float, val_fraction: float,
+                     gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions (into the distance-sorted neighbour list) for training and validation.
 
     The closest `int(closest_fraction * n)` are shuffled and split: `ceil(val_fraction * that)` of them validate
@@ -74,14 +82,14 @@ def fine_tune(forward: Callable[[torch.Tensor], torch.Tensor], params: list[nn.P
     tick = hook or _no_hook
     for p in params:
         p.grad = None
-    opt = make_optimizer(params, cfg.lr) if optimizer is None else optimizer
+    opt = make_optimizer(params, cfg.lr, cfg.adam_eps) if optimizer is None else optimizer
     device = x_train.device
     amp = autocast_context(cfg.precision, device)
     validate = cfg.restore_best or cfg.patience < cfg.max_epochs
     best, wait, best_state, epoch = float("inf"), 0, None, 0
     n = len(x_train)
     losses: list[float] = []
-    for epoch in range(1, cfg.max_epochs + 1):
+    for epoch in range(1, cfg.max_epochs + 1):   # noqa: B007 (the last epoch run is read after the loop)
         order = torch.randperm(n, generator=gen)
         total = torch.zeros((), device=device)   # summed on the device: one sync per epoch, not per batch
         for start in range(0, n, cfg.batch_size):
@@ -117,7 +125,7 @@ def fine_tune(forward: Callable[[torch.Tensor], torch.Tensor], params: list[nn.P
                 break
     if best_state is not None:
         with torch.no_grad():
-            for p, b in zip(params, best_state):
+            for p, b in zip(params, best_state, strict=True):
                 p.copy_(b)
     return FitResult(epoch, best if validate else float("nan"), epoch < cfg.max_epochs, losses)
 
@@ -207,7 +215,8 @@ class RMC:
         self.make_forward = forward
         self.forward = forward(self.model)
         stream = config.optimizer is Optimizer.STREAM
-        self.optimizer = make_optimizer(self.params, config.lr) if stream else None   # None: one per fine-tuning
+        # None: one optimizer per fine-tuning
+        self.optimizer = make_optimizer(self.params, config.lr, config.adam_eps) if stream else None
         self.static_state = self.state_dict()
         self.steps_done = 0
         self.profile: Hook | None = None
@@ -221,6 +230,7 @@ class RMC:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the online state from `state_dict()`'s output (weights, buffers and the stream optimizer's moments)."""
         weights, moments = split_state(state)
         self.model.load_state_dict(weights, strict=True)
         if self.optimizer is not None:
@@ -231,9 +241,11 @@ class RMC:
         self.load_state_dict(self.static_state)
 
     def snapshot(self) -> Snapshot:
+        """Everything one input changes, to `restore` later (the defense-aware attacks try inputs between the two)."""
         return Snapshot(self.state_dict(), self.steps_done)
 
     def restore(self, snap: Snapshot) -> None:
+        """Back to the state of a `snapshot()`, input count included."""
         self.load_state_dict(snap.state)
         self.steps_done = snap.steps_done
 
@@ -251,6 +263,7 @@ class RMC:
             self.profile(phase)
 
     def neighbours(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
+        """D' rows of the K nearest neighbours of each query (Q x K, closest first) for static-model `features`."""
         rows = self.index.search(features, self.cfg.k)[1]
         self._tick("search")
         return rows
@@ -312,6 +325,7 @@ class RMC:
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the network in its current (adapted) state for images `x`."""
         logits = self.model(x.to(self.device))
         self._tick("predict")
         return logits
@@ -333,7 +347,7 @@ class RMC:
             self.reset()
             self._tick("state")
         if rows is None:
-            rows = self.neighbours(features)[0]
+            rows = self.neighbours(cast(np.ndarray, features))[0]   # checked above
         fit = self.adapt(rows, gen)
         logits = self.predict(x)[0]
         return Trial(logits, rows, fit.epochs, gen, self.snapshot() if keep else None, fit.losses)

@@ -29,9 +29,9 @@ class DPrime:
         rows = np.asarray(rows)
         order = np.argsort(rows, kind="stable")
         ascending = rows[order]
-        if not isinstance(self.images, np.ndarray):
-            ascending = torch.from_numpy(ascending)
-        x = torch.as_tensor(self.images[ascending])[torch.from_numpy(np.argsort(order, kind="stable"))]
+        # a memory map is indexed with the array, a tensor with a tensor
+        index = ascending if isinstance(self.images, np.ndarray) else torch.from_numpy(ascending)
+        x = torch.as_tensor(self.images[index])[torch.from_numpy(np.argsort(order, kind="stable"))]
         y = self.labels[torch.from_numpy(rows)]
         if device is not None and torch.device(device).type != "cpu":
             if torch.device(device).type == "cuda":

@@ -7,18 +7,19 @@
   the convolution weight and the batch-norm affine parameters by the chain rule, exactly as before; the per-pixel
   batch-norm pass and its backward disappear. When only the batch-norm parameters train (scope 'bn') folding would
   make the backward compute a convolution weight gradient it otherwise skips, so that case runs unfused.
-- **ReLU then max-pooling** become max-pooling then ReLU (equal: both are monotone), so the ReLU touches 4x fewer values.
+- **ReLU then max-pooling** become max-pooling then ReLU (equal: both are monotone), so the ReLU touches 4x fewer
+  values.
 - **ReLU then global average pooling** become one operation whose backward is a single masked broadcast.
 - Images go through in channels-last layout, the layout oneDNN's convolutions are fastest with.
 - A first convolution with a tiny reduction (C_in x kh x kw <= 32) runs on the CPU as a matrix product over image
   patches (`_PatchConv`), bias included as a column of ones; its weight gradient is one more matrix product.
 - **Convolution -> 2 x 2 max-pooling -> ReLU** and **convolution -> ReLU -> global average pooling** become one
-  module each (`ConvPoolRelu`, `ConvReluGap`). On the CPU, with the kernels of `rmc.defense.kernels` (operators `torch.ops.rmc.*`), a first
-  layer runs as one pass that never writes the full-resolution map (forward: convolution, pooling, ReLU and a
-  one-byte argmax; backward: the weight and bias gradients straight from the pooled gradient); other layers run
-  the convolution without its bias and add the bias in the pooling kernel (it commutes with max-pooling), whose
-  backward writes the input gradient once and gives the bias gradient. Without a C++ compiler the same modules run
-  the PyTorch operations above.
+  module each (`ConvPoolRelu`, `ConvReluGap`). On the CPU, with the kernels of `rmc.defense.kernels` (operators
+  `torch.ops.rmc.*`), a first layer runs as one pass that never writes the full-resolution map (forward:
+  convolution, pooling, ReLU and a one-byte argmax; backward: the weight and bias gradients straight from the pooled
+  gradient); other layers run the convolution without its bias and add the bias in the pooling kernel (it commutes
+  with max-pooling), whose backward writes the input gradient once and gives the bias gradient. Without a C++
+  compiler the same modules run the PyTorch operations above.
 
 The returned module shares every parameter and buffer with `model` (nothing is copied), so optimising `model`'s
 parameters through it and reading `model.state_dict()` afterwards just works. It is checked against `model` on a
@@ -28,6 +29,7 @@ sample input when built; any model the rewrite cannot handle (untraceable code, 
 from __future__ import annotations
 
 import warnings
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -63,10 +65,12 @@ class FoldedConvBN(nn.Module):
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) of the one convolution equal to conv -> batch-norm (inference mode)."""
         conv, bn = self.conv, self.bn
-        scale = torch.rsqrt(bn.running_var + bn.eps)
+        # called only when _foldable(): the running statistics exist
+        running_mean, running_var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
+        scale = torch.rsqrt(running_var + bn.eps)
         if bn.weight is not None:
             scale = bn.weight * scale
-        shift = -bn.running_mean * scale
+        shift = -running_mean * scale
         if bn.bias is not None:
             shift = shift + bn.bias
         if conv.bias is not None:
@@ -173,7 +177,8 @@ def _conv_parts(mod: nn.Module) -> tuple[nn.Conv2d, torch.Tensor, torch.Tensor |
     cannot be folded (then the module runs as it is)."""
     if isinstance(mod, FoldedConvBN):
         return (mod.conv, *mod.folded()) if mod._foldable() else None
-    return mod, mod.weight, mod.bias
+    conv = cast(nn.Conv2d, mod)
+    return conv, conv.weight, conv.bias
 
 
 def _kernel_ready(x: torch.Tensor, parts, first_layer: bool = False) -> bool:
@@ -256,7 +261,7 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), nn.ReLU)
+        return isinstance(gm.get_submodule(str(node.target)), nn.ReLU)
     if node.op == "call_function":
         return node.target in _RELU_FUNCS and len(node.args) == 1 and not node.kwargs.get("inplace", False)
     if node.op == "call_method":
@@ -264,10 +269,11 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-def _module(gm: fx.GraphModule, node: fx.Node, cls) -> nn.Module | None:
+def _module(gm: fx.GraphModule, node: fx.Node, cls) -> Any:
+    """The submodule a call_module node runs if it is an instance of `cls`, else None."""
     if node.op != "call_module":
         return None
-    m = gm.get_submodule(node.target)
+    m = gm.get_submodule(str(node.target))
     return m if isinstance(m, cls) else None
 
 
@@ -275,9 +281,8 @@ def _global_pool(m: nn.Module | None) -> bool:
     return isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))
 
 
-def rewrite(model: nn.Module) -> fx.GraphModule:
-    """The rewritten graph (raises if the model cannot be traced)."""
-    gm = fx.symbolic_trace(model)
+def _fold_conv_bn(gm: fx.GraphModule) -> None:
+    """Each batch-norm that alone reads a convolution's output folded into it (FoldedConvBN)."""
     graph = gm.graph
     n_fold = 0
     for node in list(graph.nodes):
@@ -296,6 +301,11 @@ def rewrite(model: nn.Module) -> fx.GraphModule:
         node.replace_all_uses_with(fused)
         graph.erase_node(node)
         graph.erase_node(src)
+
+
+def _swap_relu_pool(gm: fx.GraphModule) -> None:
+    """ReLU -> max-pooling becomes max-pooling -> ReLU; ReLU -> global average pooling becomes one operation."""
+    graph = gm.graph
     for node in list(graph.nodes):
         if not _is_relu(gm, node) or len(node.users) != 1:
             continue
@@ -318,6 +328,11 @@ def rewrite(model: nn.Module) -> fx.GraphModule:
             user.replace_all_uses_with(fused)
             graph.erase_node(user)
             graph.erase_node(node)
+
+
+def _fuse_conv_pool_relu(gm: fx.GraphModule) -> None:
+    """conv -> max-pool -> ReLU (after the swap) and conv -> ReLU + global pool become one module each."""
+    graph = gm.graph
     n_fused = 0
     for node in list(graph.nodes):   # conv -> max-pool -> ReLU (after the swap above), conv -> ReLU + global pool
         if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
@@ -332,7 +347,9 @@ def rewrite(model: nn.Module) -> fx.GraphModule:
             pool, src, dead = None, node.args[0], [node]
         else:
             continue
-        conv = _module(gm, src, (nn.Conv2d, FoldedConvBN)) if isinstance(src, fx.Node) else None
+        if not isinstance(src, fx.Node):
+            continue
+        conv = _module(gm, src, (nn.Conv2d, FoldedConvBN))
         if conv is None or len(src.users) != 1 or src.kwargs or len(src.args) != 1:
             continue
         if isinstance(conv, nn.Conv2d) and conv.padding_mode != "zeros":
@@ -345,12 +362,27 @@ def rewrite(model: nn.Module) -> fx.GraphModule:
         node.replace_all_uses_with(fused)
         for d in dead + [src]:
             graph.erase_node(d)
+
+
+def _channels_last_input(gm: fx.GraphModule) -> None:
+    """The input converted to channels-last once, where the graph starts."""
+    graph = gm.graph
     for node in graph.nodes:
         if node.op == "placeholder":
             with graph.inserting_after(node):
                 cl = graph.call_function(to_channels_last, (node,))
-            node.replace_all_uses_with(cl, delete_user_cb=lambda u: u is not cl)
+            node.replace_all_uses_with(cl, delete_user_cb=lambda u, cl=cl: u is not cl)
             break
+
+
+def rewrite(model: nn.Module) -> fx.GraphModule:
+    """The rewritten graph (raises if the model cannot be traced)."""
+    gm = fx.symbolic_trace(model)
+    _fold_conv_bn(gm)
+    _swap_relu_pool(gm)
+    _fuse_conv_pool_relu(gm)
+    _channels_last_input(gm)
+    graph = gm.graph
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
@@ -366,7 +398,7 @@ def fast_forward(model: nn.Module, sample: torch.Tensor | None = None, rtol: flo
         fast = rewrite(model)
     except Exception as e:   # untraceable Python control flow and the like: the plain model still works
         warnings.warn(f"rmc: fast path unavailable for {type(model).__name__} ({type(e).__name__}: {e}); "
-                      "fine-tuning runs the model as it is")
+                      "fine-tuning runs the model as it is", stacklevel=2)
         return model
     if sample is not None:
         with torch.no_grad():
@@ -375,7 +407,7 @@ def fast_forward(model: nn.Module, sample: torch.Tensor | None = None, rtol: flo
         scale = max(want.abs().max().item(), 1.0)
         if not torch.isfinite(got).all() or err > rtol * scale:
             warnings.warn(f"rmc: fast path of {type(model).__name__} differs from the model (max error {err:.3g}); "
-                          "fine-tuning runs the model as it is")
+                          "fine-tuning runs the model as it is", stacklevel=2)
             return model
     return fast
 

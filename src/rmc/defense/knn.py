@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from enum import Enum
+from typing import cast
 
 from rmc.cpu import configure_openblas
 
@@ -27,20 +28,16 @@ class IndexKind(str, Enum):
 # float32 BLAS, whose rounding can swap neighbours whose distances differ by ~1e-6 relative; re-ranking the best
 # k + REFINE_MARGIN candidates with directly computed distances makes the result independent of that rounding.
 REFINE_MARGIN = 32
-QUERY_CHUNK = 256      # queries per FAISS call (bounds its result buffers; larger blocks gained nothing: benchmarks/README.md)
+QUERY_CHUNK = 256      # queries per FAISS call (bounds its result buffers; larger blocks gained nothing:
+                       # benchmarks/README.md)
 ROUNDING = 1e-5        # relative slack for float32 rounding in the safety check (float32 eps is 1.2e-7)
-
-
-def exact_sq_distances(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distances sum((v - q)^2) in float32, row by row: the definition, evaluated directly."""
-    diff = vectors - query
-    return (diff * diff).sum(-1)
 
 
 def _faiss_search(index, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """index.search with FAISS's choice of kernel made by the number of queries: its matrix-product (BLAS) kernel for
-    blocks of >= 16 queries (faster than the per-query kernel, see benchmarks/README.md; which this FAISS build otherwise uses up to
-    `distance_compute_blas_threshold` = 128,000 queries), the per-query kernel below that (~3x faster for one)."""
+    blocks of >= 16 queries (faster than the per-query kernel, see benchmarks/README.md; which this FAISS build
+    otherwise uses up to `distance_compute_blas_threshold` = 128,000 queries), the per-query kernel below that (~3x
+    faster for one)."""
     old = faiss.cvar.distance_compute_blas_threshold
     faiss.cvar.distance_compute_blas_threshold = 1 if len(q) >= 16 else 2 ** 31 - 1
     try:
@@ -86,17 +83,18 @@ class NeighbourIndex:
         self.kind, self.refine = IndexKind(kind), refine
         self._max_norm = float(np.einsum("ij,ij->i", x, x).max())   # no N x d temporary
         if self.kind is IndexKind.FLAT:
-            self.index = faiss.IndexFlatL2(self.dim)
+            self.index: faiss.Index = faiss.IndexFlatL2(self.dim)
             self.index.add(x)
             # The index's own storage, viewed (not copied): the vectors live in memory once.
             self._vectors = faiss.rev_swig_ptr(self.index.get_xb(), self.size * self.dim).reshape(self.size, self.dim)
         else:
             nlist = max(1, min(nlist, self.size // 39))   # FAISS wants >= 39 training points per list
             quantizer = faiss.IndexFlatL2(self.dim)
-            self.index = faiss.IndexIVFFlat(quantizer, self.dim, nlist)
-            self.index.cp.seed = seed
-            self.index.train(x)
-            self.index.nprobe = min(nprobe, nlist)
+            ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist)
+            ivf.cp.seed = seed
+            ivf.train(x)
+            ivf.nprobe = min(nprobe, nlist)
+            self.index = ivf
             self._quantizer = quantizer   # keep it alive: FAISS does not own it
             self.index.add(x)
             # IVF keeps vectors in per-list order; re-ranking reads them from the caller's matrix (not copied when
@@ -109,7 +107,7 @@ class NeighbourIndex:
         if self._identity:
             return self._vectors[rows]
         pos = np.searchsorted(self.ids, rows, sorter=self._id_order)
-        pos = self._id_order[np.minimum(pos, self.size - 1)]
+        pos = cast(np.ndarray, self._id_order)[np.minimum(pos, self.size - 1)]   # set when ids are not 0..n-1
         if not np.array_equal(self.ids[pos], rows):
             raise RMCError("rows asked for are not in this index")
         return self._vectors[pos]
@@ -137,7 +135,7 @@ class NeighbourIndex:
         v = self._vectors[cand]                           # a copy (fancy indexing): computed on in place
         np.subtract(v, query, out=v)
         np.multiply(v, v, out=v)
-        exact = v.sum(-1)                                 # the same float32 arithmetic as exact_sq_distances
+        exact = v.sum(-1)                                 # sum((v - q)^2) in float32: the definition, directly
         order = np.lexsort((cand, exact))[:k]
         return exact[order], cand[order]
 

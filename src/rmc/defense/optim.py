@@ -10,15 +10,15 @@ from torch import nn
 from rmc.errors import RMCError
 
 
-def make_optimizer(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter], lr: float, eps: float = 1e-8) -> torch.optim.Optimizer:
     """Adam; the fused kernel (one pass over all parameters) where the parameters allow it."""
     if params and all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params) \
             and len({p.device for p in params}) == 1:
         try:
-            return torch.optim.Adam(params, lr=lr, fused=True)
+            return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
         except (RuntimeError, TypeError, ValueError):
             pass
-    return torch.optim.Adam(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr, eps=eps)
 
 
 def native_bf16(device: torch.device | str = "cpu") -> bool:

@@ -17,7 +17,8 @@ def configure_model(model: nn.Module, scope: Scope | str = Scope.ALL, feature_la
     return model
 
 
-def collect_params(model: nn.Module, scope: Scope | str = Scope.ALL, feature_layer: str | None = None) -> list[nn.Parameter]:
+def collect_params(model: nn.Module, scope: Scope | str = Scope.ALL,
+                   feature_layer: str | None = None) -> list[nn.Parameter]:
     scope = Scope(scope)
     if scope is Scope.ALL:
         return list(model.parameters())

@@ -13,6 +13,7 @@ the neighbours, logits and weights are at hand, so the report never recomputes t
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ def neighbour_histogram(labels: torch.Tensor, copy: torch.Tensor, rows: np.ndarr
     out: dict = {"k": len(rows)}
     for side, mask in (("clean", ~adv), ("adv", adv)):
         values, counts = torch.unique(lab[mask], return_counts=True)
-        pairs = sorted(zip(values.tolist(), counts.tolist()), key=lambda p: -p[1])
+        pairs = sorted(zip(values.tolist(), counts.tolist(), strict=True), key=lambda p: -p[1])
         keep = pairs[:NB_TOP] + [p for p in pairs[NB_TOP:] if p[0] == true]
         out[side] = {str(c): n for c, n in keep}
     return out
@@ -58,7 +59,7 @@ class DriftMeter:
     def __call__(self) -> float:
         if not self.pairs:
             return 0.0
-        total = sum(((p - s.to(p.device)).float() ** 2).sum() for p, s in self.pairs)
+        total = cast(torch.Tensor, sum(((p - s.to(p.device)).float() ** 2).sum() for p, s in self.pairs))
         return _round(float(total.sqrt()))
 
 

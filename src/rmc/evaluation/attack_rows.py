@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import torch
 from tqdm import tqdm
@@ -29,10 +29,10 @@ from rmc.defense import build_rmc
 from rmc.defense.config import Mode, RMCConfig
 from rmc.defense.dprime import DPrime
 from rmc.errors import RMCError
-from rmc.evaluation.common import BaseModel, NeighbourSearch
 from rmc.evaluation.aware_stream import AwareStream
-from rmc.evaluation.records import read_records
+from rmc.evaluation.common import BaseModel, NeighbourSearch
 from rmc.evaluation.driver import evaluate_set, results_folder
+from rmc.evaluation.records import read_records
 from rmc.evaluation.report import Table, cell_from_records, row_label
 
 TRANSFER, AWARE, WORST = "transfer", "defense-aware", "worst case"
@@ -59,7 +59,8 @@ def _pgd_text(acfg: AttackRowsConfig) -> str:
 
 def _lane_text(acfg: AttackRowsConfig, protocol: str, kind: str) -> str:
     lane = acfg.lane(protocol)
-    per_round = f"PGD-{lane.steps}" + (" x models" if kind == "gmsa-min" else "") + (f" x {lane.restarts} restarts" if lane.restarts > 1 else "")
+    per_round = (f"PGD-{lane.steps}" + (" x models" if kind == "gmsa-min" else "")
+                 + (f" x {lane.restarts} restarts" if lane.restarts > 1 else ""))
     keys = "RMC's keys known" if lane.keys_known else "RMC's keys unknown"
     extra = ", + chen2022 fallback" if protocol == "strong" and acfg.strong_fallback else ""
     return f"{per_round}, {lane.loss}, step {_num(lane.step_size)}, {keys}{extra}"
@@ -187,7 +188,8 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
     for a in aware:
         name = names[aware_key(*a)]
         stream = pending.get(a)
-        made = ensure(name, metas[a], lambda: stream.adv)   # noqa: B023 (called at once)
+        # only called when the set is not cached, that is when it was attacked above
+        made = ensure(name, metas[a], lambda: cast(AwareStream, stream).adv)   # noqa: B023 (called at once)
         rows.append(_aware_row(*a, made, labels[aware_key(*a)], results_folder(out_dir, base.name, name), n, acfg,
                                score))
     rows.append(worst_case(rows, clean_records, n))
@@ -230,7 +232,7 @@ def _aware_row(kind, protocol, made: EvalSet, label: str, folder: Path, n: int, 
     records = score(made)
     stream_path = folder / "attack.jsonl"
     attack_records = read_records(stream_path)[:n] if stream_path.exists() else []
-    agree = sum(a["pred"] == r["pred"] for a, r in zip(attack_records, records["rmc"]))
+    agree = sum(a["pred"] == r["pred"] for a, r in zip(attack_records, records["rmc"], strict=False))
     attack_s = sum(a.get("seconds", 0) for a in attack_records)
     info = {"seconds": round(attack_s + time.perf_counter() - t0, 1), "attack_seconds": round(attack_s, 1),
             "rescore_agrees": agree, "n": n, "kind": kind, "protocol": protocol, "rounds": acfg.rounds,

@@ -249,7 +249,8 @@ def stream_plan(inputs: int, fingerprint: str, cfg: RMCConfig, shards: int, rmc_
     # Several online streams: the count decides where each one starts, so it is included.
     split = {"streams": shards} if count == inputs else {"streams": shards, "inputs": count}
     return [(name, digest(fingerprint, {**split, "stream": s}), part.tolist(), {"stream": s, "streams": shards})
-            for s, (name, part) in enumerate(zip(stream_names(shards), np.array_split(np.arange(count), shards)))]
+            for s, (name, part) in enumerate(zip(stream_names(shards), np.array_split(np.arange(count), shards),
+                                                 strict=True))]
 
 
 def _open_streams(job: SetJob, cfg: RMCConfig, shards: int, rmc_n: int | None = None) -> list[_Stream]:

@@ -7,6 +7,7 @@ the tables without looking at pixels.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 from rmc.evaluation.report import cell_from_records, row_label
 from rmc.evaluation.run_records import AWARE, CLEAN, RunRecords, SetInfo
@@ -75,7 +76,7 @@ def curve_data(run: RunRecords) -> list[CurveSeries]:
                 if c:
                     n = len(records)
                     cs.points.append(CurvePoint(0.0, cell_from_records(c[:n]).accuracy, "clean"))
-            cs.points.append(CurvePoint(float(s.eps), cell_from_records(records).accuracy, s.name))
+            cs.points.append(CurvePoint(float(cast(float, s.eps)), cell_from_records(records).accuracy, s.name))
     for cs in series.values():
         cs.points.sort(key=lambda p: p.eps)
     return list(series.values())
@@ -204,7 +205,8 @@ def purity_data(run: RunRecords) -> list[PurityGroup]:
             p = purity(r)
             if p is None:
                 continue
-            g = groups.setdefault((s.base, s.kind), PurityGroup(s.base, s.kind, [Rate(0, 0) for _ in range(PURITY_BINS)]))
+            g = groups.setdefault((s.base, s.kind),
+                                  PurityGroup(s.base, s.kind, [Rate(0, 0) for _ in range(PURITY_BINS)]))
             rate = g.rates[purity_bin(p)]
             rate.n += 1
             rate.hits += r["pred"] == r["label"]

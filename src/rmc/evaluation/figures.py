@@ -62,16 +62,17 @@ def draw_curve(series: list[CurveSeries]):
     fig, axes = _panels(max(1, len(keys)), height=5.4)
     if not keys:
         axes[0].text(0.5, 0.5, "no attacked set with a known eps", ha="center", va="center")
-    for ax, key in zip(axes, keys):
+    for ax, key in zip(axes, keys, strict=False):
         mine = [s for s in series if (s.base, s.targeted) == key]
         families = list(dict.fromkeys(s.family for s in mine))
         for s in mine:
             eps = [p.eps for p in s.points]
             acc = [100 * p.rate.value for p in s.points]
-            lo, hi = zip(*[p.rate.interval() for p in s.points])
+            lo, hi = zip(*[p.rate.interval() for p in s.points], strict=True)
             color = DEFENSE_COLORS.get(s.defense, "black")
-            ax.plot(eps, acc, THREAT_STYLES[s.threat], color=color, marker=MARKERS[families.index(s.family) % len(MARKERS)],
-                    label=f"{s.label} [{s.threat}]", gid=s.label)
+            ax.plot(eps, acc, THREAT_STYLES[s.threat], color=color,
+                    marker=MARKERS[families.index(s.family) % len(MARKERS)], label=f"{s.label} [{s.threat}]",
+                    gid=s.label)
             ax.fill_between(eps, [100 * v for v in lo], [100 * v for v in hi], color=color, alpha=BAND_ALPHA, lw=0)
         base, targeted = key
         ax.set_title(f"{BASE_LABELS.get(base, base.capitalize())} base model, "
@@ -154,7 +155,7 @@ def draw_anatomy(items: list[Anatomy], images: list[torch.Tensor | None], class_
         axes[0, 1].text(0.5, 0.5, "no record carries the per-input fields", ha="center", va="center")
     classes = max([10] + [int(c) + 1 for a in items for side in ("clean", "adv") for c in a.neighbours.get(side, {})]
                   + [a.label + 1 for a in items])
-    for r, (a, img) in enumerate(zip(items, images)):
+    for r, (a, img) in enumerate(zip(items, images, strict=True)):
         ax_img, ax_hist, ax_pred, ax_loss = axes[r]
         _show_image(ax_img, img)
         ax_img.set_title(f"{a.set_name} #{a.index}\ntrue {class_name(a.label)}", fontsize=7,
@@ -205,17 +206,17 @@ def draw_purity(groups: list[PurityGroup]):
                      va="center", fontsize=8)
     edges = PurityGroup.edges()
     centres = [(edges[i] + edges[i + 1]) / 2 for i in range(PURITY_BINS)]
-    for ax, base in zip(axes, bases):
+    for ax, base in zip(axes, bases, strict=False):
         for j, g in enumerate(x for x in groups if x.base == base):
             shift = (j - 1) * 0.02     # side by side where groups share a bin
-            pts = [(c + shift, r) for c, r in zip(centres, g.rates) if r.n]
+            pts = [(c + shift, r) for c, r in zip(centres, g.rates, strict=True) if r.n]
             xs = [p[0] for p in pts]
             ys = [100 * p[1].value for p in pts]
             lo = [100 * (p[1].value - p[1].interval()[0]) for p in pts]
             hi = [100 * (p[1].interval()[1] - p[1].value) for p in pts]
             color = GROUP_COLORS.get(g.group, "black")
             ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", color=color, capsize=2, label=f"{g.group} sets", gid=g.group)
-            for x, (_, r) in zip(xs, pts):
+            for x, (_, r) in zip(xs, pts, strict=True):
                 ax.annotate(f"n={r.n}", (x, 100 * r.value), fontsize=5, xytext=(2, 3), textcoords="offset points")
         ax.set_xlim(0, 1)
         ax.set_ylim(-3, 103)

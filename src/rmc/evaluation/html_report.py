@@ -13,6 +13,7 @@ import html
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Sequence
 
 from rmc.evaluation import figure_data as fd
 from rmc.evaluation import figures as fg
@@ -25,7 +26,7 @@ from rmc.io import write_text
 from rmc.paths import inside
 
 FIGURES_DIR = "figures"          # beside report.html
-ROUNDS_GLOB = "*rounds*.png"     # the defense-aware per-round figure (issue 13 draws it; the page only embeds it)
+ROUNDS_GLOB = "*rounds*.png"     # the defense-aware per-round figure (attack_rows draws it; the page only embeds it)
 MAX_EMBEDDED_EXTRA = 4           # per-round PNGs embedded at most (a run has one per base model and attack)
 BASE_ORDER = ("standard", "adversarial", "denoising")          # base models of a run without a readable config
 KIND_ORDER = ("transfer", "defense-aware", "worst case")        # rows of the attack table, as the text table
@@ -38,7 +39,9 @@ padding:.5em 1em}.note{font-size:13px;color:#444}figure{margin:1.5em 0}figcaptio
 # ---------------------------------------------------------------- tables
 
 def _cell_from_dict(d: dict) -> Cell:
-    rate = lambda r: Rate(int(r["hits"]), int(r["n"]))
+    def rate(r: dict) -> Rate:
+        return Rate(int(r["hits"]), int(r["n"]))
+
     return Cell(rate(d["accuracy"]), rate(d["attack_success"]) if "attack_success" in d else None)
 
 
@@ -50,7 +53,7 @@ def _row_order(label: str, bases: list[str]) -> tuple:
     return (canonical.index(label) if label in canonical else len(canonical), kind)
 
 
-def table_from_dict(d: dict, bases: list[str] = BASE_ORDER) -> Table:
+def table_from_dict(d: dict, bases: Sequence[str] = BASE_ORDER) -> Table:
     """A Table back from results.json's `table` (Table.to_dict), appendix included; rows in the text table's
     order for these base models."""
     items = sorted(d.get("rows", {}).items(), key=lambda kv: _row_order(kv[0], list(bases)))   # stable sort

@@ -102,7 +102,7 @@ class Table:
     def plain(self) -> str:
         grid = [self.header()] + self.cells()
         widths = [max(len(r[i]) for r in grid) for i in range(len(grid[0]))]
-        fmt = lambda r: "  ".join(s.ljust(w) for s, w in zip(r, widths))  # noqa: E731
+        fmt = lambda r: "  ".join(s.ljust(w) for s, w in zip(r, widths, strict=True))  # noqa: E731
         lines = ([self.title] if self.title else []) + [fmt(grid[0]), "  ".join("-" * w for w in widths)]
         lines += [fmt(r) for r in grid[1:]]
         return ("\n".join(lines) + "\n" + self.n_line() + "; accuracy % [95% CI]; targeted: accuracy / success %\n"

@@ -44,7 +44,7 @@ def save_rounds_figure(panels: dict[str, dict[str, tuple[list[dict], list[dict]]
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False, sharey=True)
     xs = np.arange(1, rounds + 1)
-    for ax, (base, curves) in zip(axes[0], panels.items()):
+    for ax, (base, curves) in zip(axes[0], panels.items(), strict=True):
         for i, (label, (attack, rescored)) in enumerate(sorted(curves.items())):
             style = "-" if "[chen2022]" in label else "--"
             line, = ax.plot(xs, 100 * np.array(accuracy_by_round(attack, rounds)), style, marker="o", ms=3,

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import cast
 
 import torch
 import yaml
@@ -108,7 +109,7 @@ class _Rate(Spec):
 
 
 _RATE = _Rate()
-TABLE = Obj({}, {"title": Str(), "columns": ListOf(Str()), "column_notes": MapOf(Str(), Str()), "corner": Str(),
+TABLE: Spec = Obj({}, {"title": Str(), "columns": ListOf(Str()), "column_notes": MapOf(Str(), Str()), "corner": Str(),
                  "notes": ListOf(Str()),
                  "rows": MapOf(Str(), MapOf(Str(), Obj({"accuracy": _RATE}, {"attack_success": _RATE}))),
                  "appendix": ListOf(Lazy(lambda: TABLE), 0, 64)})
@@ -166,8 +167,8 @@ def stage_folders(run: str | Path, base: str = "standard") -> dict[str, Path]:
     results = None
     if (run / "results.json").exists():
         results = read_results(run / "results.json")
-    found = {kind: stage_folder(run, results, base, kind) for kind in STAGE_GLOBS}
-    found = {k: v for k, v in found.items() if v is not None}
+    folders = {kind: stage_folder(run, results, base, kind) for kind in STAGE_GLOBS}
+    found = {k: v for k, v in folders.items() if v is not None}
     if not found:
         raise RMCError(f"{run} holds no stage of base model {base!r}; is it a run directory of `rmc run`?")
     return found
@@ -250,11 +251,14 @@ class RunRecords:
         older results/<base>/ with evalsets/<base>/."""
         results = self.root / "results"
         keyed = {p.name for p in results.glob("*/*") if p.is_dir() and STAGE_KEY.fullmatch(p.parent.name)}
-        order = lambda b: (self.config_bases.index(b) if b in self.config_bases else len(self.config_bases), b)
+        def order(b: str) -> tuple[int, str]:
+            return (self.config_bases.index(b) if b in self.config_bases else len(self.config_bases), b)
+
         out = []
         if keyed:
             for base in sorted(keyed, key=order):
-                res = stage_folder(self.root, self.results, base, "results")
+                # keyed bases have a results/<key>/<base> folder, so one is found
+                res = cast(Path, stage_folder(self.root, self.results, base, "results"))
                 sets = stage_folder(self.root, self.results, base, "evalsets") or self.root / "evalsets" / base
                 others = [p for p in results.glob(f"*/{base}") if p != res]
                 if others:
@@ -329,7 +333,9 @@ class RunRecords:
         """Every defense's records of a set (RMC sorted by index), for the tables and the curve: baselines, then
         RMC. Only the fields the tables need are kept, so even large runs stay small in memory."""
         keep = ("index", "label", "pred", "target")
-        slim = lambda r: {k: r[k] for k in keep if k in r}
+        def slim(r: dict) -> dict:
+            return {k: r[k] for k in keep if k in r}
+
         out = {k: [slim(r) for r in v] for k, v in self.baselines(s).items()}
         rmc = sorted((slim(r) for r in self.rmc(s)), key=lambda r: r["index"])
         if rmc:

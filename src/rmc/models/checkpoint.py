@@ -13,13 +13,14 @@ from rmc.errors import RMCError
 from rmc.io import load_tensors, read_json, save_tensors, sha256_file, write_json
 from rmc.models.denoising import DenoiseOp
 from rmc.models.registry import BUILTIN, build_model
+from rmc.models.timm_arch import is_timm
 from rmc.schema import Bool, Int, Json, ListOf, Num, Obj, Opt, Str, check
 
 
 @dataclass
 class ModelInfo:
     """What is needed to rebuild a model, and where it came from."""
-    arch: str                      # "small_cnn", "resnet18" or "pkg.mod:factory"
+    arch: str                      # a built-in name (rmc.models.BUILTIN), "timm:NAME" or "pkg.mod:factory"
     num_classes: int
     input_shape: tuple[int, int, int]   # C, H, W
     mean: list[float] | None = None     # normalisation inside built-in models
@@ -30,6 +31,8 @@ class ModelInfo:
     test_accuracy: float | None = None
     seed: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    imported: dict[str, Any] = field(default_factory=dict)   # weights made outside rmc (rmc import-model): source
+                                   # file, its sha256 and format, the preprocessing; empty for a model trained here
     sha256: str = ""               # hash of the weights file; filled in on save
 
 
@@ -41,7 +44,8 @@ SIDECAR = Obj({"arch": Str(max_len=300, empty=False), "num_classes": Int(1, MAX_
               {"mean": Opt(ListOf(Num(-1e6, 1e6), 1, MAX_SIDE)), "std": Opt(ListOf(Num(1e-12, 1e6), 1, MAX_SIDE)),
                "dataset": Str(max_len=200), "adversarial": Bool(),
                "denoise": Opt(Str(tuple(o.value for o in DenoiseOp))), "test_accuracy": Opt(Num(0, 1)),
-               "seed": Opt(Int(0, 2 ** 64)), "config": Json(), "sha256": Str(max_len=64)}, extra=False)
+               "seed": Opt(Int(0, 2 ** 64)), "config": Json(), "imported": Json(), "sha256": Str(max_len=64)},
+              extra=False)
 FIX = "re-create it with `rmc train`"
 
 
@@ -75,26 +79,40 @@ def save_checkpoint(model: nn.Module, info: ModelInfo, weights: str | Path) -> M
     return info
 
 
+def read_info(weights: str | Path) -> ModelInfo:
+    """The checked metadata of the checkpoint `weights` (its JSON; the weights file must exist, its hash is not
+    checked here)."""
+    weights = Path(weights)
+    if not weights.exists():
+        raise RMCError(f"model weights not found: {weights}; train one with `rmc train` or import one with "
+                       "`rmc import-model`")
+    meta = read_metadata(weights)
+    info = ModelInfo(**{**meta, "input_shape": tuple(meta["input_shape"])})
+    check_metadata(info, meta_path(weights))
+    return info
+
+
+def check_trusted(info: ModelInfo, weights: str | Path, trust_arch: str | None) -> None:
+    """A checkpoint's architecture may be built: built in, a timm registry name, or the factory the user named."""
+    if info.arch not in BUILTIN and not is_timm(info.arch) and info.arch != trust_arch:
+        raise RMCError(f"{meta_path(weights)} names architecture {info.arch!r}, which is code outside rmc; rmc runs "
+                       f"it only when you name it yourself: add --arch {info.arch} if you trust it")
+
+
 def load_checkpoint(weights: str | Path, device: str | torch.device = "cpu",
                     trust_arch: str | None = None) -> tuple[nn.Module, ModelInfo]:
     """Rebuild the model described by the JSON beside `weights` and load the weights (strictly).
 
-    The JSON is data, never code: its `arch` may name a built-in architecture only. A "package.module:factory"
-    architecture is built only when the caller names that same factory in `trust_arch` (the user's --arch, or
-    the run's own config), so a model file someone sends cannot choose code to run."""
+    The JSON is data, never code: its `arch` may name a built-in architecture or a timm registry model only. A
+    "package.module:factory" architecture is built only when the caller names that same factory in `trust_arch`
+    (the user's --arch, or the run's own config), so a model file someone sends cannot choose code to run."""
     weights = Path(weights)
-    if not weights.exists():
-        raise RMCError(f"model weights not found: {weights}; train one with `rmc train`")
-    meta = read_metadata(weights)
-    info = ModelInfo(**{**meta, "input_shape": tuple(meta["input_shape"])})
+    info = read_info(weights)
     actual = sha256_file(weights)
     if info.sha256 and info.sha256 != actual:
         raise RMCError(f"{weights} does not match its metadata (hash differs); the pair was mixed up or edited")
     info.sha256 = actual
-    check_metadata(info, meta_path(weights))
-    if info.arch not in BUILTIN and info.arch != trust_arch:
-        raise RMCError(f"{meta_path(weights)} names architecture {info.arch!r}, which is code outside rmc; rmc runs "
-                       f"it only when you name it yourself: add --arch {info.arch} if you trust it")
+    check_trusted(info, weights, trust_arch)
     model = build_model(info.arch, info.num_classes, info.input_shape[0], info.mean, info.std, info.denoise)
     state = load_tensors(weights, "model weights")
     try:

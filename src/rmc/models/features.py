@@ -6,6 +6,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from rmc.errors import RMCError
 
@@ -43,7 +44,7 @@ class FeatureHook:
     def __init__(self, model: nn.Module, layer: str):
         self.module = get_layer(model, layer)
         self.value: torch.Tensor | None = None
-        self._handle = None
+        self._handle: RemovableHandle | None = None
 
     def __enter__(self) -> "FeatureHook":
         def hook(_m, _inp, out):
@@ -52,7 +53,14 @@ class FeatureHook:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
+
+    def output(self) -> torch.Tensor:
+        """The layer's (pooled) output of the last forward pass."""
+        if self.value is None:
+            raise RuntimeError("the hooked layer has not run: call the model first")
+        return self.value
 
 
 def batches(n: int, batch_size: int) -> Iterator[slice]:
@@ -77,7 +85,7 @@ def extract_features(model: nn.Module, layer: str, images: torch.Tensor, batch_s
                 x = images[sl]
                 x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
                 model(x.to(device))
-                out.append(hook.value.float().cpu())
+                out.append(hook.output().float().cpu())
                 if progress is not None:
                     progress(sl.stop - sl.start)
     finally:

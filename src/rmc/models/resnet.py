@@ -28,8 +28,9 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    # The last residual stage, globally average-pooled (512-d), as in the original's ResNet feature layer.
-    default_feature_layer = "layer4"
+    # The input of the last residual stage (layer3's output, globally average-pooled, 256-d), as the original reads
+    # ResNet-152 v2's `conv5_block1_preact_bn` at the input of its last stage; `layer4` stays available by name.
+    default_feature_layer = "layer3"
     denoise_stages = ("layer1", "layer2", "layer3", "layer4")   # after each residual stage, as Xie et al.
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3,
@@ -39,7 +40,7 @@ class ResNet18(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         stages, cin = [], 64
-        for i, (cout, stride) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):
+        for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
             stages.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
             cin = cout
         self.layer1, self.layer2, self.layer3, self.layer4 = stages

@@ -17,9 +17,11 @@ def _block(cin: int, cout: int, pool: bool) -> nn.Sequential:
 
 
 class SmallCNN(nn.Module):
-    # Features for RMC's neighbour search come from the last conv block, globally average-pooled (128-d),
-    # mirroring the original's "late convolutional block then global average pooling".
-    default_feature_layer = "block3"
+    # RMC's neighbour search reads the input of the last stage (block2's output, globally average-pooled, 64-d),
+    # the analogue of the original's `conv5_block1_preact_bn` (the input of ResNet-152 v2's last stage). The last
+    # block's own output follows the static model's (possibly fooled) prediction too closely; `block3` stays
+    # available by name.
+    default_feature_layer = "block2"
     denoise_stages = ("block1", "block2", "block3")   # where feature-denoising blocks go (rmc.models.denoising)
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1,

@@ -59,19 +59,13 @@ def split_at(model: nn.Module, layer: str) -> HeadSplit | None:
     if len(cut) != 1:
         return None
     cut = cut[0]
-    before, seen = set(), False
-    for node in graph.nodes:
-        if node is cut:
-            seen = True
-        elif not seen:
-            before.add(node)
+    before = _nodes_before(graph, cut)
     # The head may use the cut, constants and parameters, never another value computed before the cut.
     for node in graph.nodes:
         if node in before or node is cut:
             continue
-        for arg in node.all_input_nodes:
-            if arg in before and arg.op != "get_attr":
-                return None
+        if any(a in before and a.op != "get_attr" for a in node.all_input_nodes):
+            return None
 
     back = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -93,16 +87,31 @@ def split_at(model: nn.Module, layer: str) -> HeadSplit | None:
         elif node not in before:
             env[node] = head.node_copy(node, arg)
     head_gm = fx.GraphModule(gm, head)
+    return HeadSplit(fx.GraphModule(gm, back), head_gm, _pooled_at_once(gm, cut))
+
+
+def _nodes_before(graph: fx.Graph, cut: fx.Node) -> set[fx.Node]:
+    """The nodes of `graph` that come before `cut`."""
+    before: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node is cut:
+            break
+        before.add(node)
+    return before
+
+
+def _pooled_at_once(gm: fx.GraphModule, cut: fx.Node) -> bool:
+    """Whether the cut's only reader is a global average pooling (module or function)."""
     users = list(cut.users)
-    pooled = False
-    if len(users) == 1:
-        u = users[0]
-        if u.op == "call_module":
-            pooled = _global_pool(gm.get_submodule(u.target))
-        elif u.op == "call_function" and u.target is F.adaptive_avg_pool2d:
-            size = u.args[1] if len(u.args) > 1 else u.kwargs.get("output_size")
-            pooled = size in (1, (1, 1), [1, 1])
-    return HeadSplit(fx.GraphModule(gm, back), head_gm, pooled)
+    if len(users) != 1:
+        return False
+    u = users[0]
+    if u.op == "call_module":
+        return _global_pool(gm.get_submodule(str(u.target)))
+    if u.op == "call_function" and u.target is F.adaptive_avg_pool2d:
+        size = u.args[1] if len(u.args) > 1 else u.kwargs.get("output_size")
+        return size in (1, (1, 1), [1, 1])
+    return False
 
 
 class CachedHead:
@@ -134,13 +143,13 @@ class CachedHead:
         split = split_at(model, layer) if layer is not None else None
         if split is None:
             warnings.warn(f"rmc: cannot cut the model after {layer!r} (skip connection or untraceable); scope 'head' "
-                          "runs the whole network every batch")
+                          "runs the whole network every batch", stacklevel=2)
             return None
         with torch.no_grad():
             h = split.backbone(sample)
             if not torch.allclose(split.head(h), model(sample), rtol=1e-4, atol=1e-5):
                 warnings.warn("rmc: the model cut at its feature layer does not reproduce it; scope 'head' runs the "
-                              "whole network every batch")
+                              "whole network every batch", stacklevel=2)
                 return None
             if vectors is not None and not _same_features(vectors, sample_rows, h, split.pooled_input):
                 vectors = None

@@ -5,8 +5,8 @@ take finished ones with `next`. `executor(ray, workers)` gives the inline execut
 a time, in submission order) or a `RayExecutor` over a Ray `session`; the driver's code is the same for both.
 
 Ray is an optional extra (`pip install 'rmc-defense[ray]'`); nothing here imports it until a Ray executor or
-session is asked for. `connect(address)` starts a local Ray (address None or "local") or joins a cluster ("auto", "HOST:6379",
-"ray://HOST:10001"); `session()` does the same and shuts down a Ray it started.
+session is asked for. `connect(address)` starts a local Ray (address None or "local") or joins a cluster ("auto",
+"HOST:6379", "ray://HOST:10001"); `session()` does the same and shuts down a Ray it started.
 
 Fault tolerance on Ray: a task whose worker dies is re-run (`MAX_RETRIES`) and its result reaches the driver once;
 drivers write only on the driver, so no result is lost or written twice.
@@ -276,6 +276,7 @@ class RayExecutor:
         self.ray = _ray()
         if _REMOTE is None:
             _REMOTE = self.ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_entry)
+        self._remote = _REMOTE
         self.slots = max(1, slots)
         # Tasks queued beyond the slots keep every worker busy; an explicit --workers is a hard limit.
         self.capacity = capacity or 2 * self.slots
@@ -292,7 +293,7 @@ class RayExecutor:
         return len(self.refs) < self.capacity
 
     def submit(self, key, fn: Callable, *args) -> None:
-        self.refs[_REMOTE.remote(fn, *args)] = key
+        self.refs[self._remote.remote(fn, *args)] = key
 
     def __len__(self) -> int:
         return len(self.refs)

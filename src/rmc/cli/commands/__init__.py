@@ -4,8 +4,12 @@ import each other)."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from rmc.errors import RMCError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_trust_arch_argument(p: argparse.ArgumentParser) -> None:
@@ -18,8 +22,8 @@ def add_trust_arch_argument(p: argparse.ArgumentParser) -> None:
 
 def add_device_argument(p: argparse.ArgumentParser, default: str | None = "cpu") -> None:
     """--device, taken by every command that computes (one setting for all of its stages)."""
-    p.add_argument("--device", default=default, help="cpu, cuda or cuda:N" + (" (default: %(default)s)" if default else
-                                                                             " (default: the configuration's train.device)"))
+    p.add_argument("--device", default=default, help="cpu, cuda or cuda:N" + (
+        " (default: %(default)s)" if default else " (default: the configuration's train.device)"))
 
 
 def check_ray_device(ray, device) -> None:
@@ -29,7 +33,7 @@ def check_ray_device(ray, device) -> None:
                        "or use --device cpu")
 
 
-def load_model(args, device: str = "cpu"):
+def load_model(args, device: str | torch.device = "cpu"):
     """(model, info) of --model, on `device`, trusting only the factory the user named with --arch."""
     from rmc.models import load_checkpoint
     return load_checkpoint(args.model, device, trust_arch=getattr(args, "arch", None))
@@ -46,10 +50,9 @@ def add_model_and_data_arguments(p: argparse.ArgumentParser) -> None:
 
 def model_and_split(args, split: str):
     """The model named by --model (on --device) and the `split` of --dataset, default the model's own data set."""
+    from rmc.artifacts.provenance import check_model_data
     from rmc.data import load_dataset
     from rmc.training import resolve_device
-
-    from rmc.artifacts.provenance import check_model_data
 
     model, info = load_model(args, resolve_device(args.device))
     dataset = args.dataset or info.dataset
@@ -109,7 +112,8 @@ def add_batch_argument(p: argparse.ArgumentParser) -> None:
 def add_attack_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of the attack rows (evaluate, run); they override the config's `attack_rows` section."""
     g = p.add_argument_group("attack rows", "transfer PGD (always), transfer AutoAttack and the defense-aware "
-                             "attacks FPA / GMSA-AVG / GMSA-MIN against RMC under each protocol; the config's attack_rows section")
+                             "attacks FPA / GMSA-AVG / GMSA-MIN against RMC under each protocol; the config's "
+                             "attack_rows section")
     g.add_argument("--attacks", nargs="+", metavar="ATTACK",
                    choices=["fpa", "gmsa-avg", "gmsa-min", "autoattack", "none"],
                    help="rows beside transfer PGD: fpa gmsa-avg gmsa-min autoattack, or none (default: gmsa-min)")

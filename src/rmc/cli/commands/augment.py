@@ -5,8 +5,13 @@ import time
 
 from rmc.artifacts.dprime import ATTACK_LABELS, AugmentConfig, build_dprime_store
 from rmc.artifacts.evalsets import parse_number
-from rmc.cli.commands import (add_model_and_data_arguments, add_ray_arguments, check_ray_arguments, check_ray_device,
-                              model_and_split)
+from rmc.cli.commands import (
+    add_model_and_data_arguments,
+    add_ray_arguments,
+    check_ray_arguments,
+    check_ray_device,
+    model_and_split,
+)
 from rmc.scaleout.executors import hold
 
 _D = AugmentConfig()

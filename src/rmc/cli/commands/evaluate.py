@@ -4,12 +4,21 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from rmc.artifacts.provenance import check_together
 from rmc.artifacts.evalsets import load_eval_sets
 from rmc.artifacts.features import ensure_features, load_features, store_source
+from rmc.artifacts.provenance import check_together
 from rmc.checks import check_positive
-from rmc.cli.commands import (add_device_argument, add_shared_arguments, add_trust_arch_argument, add_verify_argument,
-                              attack_overrides, check_ray_arguments, check_ray_device, load_model, open_store)
+from rmc.cli.commands import (
+    add_device_argument,
+    add_shared_arguments,
+    add_trust_arch_argument,
+    add_verify_argument,
+    attack_overrides,
+    check_ray_arguments,
+    check_ray_device,
+    load_model,
+    open_store,
+)
 from rmc.cli.config import PRESETS, load_config, parse_override, to_dict
 from rmc.errors import RMCError
 from rmc.evaluation.common import BaseModel
@@ -28,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, help="augmented dataset D' (`rmc augment`)")
     p.add_argument("--evalsets", required=True, help="evaluation sets (`rmc attack`)")
     p.add_argument("--sets", nargs="+", help="only these evaluation sets (default: all)")
-    p.add_argument("--features", help="D' features of this model (`rmc features`); default: computed and cached in --out")
+    p.add_argument("--features",
+                   help="D' features of this model (`rmc features`); default: computed and cached in --out")
     p.add_argument("--layer", help="feature layer (default: the model's)")
     p.add_argument("--out", required=True, help="results directory (re-run the same command to resume)")
     p.add_argument("--config", help="YAML configuration; its rmc section sets the RMC hyperparameters")
@@ -62,8 +72,13 @@ def main(args) -> int:
     check_together(info, store, sets)
     if cfg.rmc.k > len(store):
         raise RMCError(f"rmc.k = {cfg.rmc.k} exceeds |D'| = {len(store)} ({args.store}); lower rmc.k (--set rmc.k=...)")
-    from rmc.evaluation.attack_rows import (attack_table, check_rows_within_rmc, clean_set, evaluate_attacks,
-                                            wants_attack_rows)
+    from rmc.evaluation.attack_rows import (
+        attack_table,
+        check_rows_within_rmc,
+        clean_set,
+        evaluate_attacks,
+        wants_attack_rows,
+    )
     attack_rows = not args.no_rmc and wants_attack_rows(cfg.attack_rows)
     if attack_rows:
         clean = clean_set(sets)   # refuse now, not after the long evaluation, if the attack rows cannot run

@@ -3,9 +3,16 @@ from __future__ import annotations
 import argparse
 import time
 
+from rmc.artifacts.features import (
+    compute_features,
+    evalset_features_path,
+    evalset_source,
+    make_provenance,
+    save_features,
+    store_features_path,
+    store_source,
+)
 from rmc.artifacts.provenance import check_together
-from rmc.artifacts.features import (compute_features, evalset_features_path, evalset_source, make_provenance,
-                                    save_features, store_features_path, store_source)
 from rmc.cli.commands import add_device_argument, add_trust_arch_argument, add_verify_argument, load_model, open_store
 from rmc.errors import RMCError
 from rmc.models import default_layer

@@ -3,8 +3,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rmc.cli.commands import (add_device_argument, add_shared_arguments, attack_overrides, check_ray_arguments,
-                              check_ray_device)
+from rmc.cli.commands import (
+    add_device_argument,
+    add_shared_arguments,
+    attack_overrides,
+    check_ray_arguments,
+    check_ray_device,
+)
 from rmc.cli.config import PRESETS, documented_yaml, load_config, parse_override
 from rmc.cli.pipeline import run_pipeline
 from rmc.errors import RMCError
@@ -27,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="base models, each alone and + RMC with its own D' (model.bases; default: standard)")
     p.add_argument("--adversarial-base", action="store_true",
                    help="add the adversarially trained base model to model.bases")
+    p.add_argument("--weights", action="append", default=[], metavar="BASE=CHECKPOINT",
+                   help="use an imported rmc checkpoint (`rmc import-model`) as base model BASE instead of training "
+                        "it, e.g. --weights standard=resnet50.safetensors (model.weights.BASE; repeatable)")
     p.add_argument("--eps-sweep", nargs="+", metavar="EPS",
                    help="evaluate PGD at each of these L-inf eps (e.g. 0.05 0.1 0.15 0.2 or 8/255), replacing "
                         "attack.pgd's eps values (steps: its first entry's), so `rmc report` draws a curve with "
@@ -51,7 +59,8 @@ def main(args) -> int:
     check_ray_arguments(args)
     flags = []
     if args.seed is not None:
-        flags += [(f"{section}.seed", args.seed) for section in ("train", "augment", "attack", "rmc", "attack_rows")]
+        flags += [(f"{section}.seed", args.seed)
+                  for section in ("train", "augment", "attack", "rmc", "attack_rows")]
     if args.n is not None:
         flags.append(("attack.n", args.n))
     if args.rmc_n is not None:
@@ -62,6 +71,11 @@ def main(args) -> int:
         flags.append(("model.bases", args.bases))
     if args.device:
         flags.append(("train.device", args.device))
+    for given in args.weights:
+        base, _, path = given.partition("=")
+        if not base or not path:
+            raise RMCError(f"--weights {given!r}: write BASE=CHECKPOINT, e.g. --weights standard=model.safetensors")
+        flags.append((f"model.weights.{base}", path))
     flags += attack_overrides(args)
     cfg = load_config(args.config, args.preset, [parse_override(s) for s in args.set], flags)
     check_ray_device(args.ray, cfg.train.device)

@@ -6,7 +6,7 @@ from dataclasses import fields
 from rmc.artifacts.evalsets import parse_number
 from rmc.data import DatasetName, load_dataset
 from rmc.errors import RMCError
-from rmc.models import save_checkpoint
+from rmc.models import BUILTIN, save_checkpoint
 from rmc.training import TrainConfig, train_model
 
 _D = {f.name: f.default for f in fields(TrainConfig)}   # defaults live in TrainConfig only
@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="directory holding the data set (default: its standard location)")
     p.add_argument("--out", required=True, help="weights file to write (.safetensors; metadata goes beside as .json)")
     p.add_argument("--arch", default=_D["arch"],
-                   help="small_cnn, resnet18 or package.module:factory (default: %(default)s)")
+                   help=f"{', '.join(BUILTIN)}, timm:NAME or package.module:factory (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=_D["epochs"], help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=_D["batch_size"], help="default: %(default)s")
     p.add_argument("--lr", type=float, default=_D["lr"],

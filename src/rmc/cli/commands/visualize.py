@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import argparse
 
-from rmc.artifacts.provenance import check_together
 from rmc.artifacts.evalsets import load_eval_sets
 from rmc.artifacts.features import load_features, store_source
-from rmc.cli.config import VisualizeConfig
+from rmc.artifacts.provenance import check_together
 from rmc.cli.commands import add_device_argument, add_trust_arch_argument, add_verify_argument, load_model, open_store
+from rmc.cli.config import VisualizeConfig
 from rmc.errors import RMCError
 from rmc.evaluation.common import BaseModel
 from rmc.evaluation.visualize import neighbour_grid

@@ -60,7 +60,8 @@ def _compiler() -> str:
 def library_path() -> Path:
     """Where the library for these sources, this torch and this compiler is (or will be) cached."""
     source = "".join((_HERE / s).read_text() for s in _SOURCES)
-    key = hashlib.sha256("\0".join([source, _compiler(), torch.__version__, " ".join(_CFLAGS)]).encode()).hexdigest()[:16]
+    parts = [source, _compiler(), torch.__version__, " ".join(_CFLAGS)]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     return cache_dir() / key / f"rmc_kernels_{key}.so"
 
 
