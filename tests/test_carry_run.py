@@ -108,7 +108,7 @@ def _two_streams(tmp_path: Path, second: int) -> Path:
     (run / "results.md").write_text("| table |")
     stream = RecordStream(run / "results" / "standard" / "pgd", "rmc", "fp")
     for i in range(second):
-        stream.append({"index": i, "pred": i}, {"w": torch.zeros(4)})
+        stream.append({"index": i, "label": 0, "pred": i}, {"w": torch.zeros(4)})
     return run
 
 
@@ -140,7 +140,7 @@ def test_prune_turns_a_carried_run_that_has_finished_into_its_records(tmp_path):
     with pytest.raises(SystemExit, match="not finished"):
         carry.prune(tmp_path / "carried", 3)
     assert (tmp_path / "carried" / "models" / "standard-1.safetensors").exists()
-    RecordStream(run / "results" / "standard" / "pgd", "rmc", "fp").append({"index": 2, "pred": 2},
+    RecordStream(run / "results" / "standard" / "pgd", "rmc", "fp").append({"index": 2, "label": 0, "pred": 2},
                                                                           {"w": torch.zeros(4)})
     carry.save(run, tmp_path / "carried")
     dropped = carry.prune(tmp_path / "carried", 3)

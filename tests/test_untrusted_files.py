@@ -295,10 +295,11 @@ def test_damaged_model_sidecar(ws, clean_reads, data):
         shutil.copy(ws / "m.json", Path(tmp) / "m.json")
         doc, op, path = _damage_file(Path(tmp), "m.json", data)
         result = _outcome(lambda: load_checkpoint(Path(tmp) / "m.safetensors"))
-        # Recorded as they are: the test accuracy, seed, training settings, adversarial flag; the data set and image
-        # shape (checked against the data and D' a command combines it with: rmc.artifacts.provenance); and the
-        # normalisation, a valid edit of which changes the model as the file now says.
-        recorded = {"test_accuracy", "seed", "config", "dataset", "adversarial", "mean", "std", "sha256",
+        # Recorded as they are: the test accuracy, seed, training settings, where imported weights came from,
+        # adversarial flag; the data set and image shape (checked against the data and D' a command combines it
+        # with: rmc.artifacts.provenance); and the normalisation, a valid edit of which changes the model as the
+        # file now says.
+        recorded = {"test_accuracy", "seed", "config", "imported", "dataset", "adversarial", "mean", "std", "sha256",
                     "input_shape"}
         _check(result, clean_reads["model"], _model_view, lambda p, d: p[0] in recorded, path, doc)
         if path[:1] == ("arch",) and result[0] == "ok":

@@ -14,7 +14,7 @@ from rmc.io import load_tensors, read_json, save_tensors, sha256_file, write_jso
 from rmc.models.denoising import DenoiseOp
 from rmc.models.registry import BUILTIN, build_model
 from rmc.models.timm_arch import is_timm
-from rmc.schema import Bool, Int, Json, ListOf, Num, Obj, Opt, Str, check
+from rmc.schema import Bool, Int, Json, ListOf, MapOf, Num, Obj, Opt, Str, check
 
 
 @dataclass
@@ -44,7 +44,7 @@ SIDECAR = Obj({"arch": Str(max_len=300, empty=False), "num_classes": Int(1, MAX_
               {"mean": Opt(ListOf(Num(-1e6, 1e6), 1, MAX_SIDE)), "std": Opt(ListOf(Num(1e-12, 1e6), 1, MAX_SIDE)),
                "dataset": Str(max_len=200), "adversarial": Bool(),
                "denoise": Opt(Str(tuple(o.value for o in DenoiseOp))), "test_accuracy": Opt(Num(0, 1)),
-               "seed": Opt(Int(0, 2 ** 64)), "config": Json(), "imported": Json(), "sha256": Str(max_len=64)},
+               "seed": Opt(Int(0, 2 ** 64)), "config": Json(), "imported": MapOf(Str(), Json()), "sha256": Str(max_len=64)},
               extra=False)
 FIX = "re-create it with `rmc train`"
 
