@@ -44,8 +44,8 @@ SIDECAR = Obj({"arch": Str(max_len=300, empty=False), "num_classes": Int(1, MAX_
               {"mean": Opt(ListOf(Num(-1e6, 1e6), 1, MAX_SIDE)), "std": Opt(ListOf(Num(1e-12, 1e6), 1, MAX_SIDE)),
                "dataset": Str(max_len=200), "adversarial": Bool(),
                "denoise": Opt(Str(tuple(o.value for o in DenoiseOp))), "test_accuracy": Opt(Num(0, 1)),
-               "seed": Opt(Int(0, 2 ** 64)), "config": Json(), "imported": MapOf(Str(), Json()), "sha256": Str(max_len=64)},
-              extra=False)
+               "seed": Opt(Int(0, 2 ** 64)), "config": Json(), "imported": MapOf(Str(), Json()),
+               "sha256": Str(max_len=64)}, extra=False)
 FIX = "re-create it with `rmc train`"
 
 
