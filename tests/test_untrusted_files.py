@@ -597,3 +597,37 @@ def test_an_invalid_value_a_flag_replaces_is_still_refused(ws, tmp_path, capsys)
     assert "foo" in _one_line_error(capsys) and not (tmp_path / "out" / "results").exists()
     with pytest.raises(RMCError, match="model.bases"):        # a check that was shadowed by a second validate()
         load_config(None, "default", [("model.bases", ["nope"])])
+
+
+# -- online states: the count and the tensors of a saved state fit the model, or a one-line refusal
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda s: s.pop("__n_done__"), "__n_done__"),
+    (lambda s: s.update(__n_done__=torch.tensor(1.5)), "__n_done__"),
+    (lambda s: s.update(__n_done__=torch.tensor([1, 2])), "__n_done__"),
+    (lambda s: s.update(__n_done__=torch.tensor(-1)), "__n_done__"),
+    (lambda s: s.pop(next(k for k in s if not k.startswith("__"))), "other weights"),
+    (lambda s: s.update({"evil": torch.zeros(1)}), "other weights"),
+    (lambda s: s.update({k: torch.zeros(3) for k in list(s)[:1]}), "other shapes"),
+    (lambda s: s.update({"__optimizer__.9999.exp_avg": torch.zeros(1)}), "fits no parameter"),
+    (lambda s: s.update({"__optimizer__.0.evil": torch.zeros(1)}), "fits no parameter"),
+    (lambda s: s.update({"__optimizer__.x": torch.zeros(1)}), "fits no parameter"),
+])
+def test_a_damaged_online_state_is_refused_in_one_line(tiny_trained, tmp_path, damage, match):
+    import types
+
+    from rmc.evaluation.records import RecordStream, check_state
+    from rmc.io import save_tensors
+    state = {k: v.clone() for k, v in tiny_trained.state_dict().items()}
+    rmc = types.SimpleNamespace(static_state=dict(state), params=list(tiny_trained.parameters()))
+    stream = RecordStream(tmp_path, "rmc", "fp")
+    for i in range(2):
+        stream.append({"index": i, "label": 0, "pred": 0})
+    saved = {**state, "__n_done__": torch.tensor(2)}
+    assert check_state(dict(state), rmc, "s") is not None        # the clean state fits
+    damage(saved)
+    save_tensors(stream.state_path, saved)
+    with pytest.raises(RMCError, match=match) as e:
+        loaded = RecordStream(tmp_path, "rmc", "fp").load_state()
+        check_state(loaded, rmc, str(stream.state_path))
+    assert "\n" not in str(e.value)
