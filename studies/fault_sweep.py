@@ -329,12 +329,13 @@ def _api_setup(d: str):
     torch.set_num_threads(1)
     model, info = load_checkpoint(d / "m.safetensors")
     store = open_dprime_store(d / "dprime")
-    feats = load_features(d / "feats" / "dprime.npy")[0].numpy()
-    rmc = RMC(model, store.dprime(), NeighbourIndex(feats), RMCConfig(k=32, max_epochs=1, lr=1e-3, calib_k=32),
-              "block3")
+    feats, prov = load_features(d / "feats" / "dprime.npy")
+    layer = prov["layer"]   # the layer `rmc features` used (the model's default)
+    rmc = RMC(model, store.dprime(), NeighbourIndex(feats.numpy()), RMCConfig(k=32, max_epochs=1, lr=1e-3,
+                                                                               calib_k=32), layer)
     from rmc.artifacts.evalsets import load_eval_sets
     x = load_eval_sets(d / "sets", ["clean"])[0].images[:1]
-    return rmc, model, x, extract_features(model, "block3", x).numpy()
+    return rmc, model, x, extract_features(model, layer, x).numpy()
 
 
 def _state(rmc):
@@ -364,7 +365,7 @@ def _classifier(bad):
     def run(d):
         from rmc.defense.classifier import RMCClassifier
         rmc, model, x, _ = _api_setup(d)
-        clf = RMCClassifier(rmc, model, "block3", stateful=True)
+        clf = RMCClassifier(rmc, model, rmc.feature_layer, stateful=True)
         out = clf(bad(x))
         return tuple(out.shape) == (0, 10)
     return run
@@ -388,7 +389,7 @@ def _midstep_failure(d):
 def _k_too_large(d):
     from rmc.defense import RMC, RMCConfig
     rmc, model, _, _ = _api_setup(d)
-    RMC(model, rmc.dprime, rmc.index, RMCConfig(k=10 ** 6), "block3")
+    RMC(model, rmc.dprime, rmc.index, RMCConfig(k=10 ** 6), rmc.feature_layer)
 
 
 def _factory_from_sidecar(d):
