@@ -730,9 +730,10 @@ def cases(sweep: Sweep) -> list[Case]:
     # stores
     add("store-labels-shuffled", "store", ev(), keyword="labels.npy",
         setup=npy_edit("dprime/labels.npy", lambda a: a[::-1].copy()))
-    add("store-images-zeroed", "store", ev(), keyword="images.npy",
-        setup=npy_edit("dprime/images.npy", lambda a: a * 0))
-    add("store-images-truncated", "store", ev(), keyword="images.npy", setup=truncate("dprime/images.npy", 1000))
+    add("store-images-zeroed", "store", ev(), keyword="00000.npy",
+        setup=npy_edit("dprime/shards/00000.npy", lambda a: a * 0))
+    add("store-images-truncated", "store", ev(), keyword="00000.npy",
+        setup=truncate("dprime/shards/00000.npy", 1000))
     add("store-copy-edited", "store", ev(), keyword="copy.npy", setup=npy_edit("dprime/copy.npy", lambda a: a * 0))
     add("store-manifest-deleted", "store", ev(), keyword="manifest",
         setup=lambda d: (d / "dprime" / "manifest.json").unlink())
@@ -875,8 +876,9 @@ def _two(sweep: Sweep, d: Path, argv) -> Result:
 
 
 def _same_store(a: Path, b: Path) -> bool:
-    return all(_hash(a / f) == _hash(b / f) for f in ("images.npy", "labels.npy", "copy.npy", "source_index.npy",
-                                                      "manifest.json"))
+    files = ["labels.npy", "copy.npy", "source_index.npy", "manifest.json"]
+    files += [f"shards/{p.name}" for p in sorted((b / "shards").iterdir())]
+    return all(_hash(a / f) == _hash(b / f) for f in files)
 
 
 def _kill_and_resume(sweep: Sweep, d: Path, argv, progress) -> Result:
@@ -911,10 +913,11 @@ def _kill_augment(sweep: Sweep, d: Path, damage: str) -> Result:
     part = d / "out.partial"
     if not part.exists():
         return Result(1, "", "the build finished before the kill; no partial store to damage")
+    shard = part / "shards" / "00000.npy"
     if damage == "truncate":
-        os.truncate(part / "images.npy", (part / "images.npy").stat().st_size - 3000)
+        os.truncate(shard, shard.stat().st_size - 3000)
     elif damage == "overwrite":
-        mm = np.load(part / "images.npy", mmap_mode="r+")
+        mm = np.load(shard, mmap_mode="r+")
         mm[:50] = 255
         mm.flush()
         del mm

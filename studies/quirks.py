@@ -28,15 +28,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent / "quirks"
 # The reproduction's columns at the default preset's RMC settings (K 256, lr 1e-3, 3 epochs), 100 inputs.
 BASE = ["attack.pgd=[[10, 0.05], [10, 0.1], [100, 0.1]]", "attack.untargeted=[[10, 0.1]]", "attack.n=100"]
+# In the order they run: the variants that keep the corrected D' first, then those that rebuild it.
 QUIRKS = {
     "eval-step": ["attack.pgd_step_size=0.00625"],   # the original's 1/255 at 16/255: eps/16 of the large eps
+    "adam-eps": ["rmc.adam_eps=1e-7"],
     "dprime-loss": ["augment.loss=softmax_output"],
     "dprime-noclip": ["augment.clip=false"],
     "dprime-shift": ["augment.crop_shift=2"],
-    "adam-eps": ["rmc.adam_eps=1e-7"],
 }
-VARIANTS = {"corrected": [], **QUIRKS, "all-quirks": [s for v in QUIRKS.values() for s in v],
-            "layer-block3": ["model.layer=block3"]}
+VARIANTS = {"corrected": [], "layer-block3": ["model.layer=block3"], **QUIRKS,
+            "all-quirks": [s for v in QUIRKS.values() for s in v]}
 
 
 def run_variant(out: Path, name: str) -> dict:

@@ -2,6 +2,8 @@
 
 import copy
 import json
+import math
+from typing import ClassVar
 
 import pytest
 import torch
@@ -98,8 +100,9 @@ def test_state_snapshot_restore_is_exact(tiny_trained, tiny_dprime, digits):
 
 @pytest.mark.parametrize("protocol", ["chen2022", "strong"])
 def test_attack_input_leaves_rmc_as_if_it_had_seen_only_the_chosen_candidate(broken, tiny_dprime, digits, protocol):
-    """Every round is undone exactly: after the attack, RMC's state is what one step on the chosen candidate
-    from the saved state gives, and its verdict during the attack is the one a fresh run reproduces."""
+    """Every round is undone exactly: after the attack, the attacker's RMC is in the state one step on the chosen
+    candidate from the saved state gives, under the verdict's key: the scored RMC's key for `strong` (its RMC is the
+    scored one), a key of the attacker's own for `chen2022` (its own copy of RMC, its own randomness)."""
     dprime, feats = tiny_dprime
     test = digits[1]
     x, y = test.float_images()[:4], test.labels[:4]
@@ -111,7 +114,8 @@ def test_attack_input_leaves_rmc_as_if_it_had_seen_only_the_chosen_candidate(bro
                            protocol=protocol)
         rounds_run.append(len(res.rounds))
         q = extract_features(broken, "block3", res.x_adv).numpy()
-        step = replay.step(res.x_adv, q, key=i)
+        assert (res.verdict_key == i) == (protocol == "strong") and res.attacker_rmc == acfg.lane(protocol).attacker_rmc
+        step = replay.step(res.x_adv, q, key=res.verdict_key)
         assert step.logits == res.logits and step.prediction == res.prediction
         assert _states_equal(attacked.state_dict(), replay.state_dict())
         assert attacked.steps_done == replay.steps_done == i + 1
@@ -272,11 +276,36 @@ def test_attack_rows_resume_after_interruption_and_fill_the_table(broken, tiny_d
     assert [r.kind for r in full] == ["transfer", "defense-aware", "defense-aware", "worst case"]
     fpa = full[1]
     assert "[chen2022]" in fpa.label and "[strong]" in full[2].label and "N=5" in fpa.label
-    for row in full[1:3]:   # the attack's verdict (RMC's own key) is what a fresh run gives
-        assert row.info["rescore_agrees"] == 5 and set(row.records) == {"rmc"}   # a defense-aware row: RMC only
+    for row in full[1:3]:
+        assert set(row.records) == {"rmc"}                                  # a defense-aware row: RMC only
+    assert full[2].info["agree"] == 5 and full[2].info["attacker"] == "scored-stream"   # strong: a replay
     assert (tmp_path / "a" / "standard" / "rounds.png").stat().st_size > 1000
     attack_log = [json.loads(line) for line in stream.read_text().splitlines()]
     assert [r["index"] for r in attack_log] == list(range(5)) and all(r["rounds"] in (1, 2) for r in attack_log)
+
+    # chen2022's row is two RMC streams over the chosen inputs: the attacker's own (its verdicts, attack.jsonl) and the
+    # scored pass (rmc.jsonl), each reproduced by a fresh RMC stepping the chosen inputs under its keys.
+    from rmc.artifacts.evalsets import load_eval_sets
+    name = ev.set_names(acfg)[ev.aware_key("fpa", "chen2022")]
+    chosen = load_eval_sets(tmp_path / "a" / "standard" / "attack-sets", [name], model_sha256="b" * 64)[0].images
+    lane = acfg.lane("chen2022")
+    scored_keys = [(name, i) for i in range(5)]
+    own_keys = [da.attacker_key(lane, k, "verdict") for k in scored_keys]
+    assert not set(own_keys) & set(scored_keys)
+    folder = tmp_path / "a" / "standard" / name
+    attack_preds = [json.loads(line)["pred"] for line in (folder / "attack.jsonl").read_text().splitlines()]
+    score_preds = [json.loads(line)["pred"] for line in (folder / "rmc.jsonl").read_text().splitlines()]
+    own, scored = _rmc(broken, dprime, feats), _rmc(broken, dprime, feats)
+    q = extract_features(broken, "block3", chosen).numpy()
+    assert [own.step(chosen[i:i + 1], q[i:i + 1], key=own_keys[i]).prediction for i in range(5)] == attack_preds
+    assert [scored.step(chosen[i:i + 1], q[i:i + 1], key=scored_keys[i]).prediction for i in range(5)] == score_preds
+    pairs = list(zip(attack_preds, score_preds, strict=True))
+    assert not _states_equal(own.state_dict(), scored.state_dict())     # two online states, each along its stream
+    agreement = json.loads((folder / ev.AGREEMENT_FILE).read_text())
+    assert [(r["attack_pred"], r["score_pred"]) for r in agreement["inputs"]] == pairs
+    assert agreement["agree"] == fpa.info["agree"] == sum(a == b for a, b in pairs)
+    assert agreement["attacker"] == "own-copy" and "attacker's own RMC copy and keys" in fpa.label
+    assert "exact state and keys" in full[2].label and "best-loss iterate" in full[0].label
 
     worst = full[-1].records["rmc"]
     for row in full[:-1]:
@@ -286,8 +315,11 @@ def test_attack_rows_resume_after_interruption_and_fill_the_table(broken, tiny_d
     text = table.markdown()
     assert "[transfer]" in text and "[defense-aware]" in text and "[worst case]" in text
     assert "dynamic defense" in text and "RobustBench" in text
-    assert table.columns == ["None", "RMC"]
-    assert table.rows[f"{fpa.label} [defense-aware]"].keys() == {"RMC"}
+    assert table.columns == ["None", "RMC", "RMC: attack's verdict", "RMC: verdict = score"]
+    assert table.rows[f"{fpa.label} [defense-aware]"].keys() == {"RMC", "RMC: attack's verdict", "RMC: verdict = score"}
+    assert table.rows[f"{full[0].label} [transfer]"].keys() == {"None", "RMC"}
+    cell = table.rows[f"{fpa.label} [defense-aware]"]["RMC: verdict = score"].accuracy
+    assert (cell.hits, cell.n) == (fpa.info["agree"], 5)
 
 
 def test_worst_case_counts_an_input_only_if_every_row_gets_it_right():
@@ -451,15 +483,16 @@ def test_chen2022_gives_rmc_the_clean_input_when_nothing_fools_it_strong_the_low
                           protocol="strong")
     assert all(r.margin > 0 for r in chen.rounds + strong.rounds)      # nothing fooled RMC
     assert torch.equal(chen.x_adv, x) and chen.chosen_round == 0
-    ref = _rmc(tiny_trained, dprime, feats).step(x, extract_features(tiny_trained, "block3", x).numpy(), key=3)
-    assert chen.logits == ref.logits                                    # RMC, with its own key, saw the clean input
+    ref = _rmc(tiny_trained, dprime, feats).step(x, extract_features(tiny_trained, "block3", x).numpy(),
+                                                 key=chen.verdict_key)
+    assert chen.logits == ref.logits and chen.verdict_key != 3   # the attacker's RMC, its own key, saw the clean input
     assert not torch.equal(strong.x_adv, x) and strong.chosen_round >= 1
     m = min(strong.rounds, key=lambda r: r.margin)
     assert strong.chosen_round == m.round
 
 
 def test_strong_is_never_weaker_than_chen2022_on_any_input(tiny_trained, tiny_dprime, digits):
-    """Episodic RMC, the same keys: every input chen2022 gets past RMC (fresh re-score), strong does too."""
+    """Episodic RMC, the same scored keys: every input chen2022 gets past the scored RMC, strong does too."""
     dprime, feats = tiny_dprime
     x, y = digits[1].float_images()[16:24], digits[1].labels[16:24]
     keys = [("row", i) for i in range(len(x))]
@@ -469,7 +502,8 @@ def test_strong_is_never_weaker_than_chen2022_on_any_input(tiny_trained, tiny_dp
         res = attack_stream(_rmc(tiny_trained, dprime, feats, mode="episodic"), tiny_trained, "block3", x, y, "fpa",
                             acfg, keys, protocol=protocol)
         rescored = _score(tiny_trained, dprime, feats, res.images, keys, mode="episodic")
-        assert rescored.tolist() == res.predictions
+        if protocol == "strong":                  # its RMC is the scored one: the score replays its verdicts
+            assert rescored.tolist() == res.predictions
         wrong[protocol] = rescored != y
     assert wrong["chen2022"].any()                                       # the comparison is not vacuous
     assert not (wrong["chen2022"] & ~wrong["strong"]).any(), (wrong["chen2022"], wrong["strong"])
@@ -529,3 +563,117 @@ def test_rounds_figure_from_results_folders_uses_the_re_scored_inputs(tmp_path):
         load_panel(tmp_path)
     with pytest.raises(RMCError, match="usage"):
         main(["out.png", "no-equals-sign"])
+
+
+class _KeyRecorder:
+    """Wraps an RMC's `trial` to record the key of every trial the attack runs."""
+
+    def __init__(self, rmc):
+        self.keys, real = [], rmc.trial
+
+        def trial(x, features=None, key=None, rows=None, keep=False):
+            self.keys.append(key)
+            return real(x, features, key, rows, keep)
+        rmc.trial = trial
+
+
+@pytest.mark.parametrize("protocol", ["chen2022", "strong"])
+def test_chen2022_attacker_never_draws_the_scored_rmcs_keys_strong_only_those(tiny_trained, tiny_dprime, digits,
+                                                                             protocol):
+    """Chen et al.'s attacker runs RMC under its own randomness: none of its trials (rounds, verdict) uses the key
+    the scored RMC gives the input, and each of its rounds draws a fresh one. `strong` knows the scored RMC: every
+    trial uses exactly that key."""
+    dprime, feats = tiny_dprime
+    x, y = _robust_input(tiny_trained, digits)
+    r = _rmc(tiny_trained, dprime, feats)
+    rec = _KeyRecorder(r)
+    res = attack_input(r, tiny_trained, "block3", x, y, "gmsa-avg",
+                       AttackRowsConfig(rounds=3, steps=2, eps=1e-3, strong_fallback=False), key=("row", 7),
+                       protocol=protocol)
+    assert len(res.rounds) == 3
+    if protocol == "strong":   # its trials are the scored RMC's verdicts: it commits the chosen round's own trial
+        assert rec.keys == [("row", 7)] * 3 and res.verdict_key == ("row", 7)
+    else:                      # 3 rounds, then a fresh trial of the chosen input (Chen et al.'s get_pred): its verdict
+        assert len(rec.keys) == 4 and ("row", 7) not in rec.keys and len(set(rec.keys)) == 4
+        assert res.verdict_key == rec.keys[-1]
+
+
+@pytest.mark.parametrize("protocol, loss", [("chen2022", "ce"), ("strong", "margin")])
+def test_each_protocol_ascends_its_loss(tiny_trained, tiny_dprime, digits, monkeypatch, protocol, loss):
+    """The loss each protocol's PGD ascends, on logits whose values are known: chen2022 the cross-entropy
+    (log(1 + e^-1 + e^-2) = 0.4076 for logits (2, 1, 0), label 0), strong the margin (1 - 2 = -1)."""
+    dprime, feats = tiny_dprime
+    used = []
+    real = da.pgd_best
+
+    def spy(model, x, y, eps, step_size, steps, loss_fn, gen):
+        used.append(loss_fn)
+        return real(model, x, y, eps, step_size, steps, loss_fn, gen)
+    monkeypatch.setattr(da, "pgd_best", spy)
+    x, y = _robust_input(tiny_trained, digits)
+    attack_input(_rmc(tiny_trained, dprime, feats), tiny_trained, "block3", x, y, "fpa",
+                 AttackRowsConfig(rounds=1, steps=1, eps=1e-3, strong_fallback=False), key=0, protocol=protocol)
+    logits = torch.tensor([[[2.0, 1.0, 0.0]]])          # 1 input x 1 model x 3 classes
+    want = {"ce": math.log(1 + math.exp(-1) + math.exp(-2)), "margin": -1.0}[loss]
+    assert used and all(f(logits, torch.tensor([0])).item() == pytest.approx(want, abs=1e-6) for f in used)
+
+
+class _Inputs(ModelSet):
+    """ModelSet that records the images it is evaluated on (the PGD iterates, in order)."""
+    seen: ClassVar[list[torch.Tensor]] = []
+
+    def forward(self, x):
+        _Inputs.seen.append(x.detach().clone())
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("protocol", ["chen2022", "strong"])
+def test_pgd_starts_at_random_in_the_ball_and_steps_eps_over_8(tiny_trained, tiny_dprime, digits, monkeypatch,
+                                                               protocol):
+    """Chen et al.'s PGD: a uniform random start in the eps-ball, then sign steps of 1/255 at eps 8/255 (eps/8)."""
+    dprime, feats = tiny_dprime
+    monkeypatch.setattr(da, "ModelSet", _Inputs)
+    _Inputs.seen = []
+    x, y = _robust_input(tiny_trained, digits)
+    eps = 0.4
+    attack_input(_rmc(tiny_trained, dprime, feats), tiny_trained, "block3", x, y, "fpa",
+                 AttackRowsConfig(rounds=1, steps=3, eps=eps, strong_fallback=False, strong_restarts=1), key=0,
+                 protocol=protocol)
+    clean, start, *steps = _Inputs.seen[:5]
+    assert torch.equal(clean, x)                                        # the clean input's loss is the first best
+    off = (start - x).abs()
+    inside = (x > eps) & (x < 1 - eps)                                  # pixels the [0, 1] clip cannot touch
+    assert off.max() <= eps + 1e-6 and inside.sum() >= 5
+    assert (off[inside] > 0).all() and off[inside].max() > eps / 2     # a random start, uniform in the ball
+    moves = [(b - a).abs().max().item() for a, b in zip([start] + steps[:-1], steps, strict=True)]
+    assert moves == pytest.approx([eps / 8] * len(moves), abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["fpa", "gmsa-avg"])
+def test_fpa_and_gmsa_avg_run_the_same_iterations_every_round(tiny_trained, tiny_dprime, digits, monkeypatch, kind):
+    """Only GMSA-MIN multiplies its iterations by the number of models (Chen et al.); FPA attacks one model and
+    GMSA-AVG a growing set with steps iterations every round."""
+    dprime, feats = tiny_dprime
+    rec = _Recorder()
+    monkeypatch.setattr(da, "ModelSet", rec.cls)
+    x, y = _robust_input(tiny_trained, digits)
+    acfg = AttackRowsConfig(rounds=3, steps=4, eps=1e-3)
+    res = attack_input(_rmc(tiny_trained, dprime, feats), tiny_trained, "block3", x, y, kind, acfg, key=0)
+    assert len(res.rounds) == 3 and [r.iterations for r in res.rounds] == [4, 4, 4]
+    assert [len(s.models) for s in rec.sets] == ([1, 1, 1] if kind == "fpa" else [1, 2, 3])
+    assert [s.calls for s in rec.sets] == [4 + 2] * 3          # the clean input, 4 iterates, the last one
+
+
+def test_transfer_pgd_keeps_each_inputs_best_loss_iterate(tiny_trained, digits):
+    """The transfer row's PGD returns per input the highest cross-entropy seen (Chen et al.'s elementwise_best):
+    never below the last iterate (plain PGD from the same random start), above it where PGD overshoots."""
+    from rmc.attacks.gradient import cross_entropy, pgd
+    from rmc.seeding import generator
+    x, y = digits[1].float_images()[:16], digits[1].labels[:16]
+    acfg = AttackRowsConfig(steps=4, eps=0.3, step_size=0.3)           # steps as large as eps: PGD oscillates
+    best = initial_candidates(tiny_trained, x, y, acfg)
+    last = pgd(tiny_trained, x, y, 0.3, 0.3, 4, generator=generator(acfg.seed, "transfer-pgd"))
+    with torch.no_grad():
+        lb, ll = cross_entropy(tiny_trained(best), y), cross_entropy(tiny_trained(last), y)
+    assert (lb >= ll - 1e-5).all() and (lb > ll + 1e-3).any()
+    assert (best - x).abs().max() <= 0.3 + 1e-6 and 0 <= best.min() <= best.max() <= 1

@@ -148,14 +148,14 @@ def test_zeroed_images_are_refused_and_verification_is_cheap_when_nothing_change
     monkeypatch.setitem(store_mod.matches_hash.__globals__, "sha256_file", lambda p: calls.append(Path(p).name)
                         or real(p))
     open_dprime_store(store)
-    assert "images.npy" not in calls                      # unchanged images: no re-hash
+    assert not [c for c in calls if c.endswith(".npy") and c[0].isdigit()]   # unchanged shards: no re-hash
     open_dprime_store(store, verify="full")
-    assert "images.npy" in calls                          # on demand: re-hashed
-    mm = np.load(store / "images.npy", mmap_mode="r+")
+    assert "00000.npy" in calls                           # on demand: re-hashed
+    mm = np.load(store / "shards" / "00001.npy", mmap_mode="r+")
     mm[:] = 0
     mm.flush()
     del mm
-    with pytest.raises(RMCError, match="images.npy does not match its manifest hash"):
+    with pytest.raises(RMCError, match="shards/00001.npy does not match its manifest hash"):
         open_dprime_store(store)
 
 
@@ -182,10 +182,10 @@ def test_a_damaged_partial_store_is_rebuilt_never_trusted(ws, tmp_path, damage, 
     resume = _partial_build(ws, out, kill_after=5)
     part = partial_path(out)
     if damage == "truncate":
-        size = (part / "images.npy").stat().st_size
-        os.truncate(part / "images.npy", size - 64 * 64 * 3)
+        size = (part / "shards" / "00001.npy").stat().st_size
+        os.truncate(part / "shards" / "00001.npy", size - 64 * 3)
     elif damage == "overwrite":
-        mm = np.load(part / "images.npy", mmap_mode="r+")
+        mm = np.load(part / "shards" / "00000.npy", mmap_mode="r+")
         mm[10:20] = 0
         mm.flush()
         del mm
@@ -195,7 +195,8 @@ def test_a_damaged_partial_store_is_rebuilt_never_trusted(ws, tmp_path, damage, 
         (part / "progress.json").write_text("{broken")
     store = resume()
     ref = ws / "dprime"
-    for f in ("images.npy", "labels.npy", "copy.npy", "source_index.npy"):
+    files = ["labels.npy", "copy.npy", "source_index.npy"] + [f"shards/{i:05d}.npy" for i in range(8)]
+    for f in files:
         assert sha256_file(store.path / f) == sha256_file(ref / f), f   # byte-identical to an undamaged build
     err = capsys.readouterr().err
     assert {"truncate": "rebuilding", "overwrite": "rebuilding", "labels": "rewriting",
@@ -315,7 +316,7 @@ def test_a_training_subset_larger_than_the_data_means_at_most(ws):
     cfg = load_config(None, "default", [("data.dataset", "digits"), ("rmc.k", 64)])
     assert cfg.augment.train_subset == 10000              # the default preset's value, on 1,437 images
     validate_before_work(cfg)                              # fine: "at most 10,000"
-    assert len(store_mod.select_subset(1437, cfg.augment)) == 1437
+    assert len(store_mod.select_subset(torch.zeros(1437, dtype=torch.int64), cfg.augment)) == 1437
 
 
 def test_an_image_folder_with_an_empty_class_is_refused(tmp_path):

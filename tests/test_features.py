@@ -41,7 +41,7 @@ def test_store_features_batchwise_match_and_roundtrip(setup, tmp_path):
     _, model, info, store = setup
     feats = compute_features(model, info, None, store.images, batch_size=37)    # default layer, odd batches
     assert feats.dtype == torch.float32 and feats.shape == (200, 64) and feats.is_contiguous()
-    whole = extract_features(model, "block2", store.images.float() / 255)
+    whole = extract_features(model, "block2", store.images[:].float() / 255)
     assert torch.allclose(feats, whole, atol=1e-5)
     prov = make_provenance(info, "block2", store_source(store), feats)
     path = save_features(tmp_path / "d.npy", feats, prov)

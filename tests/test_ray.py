@@ -82,7 +82,8 @@ def reference_store(tmp_path_factory, model_file, digits):
 
 
 def _bytes(folder: Path) -> dict[str, bytes]:
-    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+    """Every file under `folder` (shards included) by relative path."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 def test_augment_identical_to_single_process_despite_killed_worker(tmp_path, model_file, digits, reference_store,
@@ -114,6 +115,35 @@ def test_augment_interrupted_driver_resumes_to_identical_store(tmp_path, model_f
                                on_chunk=lambda t: resumed.append(t.index), ray="local")
     assert sorted(resumed) == sorted(set(range(12)) - set(progress["done"]))   # nothing redone
     assert _bytes(store.path) == _bytes(reference_store.path)
+
+
+def test_augment_reads_a_lazy_image_folder_on_the_workers(tmp_path, monkeypatch):
+    """A lazy training set goes to Ray's workers as its file list (they decode their chunks from the shared path):
+    the store equals the one built in this process."""
+    import numpy as np
+    from PIL import Image
+    from torch import nn
+
+    from rmc.data import load_dataset
+    from rmc.data.imagefolder import FolderImages
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        for i in range(20):
+            path = tmp_path / "data" / "train" / f"n{c:08d}" / f"{i}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path)
+    train = load_dataset("imagefolder", "train", tmp_path / "data", image_size=16, lazy=True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.AvgPool2d(4), nn.Flatten(), nn.Linear(48, 3)).eval()
+    info = ModelInfo("linear-probe", 3, (3, 16, 16), dataset="imagefolder", sha256="0" * 64)
+    cfg = AugmentConfig(steps=(2,), eps=8 / 255, step_size=2 / 255, chunk_size=16, batch_size=8, per_class=15)
+    here = build_dprime_store(model, info, train, tmp_path / "here", cfg, progress=False)
+    put = []
+    real_put = executors.RayExecutor.put
+    monkeypatch.setattr(executors.RayExecutor, "put", lambda self, obj: put.append(obj) or real_put(self, obj))
+    there = build_dprime_store(model, info, train, tmp_path / "ray", cfg, progress=False, ray="local")
+    assert _bytes(there.path) == _bytes(here.path) and len(there) == 90
+    assert any(isinstance(o, FolderImages) for o in put) and not any(getattr(o, "ndim", 0) == 4 for o in put)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -259,6 +289,36 @@ def test_online_shards(tmp_path, setup, reference_eval, kill):
                                                                                episodic["adapt_epochs"])
 
 
+def test_workers_read_dprime_from_the_store_path(tmp_path, model_file, reference_store, setup, monkeypatch):
+    """A D' on disk reaches Ray's workers as its path (the default): what goes into the object store holds no image
+    (the workers read the shards themselves), and the results equal the single-process ones and those with the images
+    sent through the object store. A worker that finds another store at that path refuses in one line."""
+    from rmc.artifacts.dprime import open_dprime_store
+    from rmc.artifacts.shards import ShardImages
+    from rmc.errors import RMCError
+    from rmc.models import extract_features
+    model, _, _ = model_file
+    _, _, sets = setup
+    store = open_dprime_store(reference_store.path)
+    base = BaseModel("standard", model, "sha", "block3", extract_features(model, "block3", store.images[:]).numpy())
+    put = []
+    real_put = executors.RayExecutor.put
+    monkeypatch.setattr(executors.RayExecutor, "put", lambda self, obj: put.append(obj) or real_put(self, obj))
+    cfg = _cfg("episodic")
+    here = evaluate([base], store.dprime(), sets, cfg, tmp_path / "here", 10, n=4, progress=False)
+    by_path = evaluate([base], store.dprime(), sets, cfg, tmp_path / "path", 10, n=4, progress=False, ray="local")
+    by_objects = evaluate([base], store.dprime(), sets, cfg, tmp_path / "objects", 10, n=4, progress=False,
+                          ray="local", dprime_via="object-store")
+    assert _strip(here) == _strip(by_path) == _strip(by_objects)
+    sent = [ray.cloudpickle.dumps(o) for o in put if isinstance(o, driver.DPrime)]
+    assert len(sent) == 2 and len(sent[0]) < store.images.numel() / 4 < store.images.numel() < len(sent[1])
+    assert isinstance(ray.cloudpickle.loads(sent[0]).images, ShardImages)
+    elsewhere = driver.DPrime(ShardImages(store.path, store.images.layout, manifest_sha256="0" * 64), store.labels,
+                              store.copy, store.copy_names, store.fingerprint)
+    with pytest.raises(RMCError, match=r"does not see the D' store the driver opened at .*--dprime-via object-store"):
+        evaluate([base], elsewhere, sets, cfg, tmp_path / "elsewhere", 10, n=4, progress=False, ray="local")
+
+
 def test_cli_augment_and_evaluate_with_ray(tmp_path, model_file, digits, reference_store, setup, capsys):
     _, _, model_path = model_file
     base, _, sets = setup
@@ -276,7 +336,8 @@ def test_cli_augment_and_evaluate_with_ray(tmp_path, model_file, digits, referen
     single = json.loads((tmp_path / "single" / "results.json").read_text())
     viaray = json.loads((tmp_path / "ray" / "results.json").read_text())
     assert single["table"] == viaray["table"] and viaray["ray"] == "local" and viaray["online_streams"] is None
-    assert cli_main(common + ["--out", str(tmp_path / "on"), "--mode", "online", "--ray", "--shards", "2"]) == 0
+    assert cli_main(common + ["--out", str(tmp_path / "on"), "--mode", "online", "--ray", "--shards", "2",
+                              "--dprime-via", "object-store"]) == 0
     assert json.loads((tmp_path / "on" / "results.json").read_text())["online_streams"] == 2
 
 

@@ -65,9 +65,9 @@ def load_model(path: str | Path, device: str = "cpu", *, trust_arch: str | None 
 def open_dprime(path: str | Path, *, verify: str = "auto") -> DPrimeStore:
     """The augmented training set D' stored at `path` (`rmc augment --out`, or a run's `dprime/<base>-<key>/`).
 
-    The images stay memory-mapped. `verify`: "auto" checks structure and the small arrays' hashes (the images
-    when they changed since they last verified), "full" re-hashes every file, "none" checks structure only.
-    """
+    The images stay on disk, in shards read on demand. `verify`: "auto" checks structure and the small arrays'
+    hashes (a shard's when it changed since it last verified), "full" re-hashes every file, "none" checks structure
+    only (every shard's size included)."""
     from rmc.artifacts.dprime import open_dprime_store
     return open_dprime_store(path, verify)
 
@@ -93,6 +93,7 @@ def build_rmc(model: nn.Module, dprime: DPrimeStore | DPrime | str | Path, confi
 
     from rmc.artifacts.dprime import DPrimeStore, open_dprime_store
     from rmc.artifacts.features import compute_features, load_features
+    from rmc.data.arrays import LazyImages
     from rmc.defense import RMCConfig
     from rmc.defense import build_rmc as build
     from rmc.defense.dprime import DPrime
@@ -110,7 +111,9 @@ def build_rmc(model: nn.Module, dprime: DPrimeStore | DPrime | str | Path, confi
         raise RMCError(f"config must be an rmc.RMCConfig, got {type(config).__name__}")
     layer = layer or default_layer(model)
     if features is None:
-        features = compute_features(model, None, layer, torch.as_tensor(dprime.images))
+        images = dprime.images
+        features = compute_features(model, None, layer,
+                                    images if isinstance(images, LazyImages) else torch.as_tensor(images))
     elif isinstance(features, (str, Path)):
         source = None if dprime.fingerprint is None else f"store:{dprime.fingerprint}"
         features = load_features(features, expect_layer=layer, expect_source=source)[0]

@@ -262,18 +262,6 @@ def check_free_space(path: str | Path, need: int, what: str) -> None:
                        "free some space or choose another --out")
 
 
-def preallocate(fd: int, size: int, path: str | Path) -> None:
-    """Reserve `size` bytes of a file before it is memory-mapped: a memory map over a full disk kills the process
-    with SIGBUS on the first write to an unbacked page, so the space is claimed up front (ENOSPC here instead)."""
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
-            return   # a file system without fallocate: the free-space check before it is all we can do
-        raise RMCError(f"cannot reserve {_size(size)} for {path} ({e.strerror}); free some space or choose "
-                       "another --out") from None
-
-
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":

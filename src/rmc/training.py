@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from rmc.attacks.gradient import check_attack_settings, pgd
 from rmc.checks import check_images, check_labels, check_positive
+from rmc.data.arrays import LazyImages
 from rmc.data.base import ImageDataset
 from rmc.errors import RMCError
 from rmc.models import ModelInfo, build_model
@@ -72,33 +73,42 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_dataset(ds: ImageDataset, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float images in [0, 1] and int64 labels of `ds`, validated."""
+def check_dataset(ds: ImageDataset, name: str) -> tuple[torch.Tensor | LazyImages, torch.Tensor]:
+    """Float images in [0, 1] (a lazy data set: its uint8 images, read per batch) and int64 labels of `ds`,
+    validated."""
     if not isinstance(ds, ImageDataset):
         raise RMCError(f"{name} must be an rmc ImageDataset (see rmc.data.load_dataset), got {type(ds).__name__}")
     if len(ds) == 0:
         raise RMCError(f"{name} is empty; check the data directory")
-    x = check_images(ds.float_images(), f"{name} images")
+    # uint8 images are in range by their type: a lazy set needs no pass over its pixels
+    x = ds.images if isinstance(ds.images, LazyImages) else check_images(ds.float_images(), f"{name} images")
     y = check_labels(ds.labels, len(x), name=f"{name} labels")
     return x, y
 
 
+def _float(x: torch.Tensor) -> torch.Tensor:
+    """A batch as float in [0, 1] (uint8 batches come from lazy data sets)."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Predicted classes (int64, CPU) of float [0, 1] images, in eval mode; the model's mode is restored."""
+def predict(model: nn.Module, images: torch.Tensor | LazyImages, batch_size: int = 1000) -> torch.Tensor:
+    """Predicted classes (int64, CPU) of float [0, 1] images (or uint8 ones, converted per batch), in eval mode; the
+    model's mode is restored."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out = []
     try:
         for start in range(0, len(images), batch_size):
-            out.append(model(images[start:start + batch_size].to(device)).argmax(1).cpu())
+            out.append(model(_float(images[start:start + batch_size]).to(device)).argmax(1).cpu())
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+def accuracy(model: nn.Module, images: torch.Tensor | LazyImages, labels: torch.Tensor,
+             batch_size: int = 1000) -> float:
     if len(labels) == 0:
         return float("nan")
     return (predict(model, images, batch_size) == labels.cpu()).float().mean().item()
@@ -135,7 +145,8 @@ def train_model(train: ImageDataset, test: ImageDataset, config: TrainConfig | N
     gen = torch.Generator().manual_seed(config.seed)
     if config.train_subset is not None and config.train_subset < len(x_train):
         keep = torch.randperm(len(x_train), generator=gen)[:config.train_subset]
-        x_train, y_train = x_train[keep], y_train[keep]
+        x_train = x_train.take(keep) if isinstance(x_train, LazyImages) else x_train[keep]
+        y_train = y_train[keep]
     if len(x_train) < 2:
         raise RMCError(f"training needs at least 2 images, got {len(x_train)}; raise --train-subset")
 
@@ -166,7 +177,7 @@ def train_model(train: ImageDataset, test: ImageDataset, config: TrainConfig | N
             idx = order[b * config.batch_size:(b + 1) * config.batch_size]
             if len(idx) < 2:
                 continue   # a trailing batch of one breaks batch norm in training mode
-            xb, yb = x_train[idx], y_train[idx]
+            xb, yb = _float(x_train[idx]), y_train[idx]
             if config.augment:
                 xb = _augment(xb, gen)
             xb, yb = xb.to(device), yb.to(device)

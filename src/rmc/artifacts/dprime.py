@@ -2,22 +2,32 @@
 every copy labelled with the TRUE label (RMC step 1). PGD attacks the static model's prediction, as the original's
 label-free PGD does (`AugmentConfig.label`).
 
-On-disk layout of a finished store `<out>/`:
+On-disk layout of a finished store `<out>/` (format 2):
 
-    manifest.json      provenance (model hash, data hash, attack settings, seed, counts, content hashes)
-    images.npy         uint8  N x C x H x W, copy-major: rows [i*n, (i+1)*n) hold copy i (0 = clean)
+    manifest.json      provenance (model hash, data hash, attack settings, seed, counts) and content hashes: of the
+                       small arrays, and of every shard (`content.shards`, in shard order)
+    shards/<i>.npy     uint8  K x C x H x W: the rows of chunk i (rmc.artifacts.shards); copy-major: rows
+                       [c*n, (c+1)*n) of the store are copy c (0 = clean), cut into shards of chunk_size rows
     labels.npy         int64  N   true labels
     copy.npy           int16  N   0 = clean, i = i-th PGD copy
     source_index.npy   int64  N   index of the example in the training set
-    progress.json      the chunks finished (all of them, in a finished store)
+    progress.json      the chunks finished and their shards' hashes (all of them, in a finished store)
 
-It is built in `<out>.partial/` and renamed to `<out>` when the last chunk is written. The work is split into chunks
-(`chunk_size` images of one copy); each chunk's randomness comes from its own generator seeded by (seed, copy,
-chunk index), so chunks can run in any order, on any worker, and a killed build resumes to byte-identical output.
+It is built in `<out>.partial/` and renamed to `<out>` when the last shard is written. The work is split into chunks
+(`chunk_size` images of one copy), one shard each; each chunk's randomness comes from its own generator seeded by
+(seed, copy, chunk index), so chunks can run in any order, on any worker, and a killed build resumes to
+byte-identical shards. A shard is written whole under a temporary name and renamed into place; its hash is recorded
+in progress.json after that, so a shard on record is always complete, and one that no longer matches its hash (a
+damaged file) is rebuilt, alone, by the next build with the same settings (in a finished store too: the rebuilt
+shard must reproduce the recorded hash).
 
 `build_dprime_store` is the one driver: `StoreWriter.prepare` -> the pending chunks run by `run_chunk` as tasks of an
-executor (in this process, or on Ray's workers: no file I/O there) -> `writer.write_chunk` here, in the order they
-finish -> `writer.finalize()`. Either way the store, its manifest and its resume points are the same, byte for byte.
+executor (in this process, or on Ray's workers: they read the training images from a path they share when the data
+set is lazy, and write nothing) -> `writer.write_chunk` here, in the order they finish -> `writer.finalize()`. Either
+way the store, its manifest and its resume points are the same, byte for byte.
+
+Stores in format 1 (one preallocated images.npy) are refused with the command that converts them in place
+(`rmc migrate-dprime`, rmc.artifacts.migrate).
 """
 
 from __future__ import annotations
@@ -38,23 +48,26 @@ from torch import nn
 
 import rmc
 from rmc.artifacts.provenance import check_model_data
+from rmc.artifacts.shards import SHARDS, ShardImages, ShardLayout, write_shard
 from rmc.artifacts.verify import matches_hash, remember
 from rmc.attacks.gradient import LOSSES, check_attack_settings, pgd
 from rmc.checks import check_positive
+from rmc.data.arrays import LazyImages
 from rmc.data.augment import random_shift_flip
-from rmc.data.base import ImageDataset
+from rmc.data.base import ImageDataset, per_class_subset
 from rmc.defense.dprime import DPrime
 from rmc.errors import RMCError
-from rmc.io import atomic_path, check_free_space, preallocate, read_json, sha256_file, write_json
+from rmc.io import atomic_path, check_free_space, read_json, sha256_file, write_json
 from rmc.models.checkpoint import ModelInfo
 from rmc.scaleout.executors import cached, executor, get, handle_key
 from rmc.schema import SHA256, Bool, Const, Int, ListOf, MapOf, Name, Num, Obj, Opt, Str, check
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SINGLE_FILE_FORMAT = 1   # one images.npy: converted by `rmc migrate-dprime` (rmc.artifacts.migrate)
 KIND = "rmc-augmented-dataset"
 STORAGE_DTYPE = "uint8"
-FILES = {"images": "images.npy", "labels": "labels.npy", "copy": "copy.npy", "source_index": "source_index.npy"}
-DTYPES = {"images": np.uint8, "labels": np.int64, "copy": np.int16, "source_index": np.int64}
+FILES = {"labels": "labels.npy", "copy": "copy.npy", "source_index": "source_index.npy"}
+DTYPES = {"labels": np.int64, "copy": np.int16, "source_index": np.int64}
 MANIFEST = "manifest.json"
 ATTACK_LABELS = ("predicted", "true")   # what the PGD copies attack (AugmentConfig.label)
 PROGRESS = "progress.json"
@@ -83,6 +96,7 @@ class AugmentConfig:
     crop_shift: int = 0                       # attack a random shift of each image by up to this many pixels
                                               # (zero-padded), stored shifted (the original attacks random 224-px
                                               # crops); 0: none
+    per_class: int | None = None              # at most this many training images per class (seeded; before subset)
 
     def __post_init__(self):
         object.__setattr__(self, "steps", tuple(self.steps))
@@ -104,6 +118,8 @@ class AugmentConfig:
         check_positive(self.batch_size, "batch size", integer=True)
         if self.train_subset is not None:
             check_positive(self.train_subset, "train subset", integer=True)
+        if self.per_class is not None:
+            check_positive(self.per_class, "per-class subset (augment.per_class)", integer=True)
         if self.label not in ATTACK_LABELS:
             raise RMCError(f"augment.label must be one of {', '.join(ATTACK_LABELS)}, got {self.label!r}")
         if self.loss not in LOSSES:
@@ -196,52 +212,84 @@ def run_chunk(model: nn.Module, task: ChunkTask, images: torch.Tensor, labels: t
     if task.steps == 0:
         return images.clone()
     device = next(model.parameters()).device
-    x = images.to(device).float().div_(255)
     # The generator lives on the CPU (pgd draws the random start there), so results do not depend on the device's RNG.
     gen = torch.Generator().manual_seed(task.seed)
+    if config.crop_shift:
+        # The shift's randomness comes first from the chunk's generator, then PGD's random start. Shifted as uint8:
+        # a shift moves whole pixels and pads with zeros, so this is the shift of the float images, exactly.
+        images = random_shift_flip(images, gen, pad=config.crop_shift, flip=False)
+    out = torch.empty_like(images)
     was_training = model.training
     model.eval()
-    if config.crop_shift:
-        # The shift's randomness comes first from the chunk's generator, then PGD's random start.
-        x = random_shift_flip(x, gen, pad=config.crop_shift, flip=False)
-        images = (x * 255).round_().to(torch.uint8)   # exact: a shift moves whole pixels and pads with zeros
     try:
-        y = labels.to(device) if config.label == "true" else _predictions(model, x, config.batch_size)
-        adv = pgd(model, x, y, config.eps, config.step_size, task.steps, random_start=config.random_start,
-                  generator=gen, batch_size=config.batch_size, loss_fn=LOSSES[config.loss], clip=config.clip)
+        # One PGD batch at a time, start to finish: memory is one batch's floats, not the chunk's (a 2048-image chunk
+        # at 224 px is 1.2 GB as float). pgd draws each batch's random start from `gen` in this same order, so the
+        # result is the one a single pgd call over the chunk would give.
+        for start in range(0, len(images), config.batch_size):
+            clean = images[start:start + config.batch_size]
+            x = clean.to(device).float().div_(255)
+            y = labels[start:start + config.batch_size].to(device) if config.label == "true" else _predictions(model, x)
+            adv = pgd(model, x, y, config.eps, config.step_size, task.steps, random_start=config.random_start,
+                      generator=gen, batch_size=config.batch_size, loss_fn=LOSSES[config.loss], clip=config.clip)
+            out[start:start + len(clean)] = quantize_within_eps(adv, clean, config.eps).cpu()
     finally:
         model.train(was_training)
-    return quantize_within_eps(adv, images, config.eps).cpu()
+    return out
 
 
 @torch.no_grad()
-def _predictions(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _predictions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The static model's predicted classes (what the original's label-free PGD attacks)."""
-    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    return model(x).argmax(1)
 
 
 # ---------------------------------------------------------------- manifest
 
 def dataset_sha256(data: ImageDataset) -> str:
-    """Content hash of a data set (images and labels): the same name with other files is another data set."""
+    """Content hash of a data set (images and labels): the same name with other files is another data set. A lazy
+    data set is hashed by what its images are made from (for an image folder: every file's path and size, and the
+    preprocessing), never decoded whole."""
     h = hashlib.sha256()
     h.update(json.dumps([list(data.images.shape), str(data.images.dtype)]).encode())
-    h.update(data.images.contiguous().numpy().tobytes())
+    if isinstance(data.images, LazyImages):
+        h.update(data.images.identity().encode())
+    else:
+        h.update(data.images.contiguous().numpy().tobytes())
     h.update(data.labels.contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
-def select_subset(n: int, config: AugmentConfig) -> torch.Tensor:
-    """Training-set indices used: all, or the first `train_subset` of a seeded permutation (kept in data order).
-    `train_subset` is an upper bound: a training set no larger than it is used whole."""
-    if config.train_subset is None or config.train_subset >= n:
-        return torch.arange(n, dtype=torch.int64)   # "at most train_subset": a smaller set is used whole
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
-    return perm[:config.train_subset].sort().values
+def select_subset(labels: torch.Tensor, config: AugmentConfig) -> torch.Tensor:
+    """Training-set indices used, in data order: all, or at most `per_class` of each class (seeded), then at most
+    `train_subset` of those (the first of a seeded permutation). A set no larger than a bound is used whole."""
+    index = torch.arange(len(labels), dtype=torch.int64)
+    if config.per_class is not None:
+        index = per_class_subset(labels, config.per_class, config.seed)
+    if config.train_subset is None or config.train_subset >= len(index):
+        return index
+    perm = torch.randperm(len(index), generator=torch.Generator().manual_seed(config.seed))
+    return index[perm[:config.train_subset].sort().values]
+
+
+def layout_of(manifest: dict) -> ShardLayout:
+    """Where a store's rows live, from its manifest (untrusted: a damaged one gets a one-line error)."""
+    try:
+        names, n, chunk = manifest["copy_names"], manifest["counts"]["clean"], manifest["chunk_size"]
+        c, h, w = manifest["shape"][1:]
+        layout = ShardLayout(len(names), n, chunk, (c, h, w))
+        ok = manifest["total"] == layout.total and manifest["shards"]["count"] == layout.count
+    except (KeyError, TypeError, ValueError, IndexError):
+        ok = False
+    if not ok:
+        raise RMCError("the store's manifest has inconsistent counts, shape or shards; it is damaged: delete the "
+                       "store and re-run `rmc augment`")
+    return layout
 
 
 def make_manifest(model_info: ModelInfo, train: ImageDataset, n: int, config: AugmentConfig) -> dict[str, Any]:
     names = config.copy_names
+    layout = ShardLayout(len(names), n, config.chunk_size, train.input_shape)
+    lazy = isinstance(train.images, LazyImages)
     return {
         "kind": KIND,
         "format_version": FORMAT_VERSION,
@@ -251,7 +299,8 @@ def make_manifest(model_info: ModelInfo, train: ImageDataset, n: int, config: Au
                   "input_shape": list(model_info.input_shape), "adversarial": model_info.adversarial,
                   "dataset": model_info.dataset},
         "dataset": {"name": train.name, "split": "train", "size": len(train), "sha256": dataset_sha256(train),
-                    "classes": list(train.classes)},
+                    "sha256_of": "files and preprocessing" if lazy else "pixels", "classes": list(train.classes),
+                    "preprocessing": train.preprocessing},
         "attack": {"method": "pgd", "norm": "linf", "targeted": False, "attack_labels": config.label,
                    "stored_labels": "true",
                    "steps": list(config.steps), "eps": config.eps, "step_size": config.step_size,
@@ -259,14 +308,22 @@ def make_manifest(model_info: ModelInfo, train: ImageDataset, n: int, config: Au
                    "clip": config.clip, "crop_shift": config.crop_shift},
         "seed": config.seed,
         "train_subset": config.train_subset,
+        "per_class": config.per_class,
         "chunk_size": config.chunk_size,
         "copy_names": names,
         "counts": {name: n for name in names},
-        "total": n * len(names),
-        "shape": [n * len(names), *train.images.shape[1:]],
+        "total": layout.total,
+        "shape": [layout.total, *layout.image_shape],
         "layout": "copy-major: rows [i*n, (i+1)*n) hold copy i; copy 0 is clean",
+        "shards": shards_section(layout),
         "files": dict(FILES),
     }
+
+
+def shards_section(layout: ShardLayout) -> dict[str, Any]:
+    """The manifest's description of the shards (a record for readers: rmc derives every name from the index)."""
+    return {"count": layout.count, "rows": layout.chunk, "first": f"{SHARDS}/{layout.name(0)}",
+            "files": f"{SHARDS}/<chunk index, zero-padded>.npy, one per chunk; a copy's last shard may hold fewer rows"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -321,18 +378,30 @@ MANIFEST_SCHEMA = Obj({
                                      "classes": ListOf(Str(max_len=200), 0, 10 ** 6)}),
     "attack": Obj({"steps": ListOf(Int(1, 10 ** 6), 1, 1000), "eps": Num(0, 1), "step_size": Num(0, 1),
                    "random_start": Bool(), "batch_size": Int(1, 1 << 30)},
-                  {"attack_labels": Str(ATTACK_LABELS)}),
-    "seed": Int(0, 2 ** 63), "train_subset": Opt(Int(1, 1 << 40)), "chunk_size": Int(1, 1 << 30),
-    "copy_names": ListOf(Name(), 2, 1001), "counts": MapOf(Name(), _ROWS, 1001), "total": _ROWS,
-    "shape": ListOf(_SIDE, 4, 4), "files": MapOf(Str(tuple(FILES)), Str(tuple(FILES.values())))},
-    {"content": MapOf(Str(tuple(FILES)), SHA256), "rmc_version": Str(max_len=100)})
+                  {"attack_labels": Str(ATTACK_LABELS), "loss": Str(tuple(LOSSES)), "clip": Bool(),
+                   "crop_shift": Int(0, 1 << 16)}),
+    "seed": Int(0, 2 ** 63), "train_subset": Opt(Int(1, 1 << 40)), "per_class": Opt(Int(1, 1 << 40)),
+    "chunk_size": Int(1, 1 << 30), "copy_names": ListOf(Name(), 2, 1001), "counts": MapOf(Name(), _ROWS, 1001),
+    "total": _ROWS, "shape": ListOf(_SIDE, 4, 4), "files": MapOf(Str(tuple(FILES)), Str(tuple(FILES.values()))),
+    "shards": Obj({"count": Int(1, 1 << 40)}, {"rows": Int(1, 1 << 30), "first": Str(), "files": Str()})},
+    {"content": Obj({}, {**{name: SHA256 for name in FILES}, "shards": ListOf(SHA256, 0, 1 << 40)}),
+     "rmc_version": Str(max_len=100)})
 
 
-def _check_manifest(manifest: Any, where: Path) -> dict:
+def _check_manifest(manifest: Any, where: Path, store: Path | None = None) -> dict:
+    """A parsed manifest of this format, every field checked, or a one-line error (a single-file store: the command
+    converting it)."""
     if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
         raise RMCError(f"{where} is not an augmented-dataset manifest; point to a directory written by `rmc augment`")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise RMCError(f"{where} has format version {manifest.get('format_version')!r}, this rmc reads "
+    version = manifest.get("format_version")
+    if version == SINGLE_FILE_FORMAT and store is not None:
+        raise RMCError(f"the D' store {store} is in the single-file format of an earlier rmc (one images.npy); "
+                       f"convert it in place to shards with `rmc migrate-dprime {store}`")
+    if version == SINGLE_FILE_FORMAT:
+        raise RMCError(f"{where.parent} is an unfinished build in the single-file format of an earlier rmc; it "
+                       "cannot be resumed as shards: delete it and re-run `rmc augment`")
+    if version != FORMAT_VERSION:
+        raise RMCError(f"{where} has format version {version!r}, this rmc reads "
                        f"{FORMAT_VERSION}; rebuild the store with `rmc augment`")
     fix = "the manifest is damaged: delete the store and re-run `rmc augment`"
     check(manifest, MANIFEST_SCHEMA, where, fix)
@@ -357,117 +426,142 @@ def _refuse_if_different(existing: dict, requested: dict, where: Path) -> None:
 # ---------------------------------------------------------------- writing
 
 class StoreWriter:
-    """Driver side of a build: owns `<out>.partial/`, writes finished chunks and renames the store into place."""
+    """Driver side of a build: writes finished chunks as shards and records them.
 
-    def __init__(self, out: Path, manifest: dict, subset: torch.Tensor, tasks: list[ChunkTask], done: set[int],
-                 images: np.memmap | None):
-        self.out, self.partial = out, partial_path(out)
+    Three cases: a new or resumed build in `<out>.partial/` (renamed to `<out>` when complete); a finished store with
+    damaged shards (`repair`: those shards are rebuilt in place and must reproduce their recorded hashes, so the
+    store's content and fingerprint do not change); a finished, intact store (`complete`: nothing to do)."""
+
+    def __init__(self, out: Path, folder: Path, manifest: dict, subset: torch.Tensor, tasks: list[ChunkTask],
+                 done: set[int], hashes: dict[int, str], repair: bool = False):
+        self.out, self.folder, self.partial = out, folder, partial_path(out)
         self.manifest, self.subset, self.tasks, self.done = manifest, subset, tasks, done
-        self.images = images   # None when the store is already complete
-        self.hashes: dict[int, str] = {}   # sha256 of each finished chunk's rows, as written
-
-    def _open_images(self) -> np.memmap:
-        """The images being written; only an incomplete store has them."""
-        if self.images is None:
-            raise RuntimeError("store is already complete")
-        return self.images
-
-    def check_done_chunks(self) -> None:
-        """Re-hash the chunks progress.json calls finished; a chunk whose rows differ from what was written (a
-        truncated or edited file, a progress file from before chunk hashes) is rebuilt, never trusted."""
-        bad = [i for i in sorted(self.done) if self.hashes.get(i) != _rows_hash(self._open_images(), self.tasks[i])]
-        if bad:
-            print(f"note: {self.partial}: {len(bad)} finished chunk(s) do not match their recorded hashes "
-                  f"(chunks {bad[:8]}{' ...' if len(bad) > 8 else ''}); rebuilding them", file=sys.stderr)
-            self.done -= set(bad)
-            for i in bad:
-                self.hashes.pop(i, None)
-            self._save_progress()
-
-    def _save_progress(self) -> None:
-        write_json(self.partial / PROGRESS, {"done": sorted(self.done), "total": len(self.tasks),
-                                             "hashes": {str(i): self.hashes[i] for i in sorted(self.hashes)}})
+        self.hashes = hashes   # sha256 of each finished chunk's shard file, as written
+        self.layout = layout_of(manifest)
+        self.repair = repair
 
     @property
     def complete(self) -> bool:
-        return self.images is None
+        return len(self.done) == len(self.tasks) and self.folder == self.out
+
+    def shard_path(self, index: int) -> Path:
+        return self.folder / SHARDS / self.layout.name(index)
+
+    def damaged(self, candidates) -> list[int]:
+        """The chunks among `candidates` whose shard does not match its recorded hash (a missing, truncated or
+        edited file). Re-hashes a shard only when it changed since it last verified."""
+        bad = []
+        for i in sorted(candidates):
+            path = self.shard_path(i)
+            if not path.is_file() or path.stat().st_size != self.layout.file_size(i) or \
+                    not matches_hash(path, self.hashes.get(i)):
+                bad.append(i)
+        return bad
+
+    def _save_progress(self) -> None:
+        write_json(self.folder / PROGRESS, {"done": sorted(self.done), "total": len(self.tasks),
+                                            "hashes": {str(i): self.hashes[i] for i in sorted(self.hashes)}})
 
     @classmethod
     def prepare(cls, model_info: ModelInfo, train: ImageDataset, out_dir: str | Path,
                 config: AugmentConfig) -> "StoreWriter":
-        """Create `<out>.partial/`, or re-open it (same settings only), or recognise a finished `<out>`."""
+        """Create `<out>.partial/`, or re-open it (same settings only), or open a finished `<out>` (its damaged
+        shards, if any, to be rebuilt)."""
         config.validate()
         _check_model_and_data(model_info, train)
         out = Path(out_dir)
         partial = partial_path(out)
-        subset = select_subset(len(train), config)
+        subset = select_subset(train.labels, config)
         manifest = make_manifest(model_info, train, len(subset), config)
         tasks = chunk_tasks(len(subset), config)
         if out.exists() and not out.is_dir():
             raise RMCError(f"--out {out} is a file; name a directory")
         if out.exists() and (out / MANIFEST).exists():
-            existing = _check_manifest(read_json(out / MANIFEST, "store manifest"), out / MANIFEST)
+            existing = _check_manifest(read_json(out / MANIFEST, "store manifest"), out / MANIFEST, store=out)
             _refuse_if_different(existing, manifest, out)
-            return cls(out, existing, subset, tasks, {t.index for t in tasks}, None)
+            return cls._reopen_finished(out, existing, train, subset, tasks)
         if out.exists() and any(out.iterdir()):
             raise RMCError(f"--out {out} exists and is not an augmented dataset; use a new --out or delete it")
         if (partial / MANIFEST).exists():
             existing = _check_manifest(read_json(partial / MANIFEST, "store manifest"), partial / MANIFEST)
             _refuse_if_different(existing, manifest, partial)
-            _repair_partial_arrays(partial, train, subset, manifest)
-            images, rebuilt = _open_partial_images(partial, manifest)
+            _repair_small_arrays(partial, train, subset, manifest)
+            _remove_unfinished_shards(partial / SHARDS)
             done, hashes = _read_progress(partial, len(tasks), with_hashes=True)
-            if rebuilt:
-                done, hashes = set(), {}
-            writer = cls(out, existing, subset, tasks, done, images)
-            writer.hashes = hashes
-            writer.check_done_chunks()
+            writer = cls(out, partial, existing, subset, tasks, done, hashes)
+            bad = writer.damaged(done)
+            if bad:
+                print(f"note: {partial}: {len(bad)} finished shard(s) do not match their recorded hashes "
+                      f"(chunks {bad[:8]}{' ...' if len(bad) > 8 else ''}); rebuilding them", file=sys.stderr)
+                writer.done -= set(bad)
+                for i in bad:
+                    writer.hashes.pop(i, None)
+                writer._save_progress()
             return writer
         # Fresh start (or a start killed before its manifest was written: everything is rewritten).
         need = int(np.prod(manifest["shape"])) + manifest["total"] * 18 + (1 << 20)
         check_free_space(partial, need, "the augmented dataset")
-        partial.mkdir(parents=True, exist_ok=True)
+        (partial / SHARDS).mkdir(parents=True, exist_ok=True)
         for name, arr in _small_arrays(train, subset, manifest).items():
             _save_npy(partial / FILES[name], arr)
-        images = _create_images(partial / FILES["images"], manifest)
         write_json(partial / MANIFEST, manifest)   # last: its presence marks a usable partial store
-        return cls(out, manifest, subset, tasks, set(), images)
+        return cls(out, partial, manifest, subset, tasks, set(), {})
+
+    @classmethod
+    def _reopen_finished(cls, out: Path, manifest: dict, train: ImageDataset, subset: torch.Tensor,
+                         tasks: list[ChunkTask]) -> "StoreWriter":
+        content = manifest.get("content")
+        shards = content.get("shards") if isinstance(content, dict) else None
+        if not isinstance(shards, list) or len(shards) != len(tasks):
+            raise RMCError(f"{out / MANIFEST} has no content hashes for its {len(tasks)} shards; the manifest is "
+                           "damaged: delete the store and re-run `rmc augment`")
+        _repair_small_arrays(out, train, subset, manifest, expect=content)
+        writer = cls(out, out, manifest, subset, tasks, {t.index for t in tasks},
+                     {i: h for i, h in enumerate(shards) if isinstance(h, str)}, repair=True)
+        bad = writer.damaged(writer.done)
+        if bad:
+            print(f"note: {out}: {len(bad)} shard(s) do not match the manifest (chunks {bad[:8]}"
+                  f"{' ...' if len(bad) > 8 else ''}); rebuilding only those", file=sys.stderr)
+            writer.done -= set(bad)
+        return writer
 
     def pending(self) -> list[ChunkTask]:
         return [t for t in self.tasks if t.index not in self.done]
 
     def write_chunk(self, task: ChunkTask, data: torch.Tensor) -> None:
-        """Write one chunk's images, flush them to disk, then record the chunk as finished (in that order)."""
-        if self.complete:
-            raise RuntimeError("store is already complete")
+        """Write one chunk's shard (whole, then renamed into place), then record the chunk as finished."""
+        if task.index in self.done:
+            raise RuntimeError(f"chunk {task.index} is already written")
         expect = (len(task), *self.manifest["shape"][1:])
         if data.dtype != torch.uint8 or tuple(data.shape) != expect:
             raise ValueError(f"chunk {task.index}: expected uint8 {expect}, got {data.dtype} {tuple(data.shape)}")
-        rows = data.numpy()
-        images = self._open_images()
-        images[task.row_start:task.row_start + len(task)] = rows
-        images.flush()
+        path = self.shard_path(task.index)
+        digest = write_shard(path, data.numpy(), expect=self.hashes[task.index] if self.repair else None)
+        remember(path, digest)
         self.done.add(task.index)
-        self.hashes[task.index] = hashlib.sha256(np.ascontiguousarray(rows).tobytes()).hexdigest()
-        self._save_progress()
+        self.hashes[task.index] = digest
+        if not self.repair:
+            self._save_progress()
 
     def finalize(self) -> "DPrimeStore":
-        """Hash the files into the manifest and rename `<out>.partial` to `<out>`."""
-        if not self.complete:
-            missing = len(self.pending())
-            if missing:
-                raise RuntimeError(f"{missing} chunks are not written yet")
-            self._open_images().flush()
-            del self.images
-            self.images = None
-            content = {name: sha256_file(self.partial / fname) for name, fname in FILES.items()}
+        """Hash the small arrays into the manifest (the shards' hashes are known) and rename `<out>.partial` to
+        `<out>`; a finished store is opened as it is."""
+        missing = len(self.pending())
+        if missing:
+            raise RuntimeError(f"{missing} chunks are not written yet")
+        if self.folder == self.partial:
+            content: dict[str, Any] = {name: sha256_file(self.partial / fname) for name, fname in FILES.items()}
+            content["shards"] = [self.hashes[t.index] for t in self.tasks]
             self.manifest = {**self.manifest, "content": content}
             write_json(self.partial / MANIFEST, self.manifest)
             if self.out.exists():
                 self.out.rmdir()   # an empty directory the user made; anything else was refused in prepare()
             os.replace(self.partial, self.out)
+            self.folder = self.out
             for name, fname in FILES.items():   # just hashed: the next open need not hash them again
                 remember(self.out / fname, content[name])
+            for t in self.tasks:                # the verified-files cache is keyed by path, and the path moved
+                remember(self.shard_path(t.index), self.hashes[t.index])
         elif partial_path(self.out).exists():
             print(f"note: {partial_path(self.out)} is left over beside the finished store {self.out} (an earlier "
                   "build); it is not used: delete it", file=sys.stderr)
@@ -489,64 +583,33 @@ def _small_arrays(train: ImageDataset, subset: torch.Tensor, manifest: dict) -> 
             "source_index": np.tile(subset.numpy().astype(np.int64), k)}
 
 
-def _repair_partial_arrays(partial: Path, train: ImageDataset, subset: torch.Tensor, manifest: dict) -> None:
-    """The small arrays of a partial store are re-derived, never trusted: rewritten where they differ."""
+def _repair_small_arrays(folder: Path, train: ImageDataset, subset: torch.Tensor, manifest: dict,
+                         expect: dict | None = None) -> None:
+    """The small arrays of a store are re-derived, never trusted: rewritten where they differ. In a finished store
+    (`expect`: its content hashes) the rewritten file must have its recorded hash."""
     for name, want in _small_arrays(train, subset, manifest).items():
-        f = partial / FILES[name]
+        f = folder / FILES[name]
         try:
             ok = np.array_equal(np.load(f, allow_pickle=False), want)
         except (ValueError, OSError, EOFError):
             ok = False
+        if ok and expect is not None:
+            ok = matches_hash(f, expect.get(name))
         if not ok:
             print(f"note: {f} is missing or damaged; rewriting it", file=sys.stderr)
             _save_npy(f, want)
+            if expect is not None and not matches_hash(f, expect.get(name), full=True):
+                raise RMCError(f"{f} re-derived from the training set differs from the store's record; the store was "
+                               "made from other data: delete it and re-run `rmc augment`")
 
 
-def _create_images(path: Path, manifest: dict) -> np.memmap:
-    """A zero images.npy of the store's shape, its space reserved on disk (no SIGBUS on a full disk later)."""
-    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=tuple(manifest["shape"]))
-    images.flush()
-    _reserve(path)
-    return images
-
-
-def _reserve(path: Path) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        preallocate(fd, os.fstat(fd).st_size, path)
-    finally:
-        os.close(fd)
-
-
-def _open_partial_images(partial: Path, manifest: dict) -> tuple[np.memmap, bool]:
-    """The partial store's images (memory-mapped, space reserved) and whether the file had to be re-created
-    (unreadable header, wrong shape): then no finished chunk survives. A short file (truncated) is extended with
-    zeros; the chunk hashes then find the chunks it lost."""
-    path = partial / FILES["images"]
-    shape = tuple(manifest["shape"])
-    want = int(np.prod(shape))
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            header_shape, _, dtype = read(f)
-            offset = f.tell()
-        if dtype != np.uint8 or tuple(header_shape) != shape:
-            raise ValueError(f"{dtype} {list(header_shape)}")
-        if os.path.getsize(path) < offset + want:
-            os.truncate(path, offset + want)   # lost rows read as zeros; their chunks fail their hashes
-        _reserve(path)
-        return np.lib.format.open_memmap(path, mode="r+"), False
-    except (ValueError, OSError, EOFError) as e:
-        if isinstance(e, OSError) and e.errno is not None and not isinstance(e, FileNotFoundError):
-            raise
-        print(f"note: {path} is missing or unreadable ({e}); re-creating it and rebuilding every chunk",
-              file=sys.stderr)
-        return _create_images(path, manifest), True
-
-
-def _rows_hash(images: np.ndarray, task: ChunkTask) -> str:
-    return hashlib.sha256(np.ascontiguousarray(images[task.row_start:task.row_start + len(task)]).tobytes()).hexdigest()
+def _remove_unfinished_shards(folder: Path) -> None:
+    """Shards a killed build left under their temporary names (never complete: a shard is renamed when whole)."""
+    if folder.is_dir():
+        for f in folder.glob(".*.tmp"):
+            f.unlink(missing_ok=True)
+    else:
+        folder.mkdir(parents=True)
 
 
 def _read_progress(partial: Path, total: int, with_hashes: bool = False):
@@ -572,11 +635,12 @@ def _read_progress(partial: Path, total: int, with_hashes: bool = False):
     return set(done), {int(k): v for k, v in hashes.items() if str(k).isdigit() and isinstance(v, str)}
 
 
-def _chunk_inputs(images: np.ndarray, labels: np.ndarray, subset: np.ndarray,
-                  task: ChunkTask) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chunk's slice of the (subset of the) training set: uint8 images and labels."""
+def _chunk_inputs(images, labels: np.ndarray, subset: np.ndarray, task: ChunkTask) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's slice of the (subset of the) training set: uint8 images and labels. `images` is a numpy array or
+    a LazyImages (read here: only this chunk's rows)."""
     idx = subset[task.start:task.stop]
-    return torch.from_numpy(images[idx]), torch.from_numpy(labels[idx])
+    x = images[idx]
+    return (x if isinstance(x, torch.Tensor) else torch.from_numpy(x)), torch.from_numpy(labels[idx])
 
 
 def _chunk(inputs: tuple, task: ChunkTask, config: AugmentConfig, fault: Callable[[], None] | None) -> np.ndarray:
@@ -595,13 +659,15 @@ def build_dprime_store(model: nn.Module, model_info: ModelInfo, train: ImageData
                        config: AugmentConfig = AugmentConfig(), progress: bool = True,
                        on_chunk: Callable[[ChunkTask], None] | None = None, ray: str | None = None,
                        workers: int | None = None, fault: Callable[[], None] | None = None) -> "DPrimeStore":
-    """Build (or resume, or find finished) the augmented dataset D' of `train` against `model` in `out_dir`.
+    """Build (or resume, or repair, or find finished) the augmented dataset D' of `train` against `model` in
+    `out_dir`.
 
     `model_info` is the model's checkpoint metadata (its sha256 is recorded). `on_chunk(task)` is called after each
-    chunk is safely on disk. Killed at any point, the same call resumes from the last finished chunk.
-    `ray` ("local" or a cluster address) runs the PGD chunks as Ray tasks, at most `workers` at a time; None runs
-    them here, in order. `fault()`, if given, is called by each PGD task after its chunk is computed (tests use it
-    to kill a worker mid-task).
+    chunk is safely on disk. Killed at any point, the same call resumes from the last finished chunk; on a finished
+    store it rebuilds only shards that no longer match their hashes. `ray` ("local" or a cluster address) runs the
+    PGD chunks as Ray tasks, at most `workers` at a time; None runs them here, in order. A lazy training set travels
+    to Ray's workers as its file list: they read their chunk's images from the same path. `fault()`, if given, is
+    called by each PGD task after its chunk is computed (tests use it to kill a worker mid-task).
     """
     writer = StoreWriter.prepare(model_info, train, out_dir, config)
     if writer.complete:
@@ -610,7 +676,8 @@ def build_dprime_store(model: nn.Module, model_info: ModelInfo, train: ImageData
     pending = writer.pending()
     names = writer.manifest["copy_names"]
     total = sum(len(t) for t in writer.tasks)
-    images, labels, subset = train.images.numpy(), train.labels.numpy(), writer.subset.numpy()
+    images = train.images if isinstance(train.images, LazyImages) else train.images.numpy()
+    labels, subset = train.labels.numpy(), writer.subset.numpy()
 
     with tqdm(total=total, initial=total - sum(len(t) for t in pending), unit="img", desc="augment",
               disable=not progress, dynamic_ncols=True) as bar:
@@ -640,16 +707,15 @@ def build_dprime_store(model: nn.Module, model_info: ModelInfo, train: ImageData
 # ---------------------------------------------------------------- reading
 
 class DPrimeStore:
-    """A finished D' on disk. `images` is a uint8 N x C x H x W tensor backed by a memory map (never read whole);
-    `labels` (int64, true labels), `copy` (int16), `source_index` (int64) are small and loaded."""
+    """A finished D' on disk. `images` is a `ShardImages` (uint8 N x C x H x W, read from the shards on demand: never
+    whole); `labels` (int64, true labels), `copy` (int16), `source_index` (int64) are small and loaded."""
 
-    def __init__(self, path: Path, manifest: dict, images: np.memmap, labels: torch.Tensor, copy: torch.Tensor,
+    def __init__(self, path: Path, manifest: dict, images: ShardImages, labels: torch.Tensor, copy: torch.Tensor,
                  source_index: torch.Tensor):
         self.path = path
-        self.images_memmap = images   # the numpy view, for code that wants numpy (shares memory with `images`)
         self.manifest = manifest
         self.fingerprint = fingerprint_of(manifest)
-        self.images = torch.from_numpy(images)
+        self.images = images
         self.labels = labels
         self.copy = copy
         self.source_index = source_index
@@ -675,10 +741,11 @@ class DPrimeStore:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """C, H, W of D''s images."""
-        return tuple(self.manifest["shape"][1:])
+        c, h, w = self.manifest["shape"][1:]
+        return int(c), int(h), int(w)
 
     def dprime(self) -> DPrime:
-        """The in-memory view the defense takes (images stay memory-mapped)."""
+        """The view the defense takes (images stay on disk, read per gather)."""
         return DPrime(self.images, self.labels, self.copy, self.copy_names, self.fingerprint)
 
     def copy_rows(self, name: str) -> slice:
@@ -695,8 +762,8 @@ class DPrimeStore:
 
     def verify(self, full: bool = True) -> None:
         """Check the files against the manifest's content hashes. `full`: re-hash everything (reads the whole store
-        once); else the images are re-hashed only when their size or mtime changed since they last verified (the
-        small arrays always are: they cost little)."""
+        once); else a shard is re-hashed only when its size or mtime changed since it last verified (the small
+        arrays always are: they cost little)."""
         _verify_content(self.path, self.manifest, full)
 
 
@@ -706,16 +773,28 @@ def _verify_content(path: Path, manifest: dict, full: bool) -> None:
         raise RMCError(f"store {path} has no content hashes in its manifest (an unfinished or damaged store); "
                        "delete it and re-run `rmc augment`")
     for name, fname in FILES.items():
-        if not matches_hash(path / fname, content.get(name), full=full or name != "images"):
+        if not matches_hash(path / fname, content.get(name), full=True):
             raise RMCError(f"{path / fname} does not match its manifest hash; the store was modified or damaged: "
                            "delete it and re-run `rmc augment`")
+    layout = layout_of(manifest)
+    shards = content.get("shards")
+    if not isinstance(shards, list) or len(shards) != layout.count:
+        raise RMCError(f"store {path} has no content hashes for its {layout.count} shards; the manifest is damaged: "
+                       "delete the store and re-run `rmc augment`")
+    from tqdm.auto import tqdm
+    for i in tqdm(range(layout.count), desc="verify D'", unit="shard", leave=False,
+                  disable=not full or layout.count < 64):
+        if not matches_hash(path / SHARDS / layout.name(i), shards[i], full=full):
+            raise RMCError(f"{path / SHARDS / layout.name(i)} does not match its manifest hash (a damaged shard); "
+                           "re-run `rmc augment` with the same settings: it rebuilds only the damaged shards")
 
 
 def open_dprime_store(path: str | Path, verify: str = "auto") -> DPrimeStore:
-    """Open a finished store read-only (memory-mapped); clear RMCError for missing, partial or damaged stores.
+    """Open a finished store read-only (shards read on demand); clear RMCError for missing, partial, damaged or
+    single-file (format 1) stores.
 
-    `verify`: "auto" (shapes, dtypes and sizes; hashes of the small arrays; the images re-hashed only when their
-    size or mtime changed since they last verified), "full" (every file re-hashed) or "none" (structure only)."""
+    `verify`: "auto" (shapes, dtypes and sizes; hashes of the small arrays; a shard re-hashed only when its size or
+    mtime changed since it last verified), "full" (every file re-hashed) or "none" (structure only)."""
     if verify not in ("auto", "full", "none"):
         raise ValueError(f"verify must be auto, full or none, got {verify!r}")
     path = Path(path)
@@ -730,29 +809,33 @@ def open_dprime_store(path: str | Path, verify: str = "auto") -> DPrimeStore:
         if path.is_dir():
             raise RMCError(f"{path} has no {MANIFEST}; it is not an augmented dataset (build one with `rmc augment`)")
         raise RMCError(f"augmented dataset not found: {path}; build it with `rmc augment`")
-    manifest = _check_manifest(read_json(path / MANIFEST, "store manifest"), path / MANIFEST)
+    manifest = _check_manifest(read_json(path / MANIFEST, "store manifest"), path / MANIFEST, store=path)
+    layout = layout_of(manifest)
     arrays = {}
     for name, fname in FILES.items():
         f = path / fname
         if not f.exists():
             raise RMCError(f"store {path} is missing {fname}; delete the store and re-run `rmc augment`")
         try:
-            # 'c' (copy-on-write) keeps the images on disk yet gives torch a writable buffer: an accidental
-            # in-place write changes private pages only, never the store (and 'r' would crash such a write).
-            arrays[name] = np.load(f, mmap_mode="c" if name == "images" else None, allow_pickle=False)
+            arrays[name] = np.load(f, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
             raise RMCError(f"store {path}: {fname} is not a readable .npy file ({e}); delete the store and re-run "
                            "`rmc augment`") from None
-    total = manifest["total"]
-    for name, arr in arrays.items():
-        want_shape = manifest["shape"] if name == "images" else [total]
-        if arr.dtype != DTYPES[name] or list(arr.shape) != list(want_shape):
-            raise RMCError(f"store {path}: {FILES[name]} is {arr.dtype} {list(arr.shape)}, expected "
-                           f"{np.dtype(DTYPES[name])} {want_shape}; delete the store and re-run `rmc augment`")
+        if arrays[name].dtype != DTYPES[name] or list(arrays[name].shape) != [layout.total]:
+            raise RMCError(f"store {path}: {fname} is {arrays[name].dtype} {list(arrays[name].shape)}, expected "
+                           f"{np.dtype(DTYPES[name])} [{layout.total}]; delete the store and re-run `rmc augment`")
+    for i in range(layout.count):   # structure: every shard present with its size (a stat each, no read)
+        f = path / SHARDS / layout.name(i)
+        size = f.stat().st_size if f.is_file() else None
+        if size != layout.file_size(i):
+            raise RMCError(f"store shard {f} is {'missing' if size is None else f'{size} bytes, expected '}"
+                           f"{'' if size is None else layout.file_size(i)}; re-run `rmc augment` with the same "
+                           "settings to rebuild it")
     if verify != "none":
         _verify_content(path, manifest, verify == "full")
-    return DPrimeStore(path, manifest, arrays["images"], *(torch.from_numpy(arrays[k])
-                                                              for k in ("labels", "copy", "source_index")))
+    images = ShardImages(path, layout, manifest_sha256=sha256_file(path / MANIFEST))
+    return DPrimeStore(path, manifest, images,
+                       *(torch.from_numpy(arrays[k]) for k in ("labels", "copy", "source_index")))
 
 
 def config_from_manifest(manifest: dict) -> AugmentConfig:
@@ -760,7 +843,8 @@ def config_from_manifest(manifest: dict) -> AugmentConfig:
     a = manifest["attack"]
     return AugmentConfig(steps=tuple(a["steps"]), eps=a["eps"], step_size=a["step_size"],
                          random_start=a["random_start"], seed=manifest["seed"], chunk_size=manifest["chunk_size"],
-                         batch_size=a["batch_size"], train_subset=manifest["train_subset"], label=a["attack_labels"])
+                         batch_size=a["batch_size"], train_subset=manifest["train_subset"], label=a["attack_labels"],
+                         loss=a["loss"], clip=a["clip"], crop_shift=a["crop_shift"], per_class=manifest["per_class"])
 
 
 __all__ = ["AugmentConfig", "DPrimeStore", "ChunkTask", "StoreWriter", "build_dprime_store", "chunk_seed",

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import rmc
+from rmc.data.arrays import LazyImages
 from rmc.errors import RMCError
 from rmc.io import atomic_path, check_free_space, read_json, write_json
 from rmc.models.checkpoint import ModelInfo
@@ -54,11 +55,12 @@ def evalset_source(eval_set) -> str:
 
 
 @torch.no_grad()
-def compute_features(model: nn.Module, model_info: ModelInfo | None, layer: str | None, images: torch.Tensor,
-                     batch_size: int = 512, progress: bool = False, desc: str = "features") -> torch.Tensor:
+def compute_features(model: nn.Module, model_info: ModelInfo | None, layer: str | None,
+                     images: torch.Tensor | LazyImages, batch_size: int = 512, progress: bool = False,
+                     desc: str = "features") -> torch.Tensor:
     """N x d float32 (contiguous, CPU) features of `images` at `layer` (None: the model's default layer).
 
-    `images`: uint8 (e.g. a store's memory-mapped images) or float in [0, 1]. Read batch by batch into one
+    `images`: uint8 (e.g. a store's images, read from its shards) or float in [0, 1]. Read batch by batch into one
     preallocated output, so memory is the output plus one batch. The model is used in eval mode.
     """
     layer = layer or default_layer(model)

@@ -10,13 +10,15 @@ models RMC actually adapts into. For each test input, in stream order:
    - round 1: the model before adaptation (every attack),
    - FPA: the model RMC adapted into for the previous candidate,
    - GMSA-AVG / GMSA-MIN: the mean / per-example minimum of the losses over the whole set;
-3. RMC adapts to the candidate and predicts it; the adapted weights join the set; RMC's state is restored
-   exactly; rounds stop once RMC misclassifies a candidate;
-4. RMC processes the chosen candidate for real (adapt, predict, calibrate), so the stream moves on.
+3. the attacker's RMC adapts to the candidate and predicts it; the adapted weights join the set; its state is
+   restored exactly; rounds stop once it misclassifies a candidate;
+4. the attacker's RMC processes the chosen candidate (adapt, predict: the attack's own verdict; calibrate), so
+   its stream moves on.
 
-How candidates are crafted and chosen is the protocol (rmc.attacks.protocols: `chen2022` or `strong`). The
-chosen sequence is then re-scored by a fresh RMC run (rmc.evaluation.attack_rows). Adapted models are held as
-state dicts and evaluated with `torch.func.functional_call` on RMC's own module: no network copy per model.
+How candidates are crafted and chosen, and whose RMC the attacker runs, is the protocol (rmc.attacks.protocols):
+`chen2022`'s attacker runs its own copy of RMC under its own keys, `strong`'s runs the scored RMC itself. The chosen
+sequence is then scored by a separate RMC pass (rmc.evaluation.attack_rows). Adapted models are held as state
+dicts and evaluated with `torch.func.functional_call` on RMC's own module: no network copy per model.
 """
 
 from __future__ import annotations
@@ -32,14 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from rmc.attacks.gradient import pgd
+from rmc.attacks.gradient import cross_entropy
 from rmc.attacks.protocols import KINDS, LABELS, PROTOCOLS, AttackRowsConfig, Lane, check_kind
 from rmc.errors import RMCError
 from rmc.models import extract_features
 from rmc.seeding import generator
 
 __all__ = ["KINDS", "LABELS", "PROTOCOLS", "AttackRowsConfig", "ModelSet", "attack_input", "attack_stream",
-           "ensemble_loss", "initial_candidates", "pgd_best"]
+           "attacker_key", "ensemble_loss", "initial_candidates", "pgd_best"]
 
 
 class RMC(Protocol):
@@ -140,20 +142,23 @@ class RoundInfo:
 @dataclass
 class InputResult:
     x_adv: torch.Tensor           # 1 x C x H x W: what RMC received
-    prediction: int               # RMC's prediction of it (with the defense's own key)
+    prediction: int               # the attack's own verdict: the attacker's RMC's prediction of it
     logits: list[float]
     chosen_round: int             # 1-based round of the chosen candidate; 0: the clean input
     rounds: list[RoundInfo]
     calib_epochs: int
     seconds: float
     protocol: str
+    verdict_key: Any              # the key of the committed trial (strong: the scored RMC's; chen2022: its own)
+    attacker_rmc: str             # "scored-stream" (strong) or "own-copy" (chen2022): Lane.attacker_rmc
 
     def record(self) -> dict:
         """The per-example fields the evaluation writes (besides index, label and pred). `round_preds` are the
         attacker's trials of its own rounds (rmc.evaluation.rounds_figure draws them); `fallback_preds` those of
         strong's fallback to Chen et al.'s rounds."""
         main = [r for r in self.rounds if r.lane == self.protocol]
-        rec = {"attack_pred": self.prediction, "protocol": self.protocol, "chosen_round": self.chosen_round,
+        rec = {"attack_pred": self.prediction, "protocol": self.protocol, "attacker_rmc": self.attacker_rmc,
+               "chosen_round": self.chosen_round,
                "rounds": len(main), "round_preds": [r.prediction for r in main],
                "round_margins": [round(r.margin, 4) for r in main], "iterations": [r.iterations for r in main],
                "calib_epochs": self.calib_epochs, "seconds": round(self.seconds, 3)}
@@ -163,12 +168,27 @@ class InputResult:
         return rec
 
 
-def initial_candidates(static_model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                       cfg: AttackRowsConfig) -> torch.Tensor:
-    """The transfer PGD row: PGD against the static model (cross-entropy, random start, the last iterate)."""
+def initial_candidates(static_model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackRowsConfig,
+                       batch_size: int = 512) -> torch.Tensor:
+    """The transfer PGD row: PGD against the static model (cross-entropy, random start), returning per input the
+    iterate with the highest loss, the clean input included (Chen et al.'s transfer PGD: `elementwise_best`)."""
     static_model.eval()
     gen = generator(cfg.seed, "transfer-pgd")
-    return pgd(static_model, x, y, cfg.eps, cfg.resolved_step_size, cfg.steps, random_start=True, generator=gen)
+    out = []
+    with torch.enable_grad():
+        for start in range(0, len(x), batch_size):
+            sl = slice(start, start + batch_size)
+            best, _ = pgd_best(static_model, x[sl], y[sl], cfg.eps, cfg.resolved_step_size, cfg.steps, cross_entropy,
+                               gen)
+            out.append(best.detach())
+    return torch.cat(out) if out else x.clone()
+
+
+def attacker_key(lane: Lane, key, *tag):
+    """The key of one of the attacker's RMC trials for the input whose scored key is `key`: that key itself when the
+    attacker's RMC is the scored one (strong), else a key of the attacker's own that the scored RMC never draws
+    (chen2022: Chen et al.'s attacker runs its own RMC under its own randomness)."""
+    return key if lane.keys_known else ("attacker", key, *tag)
 
 
 def _before_adaptation(rmc: RMC, static_model: nn.Module, start: Any) -> nn.Module | dict[str, torch.Tensor]:
@@ -197,8 +217,7 @@ def _rounds(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, labe
                 best, best_loss = cand.detach(), loss.item()
         assert best is not None   # lane.restarts >= 1 (AttackRowsConfig checks strong_restarts)
         feats = extract_features(static_model, layer, best).numpy()
-        trial_key = key if lane.keys_known else ("attacker", key, r)   # Chen et al.: RMC's randomness unknown
-        t = rmc.trial(best, feats, trial_key, keep=True)
+        t = rmc.trial(best, feats, attacker_key(lane, key, r), keep=True)
         rmc.restore(start)
         models.append(t.adapted.weights)
         m = margin(t.logits, int(label))
@@ -210,7 +229,7 @@ def _rounds(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, labe
 
 
 def _real_trial(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, key, start: Any):
-    """RMC's own trial (the defense's key) of `x` from `start`; RMC is left restored to `start`."""
+    """RMC's trial of `x` under `key` from `start`; RMC is left restored to `start`."""
     t = rmc.trial(x, extract_features(static_model, layer, x).numpy(), key, keep=True)
     rmc.restore(start)
     return t
@@ -218,9 +237,10 @@ def _real_trial(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, 
 
 def attack_input(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, y: int, kind: str,
                  cfg: AttackRowsConfig, key, protocol: str = "chen2022") -> InputResult:
-    """Attack one input `x` (1 x C x H x W) of true class `y` against `rmc` in its current state, then let RMC
-    process what it receives so its state moves on. `key` is the key the defense uses for this
-    input (`RMC.step`'s key)."""
+    """Attack one input `x` (1 x C x H x W) of true class `y` with `rmc`, the attacker's RMC, in its current state,
+    then let it process what it chose so its state moves on (SPEC section 2). `key` is the key the scored RMC uses
+    for this input (`RMC.step`'s key): `strong`'s attacker uses it (its RMC is the scored one), `chen2022`'s derives
+    keys of its own from it (`attacker_key`) that the scored RMC never uses."""
     check_kind(kind)
     if x.dim() != 4 or len(x) != 1:
         raise RMCError(f"attack_input takes one input (1 x C x H x W), got shape {tuple(x.shape)}")
@@ -230,12 +250,14 @@ def attack_input(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor,
     start = rmc.snapshot()
     done = _rounds(rmc, static_model, layer, x, label, kind, lane, cfg, key, start)
     rounds = [info for _, _, info in done]
+    verdict_key = key
     if lane.keep_clean:
-        # Chen et al.: the first candidate that fooled the attacker's RMC, else the clean input; RMC (its own
-        # randomness) then classifies it.
+        # Chen et al.: the first candidate that fooled the attacker's RMC, else the clean input, which the attacker's
+        # RMC classifies anew (a fresh trial: its verdict) before calibrating.
         fooled = [(c, info.round) for c, _, info in done if info.margin < 0]
         chosen, chosen_round = fooled[0] if fooled else (x, 0)
-        t = _real_trial(rmc, static_model, layer, chosen, key, start)
+        verdict_key = attacker_key(lane, key, "verdict")
+        t = _real_trial(rmc, static_model, layer, chosen, verdict_key, start)
     else:
         # Known keys: the attacker's trials are RMC's own verdicts. Keep the lowest margin (a fooling one if any).
         chosen, t, info = min(done, key=lambda d: d[2].margin)
@@ -251,14 +273,14 @@ def attack_input(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor,
                 chosen, t, chosen_round = pick, tc, (-1 if chen_fooled else 0)   # -1: strong's fallback lane
     calib = rmc.commit(t)
     return InputResult(chosen, int(t.logits.argmax()), t.logits.tolist(), chosen_round, rounds, calib,
-                       time.perf_counter() - t0, protocol)
+                       time.perf_counter() - t0, protocol, verdict_key, lane.attacker_rmc)
 
 
 @dataclass
 class StreamResult:
     images: torch.Tensor          # N x C x H x W: the chosen adversarial sequence
     labels: list[int]
-    predictions: list[int]        # RMC's predictions during the attack (its own keys)
+    predictions: list[int]        # the attack's own verdicts (the attacker's RMC's predictions)
     inputs: list[InputResult]
 
     @property
@@ -271,8 +293,9 @@ class StreamResult:
 def attack_stream(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, kind: str,
                   cfg: AttackRowsConfig, keys: Sequence | None = None, protocol: str = "chen2022",
                   on_input: Callable[[int, InputResult], None] | None = None) -> StreamResult:
-    """Attack the inputs `x` (N x C x H x W) in order against `rmc` from its current state (`rmc.reset()` first
-    for a fresh stream). `keys[i]` is the key RMC uses for input i (default: i). Returns the chosen sequence."""
+    """Attack the inputs `x` (N x C x H x W) in order with `rmc`, the attacker's RMC, from its current state
+    (`rmc.reset()` first for a fresh stream). `keys[i]` is the key the scored RMC uses for input i (default: i).
+    Returns the chosen sequence and the attack's own verdicts."""
     check_kind(kind)
     cfg.lane(protocol)
     if len(x) != len(y):

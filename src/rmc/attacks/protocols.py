@@ -2,11 +2,15 @@
 
 - `chen2022`: Chen et al.'s sequence attack (ICLR 2022; their public `RMC/eval_rmc_sequence.py`) as they ran it:
   cross-entropy, step eps/8, best-loss iterate (the clean input included), GMSA-MIN with steps x models
-  iterations, round 1 against the current online model, the model before adaptation in the GMSA set, RMC's
-  randomness unknown to the attacker, the first candidate that fools RMC kept (none: the clean input).
-- `strong`: every choice that makes the attack stronger: RMC's own random keys, the logit-margin loss, more
-  iterations, several random restarts, the lowest-margin candidate kept when nothing fools RMC, and, when its own
-  rounds all fail, Chen et al.'s rounds from the same state as a last try (so it is never weaker on an input).
+  iterations, round 1 against the current online model, the model before adaptation in the GMSA set, the first
+  candidate that fools the attacker's RMC kept (none: the clean input). The attacker drives its own copy of the
+  online RMC under its own random keys (its trials, its verdict on the chosen input and its calibration all draw
+  keys the scored RMC never uses, so its online state drifts along its own stream); the chosen sequence is then
+  scored by a separate RMC pass with fresh keys (rmc.evaluation.attack_rows), which is the reported accuracy.
+- `strong`: every choice that makes the attack stronger: the attacker's RMC *is* the scored one (its exact online
+  state and random keys), the logit-margin loss, more iterations, several random restarts, the lowest-margin
+  candidate kept when nothing fools RMC, and, when its own rounds all fail, Chen et al.'s rounds from the same
+  state as a last try (so from one state and one key it is never weaker on an input).
 """
 
 from __future__ import annotations
@@ -30,8 +34,13 @@ class Lane:
     steps: int             # PGD iterations per round (GMSA-MIN: times the number of models, as Chen et al.)
     step_size: float
     restarts: int          # PGD runs per round from independent random starts; the highest attack loss wins
-    keys_known: bool       # the attacker's RMC trials use the defense's own random keys
+    keys_known: bool       # the attacker's RMC is the scored one (exact state and keys); else its own copy, own keys
     keep_clean: bool       # nothing fooled RMC: it receives the clean input (Chen et al.); else the lowest margin
+
+    @property
+    def attacker_rmc(self) -> str:
+        """Which RMC the attacker runs (recorded with the row): the scored stream itself, or its own copy."""
+        return "scored-stream" if self.keys_known else "own-copy"
 
 
 @dataclass

@@ -9,7 +9,19 @@ import signal
 import sys
 import threading
 
-from rmc.cli.commands import attack, augment, evaluate, features, import_model, layers, report, run, train, visualize
+from rmc.cli.commands import (
+    attack,
+    augment,
+    evaluate,
+    features,
+    import_model,
+    layers,
+    migrate_dprime,
+    report,
+    run,
+    train,
+    visualize,
+)
 from rmc.cpu import pick_threads, tune_allocator
 from rmc.errors import RMCError
 
@@ -22,6 +34,7 @@ COMMANDS = {
                                     ".h5) into an rmc model with their provenance")),
     "attack": (attack, "write evaluation sets (clean, FGSM, PGD) made against a static model"),
     "augment": (augment, "build the augmented dataset D' (clean + PGD copies), resumable"),
+    "migrate-dprime": (migrate_dprime, "convert a D' store of an earlier rmc (one images.npy) to shards, in place"),
     "features": (features, "hidden features of D' and evaluation sets from one layer of the static model"),
     "layers": (layers, "list the layer names a model offers for feature extraction"),
     "evaluate": (evaluate, "run RMC and the baselines over evaluation sets and print the table"),

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from rmc.artifacts.dprime import AugmentConfig
+from rmc.artifacts.dprime import AugmentConfig, select_subset
 from rmc.attacks.defense_aware import AttackRowsConfig
 from rmc.checks import check_positive
 from rmc.defense.core import RMCConfig
@@ -31,13 +31,19 @@ from rmc.training import TrainConfig
 class DataConfig:
     dataset: str = "fashion-mnist"   # fashion-mnist (embedded default) | mnist | cifar10 | imagefolder | digits
     data_dir: str | None = None      # directory holding the data set; None: fashion-mnist's Debian package path
-    image_size: int | None = None    # imagefolder only: resize + centre-crop to this size
+    image_size: int | None = None    # imagefolder only: centre-crop to this size (None: 224, the original's)
+    resize: int | None = None        # imagefolder only: shorter side before the crop (None: image_size * 256 / 224)
+    lazy: bool | None = None         # imagefolder only: decode on demand, never whole (None: above 2 GiB decoded)
 
     def validate(self) -> "DataConfig":
         if not isinstance(self.dataset, str) or not self.dataset:
             raise RMCError(f"data.dataset must name a data set, got {self.dataset!r}")
         if self.image_size is not None:
             check_positive(self.image_size, "data.image_size", integer=True)
+        if self.resize is not None:
+            check_positive(self.resize, "data.resize", integer=True)
+        if self.lazy is not None and not isinstance(self.lazy, bool):
+            raise RMCError(f"data.lazy must be true, false or null, got {self.lazy!r}")
         return self
 
 
@@ -379,12 +385,14 @@ def validate_before_work(cfg: RunConfig) -> None:
     from rmc.models.features import get_layer
     if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
         raise RMCError(f"train.device = {cfg.train.device!r} but CUDA is not available here; set train.device: cpu")
-    train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size)
-    test = load_dataset(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.image_size)
+    train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size, cfg.data.resize,
+                         cfg.data.lazy)
+    test = load_dataset(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.image_size, cfg.data.resize,
+                        cfg.data.lazy)
     n_train = len(train) if cfg.train.train_subset is None else min(cfg.train.train_subset, len(train))
     if n_train < 2:
         raise RMCError(f"training needs at least 2 images, got {n_train}; raise train.train_subset")
-    n = len(train) if cfg.augment.train_subset is None else min(cfg.augment.train_subset, len(train))
+    n = len(select_subset(train.labels, cfg.augment))
     size = n * (1 + len(cfg.augment.steps))
     if cfg.rmc.k > size:
         raise RMCError(f"rmc.k = {cfg.rmc.k} exceeds |D'| = {size} ({n:,} training images x "

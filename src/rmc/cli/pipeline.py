@@ -127,18 +127,19 @@ def ensure_eval_sets(model, info, test, cfg, folder: Path):
 
 def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = print,
                  with_rmc: bool = True, ray: str | None = None, workers: int | None = None,
-                 shards: int = 1, batch: int = 1, block: int | None = None,
+                 shards: int = 1, batch: int = 1, block: int | None = None, dprime_via: str | None = None,
                  ray_timeout: float | None = None) -> Table:
     """`ray` ("local" or a cluster address): augmentation chunks and RMC's per-input work run as Ray tasks (one Ray
     session for the whole run; joining a cluster gives up after `ray_timeout` seconds); `shards`: independent online
-    streams per test stream, `batch`: episodic inputs adapted at once (see rmc.evaluation.driver)."""
+    streams per test stream, `batch`: episodic inputs adapted at once, `dprime_via`: how Ray's workers get D' (see
+    rmc.evaluation.driver)."""
     check_work_split(batch, cfg.rmc, ray, shards, block)      # before hours of work, not after
     validate_before_work(cfg)                                 # and before config.yaml is written
     t0 = time.perf_counter()
     with hold(ray, workers, ray_timeout) as slots:
         if ray is not None:
             log(f"[ray] {slots} workers ready in {time.perf_counter() - t0:.1f} s ({ray})")
-        return _run(cfg, Path(out), log, with_rmc, ray, workers, shards, batch, block)
+        return _run(cfg, Path(out), log, with_rmc, ray, workers, shards, batch, block, dprime_via)
 
 
 def settled(tree):
@@ -174,12 +175,14 @@ def results_key(cfg: RunConfig, model_sha256: str, dprime_key: str, layer: str, 
 
 
 def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, ray: str | None,
-         workers: int | None, shards: int, batch: int, block: int | None) -> Table:
+         workers: int | None, shards: int, batch: int, block: int | None, dprime_via: str | None = None) -> Table:
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer(log)
     t_start = time.perf_counter()
-    train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size)
-    test = load_dataset(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.image_size)
+    train = load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.image_size, cfg.data.resize,
+                         cfg.data.lazy)
+    test = load_dataset(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.image_size, cfg.data.resize,
+                        cfg.data.lazy)
     if cfg.data.dataset == "digits":
         cfg.rmc.calib_flip = False   # a flipped digit is another (or no) digit
     data = to_dict(cfg.data)
@@ -225,7 +228,7 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
         base = BaseModel(name, model, info.sha256, layer, feats)
         res = timer(f"evaluate {name}", evaluate, [base], dprime, sets, cfg.rmc, rows_dir,
                     info.num_classes, with_rmc=with_rmc, ray=ray, workers=workers, shards=shards, batch=batch,
-                    block=block, rmc_n=cfg.attack.rmc_n)
+                    block=block, rmc_n=cfg.attack.rmc_n, dprime_via=dprime_via)
         results.update(res)
         if rows_wanted:
             attack_rows[name] = timer(f"attack rows {name}", evaluate_attacks, base, dprime, sets, cfg.rmc,

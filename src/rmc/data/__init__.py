@@ -5,7 +5,8 @@ from __future__ import annotations
 from enum import Enum
 from pathlib import Path
 
-from rmc.data.base import ImageDataset
+from rmc.data.arrays import LazyImages
+from rmc.data.base import ImageDataset, per_class_subset
 from rmc.errors import RMCError
 
 
@@ -18,10 +19,11 @@ class DatasetName(str, Enum):
 
 
 def load_dataset(name: str | DatasetName, split: str = "train", root: str | Path | None = None,
-                 image_size: int | None = None) -> ImageDataset:
+                 image_size: int | None = None, resize: int | None = None, lazy: bool | None = None) -> ImageDataset:
     """Load `split` ("train" or "test") of a data set. `root` is the directory holding it.
 
-    `image_size` applies to imagefolder only (resize + centre-crop).
+    `image_size` (the centre crop), `resize` (the shorter side before it) and `lazy` (decode on demand; None: by
+    size) apply to imagefolder only (rmc.data.imagefolder).
     """
     try:
         name = DatasetName(name)
@@ -40,9 +42,9 @@ def load_dataset(name: str | DatasetName, split: str = "train", root: str | Path
         return load_cifar10(split, root)
     if name is DatasetName.IMAGEFOLDER:
         from rmc.data.imagefolder import load_imagefolder
-        return load_imagefolder(split, root, 224 if image_size is None else image_size)
+        return load_imagefolder(split, root, 224 if image_size is None else image_size, resize, lazy)
     from rmc.data.digits import load_digits
     return load_digits(split)
 
 
-__all__ = ["DatasetName", "ImageDataset", "load_dataset"]
+__all__ = ["DatasetName", "ImageDataset", "LazyImages", "load_dataset", "per_class_subset"]

@@ -1,4 +1,4 @@
-"""D' as the algorithm sees it: images, true labels and copy ids as tensors (rmc.artifacts.dprime stores it)."""
+"""D' as the algorithm sees it: images, true labels and copy ids (rmc.artifacts.dprime stores it)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from rmc.data.arrays import LazyImages
+
 
 @dataclass
 class DPrime:
-    """D' in memory or memory-mapped: uint8 images (N x C x H x W), true labels, and which copy each row is."""
-    images: torch.Tensor | np.ndarray
+    """D': uint8 images (N x C x H x W: in memory, memory-mapped, or a store's shards read on demand), true labels,
+    and which copy each row is."""
+    images: torch.Tensor | np.ndarray | LazyImages
     labels: torch.Tensor
     copy: torch.Tensor                    # 0 = clean, i = i-th adversarial copy
     copy_names: list[str] = field(default_factory=lambda: ["clean"])
@@ -23,13 +26,13 @@ class DPrime:
         return len(self.labels)
 
     def gather(self, rows: np.ndarray, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float images in [0, 1] and labels of the given rows (one sorted read from a memory map), on `device`
-        (default: the CPU). Rows travel to a GPU as uint8 from pinned memory (a quarter of float32's bytes) and
-        become float there."""
+        """Float images in [0, 1] and labels of the given rows (one sorted read: of a store, only the shards holding
+        them), on `device` (default: the CPU). Rows travel to a GPU as uint8 from pinned memory (a quarter of
+        float32's bytes) and become float there."""
         rows = np.asarray(rows)
         order = np.argsort(rows, kind="stable")
         ascending = rows[order]
-        # a memory map is indexed with the array, a tensor with a tensor
+        # a memory map is indexed with the array, a tensor (or a store's lazy images) with a tensor
         index = ascending if isinstance(self.images, np.ndarray) else torch.from_numpy(ascending)
         x = torch.as_tensor(self.images[index])[torch.from_numpy(np.argsort(order, kind="stable"))]
         y = self.labels[torch.from_numpy(rows)]

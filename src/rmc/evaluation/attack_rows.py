@@ -3,13 +3,18 @@ case per input, for one base model (standard or adversarially trained), static a
 
 - Transfer rows are crafted against the static model and fed to RMC (the original paper's setting).
 - Defense-aware rows attack RMC as it runs (rmc.attacks.defense_aware): per input, rounds of PGD against the models
-  RMC adapts into. The attack writes one record per input as it goes (`attack.jsonl` + the online state and the
-  chosen images so far), so an interrupted run resumes from the last finished input. The chosen sequence is
-  then re-scored by a fresh RMC run (rmc.evaluation.driver.evaluate_set), and that is what the table shows.
+  the attacker's RMC adapts into. The attack writes one record per input as it goes (`attack.jsonl`: the attack's
+  own verdict; + the attacker's online state and the chosen images so far), so an interrupted run resumes from the
+  last finished input. The chosen sequence is then scored by a separate RMC pass from the static weights
+  (rmc.evaluation.driver.evaluate_set, keys = the row's name and the input's position), and that is what the table
+  shows, beside the attack's own verdict and their agreement per input. `chen2022`'s attacker never drew those
+  keys (its own RMC copy, its own keys: the pass is an independent re-score, as Chen et al.'s); `strong`'s attacker
+  is that very stream (its exact state and keys), so there the pass replays the attack and agrees by construction.
 
 Layout under the results directory:
     <base>/attack-sets/            the crafted inputs (evaluation-set format: reusable by `rmc evaluate`)
-    <base>/<row set name>/         per-example records of each row (baselines.json, rmc.jsonl, attack.jsonl)
+    <base>/<row set name>/         per-example records of each row (baselines.json, rmc.jsonl; defense-aware:
+                                   attack.jsonl, agreement.json)
 """
 
 from __future__ import annotations
@@ -33,9 +38,12 @@ from rmc.evaluation.aware_stream import AwareStream
 from rmc.evaluation.common import BaseModel, NeighbourSearch
 from rmc.evaluation.driver import evaluate_set, results_folder
 from rmc.evaluation.records import read_records
-from rmc.evaluation.report import Table, cell_from_records, row_label
+from rmc.evaluation.report import Cell, Table, cell_from_records, row_label
+from rmc.evaluation.stats import Rate
+from rmc.io import write_json
 
 TRANSFER, AWARE, WORST = "transfer", "defense-aware", "worst case"
+AGREEMENT_FILE = "agreement.json"   # a defense-aware row's folder: the attack's verdict and the score, per input
 EOT = "EOT through RMC, adaptation held fixed"   # AutoAttack rand: gradients of the adapted net (BPDA-like)
 
 
@@ -45,7 +53,7 @@ class AttackRow:
     label: str                                  # row label in the table (same for every base model)
     kind: str                                   # "transfer", "defense-aware" or "worst case"
     records: dict[str, list[dict]]              # "undefended" / "rmc" -> per-example records
-    info: dict = field(default_factory=dict)    # settings, agreement of the re-score with the attack, seconds
+    info: dict = field(default_factory=dict)    # settings, the attack's verdicts, their agreement with the score
 
 
 def _num(x: float) -> str:
@@ -57,13 +65,18 @@ def _pgd_text(acfg: AttackRowsConfig) -> str:
     return f"PGD-{acfg.steps}, eps {_num(acfg.eps)}{step}"
 
 
+ATTACKER_TEXT = {   # Lane.attacker_rmc -> what the row label says about the RMC the attacker ran
+    "own-copy": "attacker's own RMC copy and keys; scored by an independent RMC pass",
+    "scored-stream": "attacker knows the scored RMC's exact state and keys"}
+
+
 def _lane_text(acfg: AttackRowsConfig, protocol: str, kind: str) -> str:
     lane = acfg.lane(protocol)
     per_round = (f"PGD-{lane.steps}" + (" x models" if kind == "gmsa-min" else "")
                  + (f" x {lane.restarts} restarts" if lane.restarts > 1 else ""))
-    keys = "RMC's keys known" if lane.keys_known else "RMC's keys unknown"
     extra = ", + chen2022 fallback" if protocol == "strong" and acfg.strong_fallback else ""
-    return f"{per_round}, {lane.loss}, step {_num(lane.step_size)}, {keys}{extra}"
+    return (f"{per_round}, {lane.loss}, step {_num(lane.step_size)}, best-loss iterate, "
+            f"{ATTACKER_TEXT[lane.attacker_rmc]}{extra}")
 
 
 def aware_key(kind: str, protocol: str) -> str:
@@ -87,7 +100,7 @@ def set_names(acfg: AttackRowsConfig) -> dict[str, str]:
 
 
 def row_labels(acfg: AttackRowsConfig, n: int) -> dict[str, str]:
-    labels = {"transfer-pgd": f"transfer {_pgd_text(acfg)}",
+    labels = {"transfer-pgd": f"transfer {_pgd_text(acfg)}, best-loss iterate",
               "transfer-autoattack": f"transfer AutoAttack (standard, eps {_num(acfg.eps)})",
               "rand-autoattack": f"AutoAttack rand (APGD-CE + APGD-DLR, {acfg.rand_steps} steps, EOT {acfg.rand_eot}, "
                                  f"eps {_num(acfg.eps)}) against episodic stateless RMC, N={min(acfg.rand_n, n)}"}
@@ -158,7 +171,7 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
 
     step = acfg.resolved_step_size
     pgd_meta = _attack_meta(clean, base, n, kind="transfer-pgd", eps=acfg.eps, steps=acfg.steps, step_size=step,
-                            random_start=True, attack_seed=acfg.seed)
+                            random_start=True, iterate="best-loss", attack_seed=acfg.seed)
     t0 = time.perf_counter()
     if acfg.transfer_pgd:
         pgd_set = ensure(names["transfer-pgd"], pgd_meta, lambda: initial_candidates(base.model, x, y, acfg))
@@ -200,7 +213,7 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
 def _aware_meta(kind, protocol, clean, base, cfg, acfg, n) -> dict:
     lane = acfg.lane(protocol)
     return _attack_meta(clean, base, n, kind=kind, protocol=protocol, eps=acfg.eps, steps=lane.steps,
-                        step_size=lane.step_size, restarts=lane.restarts, loss=lane.loss, keys_known=lane.keys_known,
+                        step_size=lane.step_size, restarts=lane.restarts, loss=lane.loss, attacker=lane.attacker_rmc,
                         rounds=acfg.rounds, attack_seed=acfg.seed,
                         fallback=protocol == "strong" and acfg.strong_fallback,
                         rmc=asdict(cfg) | {"mode": cfg.mode.value, "scope": cfg.scope.value})
@@ -227,16 +240,25 @@ def _attack_in_turn(pending: dict, n: int, labels: dict, base_name: str, cfg: RM
 
 def _aware_row(kind, protocol, made: EvalSet, label: str, folder: Path, n: int, acfg: AttackRowsConfig,
                score) -> AttackRow:
-    """One defense-aware row: its chosen sequence re-scored by a fresh RMC run, beside the attack's own records."""
+    """One defense-aware row: its chosen sequence scored by a separate RMC pass, beside the attack's own verdicts
+    (`attack.jsonl`) and their agreement input by input."""
     t0 = time.perf_counter()
     records = score(made)
     stream_path = folder / "attack.jsonl"
     attack_records = read_records(stream_path)[:n] if stream_path.exists() else []
-    agree = sum(a["pred"] == r["pred"] for a, r in zip(attack_records, records["rmc"], strict=False))
+    scored = {r["index"]: r["pred"] for r in records["rmc"]}
+    agree = [a["index"] for a in attack_records if scored.get(a["index"]) == a["pred"]]
     attack_s = sum(a.get("seconds", 0) for a in attack_records)
     info = {"seconds": round(attack_s + time.perf_counter() - t0, 1), "attack_seconds": round(attack_s, 1),
-            "rescore_agrees": agree, "n": n, "kind": kind, "protocol": protocol, "rounds": acfg.rounds,
+            "verdict_correct": sum(a["pred"] == a["label"] for a in attack_records), "agree": len(agree), "n": n,
+            "kind": kind, "protocol": protocol, "attacker": acfg.lane(protocol).attacker_rmc, "rounds": acfg.rounds,
             "attack_records": attack_records, "rounds_run": sum(a.get("rounds", 0) for a in attack_records)}
+    # Per input, the attack's verdict beside the score (the table's agreement column, input by input).
+    write_json(folder / AGREEMENT_FILE, {
+        "attacker": info["attacker"], "n": n, "attack_verdict_correct": info["verdict_correct"],
+        "score_correct": sum(r["pred"] == r["label"] for r in records["rmc"]), "agree": len(agree),
+        "inputs": [{"index": a["index"], "label": a["label"], "attack_pred": a["pred"],
+                    "score_pred": scored.get(a["index"])} for a in attack_records]})
     # The static model's accuracy on a sequence crafted against RMC is no attack on it: RMC column only.
     return AttackRow(made.name, label, AWARE, {"rmc": records["rmc"]}, info)
 
@@ -295,14 +317,20 @@ def worst_case(rows: Sequence[AttackRow], clean_records: dict[str, list[dict]] |
 
 
 NOTES = [
-    "transfer: crafted against the static model, then fed to RMC (the original paper's setting; overstates "
-    "robustness). defense-aware: crafted against the models RMC adapts into (FPA, GMSA; Chen et al., ICLR 2022), "
-    "then re-scored by a fresh RMC run. Worst case: an input counts as correct only if every row (and the clean "
-    "input) is classified correctly.",
+    "transfer: crafted against the static model (PGD: the best-loss iterate, as Chen et al.'s), then fed to RMC (the "
+    "original paper's setting; overstates robustness). defense-aware: crafted against the models RMC adapts into "
+    "(FPA, GMSA; Chen et al., ICLR 2022), then scored by a separate RMC pass from the static weights: the RMC "
+    "column. Worst case: an input counts as correct only if every row (and the clean input) is classified correctly.",
     "[chen2022]: Chen et al.'s protocol as they ran it (cross-entropy, step eps/8, best-loss iterate, GMSA-MIN with "
-    "steps x models iterations, RMC's random keys unknown to the attacker, the clean input when no round fools RMC). "
-    "[strong]: RMC's keys known, margin loss, more iterations and random restarts, then chen2022's rounds when its "
-    "own fail: never weaker than chen2022 from the same state and keys.",
+    "steps x models iterations, the clean input when no round fools the attacker's RMC). The attacker runs its own "
+    "copy of online RMC under its own random keys (its trials, verdicts and calibrations), so its online state "
+    "drifts apart from the scored RMC's; the scored pass draws keys the attacker never used (an independent "
+    "re-score, which is what Chen et al. report). [strong]: the attacker runs the scored RMC itself (its exact "
+    "online state and keys; the scored pass replays it), margin loss, more iterations and random restarts, then "
+    "chen2022's rounds when its own fail: never weaker than chen2022 from the same state and keys.",
+    "\"RMC: attack's verdict\": RMC's accuracy as the attacker's own RMC judged the chosen inputs. \"RMC: verdict = "
+    "score\": the % of inputs on which that verdict equals the scored pass's prediction (100 by construction for "
+    "[strong]; for [chen2022] it measures how far RMC's own randomness and drifting state decide the outcome).",
     "AutoAttack's own check flags RMC as a dynamic defense (its forward pass fine-tunes the network), and "
     "RobustBench does not list defenses with an optimisation loop in the forward pass. Transfer AutoAttack attacks "
     "only the static model; the AutoAttack rand row (if any) attacks episodic stateless RMC through gradients "
@@ -313,29 +341,38 @@ NOTES = [
 ]
 
 
+VERDICT, AGREEMENT = "attack's verdict", "verdict = score"   # the defense-aware rows' extra columns
+
+
 def attack_table(rows_by_base: dict[str, list[AttackRow]]) -> Table:
-    """Rows = attacks (each labelled transfer / defense-aware / worst case), columns = static and + RMC per base."""
+    """Rows = attacks (each labelled transfer / defense-aware / worst case), columns = static and + RMC per base;
+    a base with defense-aware rows also gets the attack's own verdict and its agreement with the score."""
     columns: list[str] = []
     rows: dict = {}
-    checks, times = [], []
+    rounds_run, times = [], []
     for base, attack_rows in rows_by_base.items():
-        for defense in ("undefended", "rmc"):
-            columns.append(row_label(base, defense))
+        rmc = row_label(base, "rmc")
+        columns += [row_label(base, "undefended"), rmc]
+        if any("agree" in r.info for r in attack_rows):
+            columns += [f"{rmc}: {VERDICT}", f"{rmc}: {AGREEMENT}"]
         for r in attack_rows:
             label = f"{r.label} [{r.kind}]"
             for defense, records in r.records.items():
                 rows.setdefault(label, {})[row_label(base, defense)] = cell_from_records(records)
             short = r.label.split(" (")[0]
-            if "rescore_agrees" in r.info:
-                checks.append(f"{row_label(base, 'rmc')} / {short}: {r.info['rescore_agrees']} of "
-                              f"{r.info['n']}, {r.info['rounds_run']} rounds")
+            if "agree" in r.info:
+                n_attacked = len(r.info["attack_records"])
+                rows[label][f"{rmc}: {VERDICT}"] = Cell(Rate(r.info["verdict_correct"], n_attacked))
+                rows[label][f"{rmc}: {AGREEMENT}"] = Cell(Rate(r.info["agree"], len(r.records["rmc"])))
+                rounds_run.append(f"{rmc} / {short}: {r.info['rounds_run']}")
             if "seconds" in r.info:
-                times.append(f"{row_label(base, 'rmc')} / {short}: {r.info['seconds']:.0f} s")
+                times.append(f"{rmc} / {short}: {r.info['seconds']:.0f} s")
     notes = list(NOTES)
-    if checks:
-        notes.append("Fresh re-score agrees with the attack's own verdict on: " + "; ".join(checks) + ".")
+    if rounds_run:
+        notes.append("Rounds run in all (the attacker stops at the first round that fools its RMC): "
+                     + "; ".join(rounds_run) + ".")
     if times:
-        notes.append("Wall time per row (attack + re-score): " + "; ".join(times) + ".")
+        notes.append("Wall time per row (attack + scored pass): " + "; ".join(times) + ".")
     return Table(columns, {}, rows, corner="attack", notes=notes,
                  title="Attack rows (transfer vs defense-aware), worst case per input")
 

@@ -1,7 +1,9 @@
-"""One defense-aware row's attack as a resumable stream: a fresh RMC (online or episodic), the chosen inputs so
-far, and one record per attacked input (`attack.jsonl` + the online state), so a stopped run resumes from the
-last finished input. rmc.evaluation.attack_rows steps every row's stream input by input, in turn, so a run cut
-short has attacked the same first inputs in every row."""
+"""One defense-aware row's attack as a resumable stream: the attacker's RMC (online or episodic, from the static
+weights), the chosen inputs so far, and one record per attacked input (`attack.jsonl`: the attack's own verdict;
++ the attacker's online state), so a stopped run resumes from the last finished input. The key of input i is
+(row name, i), the key the row's scored pass gives it: `strong` uses it, `chen2022` derives its own from it.
+rmc.evaluation.attack_rows steps every row's stream input by input, in turn, so a run cut short has attacked the
+same first inputs in every row."""
 
 from __future__ import annotations
 
@@ -31,8 +33,10 @@ class AwareStream:
         self.x, self.y, self.cfg, self.acfg = x, y, cfg, acfg
         settings = {k: v for k, v in asdict(acfg).items() if k not in _NOT_IN_FINGERPRINT}
         # Not N: input i depends only on inputs before it, so a run with a smaller N reuses the first N records.
-        fp = digest(base.sha256, base.layer, asdict(cfg), settings, kind, protocol, source, len(dprime),
-                    dprime.fingerprint)
+        # With which RMC the attacker ran (its own copy under its own keys, or the scored stream): records made
+        # under the other arrangement are refused, not mixed in.
+        fp = digest(base.sha256, base.layer, asdict(cfg), settings, kind, protocol, acfg.lane(protocol).attacker_rmc,
+                    source, len(dprime), dprime.fingerprint)
         self.rmc = build_rmc(base.model, dprime, search.all, cfg, base.layer)
         self.stream = RecordStream(folder, "attack", fp)
         self.adv = x.clone()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from rmc.artifacts.features import evalset_source
+from rmc.data.arrays import LazyImages
 from rmc.defense import DPrime, Mode, RMCConfig, build_rmc
 from rmc.defense.forwards import compute_path
 from rmc.defense.knn import vote
@@ -45,6 +47,30 @@ from rmc.schema import ListOf, Obj, Str, check
 BASELINES = ("undefended", "deepnn", "webnn")
 SAVED_BASELINES = Obj({"fingerprint": Str(max_len=200), **{b: ListOf(RECORD) for b in BASELINES}})   # baselines.json
 MAX_BLOCK = 16             # inputs per Ray task at most (online streams save their state once per task)
+
+
+class DPrimeVia(str, Enum):
+    """How Ray's workers get D''s images."""
+    PATH = "path"                   # they read the store's shards from its path (a file system they share): the
+                                    # default for a D' on disk
+    OBJECT_STORE = "object-store"   # the images travel in Ray's object store (the default for a D' in memory; for a
+                                    # cluster without a shared file system, when D' fits in memory)
+
+
+def dprime_for_workers(dprime: DPrime, via: DPrimeVia | str | None) -> DPrime:
+    """D' as handed to Ray's workers: as it is, its store's images pickling as their path (PATH), or with its images in
+    memory as numpy, which Ray shares between a machine's workers without copying (OBJECT_STORE)."""
+    on_disk = isinstance(dprime.images, LazyImages) and dprime.images.source_path is not None
+    via = DPrimeVia(via) if via is not None else DPrimeVia.PATH if on_disk else DPrimeVia.OBJECT_STORE
+    if via is DPrimeVia.PATH:
+        if not on_disk:
+            raise RMCError("--dprime-via path needs a D' store on disk (rmc augment); this D' is in memory: drop "
+                           "--dprime-via or use object-store")
+        return dprime
+    images = dprime.images
+    if isinstance(images, LazyImages):
+        images = images[:]
+    return replace(dprime, images=images.numpy() if isinstance(images, torch.Tensor) else images)
 
 
 def stream_fingerprint(base: BaseModel, dprime: DPrime, eval_set, cfg: RMCConfig, n: int | None) -> str:
@@ -375,7 +401,8 @@ def _evaluate_base(ex, base: BaseModel, dprime: DPrime, search: NeighbourSearch,
                    cfg: RMCConfig, out_dir: Path, num_classes: int, n: int | None, with_rmc: bool, progress: bool,
                    shards: int = 1, batch: int = 1, block: int | None = None,
                    on_record: Callable[[str, dict], None] | None = None,
-                   fault: Callable[[], None] | None = None, rmc_n: int | None = None) -> dict:
+                   fault: Callable[[], None] | None = None, rmc_n: int | None = None,
+                   dprime_via: DPrimeVia | str | None = None) -> dict:
     """{set name: {defense: records}} of one base model, RMC's work run over the executor `ex` (on the first `rmc_n`
     inputs of each set; None: all)."""
     if len(base.features) != len(dprime):
@@ -386,10 +413,8 @@ def _evaluate_base(ex, base: BaseModel, dprime: DPrime, search: NeighbourSearch,
     if not with_rmc:
         return results
     streams = [st for job, _ in opened for st in _open_streams(job, cfg, shards, rmc_n)]
-    images = dprime.images.numpy() if isinstance(dprime.images, torch.Tensor) else dprime.images
-    # D' travels with numpy images: Ray shares numpy arrays between a machine's workers without copying them.
-    source = RMCSource(ex.put_model(base.model), ex.put(replace(dprime, images=images)),
-                       ex.put(search), base.layer, cfg)
+    shared = dprime_for_workers(dprime, dprime_via) if ex.remote else dprime   # in this process: D' as it is
+    source = RMCSource(ex.put_model(base.model), ex.put(shared), ex.put(search), base.layer, cfg)
     _run_streams(ex, source, streams, block, batch, progress, on_record, fault, f"RMC {base.name} ({ex.where})")
     for job, _ in opened:
         records = (r for st in streams if st.job is job for r in st.kept)
@@ -401,7 +426,8 @@ def evaluate(bases: Sequence[BaseModel], dprime: DPrime, eval_sets: Sequence, cf
              num_classes: int, n: int | None = None, with_rmc: bool = True, progress: bool = True,
              ray: str | None = None, workers: int | None = None, shards: int = 1, batch: int = 1,
              block: int | None = None, on_record: Callable[[str, dict], None] | None = None,
-             fault: Callable[[], None] | None = None, rmc_n: int | None = None) -> dict:
+             fault: Callable[[], None] | None = None, rmc_n: int | None = None,
+             dprime_via: DPrimeVia | str | None = None) -> dict:
     """{base name: {set name: {defense: records}}} for every base model and evaluation set: the baselines on the
     first `n` inputs of each set (None: all), RMC on the first `rmc_n` of those (None: as many).
 
@@ -410,6 +436,7 @@ def evaluate(bases: Sequence[BaseModel], dprime: DPrime, eval_sets: Sequence, cf
     ignores it). `batch` > 1 (episodic, in this process) adapts that many inputs at once, with the same results.
     `block`: inputs per task (default: see the module docstring). `on_record(set name, record)` is called after
     each RMC record is on disk; `fault()`, if given, by each task after its first input (tests kill workers with it).
+    `dprime_via`: how Ray's workers get D''s images (DPrimeVia; None: from the store's path when D' is on disk).
     """
     check_work_split(batch, cfg, ray, shards, block)
     for base in bases:   # before any work, not in a worker hours later
@@ -419,7 +446,7 @@ def evaluate(bases: Sequence[BaseModel], dprime: DPrime, eval_sets: Sequence, cf
     with executor(ray, workers) as ex:
         return {base.name: _evaluate_base(ex, base, dprime, NeighbourSearch(base.features, dprime), eval_sets, cfg,
                                           Path(out_dir), num_classes, n, with_rmc, progress, shards, batch, block,
-                                          on_record, fault, rmc_n)
+                                          on_record, fault, rmc_n, dprime_via)
                 for base in bases}
 
 
@@ -433,6 +460,6 @@ def evaluate_set(base: BaseModel, dprime: DPrime, search: NeighbourSearch, eval_
                               progress)[eval_set.name]
 
 
-__all__ = ["BASELINES", "BaseModel", "MAX_BLOCK", "NeighbourSearch", "SetJob", "check_work_split", "evaluate",
-           "evaluate_set", "finished_results", "online_streams", "open_set", "results_folder", "rmc_task",
-           "stream_fingerprint", "stream_names", "stream_plan"]
+__all__ = ["BASELINES", "BaseModel", "DPrimeVia", "MAX_BLOCK", "NeighbourSearch", "SetJob", "check_work_split",
+           "dprime_for_workers", "evaluate", "evaluate_set", "finished_results", "online_streams", "open_set",
+           "results_folder", "rmc_task", "stream_fingerprint", "stream_names", "stream_plan"]

@@ -2,8 +2,9 @@
 
 Drawn from the per-input records the attacks write (`attack.jsonl`: `round_preds`, RMC's prediction of each
 round's candidate in the attacker's trial). After round r an input counts as correct if no round 1..r fooled RMC.
-For `chen2022` those trials use the attacker's own random keys (RMC's are unknown to it), so the curve is the
-attacker's view; the point at the right is the fresh re-score, what the table shows.
+For `chen2022` those trials run on the attacker's own RMC copy under its own random keys, so the curve is the
+attacker's view; the point at the right is the scored pass (a separate RMC pass over the chosen inputs), what the
+table shows.
 
     python -m rmc.evaluation.rounds_figure OUT.png NAME=RESULTS_DIR [NAME=RESULTS_DIR ...]
 
@@ -37,7 +38,7 @@ def accuracy_by_round(attack_records: list[dict], rounds: int) -> list[float]:
 
 def save_rounds_figure(panels: dict[str, dict[str, tuple[list[dict], list[dict]]]], rounds: int,
                        path: str | Path) -> Path:
-    """panels: base name -> {row label: (attack records, re-scored RMC records)}; one PNG, one panel per base."""
+    """panels: base name -> {row label: (attack records, scored RMC records)}; one PNG, one panel per base."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -51,12 +52,12 @@ def save_rounds_figure(panels: dict[str, dict[str, tuple[list[dict], list[dict]]
                             label=label, color=f"C{i // 2 if len(curves) > 1 else 0}")
             final = 100 * np.mean([r["pred"] == r["label"] for r in rescored])
             ax.plot([rounds + 1], [final], marker="*", ms=10, color=line.get_color(), ls="none")
-        ax.set_xticks(list(xs) + [rounds + 1], [str(x) for x in xs] + ["re-\nscore"])
+        ax.set_xticks(list(xs) + [rounds + 1], [str(x) for x in xs] + ["scored\npass"])
         ax.set_xlabel("round")
         ax.set_title(f"{base} (N = {len(attack)})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
-    axes[0][0].set_ylabel("RMC accuracy % (attacker's trials; star: fresh re-score)")
+    axes[0][0].set_ylabel("RMC accuracy % (attacker's trials; star: scored pass)")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

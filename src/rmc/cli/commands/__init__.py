@@ -45,6 +45,9 @@ def add_model_and_data_arguments(p: argparse.ArgumentParser) -> None:
     add_trust_arch_argument(p)
     p.add_argument("--dataset", help="data set (default: the one the model was trained on)")
     p.add_argument("--data-dir", help="directory holding the data set (default: its standard location)")
+    p.add_argument("--resize", type=int, default=None, metavar="SIDE",
+                   help="imagefolder: shorter side before the centre crop to the model's input size (default: "
+                        "crop * 256 / 224, 256 for 224)")
     add_device_argument(p)
 
 
@@ -58,7 +61,9 @@ def model_and_split(args, split: str):
     dataset = args.dataset or info.dataset
     if not dataset:
         raise RMCError(f"{args.model} does not record its data set; pass --dataset")
-    data = load_dataset(dataset, split, args.data_dir)
+    # An image folder is cropped to the model's input size; other data sets have theirs.
+    data = load_dataset(dataset, split, args.data_dir, image_size=int(info.input_shape[-1]),
+                        resize=getattr(args, "resize", None))
     check_model_data(info, data, f"the {split} set")
     return model, info, data
 
@@ -91,6 +96,10 @@ def add_ray_arguments(p: argparse.ArgumentParser, shards: bool = False) -> None:
                        help="online RMC: cut each test stream into S independent streams, each with its own "
                             "adapted state (run in parallel with --ray). Online results depend on S; S is recorded "
                             "in the results. Episodic mode ignores it (default: %(default)s)")
+        p.add_argument("--dprime-via", choices=["path", "object-store"], default=None,
+                       help="with --ray: how workers get the D' images: read from the store's path, which every worker "
+                            "must see at the same path (a shared file system; the default), or through Ray's object "
+                            "store (a cluster without one; D' must fit in memory)")
         p.add_argument("--block", type=int, default=None, metavar="B",
                        help="with --ray: inputs per task (online: the state is saved after each task, so a stopped "
                             "run redoes at most B inputs per stream; default: about four tasks per worker, <= 16)")

@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="images per unit of work; resuming restarts at most one chunk (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=_D.batch_size, help="PGD batch size (default: %(default)s)")
     p.add_argument("--train-subset", type=int, default=None, help="use this many seeded-random training images only")
+    p.add_argument("--per-class", type=int, default=None, metavar="N",
+                   help="use at most N seeded-random training images of each class (before --train-subset)")
     p.add_argument("--label", choices=ATTACK_LABELS, default=_D.label,
                    help="what PGD attacks: the static model's prediction (the original) or the true label; copies "
                         "are stored with the true label either way (default: %(default)s)")
@@ -43,14 +45,15 @@ def main(args) -> int:
     config = AugmentConfig(steps=tuple(args.steps), eps=parse_number(args.eps, "--eps"),
                            step_size=parse_number(args.step_size, "--step-size"),
                            random_start=not args.no_random_start, seed=args.seed, chunk_size=args.chunk_size,
-                           batch_size=args.batch_size, train_subset=args.train_subset, label=args.label).validate()
+                           batch_size=args.batch_size, train_subset=args.train_subset, label=args.label,
+                           per_class=args.per_class).validate()
     model, info, train = model_and_split(args, "train")
     started = time.perf_counter()
     with hold(args.ray, args.workers, args.ray_timeout):   # a cluster that does not answer fails here, in seconds
         store = build_dprime_store(model, info, train, args.out, config, progress=not args.quiet, ray=args.ray,
                                    workers=args.workers)
     seconds = time.perf_counter() - started
-    size = sum(f.stat().st_size for f in store.path.iterdir() if f.is_file())
+    size = sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file())
     counts = ", ".join(f"{k} {v}" for k, v in store.manifest["counts"].items())
     print(f"D' of {len(store)} images ({counts}) in {store.path}: {size / 2**20:.1f} MiB, "
           f"{seconds:.0f} s, fingerprint {store.fingerprint[:12]}")

@@ -94,7 +94,7 @@ def main(args) -> int:
     with hold(args.ray, args.workers, args.ray_timeout):   # a cluster that does not answer fails here, in seconds
         results = evaluate([base], dprime, sets, cfg.rmc, out / "results", info.num_classes, n=args.n,
                            rmc_n=args.rmc_n, with_rmc=not args.no_rmc, ray=args.ray, workers=args.workers,
-                           shards=args.shards, block=args.block, batch=args.batch)
+                           shards=args.shards, block=args.block, batch=args.batch, dprime_via=args.dprime_via)
     notes = {s.name: "clean" if s.attack.get("kind") == "clean" else "transfer" for s in sets}
     table = Table.from_results(results, notes)
     if attack_rows:

@@ -87,7 +87,7 @@ def main(args) -> int:
         sys.stdout.write(documented_yaml(cfg))
         return 0
     table = run_pipeline(cfg, args.out, ray=args.ray, workers=args.workers, shards=args.shards, batch=args.batch,
-                         block=args.block, ray_timeout=args.ray_timeout)
+                         block=args.block, dprime_via=args.dprime_via, ray_timeout=args.ray_timeout)
     print()
     print(table.plain())
     print(f"results: {args.out}/results.md, {args.out}/results.json; neighbours: {args.out}/neighbours.png; "
