@@ -273,7 +273,9 @@ def load_outcomes(path: Path) -> dict[str, Outcome]:
         return {}
     names = {m.name for m in MUTATIONS}
     saved = read_json(path, "mutation results").get("outcomes", [])
-    return {o["name"]: Outcome(**{k: v for k, v in o.items() if k != "caught"}) for o in saved if o["name"] in names}
+    what = {m.name: m.what for m in MUTATIONS}   # the wording of the list as it is now
+    return {o["name"]: Outcome(**{**{k: v for k, v in o.items() if k != "caught"}, "what": what[o["name"]]})
+            for o in saved if o["name"] in names}
 
 
 if __name__ == "__main__":

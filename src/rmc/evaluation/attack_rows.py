@@ -9,7 +9,9 @@ case per input, for one base model (standard or adversarially trained), static a
   (rmc.evaluation.driver.evaluate_set, keys = the row's name and the input's position), and that is what the table
   shows, beside the attack's own verdict and their agreement per input. `chen2022`'s attacker never drew those
   keys (its own RMC copy, its own keys: the pass is an independent re-score, as Chen et al.'s); `strong`'s attacker
-  is that very stream (its exact state and keys), so there the pass replays the attack and agrees by construction.
+  is that very stream (its exact state and keys), so there the pass replays the attack: they agree except where the
+  last bits of an input's features (computed alone in the attack, in one batch in the pass) break a near-tie among
+  its neighbours the other way.
 
 Layout under the results directory:
     <base>/attack-sets/            the crafted inputs (evaluation-set format: reusable by `rmc evaluate`)
@@ -253,12 +255,20 @@ def _aware_row(kind, protocol, made: EvalSet, label: str, folder: Path, n: int, 
             "verdict_correct": sum(a["pred"] == a["label"] for a in attack_records), "agree": len(agree), "n": n,
             "kind": kind, "protocol": protocol, "attacker": acfg.lane(protocol).attacker_rmc, "rounds": acfg.rounds,
             "attack_records": attack_records, "rounds_run": sum(a.get("rounds", 0) for a in attack_records)}
-    # Per input, the attack's verdict beside the score (the table's agreement column, input by input).
-    write_json(folder / AGREEMENT_FILE, {
+    # Per input, the attack's verdict beside the score (the table's agreement column, input by input); a re-run
+    # that changes nothing leaves the file as it is, as it leaves the records.
+    agreement = {
         "attacker": info["attacker"], "n": n, "attack_verdict_correct": info["verdict_correct"],
         "score_correct": sum(r["pred"] == r["label"] for r in records["rmc"]), "agree": len(agree),
         "inputs": [{"index": a["index"], "label": a["label"], "attack_pred": a["pred"],
-                    "score_pred": scored.get(a["index"])} for a in attack_records]})
+                    "score_pred": scored.get(a["index"])} for a in attack_records]}
+    path = folder / AGREEMENT_FILE
+    try:
+        same = json.loads(path.read_text()) == json.loads(json.dumps(agreement))
+    except (OSError, ValueError):   # absent or damaged: (re)written from the records
+        same = False
+    if not same:
+        write_json(path, agreement)
     # The static model's accuracy on a sequence crafted against RMC is no attack on it: RMC column only.
     return AttackRow(made.name, label, AWARE, {"rmc": records["rmc"]}, info)
 
@@ -329,8 +339,10 @@ NOTES = [
     "online state and keys; the scored pass replays it), margin loss, more iterations and random restarts, then "
     "chen2022's rounds when its own fail: never weaker than chen2022 from the same state and keys.",
     "\"RMC: attack's verdict\": RMC's accuracy as the attacker's own RMC judged the chosen inputs. \"RMC: verdict = "
-    "score\": the % of inputs on which that verdict equals the scored pass's prediction (100 by construction for "
-    "[strong]; for [chen2022] it measures how far RMC's own randomness and drifting state decide the outcome).",
+    "score\": the % of inputs on which that verdict equals the scored pass's prediction. [strong]: 100 but for a "
+    "near-tie among an input's neighbours that the last bits of its features (computed alone in the attack, in one "
+    "batch in the scored pass) break the other way; [chen2022]: how far RMC's own randomness and drifting state "
+    "decide the outcome.",
     "AutoAttack's own check flags RMC as a dynamic defense (its forward pass fine-tunes the network), and "
     "RobustBench does not list defenses with an optimisation loop in the forward pass. Transfer AutoAttack attacks "
     "only the static model; the AutoAttack rand row (if any) attacks episodic stateless RMC through gradients "
