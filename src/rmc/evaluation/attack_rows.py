@@ -21,6 +21,7 @@ Layout under the results directory:
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -265,7 +266,7 @@ def _aware_row(kind, protocol, made: EvalSet, label: str, folder: Path, n: int, 
     path = folder / AGREEMENT_FILE
     try:
         same = json.loads(path.read_text()) == json.loads(json.dumps(agreement))
-    except (OSError, ValueError):   # absent or damaged: (re)written from the records
+    except (OSError, ValueError, RecursionError):   # absent or damaged: (re)written from the records
         same = False
     if not same:
         write_json(path, agreement)
