@@ -22,8 +22,16 @@ from rmc.errors import RMCError
 from rmc.io import atomic_path, check_free_space, read_json, write_json
 from rmc.models.checkpoint import ModelInfo
 from rmc.models.features import FeatureHook, default_layer
+from rmc.schema import Const, Int, Obj, Str, check
 
 FORMAT = "rmc-features/1"
+MAX_ROWS = 1 << 40         # feature rows at most
+MAX_DIM = 1 << 31          # feature dimensions at most
+# The fields rmc reads back from a sidecar; others (make_provenance's extras) are kept as they are.
+SIDECAR = Obj({"format": Const(FORMAT), "model_sha256": Str(max_len=128, empty=False),
+               "layer": Str(max_len=300, empty=False), "source": Str(max_len=1000, empty=False),
+               "count": Int(0, MAX_ROWS), "dim": Int(1, MAX_DIM), "dtype": Const("float32")},
+              {"model_arch": Str(max_len=300), "rmc_version": Str(max_len=100)})
 
 
 def store_source(store) -> str:
@@ -149,6 +157,7 @@ def load_features(path: str | Path, expect_model_sha256: str | None = None, expe
     prov = read_json(side, "feature provenance")
     if not isinstance(prov, dict) or prov.get("format") != FORMAT:
         raise RMCError(f"{side} is not an rmc feature sidecar ({FORMAT}); re-run `rmc features`")
+    check(prov, SIDECAR, side, "re-run `rmc features`")
     checks = (("model", "model_sha256", expect_model_sha256), ("layer", "layer", expect_layer),
               ("source", "source", expect_source))
     wrong = [(what, prov.get(key), want) for what, key, want in checks if want is not None and prov.get(key) != want]

@@ -6,6 +6,7 @@ and in those of training, store and core), each with a comment saying what it do
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import inspect
@@ -345,8 +346,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path | None = None, preset: str = "default",
-                overrides: list[tuple[str, Any]] | None = None) -> RunConfig:
-    """Defaults, then the preset, then the YAML file, then command-line overrides (later wins)."""
+                overrides: list[tuple[str, Any]] | None = None,
+                flags: list[tuple[str, Any]] | None = None) -> RunConfig:
+    """Defaults, then the preset, then the YAML file, then `overrides` (--set), then `flags` (a command's own flags
+    such as --mode; later wins). Without the flags the configuration must be valid too: a value a flag replaces
+    is still refused when it is invalid (`--set rmc.mode=foo --mode episodic` is an error, not a silent drop)."""
     if preset not in PRESETS:
         raise RMCError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     tree: dict = {}
@@ -372,6 +376,11 @@ def load_config(path: str | Path | None = None, preset: str = "default",
             for key, value in values.items():
                 _set(tree, f"{section}.{key}", value)
     for key, value in overrides or []:
+        _set(tree, key, value)
+    if not flags:
+        return _build(RunConfig, tree, "config")
+    _build(RunConfig, copy.deepcopy(tree), "config")
+    for key, value in flags:
         _set(tree, key, value)
     return _build(RunConfig, tree, "config")
 

@@ -40,12 +40,19 @@ from rmc.errors import RMCError
 from rmc.evaluation import batch_defense
 from rmc.evaluation.attack_rows import attack_table, evaluate_attacks, wants_attack_rows
 from rmc.evaluation.common import BaseModel, digest
-from rmc.evaluation.driver import check_work_split, compute_paths, evaluate, finished_results, online_streams
+from rmc.evaluation.driver import (
+    check_work_split,
+    compute_paths,
+    evaluate,
+    finished_results,
+    online_streams,
+    results_folder,
+)
 from rmc.evaluation.report import Table
 from rmc.evaluation.visualize import neighbour_grid
-from rmc.io import read_json, write_json, write_text
+from rmc.io import write_json, write_text
 from rmc.models import default_layer, load_checkpoint, save_checkpoint
-from rmc.models.checkpoint import meta_path
+from rmc.models.checkpoint import meta_path, read_metadata
 from rmc.scaleout.executors import hold
 from rmc.training import TrainConfig, train_model
 
@@ -79,7 +86,7 @@ def ensure_model(path: Path, train, test, cfg, log):
     """Load the base model at `path` if it was trained with `cfg`; else train and save it."""
     want = to_dict(cfg)
     if path.exists() and meta_path(path).exists():
-        meta = read_json(meta_path(path), "model metadata")
+        meta = read_metadata(path)
         if settled(training_settings(meta.get("config") or {})) != settled(training_settings(want)):
             raise RMCError(f"{path} was trained with other settings; use a new --out or delete {path.parent}")
         model, info = load_checkpoint(path, cfg.device, trust_arch=cfg.arch)   # the run's own config names it
@@ -129,14 +136,16 @@ def ensure_eval_sets(model, info, test, cfg, folder: Path):
 
 def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = print,
                  with_rmc: bool = True, ray: str | None = None, workers: int | None = None,
-                 shards: int = 1, batch: int = 1, block: int | None = None, dprime_via: str | None = None) -> Table:
+                 shards: int = 1, batch: int = 1, block: int | None = None, dprime_via: str | None = None,
+                 ray_timeout: float | None = None) -> Table:
     """`ray` ("local" or a cluster address): augmentation chunks and RMC's per-input work run as Ray tasks (one Ray
-    session for the whole run); `shards`: independent online streams per test stream, `batch`: episodic inputs
-    adapted at once, `dprime_via`: how Ray's workers get D' (see rmc.evaluation.driver)."""
+    session for the whole run; joining a cluster gives up after `ray_timeout` seconds); `shards`: independent online
+    streams per test stream, `batch`: episodic inputs adapted at once, `dprime_via`: how Ray's workers get D' (see
+    rmc.evaluation.driver)."""
     check_work_split(batch, cfg.rmc, ray, shards, block)      # before hours of work, not after
     validate_before_work(cfg)                                 # and before config.yaml is written
     t0 = time.perf_counter()
-    with hold(ray, workers) as slots:
+    with hold(ray, workers, ray_timeout) as slots:
         if ray is not None:
             log(f"[ray] {slots} workers ready in {time.perf_counter() - t0:.1f} s ({ray})")
         return _run(cfg, Path(out), log, with_rmc, ray, workers, shards, batch, block, dprime_via)
@@ -188,7 +197,7 @@ def _finished_batch(done: dict, batch: list[str], cfg: RunConfig, sha256: str, b
     for defense in batch:
         for s in sets:
             n = len(s.images[:cfg.attack.n])
-            path = rows_dir / base / s.name / f"{defense}.json"
+            path = results_folder(rows_dir, base, s.name) / f"{defense}.json"
             recs = batch_defense.finished(path, batch_defense.fingerprint(sha256, defense, cfg.settings(defense), s, n),
                                           n)
             if recs is None:

@@ -43,7 +43,8 @@ from rmc.errors import RMCError
 from rmc.evaluation import batch_defense
 from rmc.evaluation.aware_stream import AwareStream
 from rmc.evaluation.common import BaseModel, NeighbourSearch, digest
-from rmc.evaluation.driver import evaluate_set
+from rmc.evaluation.driver import evaluate_set, results_folder
+from rmc.evaluation.records import read_records
 from rmc.evaluation.report import Cell, Table, cell_from_records, row_label
 from rmc.evaluation.stats import Rate
 from rmc.io import write_json
@@ -162,7 +163,7 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
     x, y = clean.images[:n], clean.labels[:n]
     search = NeighbourSearch(base.features, dprime)
     names, labels = set_names(acfg), row_labels(acfg, n)
-    sets_dir = out_dir / base.name / "attack-sets"
+    sets_dir = results_folder(out_dir, base.name, "attack-sets")
     base.model.eval()
     rows: list[AttackRow] = []
 
@@ -210,7 +211,7 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
     aware = [(kind, protocol) for kind in acfg.attacks for protocol in acfg.protocols] if RMC in defenses else []
     metas = {a: _aware_meta(*a, clean, base, cfg, acfg, n) for a in aware}
     pending = {a: AwareStream(*a, names[aware_key(*a)], base, dprime, search, x, y, cfg, acfg,
-                              out_dir / base.name / names[aware_key(*a)], evalset_source(clean))
+                              results_folder(out_dir, base.name, names[aware_key(*a)]), evalset_source(clean))
                for a in aware if _cached_set(sets_dir, names[aware_key(*a)], base, metas[a]) is None}
     if pending:
         _attack_in_turn(pending, n, labels, base.name, cfg, progress, log)
@@ -219,7 +220,8 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
         stream = pending.get(a)
         # only called when the set is not cached, that is when it was attacked above
         made = ensure(name, metas[a], lambda: cast(AwareStream, stream).adv)   # noqa: B023 (called at once)
-        rows.append(_aware_row(*a, made, labels[aware_key(*a)], out_dir / base.name / name, n, acfg, score))
+        rows.append(_aware_row(*a, made, labels[aware_key(*a)], results_folder(out_dir, base.name, name), n, acfg,
+                               score))
     for name in batch:
         rows += _batch_aware_rows(name, settings[name], base, clean, x, y, acfg, brows, n, num_classes, out_dir,
                                   sets_dir, progress, log)
@@ -263,8 +265,7 @@ def _aware_row(kind, protocol, made: EvalSet, label: str, folder: Path, n: int, 
     t0 = time.perf_counter()
     records = score(made)
     stream_path = folder / "attack.jsonl"
-    attack_records = [json.loads(line) for line in stream_path.read_text().splitlines() if line.strip()][:n] \
-        if stream_path.exists() else []
+    attack_records = read_records(stream_path)[:n] if stream_path.exists() else []
     scored = {r["index"]: r["pred"] for r in records[RMC]}
     agree = [a["index"] for a in attack_records if scored.get(a["index"]) == a["pred"]]
     attack_s = sum(a.get("seconds", 0) for a in attack_records)
@@ -290,7 +291,7 @@ def _write_agreement(folder: Path, info: dict, attack_records: list[dict], score
     path = folder / AGREEMENT_FILE
     try:
         same = json.loads(path.read_text()) == json.loads(json.dumps(agreement))
-    except (OSError, ValueError):   # absent or damaged: (re)written from the records
+    except (OSError, ValueError, RecursionError):   # absent or damaged: (re)written from the records
         same = False
     if not same:
         write_json(path, agreement)
@@ -368,7 +369,7 @@ def _batch_aware_rows(name: str, settings: Any, base: BaseModel, clean: EvalSet,
                                 fallback=lane.fallback, attack_seed=acfg.seed, **{name: asdict(settings)})
             set_name = (f"{name}-{kind}-{protocol}-r{brows.rounds}-pgd{lane.steps}-eps{_num(acfg.eps)}-"
                         f"{digest(meta)[:6]}")
-            folder = out_dir / base.name / set_name
+            folder = results_folder(out_dir, base.name, set_name)
             made = _cached_set(sets_dir, set_name, base, meta)
             stream = batch_defense.BatchAwareStream(name, settings, kind, protocol, base, x, y, acfg, brows, folder,
                                                     evalset_source(clean), num_classes)

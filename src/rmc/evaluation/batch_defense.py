@@ -24,9 +24,14 @@ from rmc.attacks.protocols import AttackRowsConfig
 from rmc.defense.registry import DEFENSES, BuildContext
 from rmc.errors import RMCError
 from rmc.evaluation.common import BaseModel, digest
-from rmc.evaluation.records import RecordStream
+from rmc.evaluation.driver import results_folder
+from rmc.evaluation.records import FIX, RECORD, RecordStream
 from rmc.interface import Adaptation, Defense
 from rmc.io import read_json, write_json
+from rmc.paths import safe_name
+from rmc.schema import ListOf, Obj, Str, check
+
+SAVED = Obj({"fingerprint": Str(max_len=200), "records": ListOf(RECORD)})   # <set>/<defense>.json
 
 # Settings of the attack rows that do not change a batch defense's defense-aware row (so changing them keeps it).
 _NOT_IN_FINGERPRINT = ("attacks", "protocols", "autoattack", "transfer_pgd", "n", "rand_n", "rand_eot", "rand_steps",
@@ -70,15 +75,12 @@ def finished(path: Path, fingerprint: str, n: int) -> list[dict] | None:
     with other settings is refused (as every record stream)."""
     if not path.exists():
         return None
-    saved = read_json(path, "defense records")
-    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
+    saved = check(read_json(path, "defense records"), SAVED, path, FIX)
+    if saved["fingerprint"] != fingerprint:
         raise RMCError(f"{path} was made with other settings (model, data or config); use a new output directory "
                        "or delete it")
-    recs = saved.get("records")
-    if not isinstance(recs, list) or len(recs) != n or [r.get("index") if isinstance(r, dict) else None
-                                                        for r in recs] != list(range(n)):
-        return None
-    return recs
+    recs = saved["records"]
+    return recs if [r["index"] for r in recs] == list(range(n)) else None
 
 
 def evaluate_set(name: str, settings: Any, base: BaseModel, eval_set, out_dir: Path, n: int | None = None,
@@ -87,7 +89,7 @@ def evaluate_set(name: str, settings: Any, base: BaseModel, eval_set, out_dir: P
     `out_dir/<base>/<set>/<name>.json`; a finished file made with the same settings is read instead."""
     x, y = eval_set.images[:n], eval_set.labels[:n]
     t = None if eval_set.targets is None else eval_set.targets[:n]
-    path = Path(out_dir) / base.name / eval_set.name / f"{name}.json"
+    path = results_folder(Path(out_dir), base.name, eval_set.name) / f"{safe_name(name, 'defense name')}.json"
     fp = fingerprint(base.sha256, name, settings, eval_set, len(x), reorder)
     done = finished(path, fp, len(x))
     if done is not None:

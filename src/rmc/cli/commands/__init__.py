@@ -89,6 +89,9 @@ def add_ray_arguments(p: argparse.ArgumentParser, shards: bool = False) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="with --ray: at most this many tasks at a time (a local Ray gets this many CPUs; "
                         "default: all CPUs)")
+    p.add_argument("--ray-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --ray ADDRESS: give up joining a cluster that does not answer after this long "
+                        "(default: 15)")
     if shards:
         p.add_argument("--shards", type=int, default=1, metavar="S",
                        help="online RMC: cut each test stream into S independent streams, each with its own "
@@ -106,6 +109,8 @@ def add_ray_arguments(p: argparse.ArgumentParser, shards: bool = False) -> None:
 def check_ray_arguments(args) -> None:
     if getattr(args, "workers", None) is not None and args.ray is None:
         raise RMCError("--workers only applies with --ray (add --ray to run on a local Ray)")
+    if getattr(args, "ray_timeout", None) is not None and args.ray is None:
+        raise RMCError("--ray-timeout only applies with --ray ADDRESS")
 
 
 def add_batch_argument(p: argparse.ArgumentParser) -> None:
