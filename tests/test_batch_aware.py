@@ -233,3 +233,18 @@ def test_bad_batch_row_settings_are_refused_in_one_line(bad, match):
     with pytest.raises(RMCError, match=match) as e:
         BatchRowsConfig(**bad)
     assert "\n" not in str(e.value)
+
+
+def test_a_damaged_or_foreign_records_file_is_refused_in_one_line(tmp_path):
+    from rmc.evaluation.batch_defense import finished
+    path = tmp_path / "dent.json"
+    assert finished(path, "fp", 2) is None                                           # not there: compute
+    path.write_text('{"fingerprint": "fp", "records": [{"index": 0, "label": 1, "pred": "x"}]}')
+    with pytest.raises(RMCError, match=r"records\[0\]\.pred") as e:
+        finished(path, "fp", 1)
+    assert "\n" not in str(e.value)
+    path.write_text('{"fingerprint": "other", "records": []}')
+    with pytest.raises(RMCError, match="other settings"):
+        finished(path, "fp", 0)
+    path.write_text('{"fingerprint": "fp", "records": [{"index": 0, "label": 1, "pred": 1}]}')
+    assert finished(path, "fp", 2) is None and finished(path, "fp", 1) == [{"index": 0, "label": 1, "pred": 1}]
