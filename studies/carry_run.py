@@ -146,10 +146,20 @@ def restore(src: Path, run: Path) -> list[str]:
     index_path = src / INDEX
     if not index_path.is_file():
         sys.exit(f"error: {src} holds no {INDEX}; give a folder written by `carry_run.py save`")
-    index = json.loads(index_path.read_text())
+    from rmc.errors import RMCError
+    from rmc.io import read_json
+    from rmc.paths import inside
+    from rmc.schema import SHA256, MapOf, Obj, Str, check
     added, kept = [], []
-    for rel, meta in index["files"].items():
-        source, target = src / rel, run / rel
+    try:   # the folder comes from git: its index names files to write into RUN, so none may lead out of it
+        index = check(read_json(index_path, "carry index"), Obj({"files": MapOf(Str(empty=False), Obj(
+            {"sha256": SHA256}))}), index_path, "check the carried folder out again from git")
+        pairs = [(rel, meta, inside(src, rel, "a carried file", index_path), inside(run, rel, "a carried file",
+                                                                                       index_path))
+                 for rel, meta in index["files"].items()]
+    except RMCError as e:
+        sys.exit(f"error: {e}")
+    for rel, meta, source, target in pairs:
         if _sha256(source) != meta["sha256"]:
             sys.exit(f"error: {source} does not match its hash in {index_path}; the carried folder is damaged: "
                      "check it out again from git")

@@ -1,6 +1,7 @@
 """Issue 15's case sweep: bad inputs and faults thrown at `rmc` as a new user would, each classified.
 
-    PYTHONPATH=src python studies/fault_sweep.py [--root /tmp/f15-sweep] [--only SUBSTRING] [--json out.json]
+    PYTHONPATH=src python studies/fault_sweep.py [--root /tmp/f15-sweep] [--only SUBSTRING] [--groups G ...]
+        [--json out.json]
 
 A tiny digits workspace (model, evaluation sets, D', features) is made once with the CLI; each case copies what it
 needs into its own folder, damages or misuses it, runs `python -m rmc ...` in a subprocess (or calls the Python API),
@@ -12,6 +13,8 @@ and is classified:
     traceback  a Python traceback
     wrong      exit 0 where a refusal was due, or a result that is not right (silently wrong)
     lost       a finished file the case must not touch changed, or something half-written was left
+    outside    something was written outside the case's output (its --out, `<out>.partial` and the lock beside it):
+               anywhere else in the case's folder or beside it
 
 Disk-full and read-only cases mount small tmpfs file systems (needs root; skipped otherwise).
 """
@@ -57,6 +60,7 @@ class Case:
     api: Callable[[Path], object] | None = None       # a Python-API case instead of a command
     custom: Callable[[Path], Result] | None = None    # a case that runs its own commands
     root_only: bool = False
+    writes: list[str] = field(default_factory=list)   # outputs of a case besides its --out (folder-relative)
 
 
 class Sweep:
@@ -119,6 +123,8 @@ class Sweep:
     def run_case(self, case: Case) -> tuple[str, str]:
         d = self.prepare(case)
         before = {p: _hash(d / p) for p in case.protect}
+        allowed = _outputs(case)
+        around = _listing(self.root / "cases", d, allowed)
         try:
             if case.api is not None:
                 return self._api(case, d)
@@ -130,6 +136,10 @@ class Sweep:
                 res = self.rmc(argv, d)
         except subprocess.TimeoutExpired:
             return "wrong", "timed out"
+        after = _listing(self.root / "cases", d, allowed)
+        outside = sorted(k for k in set(around) | set(after) if around.get(k) != after.get(k))
+        if outside:
+            return "outside", f"written outside the output: {outside[:4]}"
         lost = [p for p in case.protect if _hash(d / p) != before[p]]
         half = [str(p.relative_to(d)) for p in d.rglob("*.tmp")]
         return _classify(case, d, res, lost, half)
@@ -150,6 +160,30 @@ def _hash(p: Path) -> str:
     if p.is_dir():
         return hashlib.sha256("".join(_hash(f) + f.name for f in sorted(p.iterdir())).encode()).hexdigest()
     return hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else "absent"
+
+
+def _outputs(case: Case) -> set[str]:
+    """What a case may write in its folder: its --out (and `<out>.partial`, the lock beside it), the tmpfs of the
+    disk cases, and what a case's own commands write (`writes`)."""
+    outs = {"out", "small", *case.writes}
+    argv = case.argv or []
+    outs |= {argv[i + 1].format(O="out", S="dprime") for i, a in enumerate(argv[:-1]) if a == "--out"}
+    outs |= {o.removesuffix(".safetensors") + ".json" for o in outs if o.endswith(".safetensors")}   # sidecars
+    top = {Path(o).parts[0] for o in outs if o and not Path(o).is_absolute()}
+    return top | {f"{o}.partial" for o in top} | {f".{o}.rmc-lock" for o in top}
+
+
+def _listing(cases: Path, d: Path, allowed: set[str]) -> dict[str, str]:
+    """Every path under the sweep's case folders (the case's own files with their content) but the case's outputs:
+    a write outside them (an escape above the case folder included) changes it."""
+    out = {}
+    for p in cases.rglob("*"):
+        rel = p.relative_to(cases)
+        if rel.parts[0] == d.name and (len(rel.parts) == 1 or rel.parts[1] in allowed):
+            continue
+        mine = rel.parts[0] == d.name and p.is_file() and not p.is_symlink()
+        out[str(rel)] = _hash(p) if mine else ("link" if p.is_symlink() else "dir" if p.is_dir() else "file")
+    return out
 
 
 def _classify(case: Case, d: Path, res: Result, lost: list[str], half: list[str]) -> tuple[str, str]:
@@ -295,12 +329,13 @@ def _api_setup(d: str):
     torch.set_num_threads(1)
     model, info = load_checkpoint(d / "m.safetensors")
     store = open_dprime_store(d / "dprime")
-    feats = load_features(d / "feats" / "dprime.npy")[0].numpy()
-    rmc = RMC(model, store.dprime(), NeighbourIndex(feats), RMCConfig(k=32, max_epochs=1, lr=1e-3, calib_k=32),
-              "block3")
+    feats, prov = load_features(d / "feats" / "dprime.npy")
+    layer = prov["layer"]   # the layer `rmc features` used (the model's default)
+    rmc = RMC(model, store.dprime(), NeighbourIndex(feats.numpy()), RMCConfig(k=32, max_epochs=1, lr=1e-3,
+                                                                               calib_k=32), layer)
     from rmc.artifacts.evalsets import load_eval_sets
     x = load_eval_sets(d / "sets", ["clean"])[0].images[:1]
-    return rmc, model, x, extract_features(model, "block3", x).numpy()
+    return rmc, model, x, extract_features(model, layer, x).numpy()
 
 
 def _state(rmc):
@@ -330,7 +365,7 @@ def _classifier(bad):
     def run(d):
         from rmc.defense.classifier import RMCClassifier
         rmc, model, x, _ = _api_setup(d)
-        clf = RMCClassifier(rmc, model, "block3", stateful=True)
+        clf = RMCClassifier(rmc, model, rmc.feature_layer, stateful=True)
         out = clf(bad(x))
         return tuple(out.shape) == (0, 10)
     return run
@@ -354,7 +389,7 @@ def _midstep_failure(d):
 def _k_too_large(d):
     from rmc.defense import RMC, RMCConfig
     rmc, model, _, _ = _api_setup(d)
-    RMC(model, rmc.dprime, rmc.index, RMCConfig(k=10 ** 6), "block3")
+    RMC(model, rmc.dprime, rmc.index, RMCConfig(k=10 ** 6), rmc.feature_layer)
 
 
 def _factory_from_sidecar(d):
@@ -389,6 +424,199 @@ API = {
     "api-rmc-k-exceeds-dprime": _k_too_large,
     "api-sidecar-factory": _factory_from_sidecar,
 }
+
+
+# ---------------------------------------------------------------- untrusted files (names, paths, links, schemas)
+
+def edit_index(change):
+    """Edit the case's evaluation-set index (`change(index)`), keeping every file as it is."""
+    def setup(d: Path) -> None:
+        index = json.loads((d / "sets" / "index.json").read_text())
+        change(index)
+        (d / "sets" / "index.json").write_text(json.dumps(index))
+    return setup
+
+
+def set_entry(**changes):
+    return edit_index(lambda ix: ix["sets"][0].update(changes))
+
+
+def set_attack(**changes):
+    return edit_index(lambda ix: ix["sets"][0]["attack"].update(changes))
+
+
+def link(path: str, target: str):
+    """`path` (case-relative) becomes a symbolic link to `target`, where what was at `path` is moved (an empty
+    folder if nothing was)."""
+    def setup(d: Path) -> None:
+        src, dst = d / path, d / target
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.exists():
+            shutil.move(src, dst)
+        elif not dst.exists():
+            dst.mkdir()
+        src.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(dst, src)
+    return setup
+
+
+KEY = "abcd1234"
+
+
+def run_dir(sweep: "Sweep", damage=None):
+    """A run directory as `rmc run` lays it out (the reference evaluation's records, the sets, results.json naming
+    its stage folders, config.yaml) at `run/`, then `damage(results_json_dict, run_path)`."""
+    def setup(d: Path) -> None:
+        run = d / "run"
+        shutil.copytree(sweep.ws / "reference" / "results" / "standard", run / "results" / KEY / "standard")
+        shutil.copytree(sweep.ws / "sets", run / "evalsets" / f"standard-{KEY}")
+        results = json.loads((sweep.ws / "reference" / "results.json").read_text())
+        results["stage_dirs"] = {"standard": {"evalsets": f"run/evalsets/standard-{KEY}",
+                                              "results": f"run/results/{KEY}/standard"}}
+        (run / "config.yaml").write_text("data:\n  dataset: digits\nrmc:\n  mode: online\n")
+        if damage is not None:
+            damage(results, run)
+        (run / "results.json").write_text(json.dumps(results))
+    return setup
+
+
+def _records_then(sweep: "Sweep", d: Path, damage) -> Result:
+    """The reference evaluation into out/, `damage(d)`, then the same command again (a resume)."""
+    argv = _fmt(ev())
+    r = sweep.rmc(argv, d)
+    if r.rc != 0:
+        return r
+    damage(d)
+    return sweep.rmc(argv, d)
+
+
+def _unreachable(sweep: "Sweep", d: Path, listening: bool, bound: float = 5) -> Result:
+    """evaluate --ray at a port where nothing listens, or where something that is no Ray answers; refused within
+    the bound (plus starting Python and Ray's import)."""
+    import socket
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    if listening:
+        srv.listen(8)
+    else:
+        srv.close()
+    t0 = time.perf_counter()
+    try:
+        r = sweep.rmc(_fmt(ev(extra=["--ray", f"127.0.0.1:{port}", "--ray-timeout", str(bound)])), d)
+    finally:
+        srv.close()
+    took = time.perf_counter() - t0
+    if took > bound + 25:
+        return Result(0, "", f"took {took:.0f} s, past the {bound:g} s bound")
+    return r
+
+
+def untrusted_cases(sweep: "Sweep") -> list[Case]:
+    """Files rmc did not write: names that would climb out, paths that escape, links, fields of the wrong type or
+    range, and a Ray cluster that does not answer. Refused in one line, and nothing written outside --out."""
+    C = []
+
+    def add(*a, **kw):
+        C.append(Case(*a, **kw))
+
+    protect = ["dprime", "sets", "feats", "m.safetensors", "m.json"]
+    evaluate_all = ev(sets=None)
+    # names read from files
+    for name, value in [("climbs-out", "../../../../x"), ("slash", "a/b"), ("absolute", "/tmp/rmc-x"),
+                        ("dot-dot", ".."), ("hidden", ".x"), ("empty", ""), ("newline", "a\nb"), ("long", "x" * 300),
+                        ("not-a-string", 5)]:
+        add(f"index-set-name-{name}", "names", evaluate_all, keyword="sets[0].name", setup=set_entry(name=value),
+            protect=protect)
+    add("index-set-name-twice", "names", evaluate_all, keyword="more than once",
+        setup=edit_index(lambda ix: ix["sets"].append(dict(ix["sets"][0]))))
+    add("manifest-copy-name-climbs-out", "names", ev(), keyword="copy_names",
+        setup=edit_json("dprime/manifest.json", copy_names=["clean", "../../x"]))
+    add("report-stage-dir-climbs-out", "names", ["report", "run", "--out", "out"], keyword="stage_dirs",
+        setup=run_dir(sweep, lambda r, run: r["stage_dirs"]["standard"].update(results="run/results/../../..")))
+    add("report-base-name-climbs-out", "names", ["report", "run", "--out", "out"], keyword="stage_dirs",
+        setup=run_dir(sweep, lambda r, run: r["stage_dirs"].update({"../../x": {"results": "a/b"}})))
+    add("evaluate-name-climbs-out", "names", ev(extra=["--name", "../../x"]), keyword="--name")
+    # paths read from files
+    for name, value in [("parent", "../m.safetensors"), ("deep", "../../y.safetensors"), ("absolute", "/etc/passwd"),
+                        ("subfolder", "a/clean.safetensors")]:
+        add(f"index-set-file-{name}", "paths", evaluate_all, keyword="sets[0].file", setup=set_entry(file=value),
+            protect=protect)
+    # links
+    add("index-set-file-links-out", "links", ev(), keyword="leads outside",
+        setup=link("sets/clean.safetensors", "elsewhere/clean.safetensors"))
+    add("results-folder-links-out", "links", ev(), keyword="leads outside",
+        setup=link("out/results/standard/clean", "elsewhere"), protect=["elsewhere"])
+    C.append(Case("record-file-links-out", "links", keyword="a record stream", protect=["victim.txt"],
+                  setup=write("victim.txt", "mine\n"),
+                  custom=lambda d: _records_then(sweep, d, lambda d: (
+                      (d / "out/results/standard/clean/rmc.jsonl").unlink(),
+                      os.symlink(d / "victim.txt", d / "out/results/standard/clean/rmc.jsonl")))))
+    add("report-set-folder-links-out", "links", ["report", "run", "--out", "out"], keyword="leads outside",
+        setup=run_dir(sweep, lambda r, run: (shutil.move(run / "results" / KEY / "standard" / "clean",
+                                                         run.parent / "clean-elsewhere"),
+                                             os.symlink(run.parent / "clean-elsewhere",
+                                                        run / "results" / KEY / "standard" / "clean"))))
+    add("report-figure-links-out", "links", ["report", "run", "--out", "out"], keyword="the neighbours figure",
+        setup=chain(run_dir(sweep), write("secret.png", b"\x89PNG"),
+                    lambda d: os.symlink(d / "secret.png", d / "run" / "neighbours.png")))
+    # fields of the wrong type, range or value
+    for name, setup, kw in [
+            ("index-kind-unknown", set_attack(kind="weird"), "attack.kind"),
+            ("index-eps-nan", set_attack(eps=float("nan")), "attack.eps"),
+            ("index-eps-huge", set_attack(eps=1e300), "attack.eps"),
+            ("index-targeted-text", set_attack(targeted="yes"), "attack.targeted"),
+            ("index-sets-not-a-list", edit_index(lambda ix: ix.update(sets={"a": 1})), "not an rmc evaluation-set"),
+            ("index-entry-lacks-sha", edit_index(lambda ix: ix["sets"][0].pop("sha256")), "sets[0].sha256"),
+            ("index-nested-too-deep", write("sets/index.json", "[" * 100000 + "]" * 100000), "nested too deeply"),
+            ("index-number-of-5000-digits", write("sets/index.json", '{"format": ' + "9" * 5000 + "}"),
+             "not valid JSON"),
+            ("manifest-counts-negative", edit_json("dprime/manifest.json", counts={"clean": -5, "pgd2": -5}),
+             "counts"),
+            ("manifest-total-text", edit_json("dprime/manifest.json", total="lots"), "total"),
+            ("manifest-shape-disagrees", edit_json("dprime/manifest.json", shape=[400, 1, 8, 9]), "agree"),
+            ("manifest-eps-nan", lambda d: edit_json("dprime/manifest.json", attack={
+                **json.loads((d / "dprime/manifest.json").read_text())["attack"], "eps": float("nan")})(d),
+             "attack.eps"),
+            ("sidecar-extra-key", edit_json("m.json", evil="x"), "evil"),
+            ("sidecar-input-shape-strings", edit_json("m.json", input_shape=["1", "8", "8"]), "input_shape"),
+            ("sidecar-accuracy-inf", edit_json("m.json", test_accuracy=float("inf")), "test_accuracy"),
+            ("sidecar-denoise-unknown", edit_json("m.json", denoise="magic"), "denoise"),
+            ("features-count-text", edit_json("feats/dprime.json", count="ten"), "count"),
+            ("features-layer-empty", edit_json("feats/dprime.json", layer=""), "layer")]:
+        add(name, "schema", evaluate_all, keyword=kw, setup=setup, protect=protect)
+    add("config-invalid-value-behind-a-flag", "schema", ev(extra=["--set", "rmc.mode=foo", "--mode", "episodic"]),
+        keyword="mode")
+    add("config-unknown-base", "schema", ["run", "--out", "{O}", "--set", "model.bases=[nope]", "--print-config"],
+        keyword="model.bases")
+    C.append(Case("record-pred-text", "schema", keyword="pred",
+                  custom=lambda d: _records_then(sweep, d, lambda d: (d / "out/results/standard/clean/rmc.jsonl")
+                                                 .write_text(json.dumps({**json.loads((d / "out/results/standard/"
+                                                             "clean/rmc.jsonl").read_text().splitlines()[0]),
+                                                             "pred": "x"}) + "\n"))))
+    C.append(Case("record-state-count-missing", "schema", keyword="__n_done__",
+                  custom=lambda d: _records_then(sweep, d, lambda d: _drop_tensor(
+                      d / "out/results/standard/clean/rmc.state.safetensors", "__n_done__"))))
+    add("report-table-hits-text", "schema", ["report", "run", "--out", "out"], keyword="hits",
+        setup=run_dir(sweep, lambda r, run: r["table"]["rows"]["None"]["clean"]["accuracy"].update(hits="x")))
+    add("report-baselines-pred-list", "schema", ["report", "run", "--out", "out"], keyword="pred",
+        setup=run_dir(sweep, lambda r, run: (run / "results" / KEY / "standard" / "clean" / "baselines.json")
+                      .write_text(json.dumps({"undefended": [{"index": 0, "label": 1, "pred": [1]}]}))))
+    add("report-clean-run", "schema", ["report", "run", "--out", "out"], expect="ok", setup=run_dir(sweep),
+        check=lambda d, r: (d / "out" / "report.html").exists())
+    # a Ray cluster that does not answer
+    C.append(Case("ray-address-nothing-listens", "cluster", keyword="ray status",
+                  custom=lambda d: _unreachable(sweep, d, listening=False)))
+    C.append(Case("ray-address-no-ray-there", "cluster", keyword="did not answer",
+                  custom=lambda d: _unreachable(sweep, d, listening=True)))
+    return C
+
+
+def _drop_tensor(path: Path, key: str) -> None:
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(path))
+    tensors.pop(key)
+    save_file(tensors, str(path))
 
 
 # ---------------------------------------------------------------- the cases
@@ -541,7 +769,7 @@ def cases(sweep: Sweep) -> list[Case]:
     add("model-weights-edited", "artifacts", ev(), keyword="hash",
         setup=flip_bytes("m.safetensors"))
     add("model-json-garbage", "artifacts", ev(), keyword="not valid JSON", setup=write("m.json", "{"))
-    add("model-json-num-classes-text", "artifacts", ev(), keyword="invalid fields",
+    add("model-json-num-classes-text", "artifacts", ev(), keyword="num_classes",
         setup=edit_json("m.json", num_classes="ten"))
     add("model-json-other-dataset", "artifacts", ev(), keyword="trained on 'mnist'",
         setup=edit_json("m.json", dataset="mnist"))
@@ -602,6 +830,8 @@ def cases(sweep: Sweep) -> list[Case]:
                   custom=lambda d: _on_small_disk(sweep, d, "1M", lambda small: ev(out=str(small / "r")),
                                                   readonly=True)))
 
+    C += untrusted_cases(sweep)
+
     # Python API
     for name in API:
         expect = "ok" if name in ("api-step-fails-midway", "api-classifier-empty-batch") else "refuse"
@@ -611,7 +841,8 @@ def cases(sweep: Sweep) -> list[Case]:
                    "api-step-features-wrong-dim": "features", "api-step-features-inf": "NaN or infinite",
                    "api-step-rows-out-of-range": "rows", "api-classifier-nan": "NaN", "api-classifier-uint8": "uint8",
                    "api-rmc-k-exceeds-dprime": "exceeds", "api-sidecar-factory": "--arch"}.get(name, "")
-        C.append(Case(name, "api", expect=expect, keyword=keyword, api=API[name]))
+        C.append(Case(name, "api", expect=expect, keyword=keyword, api=API[name],
+                      writes=["m.json"] if name == "api-sidecar-factory" else []))
     return C
 
 
@@ -732,6 +963,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="/tmp/f15-sweep")
     ap.add_argument("--only", help="run only cases whose name contains this")
+    ap.add_argument("--groups", nargs="+", help="run only the cases of these groups (e.g. names paths links schema "
+                                                "cluster)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--src", help="run the cases against this rmc source tree (e.g. an older commit's src); the "
                                   "workspace is still built with this tree's rmc")
@@ -743,7 +976,7 @@ def main() -> int:
     results = []
     counts: dict[str, int] = {}
     for case in cases(sweep):
-        if args.only and args.only not in case.name:
+        if (args.only and args.only not in case.name) or (args.groups and case.group not in args.groups):
             continue
         if case.root_only and os.geteuid() != 0:
             continue

@@ -1,9 +1,20 @@
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from rmc.data import load_dataset
 from rmc.defense.dprime import DPrime
 from rmc.models import build_model, extract_features
+
+# Property-based tests (hypothesis) run a fixed, derandomized set of examples: the same cases on every machine and in
+# CI, bounded so that tests/test_untrusted_files.py stays under two minutes. HYPOTHESIS_PROFILE=dev explores more.
+settings.register_profile("ci", derandomize=True, database=None, max_examples=25, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # One thread: the tests' tiny convolutions are dominated by threading overhead, and several test processes
 # may share the two cores.

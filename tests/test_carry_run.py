@@ -25,7 +25,7 @@ def _run(tmp_path: Path) -> Path:
     (run / "features" / "standard-3.npy").write_bytes(b"\0" * 100)
     stream = RecordStream(run / "results" / "standard" / "clean", "rmc", "fp")
     for i in range(3):
-        stream.append({"index": i, "pred": i}, {"w": torch.full((4,), float(i))})
+        stream.append({"index": i, "label": 0, "pred": i}, {"w": torch.full((4,), float(i))})
     return run
 
 
@@ -52,7 +52,7 @@ def test_states_are_copied_before_their_records(tmp_path):
 def test_restore_keeps_newer_local_files_and_refuses_a_damaged_copy(tmp_path):
     run = _run(tmp_path)
     carry.save(run, tmp_path / "carried")
-    RecordStream(run / "results" / "standard" / "clean", "rmc", "fp").append({"index": 3, "pred": 0},
+    RecordStream(run / "results" / "standard" / "clean", "rmc", "fp").append({"index": 3, "label": 0, "pred": 0},
                                                                             {"w": torch.zeros(4)})
     before = (run / "results" / "standard" / "clean" / "rmc.jsonl").read_text()
     assert carry.restore(tmp_path / "carried", run) == []
@@ -60,6 +60,19 @@ def test_restore_keeps_newer_local_files_and_refuses_a_damaged_copy(tmp_path):
     (tmp_path / "carried" / "models" / "standard-1.safetensors").write_bytes(b"other")
     with pytest.raises(SystemExit, match="damaged"):
         carry.restore(tmp_path / "carried", tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize("rel", ["../../outside.txt", "/tmp/rmc-carry-outside.txt"])
+def test_restore_writes_nothing_outside_the_run_whatever_the_index_names(tmp_path, rel):
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    (carried / "outside.txt").write_text("x")
+    index = {"files": {rel: {"sha256": carry._sha256(carried / "outside.txt"), "bytes": 1}}}
+    (carried / carry.INDEX).write_text(json.dumps(index))
+    with pytest.raises(SystemExit, match="leads outside|absolute path"):
+        carry.restore(carried, tmp_path / "a" / "run")
+    assert not (tmp_path / "outside.txt").exists() and not Path("/tmp/rmc-carry-outside.txt").exists()
+    assert not (tmp_path / "a").exists()
 
 
 def test_save_replaces_the_previous_carry_whole(tmp_path):
@@ -95,7 +108,7 @@ def _two_streams(tmp_path: Path, second: int) -> Path:
     (run / "results.md").write_text("| table |")
     stream = RecordStream(run / "results" / "standard" / "pgd", "rmc", "fp")
     for i in range(second):
-        stream.append({"index": i, "pred": i}, {"w": torch.zeros(4)})
+        stream.append({"index": i, "label": 0, "pred": i}, {"w": torch.zeros(4)})
     return run
 
 
@@ -127,7 +140,7 @@ def test_prune_turns_a_carried_run_that_has_finished_into_its_records(tmp_path):
     with pytest.raises(SystemExit, match="not finished"):
         carry.prune(tmp_path / "carried", 3)
     assert (tmp_path / "carried" / "models" / "standard-1.safetensors").exists()
-    RecordStream(run / "results" / "standard" / "pgd", "rmc", "fp").append({"index": 2, "pred": 2},
+    RecordStream(run / "results" / "standard" / "pgd", "rmc", "fp").append({"index": 2, "label": 0, "pred": 2},
                                                                           {"w": torch.zeros(4)})
     carry.save(run, tmp_path / "carried")
     dropped = carry.prune(tmp_path / "carried", 3)

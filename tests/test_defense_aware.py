@@ -549,11 +549,12 @@ def test_rounds_figure_from_results_folders_uses_the_re_scored_inputs(tmp_path):
     from rmc.evaluation.rounds_figure import load_panel, main
     row = tmp_path / "standard" / "gmsa-min-chen2022-r3-pgd40-eps0.1"
     row.mkdir(parents=True)
-    attack = [{"label": 1, "pred": 1, "protocol": "chen2022", "round_preds": [1, 1, 1]},
-              {"label": 1, "pred": 2, "protocol": "chen2022", "round_preds": [2]},
-              {"label": 1, "pred": 2, "protocol": "chen2022", "round_preds": [1, 2]}]   # attacked, not re-scored yet
+    attack = [{"index": 0, "label": 1, "pred": 1, "protocol": "chen2022", "round_preds": [1, 1, 1]},
+              {"index": 1, "label": 1, "pred": 2, "protocol": "chen2022", "round_preds": [2]},
+              {"index": 2, "label": 1, "pred": 2, "protocol": "chen2022", "round_preds": [1, 2]}]   # not re-scored yet
     (row / "attack.jsonl").write_text("".join(json.dumps(r) + "\n" for r in attack))
-    (row / "rmc.jsonl").write_text("".join(json.dumps({"label": 1, "pred": p}) + "\n" for p in (1, 2)))
+    (row / "rmc.jsonl").write_text("".join(json.dumps({"index": i, "label": 1, "pred": p}) + "\n"
+                                           for i, p in enumerate((1, 2))))
     curves, rounds = load_panel(tmp_path / "standard")
     assert rounds == 3 and list(curves) == ["GMSA-MIN [chen2022]"] and len(curves["GMSA-MIN [chen2022]"][0]) == 2
     assert main([str(tmp_path / "out.png"), f"standard={tmp_path / 'standard'}"]) == 0

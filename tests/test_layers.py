@@ -8,7 +8,8 @@ import rmc
 
 SRC = Path(rmc.__file__).parent
 # Bottom to top; a package may import its own layer and those below.
-LAYERS = [{"errors", "checks", "io", "paths", "seeding", "cpu", "scaleout"}, {"data", "models", "attacks"},
+LAYERS = [{"errors", "checks", "io", "paths", "schema", "seeding", "cpu", "scaleout", "interface"},
+          {"data", "models", "attacks"},
           {"training"}, {"defense"}, {"artifacts"}, {"evaluation"}, {"cli", "__main__"}]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -291,6 +291,7 @@ def test_defense_aware_sets_are_dashed_rmc_only(run_dir, tmp_path):
     shutil.copytree(src, dst)
     write_json(_res(root) / "attack-sets" / "index.json",
                {"format": "rmc-evalsets/1", "sets": [{"name": dst.name, "file": "x.safetensors", "n": 8,
+                                                      "sha256": "0" * 64,
                                                       "attack": {"kind": "gmsa-min", "eps": 0.1, "rounds": 2,
                                                                  "n": 8, "targeted": False}}]})
     run = RunRecords(root)

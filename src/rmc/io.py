@@ -61,8 +61,13 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise RMCError(f"{what} not found: {path}")
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RMCError(f"{what} {path} is not valid JSON ({e}); delete it and re-create it") from None
+    except (ValueError, RecursionError) as e:   # ValueError: bad JSON or UTF-8, an integer of thousands of digits
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:120]
+        raise RMCError(f"{what} {path} is not valid JSON ({reason}); delete it and re-create it") from None
+    except OSError as e:
+        if describe_os_error(e) is not None:
+            raise
+        raise RMCError(f"{what} {path} cannot be read ({e.strerror}); it must be a readable file") from None
 
 
 def write_text(path: str | Path, text: str) -> None:

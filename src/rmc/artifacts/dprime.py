@@ -60,6 +60,7 @@ from rmc.errors import RMCError
 from rmc.io import atomic_path, check_free_space, read_json, sha256_file, write_json
 from rmc.models.checkpoint import ModelInfo
 from rmc.scaleout.executors import cached, executor, get, handle_key, model_device, worker_model
+from rmc.schema import SHA256, Bool, Const, Int, ListOf, MapOf, Name, Num, Obj, Opt, Str, check
 
 FORMAT_VERSION = 2
 SINGLE_FILE_FORMAT = 1   # one images.npy: converted by `rmc migrate-dprime` (rmc.artifacts.migrate)
@@ -365,8 +366,31 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
             np.save(f, arr)
 
 
+_SIDE = Int(1, 1 << 16)      # an image dimension at most
+_ROWS = Int(0, 1 << 40)      # rows of a store at most
+# Every field rmc reads back from a manifest (a store's other keys are kept for the record).
+MANIFEST_SCHEMA = Obj({
+    "storage_dtype": Const(STORAGE_DTYPE),
+    "model": Obj({"sha256": Str(max_len=128, empty=False), "num_classes": Int(1, 10 ** 6),
+                  "input_shape": ListOf(_SIDE, 3, 3)}, {"arch": Str(max_len=300), "adversarial": Bool(),
+                                                        "dataset": Str(max_len=200)}),
+    "dataset": Obj({"size": _ROWS}, {"name": Str(max_len=200), "split": Str(max_len=50), "sha256": SHA256,
+                                     "classes": ListOf(Str(max_len=200), 0, 10 ** 6)}),
+    "attack": Obj({"steps": ListOf(Int(1, 10 ** 6), 1, 1000), "eps": Num(0, 1), "step_size": Num(0, 1),
+                   "random_start": Bool(), "batch_size": Int(1, 1 << 30)},
+                  {"attack_labels": Str(ATTACK_LABELS), "loss": Str(tuple(LOSSES)), "clip": Bool(),
+                   "crop_shift": Int(0, 1 << 16)}),
+    "seed": Int(0, 2 ** 63), "train_subset": Opt(Int(1, 1 << 40)), "per_class": Opt(Int(1, 1 << 40)),
+    "chunk_size": Int(1, 1 << 30), "copy_names": ListOf(Name(), 2, 1001), "counts": MapOf(Name(), _ROWS, 1001),
+    "total": _ROWS, "shape": ListOf(_SIDE, 4, 4), "files": MapOf(Str(tuple(FILES)), Str(tuple(FILES.values()))),
+    "shards": Obj({"count": Int(1, 1 << 40)}, {"rows": Int(1, 1 << 30), "first": Str(), "files": Str()})},
+    {"content": Obj({}, {**{name: SHA256 for name in FILES}, "shards": ListOf(SHA256, 0, 1 << 40)}),
+     "rmc_version": Str(max_len=100)})
+
+
 def _check_manifest(manifest: Any, where: Path, store: Path | None = None) -> dict:
-    """A parsed manifest of this format, or a one-line error (a single-file store: the command converting it)."""
+    """A parsed manifest of this format, every field checked, or a one-line error (a single-file store: the command
+    converting it)."""
     if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
         raise RMCError(f"{where} is not an augmented-dataset manifest; point to a directory written by `rmc augment`")
     version = manifest.get("format_version")
@@ -379,10 +403,16 @@ def _check_manifest(manifest: Any, where: Path, store: Path | None = None) -> di
     if version != FORMAT_VERSION:
         raise RMCError(f"{where} has format version {version!r}, this rmc reads "
                        f"{FORMAT_VERSION}; rebuild the store with `rmc augment`")
-    missing = [k for k in ("copy_names", "counts", "total", "shape", "files", "model", "dataset", "attack", "shards")
-               if k not in manifest]
-    if missing:
-        raise RMCError(f"{where} lacks {missing}; the manifest is damaged: delete the store and re-run `rmc augment`")
+    fix = "the manifest is damaged: delete the store and re-run `rmc augment`"
+    check(manifest, MANIFEST_SCHEMA, where, fix)
+    names, counts, a = manifest["copy_names"], manifest["counts"], manifest["attack"]
+    n = counts.get("clean")
+    consistent = (names == copy_names(a["steps"]) and set(counts) == set(names) and len(set(counts.values())) == 1
+                  and manifest["total"] == n * len(names) and manifest["shape"][0] == manifest["total"]
+                  and manifest["shape"][1:] == manifest["model"]["input_shape"] and manifest["files"] == FILES)
+    if not consistent:
+        raise RMCError(f"{where}: copy_names, counts, total, shape and files do not agree with each other and the "
+                       f"attack's steps; {fix}")
     return manifest
 
 
@@ -771,7 +801,8 @@ def open_dprime_store(path: str | Path, verify: str = "auto") -> DPrimeStore:
     if not (path / MANIFEST).exists():
         partial = partial_path(path)
         if (partial / MANIFEST).exists():
-            total = len(chunk_tasks_from_manifest(read_json(partial / MANIFEST, "store manifest")))
+            m = _check_manifest(read_json(partial / MANIFEST, "store manifest"), partial / MANIFEST)
+            total = len(m["copy_names"]) * -(-m["counts"]["clean"] // m["chunk_size"])
             done = len(_read_progress(partial, total)) if total else 0
             raise RMCError(f"store {path} is not finished ({partial} holds {done} of {total} chunks); re-run "
                            "`rmc augment` with the same settings to finish it")
@@ -805,15 +836,6 @@ def open_dprime_store(path: str | Path, verify: str = "auto") -> DPrimeStore:
     images = ShardImages(path, layout, manifest_sha256=sha256_file(path / MANIFEST))
     return DPrimeStore(path, manifest, images,
                        *(torch.from_numpy(arrays[k]) for k in ("labels", "copy", "source_index")))
-
-
-def chunk_tasks_from_manifest(manifest: Any) -> list[ChunkTask]:
-    try:
-        config = config_from_manifest(manifest)
-        n = manifest["counts"]["clean"]
-    except (KeyError, TypeError):
-        return []
-    return chunk_tasks(n, config)
 
 
 def config_from_manifest(manifest: dict) -> AugmentConfig:

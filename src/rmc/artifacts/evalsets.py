@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -18,15 +17,31 @@ import torch
 from torch import nn
 
 from rmc.attacks.gradient import check_attack_settings, fgsm, pgd, random_targets
+from rmc.attacks.protocols import KINDS as AWARE_KINDS
 from rmc.checks import check_images, check_labels, check_positive
 from rmc.data.base import ImageDataset
 from rmc.errors import RMCError
 from rmc.io import check_free_space, load_tensors, read_json, save_tensors, sha256_file, write_json
 from rmc.models import ModelInfo
+from rmc.paths import inside
+from rmc.schema import SHA256, Bool, Const, Int, ListOf, Name, Num, Obj, Opt, Str, check
 
 INDEX = "index.json"
 FORMAT = "rmc-evalsets/1"
 KINDS = ("clean", "fgsm", "pgd")
+# Every kind an index may name: these, and the sets the attack rows save in the same format
+# (rmc.evaluation.attack_rows): transfer PGD and AutoAttack, AutoAttack rand, the defense-aware attacks.
+INDEX_KINDS = KINDS + ("transfer-pgd", "transfer-autoattack", "rand-autoattack") + AWARE_KINDS
+MAX_SETS = 10_000                   # sets in one index at most
+MAX_INPUTS = 10 ** 9                # inputs in one set at most
+# The fields rmc reads back from an index; the attack rows record further settings of their own (kept as they are).
+_ATTACK = Obj({"kind": Str(INDEX_KINDS)},
+              {"eps": Num(0, 1), "step_size": Opt(Num(0, 1)), "steps": Int(0, 10 ** 6), "targeted": Bool(),
+               "random_start": Bool(), "seed": Int(0, 2 ** 64), "source_model_sha256": Str(max_len=128),
+               "dataset": Str(max_len=200), "n": Int(0, MAX_INPUTS), "rounds": Int(0, 10 ** 6),
+               "protocol": Str(max_len=200)})
+_ENTRY = Obj({"name": Name(), "file": Name(), "sha256": SHA256, "attack": _ATTACK}, {"n": Int(0, MAX_INPUTS)})
+INDEX_SCHEMA = Obj({"format": Const(FORMAT), "sets": ListOf(_ENTRY, 0, MAX_SETS)})
 
 
 def _num(x: float) -> str:
@@ -175,7 +190,7 @@ def make_eval_sets(model: nn.Module, model_info: ModelInfo, test: ImageDataset, 
 
 
 def _file_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".safetensors"
+    return name + ".safetensors"   # a plain name (checked on save): one file in the folder
 
 
 def _origin(attack: dict) -> tuple:
@@ -190,6 +205,9 @@ def save_eval_sets(directory: str | Path, sets: list[EvalSet]) -> Path:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise RMCError(f"{directory} exists and is not a directory; choose another --out")
+    for s in sets:   # what is written must read back: checked before any file is
+        check({"name": s.name, "attack": s.attack}, Obj({"name": Name(), "attack": _ATTACK}),
+              f"evaluation set {s.name!r}", f"give it a plain name and an attack kind among {list(INDEX_KINDS)}")
     entries = {}
     if (directory / INDEX).exists():
         entries = {e["name"]: e for e in _read_index(directory)["sets"]}
@@ -216,12 +234,16 @@ def save_eval_sets(directory: str | Path, sets: list[EvalSet]) -> Path:
 
 
 def _read_index(directory: Path) -> dict:
-    index = read_json(directory / INDEX, "evaluation-set index")
+    """The index of `directory`, every field checked (it names files and, through the set names, output folders)."""
+    where = directory / INDEX
+    index = read_json(where, "evaluation-set index")
     if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("sets"), list):
-        raise RMCError(f"{directory / INDEX} is not an rmc evaluation-set index; re-create it with `rmc attack`")
-    for e in index["sets"]:
-        if not isinstance(e, dict) or not {"name", "file", "sha256", "attack"} <= set(e):
-            raise RMCError(f"{directory / INDEX} has a malformed entry; re-create it with `rmc attack`")
+        raise RMCError(f"{where} is not an rmc evaluation-set index; re-create it with `rmc attack`")
+    check(index, INDEX_SCHEMA, where, "re-create the sets with `rmc attack`")
+    names = [e["name"] for e in index["sets"]]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise RMCError(f"{where} lists the set(s) {twice} more than once; re-create the sets with `rmc attack`")
     return index
 
 
@@ -249,7 +271,7 @@ def load_eval_sets(directory: str | Path, names: list[str] | None = None,
     out: list[EvalSet] = []
     for name in names:
         e = entries[name]
-        path = directory / e["file"]
+        path = inside(directory, e["file"], f"the file of set {name!r}", directory / INDEX)
         if not path.exists():
             raise RMCError(f"evaluation set file {path} is missing; re-create the sets with `rmc attack`")
         if sha256_file(path) != e["sha256"]:

@@ -30,11 +30,20 @@ from rmc.errors import RMCError
 from rmc.io import check_free_space, read_json, sha256_file, write_json
 from rmc.models.checkpoint import ModelInfo
 from rmc.models.features import FeatureHook, default_layer
+from rmc.schema import Const, Int, Obj, Str, check
 
 FORMAT = "rmc-features/1"
 FEATURE_DTYPES = ("float32", "float16")
 PRECISIONS = ("auto", "fp32", "bf16")
 DERIVED_MARK = ".index-"   # `<stem>.index-<kind>-<settings>.faiss`: an index built from `<stem>.npy`
+MAX_ROWS = 1 << 40         # feature rows at most
+MAX_DIM = 1 << 31          # feature dimensions at most
+# The fields rmc reads back from a sidecar; others (make_provenance's extras) are kept as they are.
+SIDECAR = Obj({"format": Const(FORMAT), "model_sha256": Str(max_len=128, empty=False),
+               "layer": Str(max_len=300, empty=False), "source": Str(max_len=1000, empty=False),
+               "count": Int(0, MAX_ROWS), "dim": Int(1, MAX_DIM), "dtype": Str(FEATURE_DTYPES)},
+              {"model_arch": Str(max_len=300), "rmc_version": Str(max_len=100),
+               "file_sha256": Str(max_len=64, empty=False), "file_bytes": Int(0)})
 
 
 def store_source(store) -> str:
@@ -408,6 +417,7 @@ def load_features(path: str | Path, expect_model_sha256: str | None = None, expe
     prov = read_json(side, "feature provenance")
     if not isinstance(prov, dict) or prov.get("format") != FORMAT:
         raise RMCError(f"{side} is not an rmc feature sidecar ({FORMAT}); re-run `rmc features`")
+    check(prov, SIDECAR, side, "re-run `rmc features`")
     checks = (("model", "model_sha256", expect_model_sha256), ("layer", "layer", expect_layer),
               ("source", "source", expect_source), ("dtype", "dtype", expect_dtype))
     wrong = [(what, prov.get(key), want) for what, key, want in checks if want is not None and prov.get(key) != want]
@@ -416,9 +426,7 @@ def load_features(path: str | Path, expect_model_sha256: str | None = None, expe
         want = " / ".join(f"{w} {_short(x)}" for w, _, x in wrong)
         raise RMCError(f"features {path} were computed with {have} but you are using {want}; "
                        "re-run `rmc features` with this model, layer and store")
-    dtype = prov.get("dtype")
-    if dtype not in FEATURE_DTYPES:
-        raise RMCError(f"{side} gives dtype {dtype!r} (float32 or float16 expected); re-run `rmc features`")
+    dtype = prov["dtype"]   # one of FEATURE_DTYPES: SIDECAR checked it
     try:
         arr = np.load(path, mmap_mode="c" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:

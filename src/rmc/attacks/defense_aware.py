@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,8 +35,10 @@ from torch import nn
 from torch.func import functional_call
 
 from rmc.attacks.gradient import cross_entropy
+from rmc.attacks.kinds import ATTACK_KINDS
 from rmc.attacks.protocols import KINDS, LABELS, PROTOCOLS, AttackRowsConfig, Lane, check_kind
 from rmc.errors import RMCError
+from rmc.interface import Adaptation, Defense
 from rmc.models import extract_features
 from rmc.seeding import generator
 
@@ -44,16 +46,9 @@ __all__ = ["KINDS", "LABELS", "PROTOCOLS", "AttackRowsConfig", "ModelSet", "atta
            "attacker_key", "ensemble_loss", "initial_candidates", "pgd_best"]
 
 
-class RMC(Protocol):
-    """What the attacks need of the defense (rmc.defense.core.RMC): its adapting network, its settings (mode),
-    exact snapshots of its state, and a step in two halves (`trial`: adapt and predict; `commit`: calibrate)."""
-    model: nn.Module
-    cfg: Any
-
-    def snapshot(self) -> Any: ...
-    def restore(self, snap: Any) -> None: ...
-    def trial(self, x: torch.Tensor, features: np.ndarray, key=None, rows=None, keep: bool = False) -> Any: ...
-    def commit(self, trial: Any) -> int: ...
+# What the attacks need of the defense: its adapting network, exact snapshots of its state, and a step in two
+# halves (`trial`: adapt and predict; `commit`: calibrate). rmc.defense.core.RMC is one.
+RMC = Defense
 
 
 # -- losses over a set of models -------------------------------------------------------------------------------
@@ -79,7 +74,7 @@ def ensemble_loss(kind: str, loss: str) -> Callable[[torch.Tensor, torch.Tensor]
     `loss`: "ce", the cross-entropy (Chen et al.), or "margin", the best other logit minus the true one. RMC's
     fine-tuning can make the adapted network so confident that the cross-entropy's gradient underflows to exactly
     zero (PGD then stalls: gradient masking); the margin's gradient does not vanish."""
-    check_kind(kind)
+    reduce_min = ATTACK_KINDS[kind].reduce == "min"
     if loss not in ("ce", "margin"):
         raise RMCError(f"attack loss must be ce or margin, got {loss!r}")
 
@@ -93,7 +88,7 @@ def ensemble_loss(kind: str, loss: str) -> Callable[[torch.Tensor, torch.Tensor]
             other = flat.masked_fill(F.one_hot(labels, c).bool(), -torch.inf).max(1).values
             per_model = other - true
         per_model = per_model.view(n, m)
-        return per_model.min(1).values if kind == "gmsa-min" else per_model.mean(1)
+        return per_model.min(1).values if reduce_min else per_model.mean(1)
     return per_example
 
 
@@ -193,7 +188,7 @@ def attacker_key(lane: Lane, key, *tag):
 
 def _before_adaptation(rmc: RMC, static_model: nn.Module, start: Any) -> nn.Module | dict[str, torch.Tensor]:
     """The model RMC starts adapting from: the online weights, or in episodic mode the static model."""
-    return static_model if getattr(rmc.cfg, "mode", None) == "episodic" else start.weights
+    return start.weights if rmc.adaptation is Adaptation.ONLINE else static_model
 
 
 def _rounds(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, label: torch.Tensor, kind: str,
@@ -202,10 +197,11 @@ def _rounds(rmc: RMC, static_model: nn.Module, layer: str, x: torch.Tensor, labe
     Stops after the first candidate RMC misclassifies in the attacker's trial. RMC is left restored to `start`."""
     models = [_before_adaptation(rmc, static_model, start)]
     loss_fn = ensemble_loss(kind, lane.loss)
+    spec = ATTACK_KINDS[kind]
     out = []
     for r in range(1, cfg.rounds + 1):
-        targets = models[-1:] if kind == "fpa" else models
-        iterations = lane.steps * (len(targets) if kind == "gmsa-min" else 1)   # Chen et al.: 40 x models
+        targets = models[-1:] if spec.last_model_only else models
+        iterations = lane.steps * (len(targets) if spec.iterations_per_model else 1)   # Chen et al.: 40 x models
         ensemble = ModelSet(rmc.model, targets)
         best: torch.Tensor | None = None
         best_loss = -math.inf

@@ -18,12 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rmc.attacks.gradient import check_attack_settings
+from rmc.attacks.kinds import ATTACK_KINDS
+from rmc.attacks.kinds import PROTOCOLS as PROTOCOL_REGISTRY
 from rmc.checks import check_positive
 from rmc.errors import RMCError
 
-KINDS = ("fpa", "gmsa-avg", "gmsa-min")
-PROTOCOLS = ("chen2022", "strong")
-LABELS = {"fpa": "FPA", "gmsa-avg": "GMSA-AVG", "gmsa-min": "GMSA-MIN"}
+KINDS = ATTACK_KINDS.names()
+PROTOCOLS = PROTOCOL_REGISTRY.names()
+LABELS = ATTACK_KINDS.labels()
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,4 @@ class AttackRowsConfig:
 
 
 def check_kind(kind: str) -> str:
-    if kind not in KINDS:
-        raise RMCError(f"unknown defense-aware attack {kind!r}; choose from {', '.join(KINDS)}")
-    return kind
+    return ATTACK_KINDS[kind].name

@@ -6,6 +6,7 @@ and in those of training, store and core), each with a comment saying what it do
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import inspect
@@ -19,10 +20,14 @@ import yaml
 
 from rmc.artifacts.dprime import AugmentConfig, select_subset
 from rmc.artifacts.features import FeatureConfig
+from rmc.attacks.batch_aware import BatchRowsConfig
 from rmc.attacks.defense_aware import AttackRowsConfig
 from rmc.checks import check_positive
+from rmc.data import DATASETS, DEFAULT_DATASET
 from rmc.defense.core import RMCConfig
+from rmc.defense.dent import DentConfig
 from rmc.defense.knn import IndexConfig
+from rmc.defense.registry import DEFAULT_DEFENSES, DEFENSES, check_defenses
 from rmc.errors import RMCError
 from rmc.models.denoising import DenoiseOp
 from rmc.training import TrainConfig
@@ -30,7 +35,8 @@ from rmc.training import TrainConfig
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion-mnist"   # fashion-mnist (embedded default) | mnist | cifar10 | imagefolder | digits
+    dataset: str = DEFAULT_DATASET   # fashion-mnist (embedded default) | mnist | cifar10 | imagefolder | digits
+                                     # (rmc.data.DATASETS)
     data_dir: str | None = None      # directory holding the data set; None: fashion-mnist's Debian package path
     image_size: int | None = None    # imagefolder only: centre-crop to this size (None: 224, the original's)
     resize: int | None = None        # imagefolder only: shorter side before the crop (None: image_size * 256 / 224)
@@ -39,6 +45,7 @@ class DataConfig:
     def validate(self) -> "DataConfig":
         if not isinstance(self.dataset, str) or not self.dataset:
             raise RMCError(f"data.dataset must name a data set, got {self.dataset!r}")
+        DATASETS[self.dataset]
         if self.image_size is not None:
             check_positive(self.image_size, "data.image_size", integer=True)
         if self.resize is not None:
@@ -156,6 +163,11 @@ class VisualizeConfig:
 
 @dataclass
 class RunConfig:
+    defenses: list[str] = field(default_factory=lambda: list(DEFAULT_DEFENSES))   # the defenses evaluated beside
+                                                                                  # the static model and the kNN
+                                                                                  # votes (rmc.defense.registry;
+                                                                                  # `rmc run --help` lists them),
+                                                                                  # each a column of every table
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -165,9 +177,22 @@ class RunConfig:
                                                             # a large D')
     attack: AttackConfig = field(default_factory=AttackConfig)
     rmc: RMCConfig = field(default_factory=RMCConfig)
+    dent: DentConfig = field(default_factory=DentConfig)   # DENT's settings (rmc.defense.dent), when `defenses`
+                                                           # names it
     attack_rows: AttackRowsConfig = field(default_factory=AttackRowsConfig)   # the attack rows (transfer /
                                                                               # defense-aware)
+    batch_rows: BatchRowsConfig = field(default_factory=BatchRowsConfig)   # defense-aware rows against batch
+                                                                           # defenses (DENT)
     visualize: VisualizeConfig = field(default_factory=VisualizeConfig)
+
+    def validate(self) -> "RunConfig":
+        self.defenses = check_defenses(self.defenses)
+        return self
+
+    def settings(self, defense: str):
+        """A defense's section of the configuration (None for one without settings)."""
+        section = DEFENSES[defense].settings
+        return None if section is None else getattr(self, section)
 
 
 # The dataclasses' defaults are the original's values. A preset lists only where it departs from them, each with why.
@@ -185,6 +210,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attack_rows.n": 20,                    # attack rows on the first 20 inputs (GMSA-MIN, each protocol: ~1-10 s
                                                 # per input)
         "attack_rows.rounds": 5,                # Chen et al. 10; most inputs fall by round 1-3 (the table states R, N)
+        # Batch defenses (DENT): Chen et al.'s 14 PGD-100 runs per round (5 restarts + 9 targeted) cost ~100 model
+        # passes per input and round; here one PGD-40 run, the step count of every other row (the label states it).
+        "batch_rows.steps": 40,
+        "batch_rows.restarts": 1,
+        "batch_rows.targeted": False,
     },
     "paper": {
         "attack.n": 1000,                    # the original sampled 10,000 ImageNet validation images
@@ -208,6 +238,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attack_rows.autoattack": True,         # and the transfer AutoAttack row
     },
 }
+
+
+# Keys of the configuration that are values, not sections.
+TOP_KEYS = ("defenses",)
 
 
 def _comments(cls) -> dict[str, str]:
@@ -317,8 +351,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path | None = None, preset: str = "default",
-                overrides: list[tuple[str, Any]] | None = None) -> RunConfig:
-    """Defaults, then the preset, then the YAML file, then command-line overrides (later wins)."""
+                overrides: list[tuple[str, Any]] | None = None,
+                flags: list[tuple[str, Any]] | None = None) -> RunConfig:
+    """Defaults, then the preset, then the YAML file, then `overrides` (--set), then `flags` (a command's own flags
+    such as --mode; later wins). Without the flags the configuration must be valid too: a value a flag replaces
+    is still refused when it is invalid (`--set rmc.mode=foo --mode episodic` is an error, not a silent drop)."""
     if preset not in PRESETS:
         raise RMCError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     tree: dict = {}
@@ -336,11 +373,19 @@ def load_config(path: str | Path | None = None, preset: str = "default",
         if not isinstance(loaded, dict):
             raise RMCError(f"config {path} must be a mapping of sections (data, train, rmc, ...)")
         for section, values in loaded.items():
+            if section in TOP_KEYS:
+                _set(tree, section, values)
+                continue
             if not isinstance(values, dict):
                 raise RMCError(f"config {path}: section {section!r} must be a mapping")
             for key, value in values.items():
                 _set(tree, f"{section}.{key}", value)
     for key, value in overrides or []:
+        _set(tree, key, value)
+    if not flags:
+        return _build(RunConfig, tree, "config")
+    _build(RunConfig, copy.deepcopy(tree), "config")
+    for key, value in flags:
         _set(tree, key, value)
     return _build(RunConfig, tree, "config")
 
@@ -358,8 +403,13 @@ def to_dict(cfg) -> dict:
 def documented_yaml(cfg: RunConfig) -> str:
     """The config as YAML, every key followed by the comment from its definition."""
     lines = ["# rmc run configuration. Every key, its value and what it does. CLI: --set section.key=value"]
+    top = _comments(RunConfig)
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
+        if f.name in TOP_KEYS:
+            dumped = yaml.safe_dump(to_dict(section), default_flow_style=True).strip()
+            lines.append(f"{f.name}: {dumped}   # {top[f.name]}")
+            continue
         notes = _comments(type(section))
         lines.append(f"\n{f.name}:")
         for key, value in to_dict(section).items():

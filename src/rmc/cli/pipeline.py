@@ -34,16 +34,25 @@ from rmc.artifacts.evalsets import (
 from rmc.artifacts.features import ensure_features
 from rmc.artifacts.provenance import check_model_data
 from rmc.cli.config import BaseKind, RunConfig, documented_yaml, to_dict, validate_before_work
-from rmc.data import load_dataset
+from rmc.data import DATASETS, load_dataset
+from rmc.defense.registry import RMC
 from rmc.errors import RMCError
+from rmc.evaluation import batch_defense
 from rmc.evaluation.attack_rows import attack_table, evaluate_attacks, wants_attack_rows
 from rmc.evaluation.common import BaseModel, digest
-from rmc.evaluation.driver import check_work_split, compute_paths, evaluate, finished_results, online_streams
+from rmc.evaluation.driver import (
+    check_work_split,
+    compute_paths,
+    evaluate,
+    finished_results,
+    online_streams,
+    results_folder,
+)
 from rmc.evaluation.report import Table
 from rmc.evaluation.visualize import neighbour_grid
-from rmc.io import read_json, write_json, write_text
+from rmc.io import write_json, write_text
 from rmc.models import default_layer, load_checkpoint, save_checkpoint
-from rmc.models.checkpoint import meta_path
+from rmc.models.checkpoint import meta_path, read_metadata
 from rmc.scaleout.executors import hold
 from rmc.training import TrainConfig, train_model
 
@@ -77,7 +86,7 @@ def ensure_model(path: Path, train, test, cfg, log):
     """Load the base model at `path` if it was trained with `cfg`; else train and save it."""
     want = to_dict(cfg)
     if path.exists() and meta_path(path).exists():
-        meta = read_json(meta_path(path), "model metadata")
+        meta = read_metadata(path)
         if settled(training_settings(meta.get("config") or {})) != settled(training_settings(want)):
             raise RMCError(f"{path} was trained with other settings; use a new --out or delete {path.parent}")
         model, info = load_checkpoint(path, cfg.device, trust_arch=cfg.arch)   # the run's own config names it
@@ -127,14 +136,16 @@ def ensure_eval_sets(model, info, test, cfg, folder: Path):
 
 def run_pipeline(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = print,
                  with_rmc: bool = True, ray: str | None = None, workers: int | None = None,
-                 shards: int = 1, batch: int = 1, block: int | None = None, dprime_via: str | None = None) -> Table:
+                 shards: int = 1, batch: int = 1, block: int | None = None, dprime_via: str | None = None,
+                 ray_timeout: float | None = None) -> Table:
     """`ray` ("local" or a cluster address): augmentation chunks and RMC's per-input work run as Ray tasks (one Ray
-    session for the whole run); `shards`: independent online streams per test stream, `batch`: episodic inputs
-    adapted at once, `dprime_via`: how Ray's workers get D' (see rmc.evaluation.driver)."""
+    session for the whole run; joining a cluster gives up after `ray_timeout` seconds); `shards`: independent online
+    streams per test stream, `batch`: episodic inputs adapted at once, `dprime_via`: how Ray's workers get D' (see
+    rmc.evaluation.driver)."""
     check_work_split(batch, cfg.rmc, ray, shards, block)      # before hours of work, not after
     validate_before_work(cfg)                                 # and before config.yaml is written
     t0 = time.perf_counter()
-    with hold(ray, workers) as slots:
+    with hold(ray, workers, ray_timeout) as slots:
         if ray is not None:
             log(f"[ray] {slots} workers ready in {time.perf_counter() - t0:.1f} s ({ray})")
         return _run(cfg, Path(out), log, with_rmc, ray, workers, shards, batch, block, dprime_via)
@@ -182,6 +193,29 @@ def results_key(cfg: RunConfig, model_sha256: str, dprime_key: str, layer: str, 
                      *([search] if search else []))
 
 
+def _batch_column(defense: str, cfg: RunConfig, base: BaseModel, sets, rows_dir: Path, results: dict) -> None:
+    """Add the batch defense's records of every set to `results` ({set: {defense: records}})."""
+    for s in sets:
+        results[s.name][defense] = batch_defense.evaluate_set(defense, cfg.settings(defense), base, s, rows_dir,
+                                                              cfg.attack.n)
+
+
+def _finished_batch(done: dict, batch: list[str], cfg: RunConfig, sha256: str, base: str, sets,
+                    rows_dir: Path) -> dict | None:
+    """`done` ({set: {defense: records}} of a base read from disk) with each batch defense's finished records
+    added, or None if one of them has not run on every set."""
+    for defense in batch:
+        for s in sets:
+            n = len(s.images[:cfg.attack.n])
+            path = results_folder(rows_dir, base, s.name) / f"{defense}.json"
+            recs = batch_defense.finished(path, batch_defense.fingerprint(sha256, defense, cfg.settings(defense), s, n),
+                                          n)
+            if recs is None:
+                return None
+            done[s.name][defense] = recs
+    return done
+
+
 def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, ray: str | None,
          workers: int | None, shards: int, batch: int, block: int | None, dprime_via: str | None = None) -> Table:
     out.mkdir(parents=True, exist_ok=True)
@@ -191,8 +225,10 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
                          cfg.data.lazy)
     test = load_dataset(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.image_size, cfg.data.resize,
                         cfg.data.lazy)
-    if cfg.data.dataset == "digits":
-        cfg.rmc.calib_flip = False   # a flipped digit is another (or no) digit
+    run_rmc = with_rmc and RMC in cfg.defenses
+    batch_names = batch_defense.batch_defenses(cfg.defenses) if with_rmc else []   # with_rmc False: baselines only
+    if not DATASETS[cfg.data.dataset].flips:
+        cfg.rmc.calib_flip = False   # e.g. a flipped digit is another (or no) digit
     data = to_dict(cfg.data)
 
     models, stages = {}, {}   # base -> (model, info); base -> the folders of its stages
@@ -220,8 +256,10 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
         rows_dir = out / "results" / results_key(cfg, info.sha256, dkey, layer, shards, with_rmc)
         where.update(evalsets=str(sets_dir), results=str(rows_dir / name))
         rows_wanted = with_rmc and wants_attack_rows(cfg.attack_rows)
-        done = None if rows_wanted else finished_results(rows_dir / name, sets, cfg.rmc, cfg.attack.n, with_rmc,
+        done = None if rows_wanted else finished_results(rows_dir / name, sets, cfg.rmc, cfg.attack.n, run_rmc,
                                                          shards, cfg.attack.rmc_n)
+        if done is not None:
+            done = _finished_batch(done, batch_names, cfg, info.sha256, name, sets, rows_dir)
         if done is not None:   # e.g. a base restored by studies/carry_run.py: its table needs no D'
             log(f"[evaluate {name}] every record is on disk: read, without rebuilding D' and its features")
             results[name] = done
@@ -235,12 +273,16 @@ def _run(cfg: RunConfig, out: Path, log: Callable[[str], None], with_rmc: bool, 
         where.update(dprime=str(store.path), features=str(feats_path))
         base = BaseModel(name, model, info.sha256, layer, feats, feats_path, cfg.knn)
         res = timer(f"evaluate {name}", evaluate, [base], dprime, sets, cfg.rmc, rows_dir,
-                    info.num_classes, with_rmc=with_rmc, ray=ray, workers=workers, shards=shards, batch=batch,
+                    info.num_classes, with_rmc=run_rmc, ray=ray, workers=workers, shards=shards, batch=batch,
                     block=block, rmc_n=cfg.attack.rmc_n, dprime_via=dprime_via)
+        for defense in batch_names:   # a batch-transductive defense's column (DENT): one cheap pass per set
+            timer(f"{defense} {name}", _batch_column, defense, cfg, base, sets, rows_dir, res[name])
         results.update(res)
         if rows_wanted:
             attack_rows[name] = timer(f"attack rows {name}", evaluate_attacks, base, dprime, sets, cfg.rmc,
-                                      cfg.attack_rows, rows_dir, info.num_classes, res[name].get("clean"), log=log)
+                                      cfg.attack_rows, rows_dir, info.num_classes, res[name].get("clean"), log=log,
+                                      defenses=cfg.defenses, settings={d: cfg.settings(d) for d in batch_names},
+                                      brows=cfg.batch_rows)
         if name == cfg.model.bases[0]:
             timer("visualize", neighbour_grid, base, dprime, sets, out / "neighbours.png", cfg.visualize,
                   class_names=train.classes)

@@ -35,6 +35,7 @@ from rmc.defense.optim import (
 )
 from rmc.defense.scope import collect_params, configure_model
 from rmc.errors import RMCError
+from rmc.interface import Adaptation
 from rmc.seeding import generator
 
 Hook = Callable[[str | None], None]     # profiling: called with a phase name when that phase's work ends
@@ -220,6 +221,11 @@ class RMC:
         self.static_state = self.state_dict()
         self.steps_done = 0
         self.profile: Hook | None = None
+
+    @property
+    def adaptation(self) -> Adaptation:
+        """Online (the original) or episodic, as configured (rmc.interface.Defense)."""
+        return Adaptation.ONLINE if self.cfg.mode is Mode.ONLINE else Adaptation.EPISODIC
 
     # -- online state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -355,8 +355,13 @@ class NeighbourIndex:
         return out_d, out_p
 
 
-def vote(neighbour_labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Majority vote per row (ties go to the smallest class index, deterministically)."""
+def vote_counts(neighbour_labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Votes per class of each row's neighbours: N x num_classes counts."""
     counts = np.zeros((neighbour_labels.shape[0], num_classes), dtype=np.int64)
     np.add.at(counts, (np.arange(len(neighbour_labels))[:, None], neighbour_labels), 1)
-    return counts.argmax(1)
+    return counts
+
+
+def vote(neighbour_labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Majority vote per row (ties go to the smallest class index, deterministically)."""
+    return vote_counts(neighbour_labels, num_classes).argmax(1)

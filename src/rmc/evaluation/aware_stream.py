@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 
 from rmc.attacks.defense_aware import AttackRowsConfig, attack_input
+from rmc.checks import check_images
 from rmc.defense import build_rmc
 from rmc.defense.config import Mode, RMCConfig
 from rmc.defense.dprime import DPrime
+from rmc.errors import RMCError
 from rmc.evaluation.common import BaseModel, NeighbourSearch, digest
-from rmc.evaluation.records import RecordStream
+from rmc.evaluation.records import RecordStream, check_state, state_count
 
 # Settings that do not change a defense-aware row's attack (so changing them keeps its records).
 _NOT_IN_FINGERPRINT = ("attacks", "protocols", "autoattack", "transfer_pgd", "n", "rand_n", "rand_eot", "rand_steps")
@@ -41,12 +43,18 @@ class AwareStream:
         self.adv = x.clone()
         state = self.stream.load_state()
         if state is not None:
-            done = state.pop("__adv__")
-            self.rmc.steps_done = int(state.pop("__steps_done__").item())
+            where = self.stream.state_path
+            done = state.pop("__adv__", None)
+            steps = state_count(state, "__steps_done__", where)
+            if done is None or done.dtype != x.dtype or tuple(done.shape[1:]) != tuple(x.shape[1:]) \
+                    or len(done) < len(self.stream):
+                raise RMCError(f"{where} lacks the attacked inputs of its records (__adv__); it is damaged: delete "
+                               "it and the records beside it to recompute them")
             done = done[:len(x)]
-            self.adv[:len(done)] = done
+            self.adv[:len(done)] = check_images(done, f"the attacked inputs in {where}")
+            self.rmc.steps_done = steps
             if cfg.mode is Mode.ONLINE:
-                self.rmc.load_state_dict(state)
+                self.rmc.load_state_dict(check_state(state, self.rmc, str(where)))
         self.stream.rewrite()
 
     @property

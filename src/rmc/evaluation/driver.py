@@ -32,17 +32,20 @@ from rmc.artifacts.features import evalset_source
 from rmc.data.arrays import LazyImages
 from rmc.defense import DPrime, Mode, RMCConfig, build_rmc
 from rmc.defense.forwards import compute_path
-from rmc.defense.knn import vote
 from rmc.defense.optim import check_precision
+from rmc.defense.registry import DEFENSES, RMC, STATIC, BuildContext, baselines
 from rmc.errors import RMCError
 from rmc.evaluation.anatomy import DriftMeter, confidences, record_fields
 from rmc.evaluation.common import BaseModel, NeighbourSearch, digest
-from rmc.evaluation.records import RecordStream
+from rmc.evaluation.records import RECORD, RecordStream, check_state
 from rmc.io import read_json, write_json
 from rmc.models import extract_features
+from rmc.paths import inside, safe_name
 from rmc.scaleout.executors import cached, executor, get, handle_key, model_device, worker_model
+from rmc.schema import ListOf, Obj, Str, check
 
-BASELINES = ("undefended", "deepnn", "webnn")
+BASELINES = tuple(baselines())   # the static model and the kNN votes (rmc.defense.baselines)
+SAVED_BASELINES = Obj({"fingerprint": Str(max_len=200), **{b: ListOf(RECORD) for b in BASELINES}})   # baselines.json
 MAX_BLOCK = 16             # inputs per Ray task at most (online streams save their state once per task)
 
 
@@ -127,6 +130,12 @@ class SetJob:
         return r
 
 
+def results_folder(out_dir: Path, base: str, set_name: str) -> Path:
+    """out_dir/<base>/<set>: both names plain (they may come from a file), never a link out of out_dir."""
+    rel = f"{safe_name(base, 'base-model name')}/{safe_name(set_name, 'evaluation-set name')}"
+    return inside(out_dir, rel, "a set's results folder")
+
+
 def open_set(base: BaseModel, dprime: DPrime, search: NeighbourSearch, eval_set, cfg: RMCConfig, out_dir: Path,
              num_classes: int, n: int | None) -> tuple[SetJob, dict[str, list[dict]]]:
     """The set's features and neighbours (computed once), and the baselines' records (saved in baselines.json)."""
@@ -134,17 +143,18 @@ def open_set(base: BaseModel, dprime: DPrime, search: NeighbourSearch, eval_set,
     feats = extract_features(base.model, base.layer, x).numpy()
     rows = search.all.search(feats, cfg.k)[1]
     job = SetJob(eval_set.name, x, eval_set.labels[:n], None if eval_set.targets is None else eval_set.targets[:n],
-                 feats, rows, out_dir / base.name / eval_set.name, stream_fingerprint(base, dprime, eval_set, cfg, n))
-    with torch.no_grad():
-        static_logits = base.model(x)
-        static = static_logits.argmax(1).numpy()
-    labels = dprime.labels.numpy()
-    clean_rows = search.clean.search(feats, min(cfg.k, search.clean.size))[1]
-    preds = {"undefended": static, "deepnn": vote(labels[clean_rows], num_classes),
-             "webnn": vote(labels[rows], num_classes)}
-    out = {name: [job.record(i, p[i]) for i in range(len(x))] for name, p in preds.items()}
-    for i, r in enumerate(out["undefended"]):   # the static model's confidence (rmc report's per-input anatomy)
-        r.update(confidences(static_logits[i], r["label"]))
+                 feats, rows, results_folder(out_dir, base.name, eval_set.name),
+                 stream_fingerprint(base, dprime, eval_set, cfg, n))
+    ctx = BuildContext(base.model, base.layer, cfg, dprime, search.all, search.clean, cfg.k, num_classes)
+    logits = {}
+    for name in BASELINES:
+        defense = DEFENSES[name].build(ctx)
+        # A vote over all of D' reads the rows searched above (RMC's neighbours), not a second search.
+        shared = rows if getattr(defense, "index", None) is search.all else None
+        logits[name] = defense.trial(x, feats, rows=shared).logits
+    out = {name: [job.record(i, p) for i, p in enumerate(v.argmax(1).tolist())] for name, v in logits.items()}
+    for i, r in enumerate(out[STATIC]):   # the static model's confidence (rmc report's per-input anatomy)
+        r.update(confidences(logits[STATIC][i], r["label"]))
     write_json(job.folder / "baselines.json", {"fingerprint": job.fingerprint, **out})
     return job, out
 
@@ -186,7 +196,7 @@ def rmc_task(source: RMCSource, set_name: str, positions: list[int], x: torch.Te
     rmc = cached("rmc", source.key(), source.build)   # built once per worker (or per job, in this process)
     online = source.cfg.mode is Mode.ONLINE
     if online and state is not None:
-        rmc.load_state_dict(state)
+        rmc.load_state_dict(check_state(state, rmc, f"the saved online state of set {set_name!r}"))
     else:
         rmc.reset()
     batched = cached("batched", source.key(), lambda: _batched(source, rmc)) if batch > 1 else None
@@ -241,7 +251,7 @@ class _Stream:
 
 def compute_paths(results: dict) -> list[str]:
     """The compute paths RMC's records of `results` ({base: {set: {defense: records}}}) were made with."""
-    return sorted({r["compute"] for sets in results.values() for d in sets.values() for r in d.get("rmc", [])
+    return sorted({r["compute"] for sets in results.values() for d in sets.values() for r in d.get(RMC, [])
                    if "compute" in r})
 
 
@@ -297,13 +307,13 @@ def finished_results(folder: Path, eval_sets: Sequence, cfg: RMCConfig, n: int |
     results, online = {}, cfg.mode is Mode.ONLINE
     for s in eval_sets:
         inputs = len(s.images[:n])
-        path = Path(folder) / s.name / "baselines.json"
         try:
-            saved = read_json(path, "baselines")
+            path = inside(folder, f"{safe_name(s.name, 'evaluation-set name')}/baselines.json", "baselines")
+            saved = check(read_json(path, "baselines"), SAVED_BASELINES, path, "it is recomputed")
         except RMCError:
-            return None
-        fingerprint = saved.get("fingerprint") if isinstance(saved, dict) else None
-        if not isinstance(fingerprint, str) or any(len(saved.get(b) or []) != inputs for b in BASELINES):
+            return None                # unreadable or damaged: the evaluation recomputes (and rewrites) it
+        fingerprint = saved["fingerprint"]
+        if any(len(saved[b]) != inputs for b in BASELINES):
             return None
         results[s.name] = {b: saved[b] for b in BASELINES}
         if not with_rmc:
@@ -320,7 +330,7 @@ def finished_results(folder: Path, eval_sets: Sequence, cfg: RMCConfig, n: int |
             if [r["index"] for r in kept] != positions:
                 return None
             records += kept
-        results[s.name]["rmc"] = sorted(records, key=lambda r: r["index"])
+        results[s.name][RMC] = sorted(records, key=lambda r: r["index"])
     return results
 
 
@@ -410,7 +420,7 @@ def _evaluate_base(ex, base: BaseModel, dprime: DPrime, search: NeighbourSearch,
     _run_streams(ex, source, streams, block, batch, progress, on_record, fault, f"RMC {base.name} ({ex.where})")
     for job, _ in opened:
         records = (r for st in streams if st.job is job for r in st.kept)
-        results[job.name]["rmc"] = sorted(records, key=lambda r: r["index"])
+        results[job.name][RMC] = sorted(records, key=lambda r: r["index"])
     return results
 
 
@@ -455,4 +465,4 @@ def evaluate_set(base: BaseModel, dprime: DPrime, search: NeighbourSearch, eval_
 
 __all__ = ["BASELINES", "BaseModel", "DPrimeVia", "MAX_BLOCK", "NeighbourSearch", "SetJob", "check_work_split",
            "dprime_for_workers", "evaluate", "evaluate_set", "finished_results", "online_streams", "open_set",
-           "rmc_task", "stream_fingerprint", "stream_names", "stream_plan"]
+           "results_folder", "rmc_task", "stream_fingerprint", "stream_names", "stream_plan"]

@@ -9,14 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import cast
 
+from rmc.defense.registry import DEFENSES, STATIC, selectable
 from rmc.evaluation.report import cell_from_records, row_label
 from rmc.evaluation.run_records import AWARE, CLEAN, RunRecords, SetInfo
 from rmc.evaluation.stats import Rate
 
-CURVE_DEFENSES = ("undefended", "deepnn", "webnn", "rmc")   # the robustness curve's defenses, in legend order
+CURVE_DEFENSES = DEFENSES.names()   # the robustness curve's defenses, in legend order
 PURITY_BINS = 5             # equal-width bins of neighbour purity in [0, 1]
 ANATOMY_PER_KIND = 2        # inputs shown per (set, RMC right / wrong) in the per-input anatomy
-ATTACK_ROW_DEFENSES = ("undefended", "rmc")   # the attack rows' columns (rmc.evaluation.attack_rows.attack_table)
+ATTACK_ROW_DEFENSES = (STATIC, *selectable())   # the attack rows' columns (rmc.evaluation.attack_rows.attack_table)
 ANATOMY_SETS = 2            # sets shown there: clean and the first attacked set with records
 
 
@@ -63,16 +64,16 @@ def curve_data(run: RunRecords) -> list[CurveSeries]:
             records = recs.get(defense)
             if not records:
                 continue
-            if s.kind == AWARE and defense != "rmc":
-                continue   # the static model on a sequence crafted against RMC is no attack on it (as the table)
+            if s.kind == AWARE and defense != s.defense:
+                continue   # another defense on a sequence crafted against this one is no attack on it (as the table)
             if s.attack_row and defense not in ATTACK_ROW_DEFENSES:
-                continue   # the attack rows' table shows the static model and RMC only
+                continue   # the attack rows' table shows the static model and the adaptive defenses only
             key = (s.base, s.family, defense)
             cs = series.get(key)
             if cs is None:
                 cs = series[key] = CurveSeries(s.base, defense, s.family, AWARE if s.kind == AWARE else "transfer",
                                                s.targeted)
-                c = clean.get(defense) or (clean.get("rmc") if s.kind == AWARE else None)
+                c = clean.get(defense)
                 if c:
                     n = len(records)
                     cs.points.append(CurvePoint(0.0, cell_from_records(c[:n]).accuracy, "clean"))
@@ -155,7 +156,7 @@ def anatomy_data(run: RunRecords, base: str | None = None) -> list[Anatomy]:
     if base is None:
         return out
     for s in _pick_sets(run, base):
-        static = {r["index"]: r for r in run.baselines(s).get("undefended", [])}
+        static = {r["index"]: r for r in run.baselines(s).get(STATIC, [])}
         want = {True: ANATOMY_PER_KIND, False: ANATOMY_PER_KIND}
         for r in run.rmc(s):
             ok = r["pred"] == r["label"]

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from matplotlib.ticker import MaxNLocator
 
+from rmc.defense.registry import DEFENSES, RMC
 from rmc.evaluation.figure_data import PURITY_BINS, Anatomy, CurveSeries, DriftSeries, PurityGroup
 from rmc.evaluation.report import BASE_LABELS, row_label
 from rmc.io import atomic_path
 
 DPI = 100                                        # PNGs stay small enough to embed several in one page
-DEFENSE_COLORS = {"undefended": "tab:gray", "deepnn": "tab:blue", "webnn": "tab:green", "rmc": "tab:red"}
+DEFENSE_COLORS = {d.name: d.colour for d in DEFENSES}
 THREAT_STYLES = {"transfer": "-", "defense-aware": "--"}
 MARKERS = "osD^v<>ph*"                           # one per attack family within a panel
 BAND_ALPHA = 0.12                                # 95% interval bands: visible, not hiding the lines
@@ -223,7 +224,7 @@ def draw_purity(groups: list[PurityGroup]):
         ax.set_xticks(edges)
         ax.set_xlabel("neighbour purity (share of K neighbours with the true label)")
         ax.set_ylabel("RMC accuracy %")
-        ax.set_title(f"{row_label(base, 'rmc')}", fontsize=9)
+        ax.set_title(f"{row_label(base, RMC)}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Neighbour purity vs correctness (is RMC right where its neighbours carry the true label?)",

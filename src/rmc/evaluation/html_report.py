@@ -23,6 +23,7 @@ from rmc.evaluation.report import Cell, Table, cell_from_records, row_label, row
 from rmc.evaluation.run_records import AWARE, RunRecords
 from rmc.evaluation.stats import Rate
 from rmc.io import write_text
+from rmc.paths import inside
 
 FIGURES_DIR = "figures"          # beside report.html
 ROUNDS_GLOB = "*rounds*.png"     # the defense-aware per-round figure (attack_rows draws it; the page only embeds it)
@@ -79,7 +80,7 @@ def tables(run: RunRecords) -> tuple[Table, str]:
             notes[s.name] = s.kind
             continue
         for defense in ATTACK_ROW_DEFENSES:   # the attack rows' columns, as rmc.evaluation.attack_rows
-            if defense in recs and not (s.kind == AWARE and defense != "rmc"):
+            if defense in recs and not (s.kind == AWARE and defense != s.defense):
                 col = row_label(s.base, defense)
                 columns += [col] if col not in columns else []
                 rows.setdefault(f"{s.name} [{s.kind}]", {})[col] = cell_from_records(recs[defense])
@@ -171,7 +172,9 @@ def build(run: RunRecords, fig_dir: Path, log: Callable[[str], None]) -> str:
         "input's K neighbours whose label is its true class), clean and attacked sets apart: the defense's "
         "mechanism. An attack that poisons the neighbourhood moves inputs to the left."))
 
-    extra = [p for p in sorted(run.root.glob(f"**/{ROUNDS_GLOB}")) if fig_dir not in p.parents]
+    # Embedded as they are: never a file a link leads to outside the run.
+    extra = [inside(run.root, str(p.relative_to(run.root)), "a per-round figure")
+             for p in sorted(run.root.glob(f"**/{ROUNDS_GLOB}")) if fig_dir not in p.parents]
     has_aware = any(s.kind == "defense-aware" for s in run.sets)
     if extra:
         parts.append("<h2>Defense-aware attacks, round by round</h2>" + "".join(
@@ -179,7 +182,7 @@ def build(run: RunRecords, fig_dir: Path, log: Callable[[str], None]) -> str:
             for p in extra[:MAX_EMBEDDED_EXTRA]))
     elif has_aware:
         run.missing.append(f"the defense-aware per-round figure ({ROUNDS_GLOB}) is not in the run directory")
-    nb = run.root / "neighbours.png"
+    nb = inside(run.root, "neighbours.png", "the neighbours figure")
     if nb.exists():
         parts.append("<h2>Inputs and their nearest neighbours</h2>" + _figure(
             nb.read_bytes(), "neighbours", "Test inputs (left) beside their nearest neighbours in D' "

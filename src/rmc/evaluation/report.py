@@ -5,19 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rmc.defense.registry import DEFENSES, STATIC
 from rmc.evaluation.stats import Rate
-
-ROW_LABELS = {"undefended": "None", "deepnn": "DeepNN", "webnn": "WebNN", "rmc": "RMC"}
-
 
 BASE_LABELS = {"adversarial": "Adv. trained", "denoising": "Denoising block"}   # the original's row names
 
 
 def row_label(base: str, defense: str) -> str:
     if base == "standard":
-        return ROW_LABELS.get(defense, defense)
+        return DEFENSES.label(defense)
     prefix = BASE_LABELS.get(base, base)
-    return prefix if defense == "undefended" else f"{prefix} + {ROW_LABELS.get(defense, defense)}"
+    return prefix if defense == STATIC else f"{prefix} + {DEFENSES.label(defense)}"
 
 
 def row_order(results: dict) -> list[tuple[str, str]]:
@@ -26,7 +24,7 @@ def row_order(results: dict) -> list[tuple[str, str]]:
     pairs = [(b, d) for b, sets in results.items() for defenses in sets.values() for d in defenses]
     pairs = list(dict.fromkeys(pairs))
     bases = list(results)
-    return sorted(pairs, key=lambda p: (p[1] != "undefended", p[0] != bases[0], bases.index(p[0])))
+    return sorted(pairs, key=lambda p: (p[1] != STATIC, p[0] != bases[0], bases.index(p[0])))
 
 
 @dataclass

@@ -13,7 +13,6 @@ draws one panel per base model from `rmc evaluate` results folders (`<out>/resul
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 
 from rmc.attacks.protocols import KINDS, LABELS
 from rmc.errors import RMCError
+from rmc.evaluation.records import read_records
 from rmc.io import atomic_path
 
 
@@ -72,8 +72,7 @@ def load_panel(results_dir: str | Path) -> tuple[dict[str, tuple[list[dict], lis
     results_dir = Path(results_dir)
     curves, rounds = {}, 0
     for stream in sorted(results_dir.glob("*/attack.jsonl")):
-        read = lambda p: [json.loads(s) for s in p.read_text().splitlines() if s.strip()]  # noqa: E731
-        attack = read(stream)
+        attack = read_records(stream)
         rescored_path = stream.parent / "rmc.jsonl"
         if not attack or not rescored_path.exists():
             continue
@@ -83,7 +82,7 @@ def load_panel(results_dir: str | Path) -> tuple[dict[str, tuple[list[dict], lis
         if kind is None or found is None:
             continue
         rounds = max(rounds, int(found.group(1)))
-        rescored = read(rescored_path)
+        rescored = read_records(rescored_path)
         if not rescored:
             continue
         # the attack may have run ahead of the re-score (a run resumed with a smaller N): the same first inputs

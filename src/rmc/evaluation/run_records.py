@@ -21,12 +21,18 @@ from typing import cast
 import torch
 import yaml
 
+from rmc.artifacts.evalsets import INDEX_SCHEMA
+from rmc.attacks.kinds import ATTACK_KINDS
+from rmc.data import class_names
+from rmc.defense.registry import DEFENSES, RMC, STATIC, baselines, selectable
 from rmc.errors import RMCError
+from rmc.evaluation.records import RECORD, check_record
 from rmc.io import read_json
+from rmc.paths import inside
+from rmc.schema import Bool, Int, Lazy, ListOf, MapOf, Name, Obj, Spec, Str, check
 
 CLEAN, TRANSFER, AWARE = "clean", "transfer", "defense-aware"
-AWARE_KINDS = ("fpa", "gmsa-avg", "gmsa-min")          # defense-aware attacks (rmc.attacks.defense_aware)
-AWARE_LABELS = {"fpa": "FPA", "gmsa-avg": "GMSA-AVG", "gmsa-min": "GMSA-MIN"}
+AWARE_KINDS = ATTACK_KINDS.names()                      # defense-aware attacks (rmc.attacks.kinds)
 STAGE_KEY = re.compile(r"[0-9a-f]{8}")                  # a stage folder's key (rmc.cli.pipeline.stage_key)
 
 
@@ -43,6 +49,11 @@ class SetInfo:
     def kind(self) -> str:
         k = self.attack.get("kind", "clean" if self.name == "clean" else "")
         return CLEAN if k == "clean" else AWARE if k in AWARE_KINDS else TRANSFER
+
+    @property
+    def defense(self) -> str:
+        """The defense a defense-aware set was crafted against (sets made before others existed: RMC)."""
+        return str(self.attack.get("defense", RMC))
 
     @property
     def eps(self) -> float | None:
@@ -73,7 +84,7 @@ class SetInfo:
         elif k == "transfer-autoattack":
             text = "AutoAttack"
         elif k in AWARE_KINDS:
-            text = f"{AWARE_LABELS[k]} r{a.get('rounds')}"
+            text = f"{ATTACK_KINDS[k].label} r{a.get('rounds')}"
         else:
             text = k or self.name
         if self.attack_row:
@@ -86,9 +97,42 @@ def _read_json(path: Path, missing: list[str]):
         return json.loads(path.read_text())
     except FileNotFoundError:
         missing.append(f"{path.name} ({path.parent})")
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+    except (ValueError, RecursionError, OSError) as e:
         missing.append(f"{path} is unreadable ({type(e).__name__})")
     return None
+
+
+FIX = "the run directory is damaged or was not written by rmc: re-run `rmc run` into it, or delete the file"
+
+
+class _Rate(Spec):
+    """A rate of the table: hits and n, 0 <= hits <= n."""
+
+    def __call__(self, value, at):
+        Obj({"hits": Int(0), "n": Int(0)})(value, at)
+        if value["hits"] > value["n"]:
+            at.child("hits").fail(f"at most n ({value['n']})", value["hits"])
+        return value
+
+
+_RATE = _Rate()
+TABLE: Spec = Obj({}, {"title": Str(), "columns": ListOf(Str()), "column_notes": MapOf(Str(), Str()), "corner": Str(),
+                 "notes": ListOf(Str()),
+                 "rows": MapOf(Str(), MapOf(Str(), Obj({"accuracy": _RATE}, {"attack_success": _RATE}))),
+                 "appendix": ListOf(Lazy(lambda: TABLE), 0, 64)})
+# What `rmc report` reads of results.json: the table, and where each base model's stages are.
+RESULTS = Obj({}, {"table": TABLE, "stage_dirs": MapOf(Name(), MapOf(Str(("model", "dprime", "features", "evalsets",
+                                                                          "results")), Str(empty=False)))})
+# What it reads of config.yaml (the rest is shown as it is).
+CONFIG = Obj({}, {"data": Obj({}, {"dataset": Str(max_len=200)}), "rmc": Obj({}, {"mode": Str(max_len=200)}),
+                  "model": Obj({}, {"bases": ListOf(Name()), "adversarial_base": Bool()})})
+BASELINE_RECORDS = Obj({}, {"fingerprint": Str(max_len=200), **{d: ListOf(RECORD) for d in baselines()}})
+BATCH_RECORDS = Obj({"records": ListOf(RECORD)}, {"fingerprint": Str(max_len=200)})   # <defense>.json
+
+
+def read_results(path: Path) -> dict:
+    """A run's results.json, the fields `rmc report` uses checked."""
+    return check(read_json(path, "run results"), RESULTS, path, FIX)
 
 
 # The stage folders of one base model in a run directory (rmc.cli.pipeline names them by their inputs' key).
@@ -99,14 +143,26 @@ STAGE_GLOBS = {"model": "models/{base}-*.safetensors", "dprime": "dprime/{base}-
 def stage_folder(root: Path, results: dict | None, base: str, kind: str) -> Path | None:
     """`base`'s folder (or file) of stage `kind` (a STAGE_GLOBS key): the one results.json names (`stage_dirs`,
     re-rooted here: the run may have moved or been made with a relative --out), else the newest of its kind (a run
-    still going), else None."""
+    still going), else None. Never a path that leads out of `root` (a link included)."""
     where = ((results or {}).get("stage_dirs") or {}).get(base, {}).get(kind)
+    source = root / "results.json"
     if where:
-        parts = Path(where).parts   # results/<key>/<base>; the others <kind folder>/<base>-<key>[.ext]
-        return root.joinpath("results", *parts[-2:]) if kind == "results" else \
-            root / STAGE_GLOBS[kind].split("/")[0] / parts[-1]
+        # Only the names rmc run gives its stage folders are followed, re-rooted: results/<key>/<base>, else
+        # <kind folder>/<base>-<key>[.ext] (STAGE_GLOBS).
+        parts = Path(where).parts
+        pattern = re.escape(STAGE_GLOBS[kind].split("/")[-1].format(base=base)).replace(r"\*", "[0-9a-f]{8}")
+        if kind == "results":
+            ok = len(parts) >= 2 and STAGE_KEY.fullmatch(parts[-2]) is not None and parts[-1] == base
+            rel = f"results/{parts[-2]}/{base}" if ok else ""
+        else:
+            ok = bool(parts) and re.fullmatch(pattern, parts[-1]) is not None
+            rel = f"{STAGE_GLOBS[kind].split('/')[0]}/{parts[-1]}" if ok else ""
+        if not ok:
+            raise RMCError(f"{source}: stage_dirs.{base}.{kind} is {where[:60]!r}, not a stage folder of `rmc run` "
+                           f"({STAGE_GLOBS[kind].format(base=base).replace('*', '<key>')}); {FIX}")
+        return inside(root, rel, f"stage_dirs.{base}.{kind}", source)
     found = sorted(root.glob(STAGE_GLOBS[kind].format(base=base)), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+    return inside(root, str(found[-1].relative_to(root)), f"the {kind} folder of {base}") if found else None
 
 
 def stage_folders(run: str | Path, base: str = "standard") -> dict[str, Path]:
@@ -117,7 +173,7 @@ def stage_folders(run: str | Path, base: str = "standard") -> dict[str, Path]:
         raise RMCError(f"run directory {run} not found; run `rmc run --out {run}` first")
     results = None
     if (run / "results.json").exists():
-        results = read_json(run / "results.json", "run results")
+        results = read_results(run / "results.json")
     folders = {kind: stage_folder(run, results, base, kind) for kind in STAGE_GLOBS}
     found = {k: v for k, v in folders.items() if v is not None}
     if not found:
@@ -129,7 +185,7 @@ class RunRecords:
     """The records of one run directory."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = Path(root).resolve()   # what it holds is followed only inside it, links resolved
         if not self.root.is_dir():
             raise RMCError(f"run directory {self.root} not found; pass the --out of an `rmc run`")
         if not (self.root / "results").is_dir() and not (self.root / "results.json").exists():
@@ -140,6 +196,8 @@ class RunRecords:
         self.results = None
         if (self.root / "results.json").exists():
             self.results = _read_json(self.root / "results.json", self.missing)
+            if self.results is not None:
+                self.results = check(self.results, RESULTS, self.root / "results.json", FIX)
         else:
             self.missing.append("results.json (the run has not finished: tables are rebuilt from the records)")
         self.sets = self._sets()
@@ -150,10 +208,11 @@ class RunRecords:
             self.missing.append("config.yaml (settings unknown)")
             return {}
         try:
-            return yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, ValueError, RecursionError):
             self.missing.append("config.yaml is unreadable (settings unknown)")
             return {}
+        return check(loaded, CONFIG, path, FIX)
 
     @property
     def dataset(self) -> str:
@@ -165,9 +224,7 @@ class RunRecords:
 
     @cached_property
     def class_names(self) -> list[str]:
-        from rmc.data.cifar10 import CIFAR10_CLASSES
-        from rmc.data.idx import FASHION_CLASSES
-        return {"fashion-mnist": FASHION_CLASSES, "cifar10": CIFAR10_CLASSES}.get(self.dataset, [])
+        return class_names(self.dataset)
 
     def class_name(self, c: int) -> str:
         return self.class_names[c] if 0 <= c < len(self.class_names) else str(c)
@@ -188,9 +245,10 @@ class RunRecords:
             self.missing.append(f"{folder.relative_to(self.root)}/ (attack settings unknown: no eps on the curve)")
             return {}
         index = _read_json(folder / "index.json", self.missing)
-        if not isinstance(index, dict):
+        if index is None:
             return {}
-        return {e["name"]: e for e in index.get("sets", []) if isinstance(e, dict) and "name" in e}
+        check(index, INDEX_SCHEMA, folder / "index.json", FIX)
+        return {e["name"]: e for e in index["sets"]}
 
     def _folders(self) -> list[tuple[str, Path, Path]]:
         """(base, its results folder, its evaluation-set folder). Layouts: results/<key>/<base>/ with
@@ -228,20 +286,28 @@ class RunRecords:
                                      if (res / "attack-sets").exists() else {})):
                 for name, e in entries.items():
                     known.add(name)
-                    info = SetInfo(base, name, e.get("attack") or {}, res / name, folder / e.get("file", ""))
+                    info = SetInfo(base, name, e["attack"], inside(res, name, "a set's records", folder),
+                                   inside(folder, e["file"], f"the file of set {name!r}", folder / "index.json"))
                     if not info.folder.is_dir():
                         self.missing.append(f"{info.folder.relative_to(self.root)}/ (set not evaluated yet)")
                     out.append(info)
             for p in sorted(res.iterdir()) if res.is_dir() else []:
                 if p.is_dir() and p.name != "attack-sets" and p.name not in known:
-                    out.append(SetInfo(base, p.name, {}, p, None))
+                    out.append(SetInfo(base, p.name, {}, inside(res, p.name, "a set's records"), None))
         return out
 
     # -- records -----------------------------------------------------------------------------------------
     def baselines(self, s: SetInfo) -> dict[str, list[dict]]:
-        """{"undefended"|"deepnn"|"webnn": records} of a set ({} and a note if missing)."""
-        data = _read_json(s.folder / "baselines.json", self.missing) if s.folder.is_dir() else None
-        return {k: v for k, v in (data or {}).items() if isinstance(v, list)}
+        """{"undefended"|"deepnn"|"webnn": records} of a set ({} and a note if missing). A set crafted against a
+        batch defense has none: only that defense scores it (rmc.evaluation.batch_defense)."""
+        if self.batch_scored(s):
+            return {}
+        path = s.folder / "baselines.json"
+        data = _read_json(path, self.missing) if s.folder.is_dir() else None
+        if data is None:
+            return {}
+        check(data, BASELINE_RECORDS, path, FIX)
+        return {k: data[k] for k in baselines() if k in data}
 
     def rmc_streams(self, s: SetInfo) -> list[Path]:
         one = s.folder / "rmc.jsonl"
@@ -255,12 +321,11 @@ class RunRecords:
                     continue
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:
+                except ValueError:
                     self.missing.append(f"{path.relative_to(self.root)}: line {i + 1} is corrupt; records after it "
                                         "are left out")
                     return
-                if isinstance(rec, dict) and "pred" in rec and "label" in rec:
-                    yield rec
+                yield check_record(rec, path, i + 1)
 
     def rmc(self, s: SetInfo) -> Iterator[dict]:
         """RMC's records of a set, stream by stream (each in input order)."""
@@ -282,8 +347,21 @@ class RunRecords:
         out = {k: [slim(r) for r in v] for k, v in self.baselines(s).items()}
         rmc = sorted((slim(r) for r in self.rmc(s)), key=lambda r: r["index"])
         if rmc:
-            out["rmc"] = rmc
+            out[RMC] = rmc
+        for name in selectable():
+            batch = sorted((slim(r) for r in self.batch_defense(s, name)), key=lambda r: r["index"])
+            if batch:
+                out[name] = batch
         return out
+
+    def batch_defense(self, s: SetInfo, name: str) -> list[dict]:
+        """The records of a defense evaluated a batch at a time (`<name>.json`, rmc.evaluation.batch_defense);
+        [] if it did not run on this set (and a note if its file is unreadable)."""
+        path = s.folder / f"{name}.json"
+        if name == RMC or not path.exists():
+            return []
+        data = _read_json(path, self.missing)
+        return [] if data is None else check(data, BATCH_RECORDS, path, FIX)["records"]
 
     def incomplete(self) -> list[str]:
         """Sets whose RMC records cover fewer inputs than the set has (a run still under way or stopped)."""
@@ -291,11 +369,17 @@ class RunRecords:
         for s in self.sets:
             if not s.folder.is_dir():
                 continue
-            n = s.n or len(self.baselines(s).get("undefended", []))
-            done = sum(1 for _ in self.rmc(s))
+            n = s.n or len(self.baselines(s).get(STATIC, []))
+            who = s.defense if self.batch_scored(s) else RMC
+            done = len(self.batch_defense(s, who)) if self.batch_scored(s) else sum(1 for _ in self.rmc(s))
             if n and done < n:
-                out.append(f"{s.folder.relative_to(self.root)}/: RMC has {done} of {n} inputs")
+                out.append(f"{s.folder.relative_to(self.root)}/: {DEFENSES.label(who)} has {done} of {n} inputs")
         return out
+
+    @staticmethod
+    def batch_scored(s: SetInfo) -> bool:
+        """A defense-aware set crafted against another defense than RMC: scored by that defense alone."""
+        return s.kind == AWARE and s.defense != RMC
 
     # -- images ------------------------------------------------------------------------------------------
     def images(self, s: SetInfo, indices: list[int]) -> torch.Tensor | None:

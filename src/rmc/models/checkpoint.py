@@ -11,8 +11,10 @@ from torch import nn
 
 from rmc.errors import RMCError
 from rmc.io import load_tensors, read_json, save_tensors, sha256_file, write_json
+from rmc.models.denoising import DenoiseOp
 from rmc.models.registry import BUILTIN, build_model
 from rmc.models.timm_arch import is_timm
+from rmc.schema import Bool, Int, Json, ListOf, MapOf, Num, Obj, Opt, Str, check
 
 
 @dataclass
@@ -34,21 +36,33 @@ class ModelInfo:
     sha256: str = ""               # hash of the weights file; filled in on save
 
 
+MAX_CLASSES = 10 ** 6      # classes of a model at most
+MAX_SIDE = 1 << 16         # an image dimension (channels, height, width) at most
+# Every field of the sidecar; a key this rmc does not know is refused (the sidecar decides how a model is built).
+SIDECAR = Obj({"arch": Str(max_len=300, empty=False), "num_classes": Int(1, MAX_CLASSES),
+               "input_shape": ListOf(Int(1, MAX_SIDE), 3, 3)},
+              {"mean": Opt(ListOf(Num(-1e6, 1e6), 1, MAX_SIDE)), "std": Opt(ListOf(Num(1e-12, 1e6), 1, MAX_SIDE)),
+               "dataset": Str(max_len=200), "adversarial": Bool(),
+               "denoise": Opt(Str(tuple(o.value for o in DenoiseOp))), "test_accuracy": Opt(Num(0, 1)),
+               "seed": Opt(Int(0, 2 ** 64)), "config": Json(), "imported": MapOf(Str(), Json()),
+               "sha256": Str(max_len=64)}, extra=False)
+FIX = "re-create it with `rmc train`"
+
+
 def check_metadata(info: ModelInfo, where: Path) -> None:
     """Types and ranges of the sidecar's fields (it is a file anyone may have edited)."""
-    shape = info.input_shape
-    ok = (isinstance(info.arch, str) and isinstance(info.num_classes, int) and not isinstance(info.num_classes, bool)
-          and info.num_classes >= 1 and len(shape) == 3
-          and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
-          and isinstance(info.dataset, str) and isinstance(info.imported, dict))
-    for stats in (info.mean, info.std):
-        ok = ok and (stats is None or (isinstance(stats, list) and len(stats) == shape[0]
-                                       and all(isinstance(v, (int, float)) for v in stats)))
-    if ok and info.std is not None:
-        ok = all(v > 0 for v in info.std)
-    if not ok:
-        raise RMCError(f"model metadata {where} has invalid fields (arch, num_classes, input_shape, mean/std or "
-                       "dataset); re-create it with `rmc train`")
+    check({**asdict(info), "input_shape": list(info.input_shape)}, SIDECAR, where, FIX)
+    for name in ("mean", "std"):
+        stats = getattr(info, name)
+        if stats is not None and len(stats) != info.input_shape[0]:
+            raise RMCError(f"{where}: field {name!r} has {len(stats)} values but the model takes "
+                           f"{info.input_shape[0]} channels; {FIX}")
+
+
+def read_metadata(weights: str | Path) -> dict[str, Any]:
+    """The sidecar of `weights`, every field checked."""
+    where = meta_path(weights)
+    return check(read_json(where, "model metadata"), SIDECAR, where, FIX)
 
 
 def meta_path(weights: str | Path) -> Path:
@@ -72,13 +86,8 @@ def read_info(weights: str | Path) -> ModelInfo:
     if not weights.exists():
         raise RMCError(f"model weights not found: {weights}; train one with `rmc train` or import one with "
                        "`rmc import-model`")
-    meta = read_json(meta_path(weights), "model metadata")
-    try:
-        meta["input_shape"] = tuple(meta["input_shape"])
-        info = ModelInfo(**meta)
-    except (TypeError, KeyError) as e:
-        raise RMCError(f"model metadata {meta_path(weights)} is malformed ({e}); "
-                       "re-create it with `rmc train`") from None
+    meta = read_metadata(weights)
+    info = ModelInfo(**{**meta, "input_shape": tuple(meta["input_shape"])})
     check_metadata(info, meta_path(weights))
     return info
 

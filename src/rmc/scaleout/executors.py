@@ -33,6 +33,10 @@ from rmc.errors import RMCError
 LOCAL = "local"            # --ray with no address: start a Ray on this machine
 MAX_RETRIES = 3            # Ray re-runs a task whose worker died this many times before giving up
 FORWARD_ENV = "RMC_"       # environment variables with this prefix are set on Ray's workers too
+CONNECT_TIMEOUT_S = 15.0   # joining a cluster (--ray ADDRESS) fails after this long (Ray itself waits minutes)
+CHECKS = ("is the cluster up (`ray status` on its head node)? is the address HOST:PORT of its GCS (6379 by "
+          "default; ray://HOST:10001 for a Ray client server) and is the port open from here? a cluster with token "
+          "authentication also needs RAY_AUTH_MODE=token and its token here")
 
 
 def _ray():
@@ -45,16 +49,62 @@ def _ray():
 
 # ---------------------------------------------------------------- connection
 
-def connect(address: str | None = LOCAL, workers: int | None = None) -> int:
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of "HOST:PORT" or "ray://HOST:PORT"; None for "auto" (Ray finds it) or what is not one."""
+    text = address.removeprefix("ray://")
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _probe(address: str, timeout: float) -> None:
+    """Refuse, within `timeout` seconds, a cluster address that does not answer (Ray would wait for minutes, or
+    end the process): first the port (nothing listening, no route), then Ray's own handshake, in a child process
+    that is killed when time is up."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    t0 = time.monotonic()
+    hp = _host_port(address)
+    if hp is not None:
+        try:
+            socket.create_connection(hp, timeout=timeout).close()
+        except OSError as e:
+            reason = (f"no answer within {timeout:g} s (--ray-timeout)" if isinstance(e, TimeoutError)
+                      else (e.strerror or type(e).__name__).lower())
+            raise RMCError(f"cannot reach a Ray cluster at {address!r} ({reason}); {CHECKS}") from None
+    left = max(1.0, timeout - (time.monotonic() - t0))
+    code = ("import logging, ray\nray.init(address=%r, log_to_driver=False, logging_level=logging.ERROR)\n"
+            "ray.cluster_resources()\n" % address)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=left)
+    except subprocess.TimeoutExpired:
+        raise RMCError(f"the Ray cluster at {address!r} did not answer within {timeout:g} s (--ray-timeout); "
+                       f"{CHECKS}") from None
+    if done.returncode != 0:
+        lines = [ln.strip() for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith((" ", "["))]
+        why = (lines[-1] if lines else f"exit status {done.returncode}")[:200]
+        raise RMCError(f"cannot join the Ray cluster at {address!r} ({why}); {CHECKS}")
+
+
+def connect(address: str | None = LOCAL, workers: int | None = None, timeout: float | None = None) -> int:
     """Join Ray and return the number of worker slots (CPUs, at most `workers`). A running connection is reused.
 
     address None or "local": start Ray on this machine with `workers` CPUs (default: all cores); anything else is
     passed to `ray.init(address=...)`: "auto" (a cluster started on this machine with `ray start --head`),
-    "HOST:6379", or a Ray client address "ray://HOST:10001".
+    "HOST:6379", or a Ray client address "ray://HOST:10001". Joining a cluster that does not answer fails after
+    `timeout` seconds (default CONNECT_TIMEOUT_S) with one line naming the address and what to check.
     """
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise RMCError(f"--workers must be a whole number >= 1, got {workers!r}")
+    timeout = CONNECT_TIMEOUT_S if timeout is None else timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise RMCError(f"--ray-timeout must be a number of seconds > 0, got {timeout!r}")
     ray = _ray()
+    if not ray.is_initialized() and address not in (None, "", LOCAL):
+        _probe(address, timeout)
     if not ray.is_initialized():
         on_sigterm = signal.getsignal(signal.SIGTERM)
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV)}
@@ -71,7 +121,8 @@ def connect(address: str | None = LOCAL, workers: int | None = None) -> int:
             else:
                 ray.init(address=address, **kwargs)
         except ConnectionError as e:
-            raise RMCError(f"cannot reach a Ray cluster at {address!r} ({e}); start one with `ray start --head` "
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise RMCError(f"cannot reach a Ray cluster at {address!r} ({first}); start one with `ray start --head` "
                            "and pass the address it prints, or use --ray alone for a local Ray. A cluster with token "
                            "authentication (the default of `ray start` in recent Ray) also needs RAY_AUTH_MODE=token "
                            "and its token (~/.ray/auth_token or RAY_AUTH_TOKEN) here") from None
@@ -93,25 +144,25 @@ def is_connected() -> bool:
 
 
 @contextlib.contextmanager
-def session(address: str | None = LOCAL, workers: int | None = None) -> Iterator[int]:
+def session(address: str | None = LOCAL, workers: int | None = None, timeout: float | None = None) -> Iterator[int]:
     """`connect`, and on exit shut down the Ray this call started (a Ray already running is left alone)."""
     ray = _ray()
     started = not ray.is_initialized()
     try:
-        yield connect(address, workers)
+        yield connect(address, workers, timeout)
     finally:
         if started and ray.is_initialized():
             ray.shutdown()
 
 
 @contextlib.contextmanager
-def hold(ray: str | None, workers: int | None = None) -> Iterator[int]:
+def hold(ray: str | None, workers: int | None = None, timeout: float | None = None) -> Iterator[int]:
     """Keep one Ray session open over a job of several stages (each stage's `executor` reuses it); in-process
-    (`ray` None) there is nothing to hold. Yields the worker slots."""
+    (`ray` None) there is nothing to hold. Yields the worker slots. `timeout`: see `connect`."""
     if ray is None:
         yield 1
         return
-    with session(ray, workers) as slots:
+    with session(ray, workers, timeout) as slots:
         yield slots
 
 
@@ -287,8 +338,7 @@ class RayExecutor:
                 raise cause from None   # a clear message about the user's input: no remote traceback
             raise   # anything else: Ray's exception (an instance of the task's exception class, with its traceback)
         except self.ray.exceptions.RayError as e:
-            raise RMCError(f"a Ray task ({key}) failed {MAX_RETRIES + 1} times and was given up: "
-                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            raise lost(e, key) from None
 
     def cancel(self) -> None:
         for ref in list(self.refs):
@@ -305,6 +355,15 @@ def gpu_slots(device: torch.device | str | None) -> int:
     if device is None or torch.device(device).type != "cuda":
         return 0
     return int(_ray().cluster_resources().get("GPU", 0))
+
+
+def lost(error: BaseException, key) -> RMCError:
+    """The one line for a task Ray gave up on: its workers or nodes died (MAX_RETRIES times), or the cluster went
+    away. Drivers write each result as it arrives, so what finished is on disk and a re-run resumes from it."""
+    first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+    return RMCError(f"Ray lost task {key} ({type(error).__name__}{': ' + first if first else ''}) after "
+                    f"{MAX_RETRIES + 1} tries: its workers or the cluster went away. The finished work is saved; check "
+                    "the cluster (`ray status`) and re-run the same command to resume")
 
 
 @contextlib.contextmanager
@@ -327,6 +386,6 @@ def executor(ray: str | None = None, workers: int | None = None,
             ex.cancel()
 
 
-__all__ = ["InlineExecutor", "LOCAL", "Local", "MAX_RETRIES", "RayExecutor", "cached", "connect", "cpu_model",
-           "executor", "get", "gpu_slots", "handle_key", "hold", "is_connected", "model_device", "session",
-           "worker_device", "worker_model"]
+__all__ = ["CONNECT_TIMEOUT_S", "InlineExecutor", "LOCAL", "Local", "MAX_RETRIES", "RayExecutor", "cached", "connect",
+           "cpu_model", "executor", "get", "gpu_slots", "handle_key", "hold", "is_connected", "lost", "model_device",
+           "session", "worker_device", "worker_model"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from rmc.attacks.kinds import ATTACK_KINDS, PROTOCOLS
 from rmc.errors import RMCError
 
 if TYPE_CHECKING:
@@ -88,6 +89,9 @@ def add_ray_arguments(p: argparse.ArgumentParser, shards: bool = False) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="with --ray: at most this many tasks at a time (a local Ray gets this many CPUs; "
                         "default: all CPUs)")
+    p.add_argument("--ray-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --ray ADDRESS: give up joining a cluster that does not answer after this long "
+                        "(default: 15)")
     if shards:
         p.add_argument("--shards", type=int, default=1, metavar="S",
                        help="online RMC: cut each test stream into S independent streams, each with its own "
@@ -105,6 +109,8 @@ def add_ray_arguments(p: argparse.ArgumentParser, shards: bool = False) -> None:
 def check_ray_arguments(args) -> None:
     if getattr(args, "workers", None) is not None and args.ray is None:
         raise RMCError("--workers only applies with --ray (add --ray to run on a local Ray)")
+    if getattr(args, "ray_timeout", None) is not None and args.ray is None:
+        raise RMCError("--ray-timeout only applies with --ray ADDRESS")
 
 
 def add_batch_argument(p: argparse.ArgumentParser) -> None:
@@ -118,10 +124,10 @@ def add_attack_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("attack rows", "transfer PGD (always), transfer AutoAttack and the defense-aware "
                              "attacks FPA / GMSA-AVG / GMSA-MIN against RMC under each protocol; the config's "
                              "attack_rows section")
-    g.add_argument("--attacks", nargs="+", metavar="ATTACK",
-                   choices=["fpa", "gmsa-avg", "gmsa-min", "autoattack", "none"],
-                   help="rows beside transfer PGD: fpa gmsa-avg gmsa-min autoattack, or none (default: gmsa-min)")
-    g.add_argument("--protocols", nargs="+", metavar="PROTOCOL", choices=["chen2022", "strong"],
+    kinds = [*ATTACK_KINDS.names(), "autoattack"]
+    g.add_argument("--attacks", nargs="+", metavar="ATTACK", choices=[*kinds, "none"],
+                   help=f"rows beside transfer PGD: {' '.join(kinds)}, or none (default: gmsa-min)")
+    g.add_argument("--protocols", nargs="+", metavar="PROTOCOL", choices=PROTOCOLS.names(),
                    help="protocols of the defense-aware attacks: chen2022 (Chen et al., ICLR 2022, as they ran it) "
                         "and/or strong (every choice that strengthens it); default: both (attack_rows.protocols)")
     g.add_argument("--rand-n", type=int, metavar="N",

@@ -12,6 +12,7 @@ from rmc.cli.commands import (
     check_ray_device,
     model_and_split,
 )
+from rmc.scaleout.executors import hold
 
 _D = AugmentConfig()
 
@@ -48,8 +49,9 @@ def main(args) -> int:
                            per_class=args.per_class).validate()
     model, info, train = model_and_split(args, "train")
     started = time.perf_counter()
-    store = build_dprime_store(model, info, train, args.out, config, progress=not args.quiet, ray=args.ray,
-                               workers=args.workers)
+    with hold(args.ray, args.workers, args.ray_timeout):   # a cluster that does not answer fails here, in seconds
+        store = build_dprime_store(model, info, train, args.out, config, progress=not args.quiet, ray=args.ray,
+                                   workers=args.workers)
     seconds = time.perf_counter() - started
     size = sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file())
     counts = ", ".join(f"{k} {v}" for k, v in store.manifest["counts"].items())

@@ -26,6 +26,8 @@ from rmc.evaluation.driver import check_work_split, compute_paths, evaluate, onl
 from rmc.evaluation.report import Table
 from rmc.io import write_json, write_text
 from rmc.models import default_layer
+from rmc.paths import safe_name
+from rmc.scaleout.executors import hold
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,9 +62,9 @@ def main(args) -> int:
         check_positive(args.n, "--n (inputs per evaluation set)", integer=True)
     if args.rmc_n is not None:
         check_positive(args.rmc_n, "--rmc-n (RMC inputs per evaluation set)", integer=True)
-    overrides = [parse_override(s) for s in args.set] + ([("rmc.mode", args.mode)] if args.mode else [])
-    overrides += attack_overrides(args)
-    cfg = load_config(args.config, args.preset, overrides)
+    safe_name(args.name, "--name")   # a folder of --out
+    flags = ([("rmc.mode", args.mode)] if args.mode else []) + attack_overrides(args)
+    cfg = load_config(args.config, args.preset, [parse_override(s) for s in args.set], flags)
     check_work_split(args.batch, cfg.rmc, args.ray, args.shards, args.block)   # before any work
     store = open_store(args)
     model, info = load_model(args, device)
@@ -90,9 +92,10 @@ def main(args) -> int:
         feats = ensure_features(model, info, layer, store, feats_path, cfg.features)
     base = BaseModel(args.name, model, info.sha256, layer, feats, feats_path, cfg.knn)
     dprime = store.dprime()
-    results = evaluate([base], dprime, sets, cfg.rmc, out / "results", info.num_classes, n=args.n, rmc_n=args.rmc_n,
-                       with_rmc=not args.no_rmc, ray=args.ray, workers=args.workers, shards=args.shards,
-                       block=args.block, batch=args.batch, dprime_via=args.dprime_via)
+    with hold(args.ray, args.workers, args.ray_timeout):   # a cluster that does not answer fails here, in seconds
+        results = evaluate([base], dprime, sets, cfg.rmc, out / "results", info.num_classes, n=args.n,
+                           rmc_n=args.rmc_n, with_rmc=not args.no_rmc, ray=args.ray, workers=args.workers,
+                           shards=args.shards, block=args.block, batch=args.batch, dprime_via=args.dprime_via)
     notes = {s.name: "clean" if s.attack.get("kind") == "clean" else "transfer" for s in sets}
     table = Table.from_results(results, notes)
     if attack_rows:

@@ -12,6 +12,7 @@ from rmc.cli.commands import (
 )
 from rmc.cli.config import PRESETS, documented_yaml, load_config, parse_override
 from rmc.cli.pipeline import run_pipeline
+from rmc.defense.registry import DEFAULT_DEFENSES, selectable
 from rmc.errors import RMCError
 
 DEFAULT_SWEEP_STEPS = 10   # PGD steps of --eps-sweep when attack.pgd is empty
@@ -28,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, help="test inputs per evaluation set (attack.n)")
     p.add_argument("--rmc-n", type=int, help="RMC on the first N of them (attack.rmc_n; default: all)")
     p.add_argument("--mode", choices=["online", "episodic"], help="RMC mode (rmc.mode)")
+    p.add_argument("--defenses", nargs="+", choices=selectable(), metavar="DEFENSE",
+                   help=f"defenses evaluated beside the static model and the kNN votes, each a column of every table: "
+                        f"{', '.join(selectable())} (defenses; default: {' '.join(DEFAULT_DEFENSES)})")
     p.add_argument("--bases", nargs="+", choices=["standard", "adversarial", "denoising"],
                    help="base models, each alone and + RMC with its own D' (model.bases; default: standard)")
     p.add_argument("--adversarial-base", action="store_true",
@@ -57,27 +61,29 @@ def eps_sweep(pgd: list, values: list[str]) -> list[list[float]]:
 
 def main(args) -> int:
     check_ray_arguments(args)
-    overrides = [parse_override(s) for s in args.set]
+    flags = []
     if args.seed is not None:
-        overrides += [(f"{section}.seed", args.seed)
-                      for section in ("train", "augment", "attack", "rmc", "attack_rows")]
+        flags += [(f"{section}.seed", args.seed)
+                  for section in ("train", "augment", "attack", "rmc", "attack_rows")]
     if args.n is not None:
-        overrides.append(("attack.n", args.n))
+        flags.append(("attack.n", args.n))
     if args.rmc_n is not None:
-        overrides.append(("attack.rmc_n", args.rmc_n))
+        flags.append(("attack.rmc_n", args.rmc_n))
     if args.mode:
-        overrides.append(("rmc.mode", args.mode))
+        flags.append(("rmc.mode", args.mode))
     if args.bases:
-        overrides.append(("model.bases", args.bases))
+        flags.append(("model.bases", args.bases))
+    if args.defenses:
+        flags.append(("defenses", args.defenses))
     if args.device:
-        overrides.append(("train.device", args.device))
+        flags.append(("train.device", args.device))
     for given in args.weights:
         base, _, path = given.partition("=")
         if not base or not path:
             raise RMCError(f"--weights {given!r}: write BASE=CHECKPOINT, e.g. --weights standard=model.safetensors")
-        overrides.append((f"model.weights.{base}", path))
-    overrides += attack_overrides(args)
-    cfg = load_config(args.config, args.preset, overrides)
+        flags.append((f"model.weights.{base}", path))
+    flags += attack_overrides(args)
+    cfg = load_config(args.config, args.preset, [parse_override(s) for s in args.set], flags)
     check_ray_device(args.ray, cfg.train.device)
     if args.adversarial_base and "adversarial" not in cfg.model.bases:
         cfg.model.bases.append("adversarial")
@@ -87,7 +93,7 @@ def main(args) -> int:
         sys.stdout.write(documented_yaml(cfg))
         return 0
     table = run_pipeline(cfg, args.out, ray=args.ray, workers=args.workers, shards=args.shards, batch=args.batch,
-                         block=args.block, dprime_via=args.dprime_via)
+                         block=args.block, dprime_via=args.dprime_via, ray_timeout=args.ray_timeout)
     print()
     print(table.plain())
     print(f"results: {args.out}/results.md, {args.out}/results.json; neighbours: {args.out}/neighbours.png; "

@@ -4,7 +4,7 @@ import argparse
 from dataclasses import fields
 
 from rmc.artifacts.evalsets import parse_number
-from rmc.data import DatasetName, load_dataset
+from rmc.data import DATASETS, DEFAULT_DATASET, load_dataset
 from rmc.errors import RMCError
 from rmc.models import BUILTIN, save_checkpoint
 from rmc.training import TrainConfig, train_model
@@ -13,7 +13,8 @@ _D = {f.name: f.default for f in fields(TrainConfig)}   # defaults live in Train
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default=DatasetName.FASHION_MNIST.value, help="data set name (default: %(default)s)")
+    p.add_argument("--dataset", default=DEFAULT_DATASET,
+                   help=f"data set: {', '.join(DATASETS.names())} (default: %(default)s)")
     p.add_argument("--data-dir", help="directory holding the data set (default: its standard location)")
     p.add_argument("--out", required=True, help="weights file to write (.safetensors; metadata goes beside as .json)")
     p.add_argument("--arch", default=_D["arch"],

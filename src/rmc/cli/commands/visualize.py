@@ -44,8 +44,8 @@ def main(args) -> int:
     check_together(info, store, sets)
     layer = args.layer or default_layer(model)
     feats = load_features(args.features, info.sha256, layer, store_source(store), mmap=True)[0].numpy()
-    from rmc.data.idx import FASHION_CLASSES
-    names = FASHION_CLASSES if "fashion" in info.dataset else []
+    from rmc.data import class_names
+    names = class_names(info.dataset)
     path = neighbour_grid(BaseModel("standard", model, info.sha256, layer, feats, Path(args.features)),
                           store.dprime(), sets, args.out,
                           VisualizeConfig(args.inputs, args.neighbours), class_names=names,
