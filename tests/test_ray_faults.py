@@ -127,7 +127,7 @@ def test_a_cluster_that_goes_away_mid_run_keeps_what_finished_and_the_rerun_resu
     capsys.readouterr()
 
     monkeypatch.setattr("rmc.cli.commands.evaluate.hold", lambda *a: contextlib.nullcontext(2))
-    monkeypatch.setattr(driver, "executor", lambda ray, workers: contextlib.nullcontext(ClusterGone(2)))
+    monkeypatch.setattr(driver, "executor", lambda ray, workers, device=None: contextlib.nullcontext(ClusterGone(2)))
     out = tmp_path / "out"
     assert cli(_evaluate(ws, out, "--ray", "10.0.0.1:6379", "--block", "1")) == 2
     line = _one_line_error(capsys)
@@ -139,7 +139,7 @@ def test_a_cluster_that_goes_away_mid_run_keeps_what_finished_and_the_rerun_resu
     ran = []
     real = driver.rmc_task
     monkeypatch.setattr(driver, "rmc_task", lambda *a, **k: ran.append(a[2]) or real(*a, **k))
-    monkeypatch.setattr(driver, "executor", lambda ray, workers: contextlib.nullcontext(InlineExecutor()))
+    monkeypatch.setattr(driver, "executor", lambda ray, workers, device=None: contextlib.nullcontext(InlineExecutor()))
     assert cli(_evaluate(ws, out, "--ray", "10.0.0.1:6379")) == 0        # the cluster is back: the same command
     assert sorted(i for pos in ran for i in pos) == [2, 3, 4, 5]         # only what was lost is computed again
     assert json.loads((out / "results.json").read_text())["table"]["rows"] == clean
