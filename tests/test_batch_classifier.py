@@ -123,3 +123,25 @@ def test_a_runner_kind_does_not_run_against_rmc_as_rounds(tiny_trained, tiny_dpr
     rows = ev.evaluate_attacks(base, dprime, [clean], RMCConfig(k=32, calib_k=16, max_epochs=1), acfg,
                                tmp_path, 10, progress=False, log=logs.append)
     assert [r.kind for r in rows] == [ev.WORST] and any("rand row" in s for s in logs)
+
+
+def test_a_stopped_row_resumes_after_its_last_finished_batch(tiny_trained, tiny_dprime, digits, tmp_path,
+                                                             monkeypatch):
+    full = _row(tiny_trained, tiny_dprime, digits, tmp_path / "full")[0]
+    real, calls = aa.autoattack, []
+
+    def dies_on_the_second_batch(model, x, y, eps, n_classes, **kw):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, x, y, eps, n_classes, **kw)
+    monkeypatch.setattr(aa, "autoattack", dies_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _row(tiny_trained, tiny_dprime, digits, tmp_path / "b")
+    assert list((tmp_path / "b").rglob("partial.safetensors"))
+    calls.clear()
+    monkeypatch.setattr(aa, "autoattack", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    resumed = _row(tiny_trained, tiny_dprime, digits, tmp_path / "b")[0]
+    assert calls == [2]                                           # only the unfinished batch (of 2) is attacked
+    preds = lambda row: [(r["index"], r["label"], r["pred"]) for r in row.records["dent"]]  # noqa: E731
+    assert preds(resumed) == preds(full) and not list((tmp_path / "b").rglob("partial.safetensors"))

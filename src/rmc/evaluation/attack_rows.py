@@ -47,7 +47,7 @@ from rmc.evaluation.driver import evaluate_set, results_folder
 from rmc.evaluation.records import read_records
 from rmc.evaluation.report import Cell, Table, cell_from_records, row_label
 from rmc.evaluation.stats import Rate
-from rmc.io import write_json
+from rmc.io import load_tensors, save_tensors, write_json
 
 TRANSFER, AWARE, WORST = "transfer", "defense-aware", "worst case"
 AGREEMENT_FILE = "agreement.json"   # a defense-aware row's folder: the attack's verdict and the score, per input
@@ -409,14 +409,13 @@ def _through_row(kind: str, name: str, settings: Any, base: BaseModel, clean: Ev
     """The attack kind's runner (AutoAttack) through the batch defense `name` as a module (BatchClassifier: each
     gradient that of the network the defense adapted to the attack's current batch, the adaptation held fixed), in
     the defense's own batches (Chen et al.'s DENT-AA: `bs=TEST.BATCH_SIZE`); the crafted set is then scored by a
-    fresh pass over the same batches. A finished set is reused; a stopped one restarts at its first batch."""
+    fresh pass over the same batches. A finished set is reused; a stopped one resumes after its last finished batch."""
     import importlib
 
     from rmc.defense.batch_classifier import BatchClassifier
     spec = ATTACK_KINDS[kind]
     module, _, function = str(spec.runner).partition(":")
     attack = getattr(importlib.import_module(module), function)
-    t0 = time.perf_counter()
     meta = _attack_meta(clean, base, n, kind=kind, defense=name, eps=acfg.eps, runner=spec.runner,
                         batch_size=settings.batch_size, attack_seed=acfg.seed, **{name: asdict(settings)})
     set_name = f"{name}-{kind}-eps{_num(acfg.eps)}-{digest(meta)[:6]}"
@@ -428,19 +427,34 @@ def _through_row(kind: str, name: str, settings: Any, base: BaseModel, clean: Ev
         log(f"  {base.name}: {label}")
         clf = BatchClassifier(batch_defense.build(name, base, settings))
         x = clean.images[:n]
+        # finished batches so far (a stopped row resumes after the last one), keyed by the row's settings
+        partial = results_folder(out_dir, base.name, set_name) / "partial.safetensors"
+        done, seconds, adaptations = 0, 0.0, 0
         adv = x.clone()
-        batches = range(0, n, settings.batch_size)
-        for i, start in enumerate(tqdm(batches, desc=f"{spec.label} {DEFENSES.label(name)} {base.name}",
-                                       unit="batch")):
-            sl = slice(start, start + settings.batch_size)
+        if partial.exists():
+            saved = load_tensors(partial, "the row's finished batches")
+            if saved["key"].tolist() == list(digest(meta).encode()):
+                done, adv = int(saved["done"]), saved["adv"]
+                seconds, adaptations = float(saved["seconds"]), int(saved["adaptations"])
+        batches = list(range(0, n, settings.batch_size))
+        for i in tqdm(range(done, len(batches)), desc=f"{spec.label} {DEFENSES.label(name)} {base.name}",
+                      unit="batch", initial=done, total=len(batches)):
+            t_batch, calls = time.perf_counter(), clf.adaptations
+            sl = slice(batches[i], batches[i] + settings.batch_size)
             adv[sl] = attack(clf, x[sl], y[sl], acfg.eps, num_classes, seed=acfg.seed + i,
                              batch_size=settings.batch_size)
-        seconds = round(time.perf_counter() - t0, 1)
-        log(f"  {base.name}: {clf.adaptations} adaptations of {DEFENSES.label(name)} in {seconds:.0f} s")
+            seconds += time.perf_counter() - t_batch
+            adaptations += clf.adaptations - calls
+            save_tensors(partial, {"adv": adv, "done": torch.tensor(i + 1), "seconds": torch.tensor(seconds),
+                                   "adaptations": torch.tensor(adaptations),
+                                   "key": torch.tensor(list(digest(meta).encode()))})
+        seconds = round(seconds, 1)
+        log(f"  {base.name}: {adaptations} adaptations of {DEFENSES.label(name)} in {seconds:.0f} s")
         # the attack's cost travels with its set (beside the settings it is matched by), so a rerun reports it
         made = EvalSet(set_name, adv.contiguous(), y.clone(), None, clean.indices[:n].clone(),
-                       {**meta, "attack_seconds": seconds, "adaptations": clf.adaptations})
+                       {**meta, "attack_seconds": seconds, "adaptations": adaptations})
         save_eval_sets(sets_dir, [made])
+        partial.unlink(missing_ok=True)
     t1 = time.perf_counter()
     records = batch_defense.evaluate_set(name, settings, base, made, out_dir)
     attack_s = float(made.attack.get("attack_seconds", 0))
