@@ -466,3 +466,48 @@ def test_records_carry_the_compute_path_and_a_stream_refuses_another(setup, tmp_
     torch.set_num_threads(1)
     done = evaluate([base], dprime, sets[:1], _cfg(Mode.ONLINE), tmp_path, 10, progress=False)   # same path: fine
     assert len(done["standard"][sets[0].name]["rmc"]) == len(done["standard"][sets[0].name]["undefended"]) == 6
+
+
+@pytest.fixture(scope="module")
+def cli_workspace(tmp_path_factory):
+    """A model, its evaluation sets, D' and features made by the CLI on the digits, as a user would."""
+    root = tmp_path_factory.mktemp("ev")
+    model = root / "m.safetensors"
+    assert cli(["train", "--dataset", "digits", "--epochs", "3", "--batch-size", "64", "--quiet", "--out",
+                str(model)]) == 0
+    assert cli(["attack", "--model", str(model), "--n", "8", "--eps", "--pgd", "3:0.1", "--untargeted",
+                "--out", str(root / "sets")]) == 0
+    assert cli(["augment", "--model", str(model), "--out", str(root / "dprime"), "--steps", "2", "--eps", "0.1",
+                "--step-size", "0.03", "--chunk-size", "64", "--batch-size", "64", "--train-subset", "200",
+                "--quiet"]) == 0
+    assert cli(["features", "--model", str(model), "--store", str(root / "dprime"), "--out", str(root / "feats"),
+                "--quiet"]) == 0
+    return root
+
+
+def _evaluate(ws, out, *extra):
+    assert cli(["evaluate", "--model", str(ws / "m.safetensors"), "--store", str(ws / "dprime"), "--evalsets",
+                str(ws / "sets"), "--features", str(ws / "feats" / "dprime.npy"), "--n", "8", "--set", "rmc.k=32",
+                "--set", "rmc.calib_k=16", "--set", "rmc.max_epochs=1", "--set", "dent.steps=2", "--out", str(out),
+                *extra]) == 0
+    got = json.loads((out / "results.json").read_text())
+    return got, [r for t in [got["table"], *got["table"].get("appendix", [])] for r in t["rows"]]
+
+
+def test_evaluate_takes_defenses_as_rmc_run_does(cli_workspace, tmp_path, capsys):
+    got, rows = _evaluate(cli_workspace, tmp_path / "dent", "--defenses", "dent", "--attacks", "fpa",
+                          "--protocols", "chen2022", "--set", "batch_rows.rounds=1", "--set", "batch_rows.steps=2")
+    assert got["defenses"] == ["dent"]
+    assert "DENT" in rows and "RMC" not in rows                       # DENT instead of RMC in the main table
+    results = tmp_path / "dent" / "results" / "standard"
+    assert (results / "clean" / "dent.json").exists() and not list(results.rglob("rmc*.jsonl"))
+    appendix = got["table"]["appendix"][0]
+    assert "DENT" in appendix["columns"] and any(r.startswith("FPA [chen2022] against DENT") for r in appendix["rows"])
+
+    got, rows = _evaluate(cli_workspace, tmp_path / "default", "--no-attack-rows")
+    assert got["defenses"] == ["rmc"] and "RMC" in rows and "DENT" not in rows
+
+    with pytest.raises(SystemExit):                                    # the registry's selectable defenses only
+        cli(["evaluate", "--model", "m", "--store", "s", "--evalsets", "e", "--out", str(tmp_path / "x"),
+             "--defenses", "undefended"])
+    assert "invalid choice: 'undefended'" in capsys.readouterr().err

@@ -97,7 +97,9 @@ def test_a_registered_defense_reaches_the_config_the_tables_and_the_columns(toy)
 
 
 def test_attack_kinds_and_protocols_come_from_their_registries():
-    assert ATTACK_KINDS.names() == ("fpa", "gmsa-avg", "gmsa-min") and PROTOCOLS.names() == ("chen2022", "strong")
+    assert ATTACK_KINDS.names() == ("fpa", "gmsa-avg", "gmsa-min", "autoattack-through")
+    assert PROTOCOLS.names() == ("chen2022", "strong")
+    assert [k.name for k in ATTACK_KINDS if k.runner] == ["autoattack-through"]     # not rounds of PGD
     assert [k.name for k in ATTACK_KINDS if k.last_model_only] == ["fpa"]
     assert [k.name for k in ATTACK_KINDS if k.iterations_per_model] == ["gmsa-min"]
     assert check_kind("fpa") == "fpa"

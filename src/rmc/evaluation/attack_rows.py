@@ -47,11 +47,12 @@ from rmc.evaluation.driver import evaluate_set, results_folder
 from rmc.evaluation.records import read_records
 from rmc.evaluation.report import Cell, Table, cell_from_records, row_label
 from rmc.evaluation.stats import Rate
-from rmc.io import write_json
+from rmc.io import load_tensors, save_tensors, write_json
 
 TRANSFER, AWARE, WORST = "transfer", "defense-aware", "worst case"
 AGREEMENT_FILE = "agreement.json"   # a defense-aware row's folder: the attack's verdict and the score, per input
 EOT = "EOT through RMC, adaptation held fixed"   # AutoAttack rand: gradients of the adapted net (BPDA-like)
+THROUGH = "through the defense, adaptation held fixed"   # a runner kind: gradients of the adapted net (BPDA-like)
 
 
 @dataclass
@@ -208,7 +209,11 @@ def evaluate_attacks(base: BaseModel, dprime: DPrime, sets: Sequence[EvalSet], c
     if acfg.rand_n and RMC in defenses:
         rows.append(_rand_row(base, dprime, search, clean, cfg, acfg, n, num_classes, names["rand-autoattack"],
                               labels["rand-autoattack"], sets_dir, score, log))
-    aware = [(kind, protocol) for kind in acfg.attacks for protocol in acfg.protocols] if RMC in defenses else []
+    rounds_kinds = [k for k in acfg.attacks if ATTACK_KINDS[k].runner is None]
+    if RMC in defenses and len(rounds_kinds) < len(acfg.attacks):
+        log(f"  {base.name}: {', '.join(k for k in acfg.attacks if k not in rounds_kinds)}: batch defenses only "
+            "(RMC's AutoAttack through the defense is the rand row: attack_rows.rand_n)")
+    aware = [(kind, protocol) for kind in rounds_kinds for protocol in acfg.protocols] if RMC in defenses else []
     metas = {a: _aware_meta(*a, clean, base, cfg, acfg, n) for a in aware}
     pending = {a: AwareStream(*a, names[aware_key(*a)], base, dprime, search, x, y, cfg, acfg,
                               results_folder(out_dir, base.name, names[aware_key(*a)]), evalset_source(clean))
@@ -361,6 +366,10 @@ def _batch_aware_rows(name: str, settings: Any, base: BaseModel, clean: EvalSet,
     rows = []
     label_name = DEFENSES.label(name)
     for kind in acfg.attacks:
+        if ATTACK_KINDS[kind].runner is not None:
+            rows.append(_through_row(kind, name, settings, base, clean, y, acfg, n, num_classes, out_dir, sets_dir,
+                                     log))
+            continue
         for protocol in acfg.protocols:
             lane = batch_lane(brows, acfg, protocol)
             meta = _attack_meta(clean, base, n, kind=kind, protocol=protocol, defense=name, eps=acfg.eps,
@@ -392,6 +401,66 @@ def _batch_aware_rows(name: str, settings: Any, base: BaseModel, clean: EvalSet,
             _write_agreement(folder, info, attack_records, records)
             rows.append(AttackRow(set_name, label, AWARE, {name: records}, info))
     return rows
+
+
+def _through_row(kind: str, name: str, settings: Any, base: BaseModel, clean: EvalSet, y: torch.Tensor,
+                 acfg: AttackRowsConfig, n: int, num_classes: int, out_dir: Path, sets_dir: Path,
+                 log: Callable[[str], None]) -> AttackRow:
+    """The attack kind's runner (AutoAttack) through the batch defense `name` as a module (BatchClassifier: each
+    gradient that of the network the defense adapted to the attack's current batch, the adaptation held fixed), in
+    the defense's own batches (Chen et al.'s DENT-AA: `bs=TEST.BATCH_SIZE`); the crafted set is then scored by a
+    fresh pass over the same batches. A finished set is reused; a stopped one resumes after its last finished batch."""
+    import importlib
+
+    from rmc.defense.batch_classifier import BatchClassifier
+    spec = ATTACK_KINDS[kind]
+    module, _, function = str(spec.runner).partition(":")
+    attack = getattr(importlib.import_module(module), function)
+    meta = _attack_meta(clean, base, n, kind=kind, defense=name, eps=acfg.eps, runner=spec.runner,
+                        batch_size=settings.batch_size, attack_seed=acfg.seed, **{name: asdict(settings)})
+    set_name = f"{name}-{kind}-eps{_num(acfg.eps)}-{digest(meta)[:6]}"
+    label = (f"{spec.label} {DEFENSES.label(name)} (standard, L-inf eps {_num(acfg.eps)}; each gradient the "
+             f"network {DEFENSES.label(name)} adapted to the attack's batch, adaptation held fixed; batches of "
+             f"{settings.batch_size}, N={n})")
+    made = _cached_set(sets_dir, set_name, base, meta)
+    if made is None:
+        log(f"  {base.name}: {label}")
+        clf = BatchClassifier(batch_defense.build(name, base, settings))
+        x = clean.images[:n]
+        # finished batches so far (a stopped row resumes after the last one), keyed by the row's settings
+        partial = results_folder(out_dir, base.name, set_name) / "partial.safetensors"
+        done, seconds, adaptations = 0, 0.0, 0
+        adv = x.clone()
+        if partial.exists():
+            saved = load_tensors(partial, "the row's finished batches")
+            if saved["key"].tolist() == list(digest(meta).encode()):
+                done, adv = int(saved["done"]), saved["adv"]
+                seconds, adaptations = float(saved["seconds"]), int(saved["adaptations"])
+        batches = list(range(0, n, settings.batch_size))
+        for i in tqdm(range(done, len(batches)), desc=f"{spec.label} {DEFENSES.label(name)} {base.name}",
+                      unit="batch", initial=done, total=len(batches)):
+            t_batch, calls = time.perf_counter(), clf.adaptations
+            sl = slice(batches[i], batches[i] + settings.batch_size)
+            adv[sl] = attack(clf, x[sl], y[sl], acfg.eps, num_classes, seed=acfg.seed + i,
+                             batch_size=settings.batch_size)
+            seconds += time.perf_counter() - t_batch
+            adaptations += clf.adaptations - calls
+            save_tensors(partial, {"adv": adv, "done": torch.tensor(i + 1), "seconds": torch.tensor(seconds),
+                                   "adaptations": torch.tensor(adaptations),
+                                   "key": torch.tensor(list(digest(meta).encode()))})
+        seconds = round(seconds, 1)
+        log(f"  {base.name}: {adaptations} adaptations of {DEFENSES.label(name)} in {seconds:.0f} s")
+        # the attack's cost travels with its set (beside the settings it is matched by), so a rerun reports it
+        made = EvalSet(set_name, adv.contiguous(), y.clone(), None, clean.indices[:n].clone(),
+                       {**meta, "attack_seconds": seconds, "adaptations": adaptations})
+        save_eval_sets(sets_dir, [made])
+        partial.unlink(missing_ok=True)
+    t1 = time.perf_counter()
+    records = batch_defense.evaluate_set(name, settings, base, made, out_dir)
+    attack_s = float(made.attack.get("attack_seconds", 0))
+    return AttackRow(set_name, label, THROUGH, {name: records},
+                     {"seconds": round(attack_s + time.perf_counter() - t1, 1), "attack_seconds": attack_s,
+                      "adaptations": made.attack.get("adaptations"), "kind": kind, "defense": name})
 
 
 def worst_case(rows: Sequence[AttackRow], clean_records: dict[str, list[dict]] | None, n: int) -> AttackRow:

@@ -84,7 +84,7 @@ class SetInfo:
         elif k == "transfer-autoattack":
             text = "AutoAttack"
         elif k in AWARE_KINDS:
-            text = f"{ATTACK_KINDS[k].label} r{a.get('rounds')}"
+            text = ATTACK_KINDS[k].label + (f" r{a['rounds']}" if a.get("rounds") else "")   # a runner has none
         else:
             text = k or self.name
         if self.attack_row:

@@ -20,7 +20,9 @@ from rmc.cli.commands import (
     open_store,
 )
 from rmc.cli.config import PRESETS, load_config, parse_override, to_dict
+from rmc.defense.registry import DEFAULT_DEFENSES, RMC, selectable
 from rmc.errors import RMCError
+from rmc.evaluation import batch_defense
 from rmc.evaluation.common import BaseModel
 from rmc.evaluation.driver import check_work_split, compute_paths, evaluate, online_streams
 from rmc.evaluation.report import Table
@@ -47,7 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, help="evaluate only the first N inputs of each set")
     p.add_argument("--rmc-n", type=int, help="RMC on only the first N of those (the baselines on all; default: all)")
     p.add_argument("--mode", choices=["online", "episodic"], help="RMC mode")
-    p.add_argument("--no-rmc", action="store_true", help="baselines only (fast)")
+    p.add_argument("--defenses", nargs="+", choices=selectable(), metavar="DEFENSE",
+                   help=f"defenses evaluated beside the static model and the kNN votes, each a column of every table: "
+                        f"{', '.join(selectable())} (defenses; default: {' '.join(DEFAULT_DEFENSES)})")
+    p.add_argument("--no-rmc", action="store_true", help="baselines only (fast): no defense, no attack rows")
     add_verify_argument(p)
     add_device_argument(p)
     add_shared_arguments(p)
@@ -64,13 +69,17 @@ def main(args) -> int:
         check_positive(args.rmc_n, "--rmc-n (RMC inputs per evaluation set)", integer=True)
     safe_name(args.name, "--name")   # a folder of --out
     flags = ([("rmc.mode", args.mode)] if args.mode else []) + attack_overrides(args)
+    if args.defenses:
+        flags.append(("defenses", args.defenses))
     cfg = load_config(args.config, args.preset, [parse_override(s) for s in args.set], flags)
     check_work_split(args.batch, cfg.rmc, args.ray, args.shards, args.block)   # before any work
     store = open_store(args)
     model, info = load_model(args, device)
     sets = load_eval_sets(args.evalsets, args.sets)
     check_together(info, store, sets)
-    if cfg.rmc.k > len(store):
+    run_rmc = not args.no_rmc and RMC in cfg.defenses   # as `rmc run`: --no-rmc leaves the baselines alone
+    batch_names = [] if args.no_rmc else batch_defense.batch_defenses(cfg.defenses)
+    if run_rmc and cfg.rmc.k > len(store):
         raise RMCError(f"rmc.k = {cfg.rmc.k} exceeds |D'| = {len(store)} ({args.store}); lower rmc.k (--set rmc.k=...)")
     from rmc.evaluation.attack_rows import (
         attack_table,
@@ -94,8 +103,12 @@ def main(args) -> int:
     dprime = store.dprime()
     with hold(args.ray, args.workers, args.ray_timeout):   # a cluster that does not answer fails here, in seconds
         results = evaluate([base], dprime, sets, cfg.rmc, out / "results", info.num_classes, n=args.n,
-                           rmc_n=args.rmc_n, with_rmc=not args.no_rmc, ray=args.ray, workers=args.workers,
+                           rmc_n=args.rmc_n, with_rmc=run_rmc, ray=args.ray, workers=args.workers,
                            shards=args.shards, block=args.block, batch=args.batch, dprime_via=args.dprime_via)
+    for defense in batch_names:   # a batch-transductive defense's column (DENT): one pass per set, in its batches
+        for s in sets:
+            results[args.name][s.name][defense] = batch_defense.evaluate_set(
+                defense, cfg.settings(defense), base, s, out / "results", args.n)
     notes = {s.name: "clean" if s.attack.get("kind") == "clean" else "transfer" for s in sets}
     table = Table.from_results(results, notes)
     if attack_rows:
@@ -103,9 +116,11 @@ def main(args) -> int:
         if args.n is not None and (acfg.n is None or acfg.n > args.n):
             acfg = dataclasses.replace(acfg, n=args.n)   # the attack rows never use more inputs than the others
         rows = evaluate_attacks(base, dprime, sets, cfg.rmc, acfg, out / "results", info.num_classes,
-                                results[args.name].get("clean"))
+                                results[args.name].get("clean"), defenses=cfg.defenses,
+                                settings={d: cfg.settings(d) for d in batch_names}, brows=cfg.batch_rows)
         table.appendix.append(attack_table({args.name: rows}))
-    write_json(out / "results.json", {"rmc": to_dict(cfg.rmc), "attack_rows": to_dict(cfg.attack_rows),
+    write_json(out / "results.json", {"defenses": list(cfg.defenses), "rmc": to_dict(cfg.rmc),
+                                      "attack_rows": to_dict(cfg.attack_rows),
                                       "model": dataclasses.asdict(info),
                                       "store": store.fingerprint, "layer": layer, "table": table.to_dict(),
                                       "online_streams": online_streams(cfg.rmc, args.shards),
