@@ -1,5 +1,6 @@
 """studies/carry_run.py: a long run's results survive a fresh machine, and D' (data) never travels."""
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -163,3 +164,15 @@ def test_the_committed_finished_runs_hold_no_tensors():
         assert index["finished"] and not any(carry.only_for_resuming(Path(rel)) for rel in index["files"])
         assert all((studies / folder / rel).is_file() for rel in index["files"])
         assert not list((studies / folder).rglob("*.safetensors"))
+
+
+def test_the_committed_runs_match_their_index_byte_for_byte():
+    """`restore` refuses a copy whose hash differs from carried.json: a committed file changed in place (e.g. a PNG
+    recompressed) must have its entry updated with it, or the documented restore command fails."""
+    studies = Path(__file__).parents[1] / "studies"
+    for index_path in studies.rglob(carry.INDEX):
+        files = json.loads(index_path.read_text())["files"]
+        for rel, meta in files.items():
+            data = (index_path.parent / rel).read_bytes()
+            assert (len(data), hashlib.sha256(data).hexdigest()) == (meta["bytes"], meta["sha256"]), \
+                f"{index_path.parent / rel} differs from {index_path}"
