@@ -56,8 +56,8 @@ def test_gpu_check_runs_on_the_cpu_as_a_smoke_test(tmp_path):
     subprocess.run([sys.executable, str(script), "--device", "cpu", "--dprime", "500", "--inputs", "2", "--batch", "2",
                     "--out", str(out)], check=True, timeout=600, capture_output=True)
     got = json.loads(out.read_text())
-    assert got["device"] == "cpu" and "/cpu-" in got["compute"] and "/fp32/" in got["compute"]
-    assert got["online_s_per_input"] > 0 and got["batched_agreement"] == 1.0
+    assert got["device"] == "cpu" and "/cpu-" in got["compute_fp32"] and got["compute_auto"] == got["compute_fp32"]
+    assert got["online_fp32_s_per_input"] > 0 and got["batched_agreement"] == 1.0
 
 
 def test_gpu_check_dry_runs_every_part_on_the_cpu(tmp_path):
