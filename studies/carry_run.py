@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 SKIP_DIRS = {"dprime", "features"}     # rebuilt from the seed by `rmc run` (data, hundreds of MB)
+FEATURE_FILES = ("features-*.npy", "features-*.json")   # `rmc evaluate`'s features in its --out: rebuilt, data too
 MAX_BYTES = 8 << 20                    # larger files are reported and left out (nothing carried is near this)
 INDEX = "carried.json"
 STREAMS = ("rmc*.jsonl", "attack.jsonl")   # per-input record streams: RMC's, and the defense-aware rows'
@@ -68,6 +69,8 @@ def carried_files(run: Path, finished: int | None = None) -> list[Path]:
     for p in sorted(run.rglob("*")):
         rel = p.relative_to(run)
         if not p.is_file() or rel.parts[0] in SKIP_DIRS or any(part.endswith(".partial") for part in rel.parts):
+            continue
+        if len(rel.parts) == 1 and any(p.match(pattern) for pattern in FEATURE_FILES):
             continue
         if (finished is not None and p.name.startswith("rmc") and p.name.endswith(".state.safetensors")
                 and _records(p.with_name(p.name.removesuffix(".state.safetensors") + ".jsonl")) >= finished):

@@ -24,6 +24,8 @@ def _run(tmp_path: Path) -> Path:
     (run / "dprime" / "standard-2" / "manifest.json").write_text(json.dumps({"sha256": "abc"}))
     (run / "features").mkdir()
     (run / "features" / "standard-3.npy").write_bytes(b"\0" * 100)
+    (run / "features-standard.npy").write_bytes(b"\0" * 100)    # `rmc evaluate`'s features in its --out
+    (run / "features-standard.json").write_text("{}")
     stream = RecordStream(run / "results" / "standard" / "clean", "rmc", "fp")
     for i in range(3):
         stream.append({"index": i, "label": 0, "pred": i}, {"w": torch.full((4,), float(i))})
