@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from model_set_recorder import Recorder
 
 from rmc.attacks import batch_aware as ba
 from rmc.attacks.batch_aware import BatchRowsConfig, attack_batch, batch_order, error, margin_loss, true_margin
-from rmc.attacks.defense_aware import AttackRowsConfig, ModelSet
+from rmc.attacks.defense_aware import AttackRowsConfig
 from rmc.defense.dent import Dent, DentConfig
 from rmc.errors import RMCError
 from rmc.evaluation.batch_defense import run_batches
@@ -106,29 +107,10 @@ def test_losses_by_hand():
     assert true_margin(logits[:, 1], y).item() == pytest.approx(-2.0)
 
 
-class _Recorder:
-    """Stands in for ModelSet inside the batch attack: records every model set attacked and its forward calls."""
-
-    def __init__(self):
-        self.sets = []
-        recorder = self
-
-        class Recording(ModelSet):
-            def __init__(self, module, models):
-                super().__init__(module, models)
-                self.calls = 0
-                recorder.sets.append(self)
-
-            def forward(self, x):
-                self.calls += 1
-                return super().forward(x)
-        self.cls = Recording
-
-
 @pytest.mark.parametrize("kind", ["fpa", "gmsa-avg", "gmsa-min"])
 def test_round_one_attacks_the_static_model_and_gmsa_keeps_it_in_the_set(tiny_trained, digits, make, monkeypatch,
                                                                          kind):
-    rec = _Recorder()
+    rec = Recorder()
     monkeypatch.setattr(ba, "ModelSet", rec.cls)
     x, y = _batch(digits)
     acfg = AttackRowsConfig(eps=0.05, strong_fallback=False)
@@ -147,7 +129,7 @@ def test_round_one_attacks_the_static_model_and_gmsa_keeps_it_in_the_set(tiny_tr
 @pytest.mark.parametrize("protocol, restarts, factor", [("chen2022", 2, 1), ("strong", 4, 2)])
 def test_gmsa_min_iterations_grow_with_the_number_of_models(tiny_trained, digits, make, monkeypatch, protocol,
                                                             restarts, factor):
-    rec = _Recorder()
+    rec = Recorder()
     monkeypatch.setattr(ba, "ModelSet", rec.cls)
     x, y = _batch(digits)
     acfg = AttackRowsConfig(eps=0.05, strong_steps_factor=2, strong_restarts=2, strong_fallback=False)
@@ -159,7 +141,7 @@ def test_gmsa_min_iterations_grow_with_the_number_of_models(tiny_trained, digits
 
 
 def test_targeted_runs_go_towards_every_other_class(tiny_trained, digits, make, monkeypatch):
-    rec = _Recorder()
+    rec = Recorder()
     monkeypatch.setattr(ba, "ModelSet", rec.cls)
     x, y = _batch(digits)
     attack_batch(make(tiny_trained), tiny_trained, x, y, "fpa", "chen2022", AttackRowsConfig(eps=0.05),

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+from model_set_recorder import Recorder
 
 from rmc.artifacts.evalsets import EvalSet
 from rmc.attacks import defense_aware as da
@@ -360,25 +361,6 @@ def test_cli_flags_set_the_attack_rows_section():
 
 
 # -- each protocol choice, by behaviour ---------------------------------------------------------------------------
-class _Recorder:
-    """Stands in for ModelSet inside the attack: records every model set attacked and counts its forward calls."""
-
-    def __init__(self):
-        self.sets = []
-        recorder = self
-
-        class Recording(ModelSet):
-            def __init__(self, module, models):
-                super().__init__(module, models)
-                self.calls = 0
-                recorder.sets.append(self)
-
-            def forward(self, x):
-                self.calls += 1
-                return super().forward(x)
-        self.cls = Recording
-
-
 def _drifted_online(model, dprime, feats, digits):
     """An online RMC that has processed two inputs: its weights are no longer the static ones."""
     r = _rmc(model, dprime, feats)
@@ -404,7 +386,7 @@ def _robust_input(model, digits):
 def test_gmsa_min_iterations_grow_with_the_number_of_models(tiny_trained, tiny_dprime, digits, monkeypatch,
                                                             protocol, restarts, factor):
     dprime, feats = tiny_dprime
-    rec = _Recorder()
+    rec = Recorder()
     monkeypatch.setattr(da, "ModelSet", rec.cls)
     x, y = _robust_input(tiny_trained, digits)
     acfg = AttackRowsConfig(rounds=3, steps=4, eps=1e-3, strong_fallback=False)
@@ -425,7 +407,7 @@ def test_round_one_targets_the_online_model_and_gmsa_keeps_it_in_the_set(tiny_tr
     probe = digits[1].float_images()[20:28]
     with torch.no_grad():
         assert not torch.allclose(online(probe), tiny_trained(probe), atol=1e-3)   # it has drifted
-    rec = _Recorder()
+    rec = Recorder()
     monkeypatch.setattr(da, "ModelSet", rec.cls)
     x, y = _robust_input(tiny_trained, digits)
     attack_input(r, tiny_trained, "block3", x, y, kind, AttackRowsConfig(rounds=3, steps=2, eps=1e-3), key=5)
@@ -444,7 +426,7 @@ def test_episodic_round_one_targets_the_static_model(tiny_trained, tiny_dprime, 
     r = _rmc(tiny_trained, dprime, feats, mode="episodic")
     x, y = _robust_input(tiny_trained, digits)
     r.step(x, extract_features(tiny_trained, "block3", x).numpy(), key=0)   # leaves adapted weights in the module
-    rec = _Recorder()
+    rec = Recorder()
     monkeypatch.setattr(da, "ModelSet", rec.cls)
     attack_input(r, tiny_trained, "block3", x, y, "gmsa-avg", AttackRowsConfig(rounds=2, steps=2, eps=1e-3), key=1)
     probe = digits[1].float_images()[20:28]
@@ -654,7 +636,7 @@ def test_fpa_and_gmsa_avg_run_the_same_iterations_every_round(tiny_trained, tiny
     """Only GMSA-MIN multiplies its iterations by the number of models (Chen et al.); FPA attacks one model and
     GMSA-AVG a growing set with steps iterations every round."""
     dprime, feats = tiny_dprime
-    rec = _Recorder()
+    rec = Recorder()
     monkeypatch.setattr(da, "ModelSet", rec.cls)
     x, y = _robust_input(tiny_trained, digits)
     acfg = AttackRowsConfig(rounds=3, steps=4, eps=1e-3)
