@@ -587,3 +587,17 @@ def test_per_class_subset_is_seeded_and_recorded(model_file, digits, tmp_path):
             "0.02", "--chunk-size", "48", "--batch-size", "32", "--per-class", "7", "--out", str(tmp_path / "cli"),
             "--quiet"]
     assert cli_main(args) == 0 and _bytes(tmp_path / "cli") == _bytes(store.path)
+
+
+def test_a_manifest_of_more_rows_than_an_image_side_is_read(built):
+    """The paper preset's D' (240,000 rows) and the seed's (5 million) are far above any image side's bound."""
+    manifest = json.loads((built.path / "manifest.json").read_text())
+    n = 2_000_000
+    manifest["counts"] = {name: n for name in manifest["copy_names"]}
+    manifest["total"] = n * len(manifest["copy_names"])
+    manifest["shape"][0] = manifest["total"]
+    manifest["dataset"]["size"] = n
+    assert store_mod._check_manifest(manifest, built.path / "manifest.json")["shape"][0] == 6_000_000
+    manifest["shape"][1] = 1 << 17                     # a side is still bounded
+    with pytest.raises(RMCError, match="manifest"):
+        store_mod._check_manifest(manifest, built.path / "manifest.json")
