@@ -14,23 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def _status(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from proc_status import status_mb
 
 
 def rss_mb() -> float:
-    return _status("VmRSS")
+    return status_mb("VmRSS")
 
 
 def peak_rss_mb() -> float:
     """This process's resident high-water mark (VmHWM; unlike ru_maxrss it does not inherit the parent's peak)."""
-    return _status("VmHWM")
+    return status_mb("VmHWM")
 
 
 def main():

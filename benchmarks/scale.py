@@ -42,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 import numpy as np  # noqa: E402
+from proc_status import status_bytes  # noqa: E402
 
 from rmc.errors import RMCError  # noqa: E402
 
@@ -61,11 +62,7 @@ class PeakMemory:
 
     @staticmethod
     def status(key: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        return status_bytes(key) or 0
 
     def _run(self) -> None:
         while not self._stop.is_set():

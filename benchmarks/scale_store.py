@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from proc_status import status_mb
 from torch import nn
 
 K = 2048
@@ -46,15 +47,6 @@ def _cpu_seconds() -> float:
     import resource
     r = resource.getrusage(resource.RUSAGE_SELF)
     return round(r.ru_utime + r.ru_stime, 1)
-
-
-def _status(field: str) -> float:
-    """A /proc/self/status figure in MB (VmHWM: this process's resident high-water mark)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def synthetic_train(n: int, size: int = 224):
@@ -106,7 +98,7 @@ def build(args) -> dict:
     return {"pgd": args.pgd, "rows": len(store), "shards": store.manifest["shards"]["count"],
             "chunk_size": args.chunk_size, "bytes_on_disk": on_disk, "build_seconds": round(wall, 1),
             "build_cpu_seconds": _cpu_seconds(), "load_average_1min": round(os.getloadavg()[0], 1),
-            "peak_rss_mb": round(_status("VmHWM")),
+            "peak_rss_mb": round(status_mb("VmHWM")),
             "shard_writer_mb_per_s": round(spent["bytes"] / 2**20 / spent["seconds"], 1),
             "build_mb_per_s": round(on_disk / 2**20 / wall, 1), "format_version": dprime_mod.FORMAT_VERSION}
 
@@ -156,7 +148,7 @@ def gather(args) -> dict:
     return {"evicted_by": how, "open_seconds": round(open_seconds, 3), "k": len(rows), "mb_read": round(mb, 1), **timed,
             "read_cold_mb_per_s": round(mb / timed["read_cold"], 1),
             "shards_in_store": store.manifest["shards"]["count"], "load_average_1min": round(os.getloadavg()[0], 1),
-            "gather_peak_rss_mb": round(_status("VmHWM"))}
+            "gather_peak_rss_mb": round(status_mb("VmHWM"))}
 
 
 def _child(phase: str, args) -> dict:
