@@ -113,3 +113,15 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     with torch.no_grad():
         assert static == (model(images).argmax(1) == labels).float().mean().item()
     assert 0.5 <= defended <= 1                       # RMC classifies the digits (12 inputs, k = 256 of 600)
+
+
+def test_design_page_names_every_module_and_only_modules_that_exist():
+    """docs/design.md is the newcomer's map of the code: a module added, renamed or removed must show there."""
+    layout = (ROOT / "docs" / "design.md").read_text()
+    src = ROOT / "src" / "rmc"
+    modules = {p.name for p in src.rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py") and p.parent.name != "commands"}
+    named = set(re.findall(r"\b([a-z_0-9]+\.py)\b", layout)) - {"__init__.py"}
+    assert not modules - named, f"modules missing from docs/design.md: {sorted(modules - named)}"
+    elsewhere = {p.name for d in ("docs", "tests") for p in (ROOT / d).glob("*.py")}
+    assert not named - modules - elsewhere, f"docs/design.md names files that do not exist: {sorted(named - modules - elsewhere)}"
