@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -82,6 +83,30 @@ def carried_files(run: Path, finished: int | None = None) -> list[Path]:
     return sorted(out, key=lambda r: (not r.name.endswith(".state.safetensors"), str(r)))
 
 
+def compute_path() -> dict:
+    """What decides D''s bytes on a CPU besides the seed: PGD's arithmetic runs on ATen's and oneDNN's vectorised
+    code for the CPU's instruction set (the thread count does not change them; studies/README.md)."""
+    import torch
+    return {"aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"), "torch": torch.__version__.split("+")[0]}
+
+
+def compute_path_hint(carried: dict, here: dict) -> str | None:
+    """A note when this machine would rebuild D' on another compute path than the one the carried run's D' was
+    built on (its record streams key on D''s bytes, so a D' with other bytes is refused), with the settings that
+    run the carried path here where that is possible."""
+    if not carried or carried == here:
+        return None
+    was, now = carried.get("aten_cpu_capability"), here.get("aten_cpu_capability")
+    text = (f"note: this run's D' was built with torch {carried.get('torch')} on the {was} code path; this machine "
+            f"runs torch {here.get('torch')} on {now}: a rebuilt D' may differ in its bytes, and then its record "
+            "streams are refused")
+    if was == "AVX2" and now in ("AVX512", "AVX512_VNNI", "AVX512_BF16") and carried.get("torch") == here["torch"]:
+        text += ("; to rebuild the same path here, run the run's command with ONEDNN_MAX_CPU_ISA=AVX2 "
+                 "ATEN_CPU_CAPABILITY=avx2 (whether that emulation gives a real AVX2 CPU's bytes is not measured)")
+    return text
+
+
 def _entry(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
@@ -106,7 +131,7 @@ def save(run: Path, dest: Path, finished: int | None = None) -> dict:
         if not m.parent.name.endswith(".partial"):
             manifests[m.parent.name] = json.loads(m.read_text())
     index = {"run": str(run), "saved": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "finished": done, "files": files,
-             "dprime_manifests": manifests, "left_out": left_out}
+             "dprime_manifests": manifests, "compute_path": compute_path(), "left_out": left_out}
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
     old = dest.with_name(dest.name + ".old")
@@ -175,6 +200,10 @@ def restore(src: Path, run: Path) -> list[str]:
         part.rename(target)
         added.append(rel)
     print(f"restored {len(added)} files into {run}; kept {len(kept)} that were already there")
+    carried_path = index.get("compute_path")
+    hint = compute_path_hint(carried_path if isinstance(carried_path, dict) else {}, compute_path())
+    if hint and not index.get("finished"):
+        print(hint, file=sys.stderr)
     if index.get("left_out"):
         print(f"{src} is a finished run: {len(index['left_out'])} files only resuming needs (model weights, online "
               "states, evaluation sets) were left out; its command regenerates them in a fresh folder")

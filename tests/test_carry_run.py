@@ -178,3 +178,27 @@ def test_the_committed_runs_match_their_index_byte_for_byte():
             data = (index_path.parent / rel).read_bytes()
             assert (len(data), hashlib.sha256(data).hexdigest()) == (meta["bytes"], meta["sha256"]), \
                 f"{index_path.parent / rel} differs from {index_path}"
+
+
+def test_restore_names_the_compute_path_the_carried_dprime_was_built_on(tmp_path, monkeypatch, capsys):
+    """D''s bytes follow the CPU's code path; a machine on another one is told so, and how to run the carried one."""
+    run = _run(tmp_path)
+    avx2 = {"aten_cpu_capability": "AVX2", "onednn_max_cpu_isa": None, "torch": "2.13.0"}
+    monkeypatch.setattr(carry, "compute_path", lambda: avx2)
+    assert carry.save(run, tmp_path / "carried")["compute_path"] == avx2
+    carry.restore(tmp_path / "carried", tmp_path / "same")
+    assert "note:" not in capsys.readouterr().err           # the same path: nothing to say
+    monkeypatch.setattr(carry, "compute_path", lambda: {**avx2, "aten_cpu_capability": "AVX512"})
+    carry.restore(tmp_path / "carried", tmp_path / "wider")
+    err = capsys.readouterr().err
+    assert "built with torch 2.13.0 on the AVX2 code path" in err and "runs torch 2.13.0 on AVX512" in err
+    assert "ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2" in err
+    monkeypatch.setattr(carry, "compute_path", lambda: {**avx2, "torch": "2.14.0", "aten_cpu_capability": "AVX512"})
+    carry.restore(tmp_path / "carried", tmp_path / "newer")
+    err = capsys.readouterr().err
+    assert "note:" in err and "ATEN_CPU_CAPABILITY" not in err   # another torch: no setting reproduces the bytes
+
+
+def test_compute_path_is_this_process_s():
+    import torch
+    assert carry.compute_path()["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
