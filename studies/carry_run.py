@@ -201,9 +201,10 @@ def restore(src: Path, run: Path) -> list[str]:
         added.append(rel)
     print(f"restored {len(added)} files into {run}; kept {len(kept)} that were already there")
     carried_path = index.get("compute_path")
-    hint = compute_path_hint(carried_path if isinstance(carried_path, dict) else {}, compute_path())
-    if hint and not index.get("finished"):
-        print(hint, file=sys.stderr)
+    if not index.get("finished") and isinstance(carried_path, dict):   # a finished run rebuilds no D' to resume
+        hint = compute_path_hint(carried_path, compute_path())
+        if hint:
+            print(hint, file=sys.stderr)
     if index.get("left_out"):
         print(f"{src} is a finished run: {len(index['left_out'])} files only resuming needs (model weights, online "
               "states, evaluation sets) were left out; its command regenerates them in a fresh folder")
