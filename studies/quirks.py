@@ -10,6 +10,11 @@ same seeded test inputs are used throughout, so differences are paired.
 
     python studies/quirks.py /work/runs/quirks            # runs what is missing (resumable), then the table
     python studies/quirks.py /work/runs/quirks --table    # the table from what has finished
+    python studies/quirks.py /work/runs/quirks-b --variants dprime-loss dprime-noclip dprime-shift all-quirks
+                                                          # a second process on another core, in its own folder
+
+The variants that rebuild D' are listed last, so two processes split them well as above: `rmc run` locks its
+folder, and each folder trains the same seeded model.
 
 Results (results.json of each variant) are copied to studies/quirks/<variant>.json; the table to
 studies/quirks/table.md.
@@ -40,10 +45,39 @@ VARIANTS = {"corrected": [], "layer-block3": ["model.layer=block3"], **QUIRKS,
             "all-quirks": [s for v in QUIRKS.values() for s in v]}
 
 
+STEP = "-step0.00625"   # the eval-step variant's column suffix, stripped so that its columns pair with the others'
+ROWS = ("None", "WebNN", "RMC")   # the rows a quirk can move (DeepNN's votes depend only on the layer)
+
+
+def _per_input(results: Path) -> dict[str, dict[str, str]]:
+    """row -> column -> one character per test input in index order, "1" where it was classified right: every
+    variant attacks the same seeded inputs, so changes pair input by input."""
+    out: dict[str, dict[str, str]] = {row: {} for row in ROWS}
+    for col in sorted(p for p in results.iterdir() if p.is_dir()):
+        rmc = [json.loads(line) for line in (col / "rmc.jsonl").read_text().splitlines() if line.strip()]
+        base = json.loads((col / "baselines.json").read_text())
+        for row, recs in (("RMC", rmc), ("WebNN", base["webnn"]), ("None", base["undefended"])):
+            recs = sorted(recs, key=lambda r: r["index"])
+            out[row][col.name.replace(STEP, "")] = "".join("1" if r["pred"] == r["label"] else "0" for r in recs)
+    return out
+
+
+def _add_per_input(saved: Path) -> dict:
+    """The saved results with their per-input correctness added, read from the run folder while it exists."""
+    data = json.loads(saved.read_text())
+    results = Path(data["stage_dirs"]["standard"]["results"])
+    if "per_input" not in data and results.is_dir():
+        data["per_input"] = _per_input(results)
+        tmp = saved.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.replace(saved)
+    return data
+
+
 def run_variant(out: Path, name: str) -> dict:
     saved = HERE / f"{name}.json"
     if saved.exists():
-        return json.loads(saved.read_text())
+        return _add_per_input(saved)
     cmd = ["rmc", "--threads", "1", "run", "--out", str(out), "--no-attack-rows"]
     for s in BASE + VARIANTS[name]:
         cmd += ["--set", s]
@@ -53,34 +87,55 @@ def run_variant(out: Path, name: str) -> dict:
     tmp = saved.with_suffix(".tmp")
     shutil.copyfile(out / "results.json", tmp)
     tmp.replace(saved)
-    return json.loads(saved.read_text())
-
-
-ROWS = ("None", "WebNN", "RMC")   # the rows a quirk can move (DeepNN's votes depend only on the layer)
+    return _add_per_input(saved)
 
 
 def _cells(results: dict, row: str) -> dict[str, tuple[float, int]]:
     """column -> (accuracy %, N) of one row of a run's table, the column names stripped of the step suffix."""
     table = results["table"]
-    return {col.replace("-step0.00625", ""): (100 * cell["accuracy"]["value"], cell["accuracy"]["n"])
+    return {col.replace(STEP, ""): (100 * cell["accuracy"]["value"], cell["accuracy"]["n"])
             for col, cell in table["rows"][row].items()}
 
 
+def mcnemar(gained: int, lost: int) -> float:
+    """Exact two-sided McNemar p-value of `gained` against `lost` discordant inputs (a sign test)."""
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def _paired(variant: dict, corrected: dict, row: str, col: str) -> str:
+    """"; +g/-l" (inputs gained / lost against `corrected`, * where McNemar's p < 0.05), or "" without records."""
+    a = corrected.get("per_input", {}).get(row, {}).get(col)
+    b = variant.get("per_input", {}).get(row, {}).get(col)
+    if a is None or b is None or len(a) != len(b):
+        return ""
+    gained = sum(x == "0" and y == "1" for x, y in zip(a, b, strict=True))
+    lost = sum(x == "1" and y == "0" for x, y in zip(a, b, strict=True))
+    return f"; +{gained}/-{lost}{'*' if mcnemar(gained, lost) < 0.05 else ''}"
+
+
 def table(done: dict[str, dict]) -> str:
-    """One Markdown table per row: every variant's accuracy, and its change from the corrected variant."""
+    """One Markdown table per row: every variant's accuracy, and its change from the corrected variant, paired
+    input by input."""
     out = []
     for row in ROWS:
         cells = {variant: _cells(res, row) for variant, res in done.items()}
         names = list(next(iter(cells.values()))) if cells else []
         base = cells.get("corrected", {})
-        out += [f"**{row}** (accuracy %, change from `corrected` in points; N = "
+        out += [f"**{row}** (accuracy %; change from `corrected` in points; +g/-l: test inputs gained / lost, * "
+                f"where an exact McNemar test gives p < 0.05; N = "
                 f"{', '.join(sorted({str(n) for c in cells.values() for _, n in c.values()}))})", "",
                 "| variant | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for variant, c in cells.items():
             shown = []
             for n in names:
                 acc = c.get(n, (math.nan, 0))[0]
-                delta = f" ({acc - base[n][0]:+.0f})" if variant != "corrected" and n in base else ""
+                delta = ""
+                if variant != "corrected" and n in base:
+                    delta = f" ({acc - base[n][0]:+.0f}{_paired(done[variant], done['corrected'], row, n)})"
                 shown.append(f"{acc:.0f}{delta}")
             out.append(f"| {variant} | " + " | ".join(shown) + " |")
         out.append("")
@@ -91,12 +146,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, help="the rmc run folder shared by every variant")
     ap.add_argument("--table", action="store_true", help="only tabulate the variants already finished")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                    help="run only these (default: all); the table shows every finished one")
     args = ap.parse_args(argv)
-    done = {}
-    for name in VARIANTS:
-        if args.table and not (HERE / f"{name}.json").exists():
-            continue
-        done[name] = run_variant(args.out, name)
+    if not args.table:
+        for name in args.variants:
+            run_variant(args.out, name)
+    done = {name: json.loads((HERE / f"{name}.json").read_text()) for name in VARIANTS
+            if (HERE / f"{name}.json").exists()}
     text = table(done)
     print(text)
     HERE.mkdir(exist_ok=True)

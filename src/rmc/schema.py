@@ -149,6 +149,20 @@ class ListOf(Spec):
         return value
 
 
+class TupleOf(Spec):
+    """A list of exactly len(items) entries, each checked by the spec at its position (e.g. a shape)."""
+
+    def __init__(self, *items: Spec):
+        self.items = items
+
+    def __call__(self, value, at):
+        if not isinstance(value, list) or len(value) != len(self.items):
+            at.fail(f"a list of {len(self.items)} items", value)
+        for i, (spec, v) in enumerate(zip(self.items, value, strict=True)):
+            spec(v, at.child(i))
+        return value
+
+
 class MapOf(Spec):
     """A JSON object whose keys `key` and values `value` accept."""
 
@@ -229,4 +243,4 @@ def check(doc: Any, spec: Spec, source: str | Path, fix: str) -> Any:
 
 
 __all__ = ["At", "Bool", "Const", "Int", "Json", "Lazy", "ListOf", "MapOf", "Name", "Num", "Obj", "Opt", "SHA256",
-           "Spec", "Str", "check"]
+           "Spec", "Str", "TupleOf", "check"]

@@ -60,7 +60,7 @@ from rmc.errors import RMCError
 from rmc.io import atomic_path, check_free_space, read_json, sha256_file, write_json
 from rmc.models.checkpoint import ModelInfo
 from rmc.scaleout.executors import cached, executor, get, handle_key, model_device, worker_model
-from rmc.schema import SHA256, Bool, Const, Int, ListOf, MapOf, Name, Num, Obj, Opt, Str, check
+from rmc.schema import SHA256, Bool, Const, Int, ListOf, MapOf, Name, Num, Obj, Opt, Str, TupleOf, check
 
 FORMAT_VERSION = 2
 SINGLE_FILE_FORMAT = 1   # one images.npy: converted by `rmc migrate-dprime` (rmc.artifacts.migrate)
@@ -382,8 +382,9 @@ MANIFEST_SCHEMA = Obj({
                    "crop_shift": Int(0, 1 << 16)}),
     "seed": Int(0, 2 ** 63), "train_subset": Opt(Int(1, 1 << 40)), "per_class": Opt(Int(1, 1 << 40)),
     "chunk_size": Int(1, 1 << 30), "copy_names": ListOf(Name(), 2, 1001), "counts": MapOf(Name(), _ROWS, 1001),
-    # shape is (rows, C, H, W): the rows are bounded like total (equal to it, checked below), not like a side.
-    "total": _ROWS, "shape": ListOf(_ROWS, 4, 4), "files": MapOf(Str(tuple(FILES)), Str(tuple(FILES.values()))),
+    # shape is (rows, C, H, W): the rows are bounded like total (equal to it, checked below), the rest like a side.
+    "total": _ROWS, "shape": TupleOf(_ROWS, _SIDE, _SIDE, _SIDE),
+    "files": MapOf(Str(tuple(FILES)), Str(tuple(FILES.values()))),
     "shards": Obj({"count": Int(1, 1 << 40)}, {"rows": Int(1, 1 << 30), "first": Str(), "files": Str()})},
     {"content": Obj({}, {**{name: SHA256 for name in FILES}, "shards": ListOf(SHA256, 0, 1 << 40)}),
      "rmc_version": Str(max_len=100)})
