@@ -16,7 +16,8 @@ same seeded test inputs are used throughout, so differences are paired.
 The variants that rebuild D' are listed last, so two processes split them well as above: `rmc run` locks its
 folder, and each folder trains the same seeded model.
 
-Results (results.json of each variant) are copied to studies/quirks/<variant>.json; the table to
+Results (results.json of each variant, with each row's per-input correctness added) are copied to
+studies/quirks/<variant>.json; the table, each change paired input by input against `corrected`, to
 studies/quirks/table.md.
 """
 
@@ -152,8 +153,7 @@ def main(argv=None) -> int:
     if not args.table:
         for name in args.variants:
             run_variant(args.out, name)
-    done = {name: json.loads((HERE / f"{name}.json").read_text()) for name in VARIANTS
-            if (HERE / f"{name}.json").exists()}
+    done = {name: _add_per_input(HERE / f"{name}.json") for name in VARIANTS if (HERE / f"{name}.json").exists()}
     text = table(done)
     print(text)
     HERE.mkdir(exist_ok=True)
