@@ -63,22 +63,24 @@ def _per_input(results: Path) -> dict[str, dict[str, str]]:
     return out
 
 
-def _add_per_input(saved: Path) -> dict:
-    """The saved results with their per-input correctness added, read from the run folder while it exists."""
+def _add_per_input(saved: Path, out: Path) -> None:
+    """Add to the saved results their per-input correctness, read from the variant's results folder if it is in the
+    run folder `out` (the saved file names it; a path elsewhere, or a folder gone, is not read)."""
     data = json.loads(saved.read_text())
-    results = Path(data["stage_dirs"]["standard"]["results"])
-    if "per_input" not in data and results.is_dir():
-        data["per_input"] = _per_input(results)
-        tmp = saved.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        tmp.replace(saved)
-    return data
+    results = Path(data["stage_dirs"]["standard"]["results"]).resolve()
+    if "per_input" in data or not results.is_relative_to(out.resolve()) or not results.is_dir():
+        return
+    data["per_input"] = _per_input(results)
+    tmp = saved.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(saved)
 
 
-def run_variant(out: Path, name: str) -> dict:
+def run_variant(out: Path, name: str) -> None:
     saved = HERE / f"{name}.json"
     if saved.exists():
-        return _add_per_input(saved)
+        _add_per_input(saved, out)
+        return
     cmd = ["rmc", "--threads", "1", "run", "--out", str(out), "--no-attack-rows"]
     for s in BASE + VARIANTS[name]:
         cmd += ["--set", s]
@@ -88,7 +90,7 @@ def run_variant(out: Path, name: str) -> dict:
     tmp = saved.with_suffix(".tmp")
     shutil.copyfile(out / "results.json", tmp)
     tmp.replace(saved)
-    return _add_per_input(saved)
+    _add_per_input(saved, out)
 
 
 def _cells(results: dict, row: str) -> dict[str, tuple[float, int]]:
@@ -153,7 +155,8 @@ def main(argv=None) -> int:
     if not args.table:
         for name in args.variants:
             run_variant(args.out, name)
-    done = {name: _add_per_input(HERE / f"{name}.json") for name in VARIANTS if (HERE / f"{name}.json").exists()}
+    done = {name: json.loads((HERE / f"{name}.json").read_text()) for name in VARIANTS
+            if (HERE / f"{name}.json").exists()}
     text = table(done)
     print(text)
     HERE.mkdir(exist_ok=True)

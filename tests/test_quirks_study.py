@@ -35,21 +35,34 @@ def _saved(tmp_path: Path, name: str, rmc: str, step: str = "") -> Path:
     return saved
 
 
+def _added(saved: Path, out: Path) -> dict:
+    quirks._add_per_input(saved, out)
+    return json.loads(saved.read_text())
+
+
 def test_changes_pair_the_same_inputs_across_variants_and_their_column_names(tmp_path):
-    base = quirks._add_per_input(_saved(tmp_path, "corrected", "1100"))
+    base = _added(_saved(tmp_path, "corrected", "1100"), tmp_path)
     assert base["per_input"]["RMC"] == {"pgd10-eps0.1": "1100"}          # index order, not file order
     # the eval-step variant's columns carry the step in their names; they still pair with the corrected ones
-    other = quirks._add_per_input(_saved(tmp_path, "eval-step", "0111", step=quirks.STEP))
-    assert json.loads((tmp_path / "eval-step.json").read_text())["per_input"] == other["per_input"]   # written back
+    other = _added(_saved(tmp_path, "eval-step", "0111", step=quirks.STEP), tmp_path)
+    assert other["per_input"]["RMC"] == {"pgd10-eps0.1": "0111"}
     text = quirks.table({"corrected": base, "eval-step": other})
     assert "| eval-step | 75 (+25; +2/-1) |" in text                    # not +1/-0: the same total, other inputs
     assert "| corrected | 50 |" in text
 
 
 def test_a_variant_without_records_shows_no_pairing(tmp_path):
-    base = quirks._add_per_input(_saved(tmp_path, "corrected", "1100"))
+    base = _added(_saved(tmp_path, "corrected", "1100"), tmp_path)
     moved = tmp_path / "gone.json"
     data = json.loads(_saved(tmp_path, "gone", "1111").read_text())
     data["stage_dirs"]["standard"]["results"] = str(tmp_path / "deleted")   # its run folder is on another machine
     moved.write_text(json.dumps(data))
-    assert "| gone | 100 (+50) |" in quirks.table({"corrected": base, "gone": quirks._add_per_input(moved)})
+    assert "| gone | 100 (+50) |" in quirks.table({"corrected": base, "gone": _added(moved, tmp_path)})
+
+
+def test_a_results_folder_outside_the_run_folder_is_not_read(tmp_path):
+    """The saved file names its results folder; only one inside the run folder given on the command line is read."""
+    saved = _saved(tmp_path / "elsewhere", "corrected", "1100")
+    (tmp_path / "run").mkdir()
+    assert "per_input" not in _added(saved, tmp_path / "run")
+    assert _added(saved, tmp_path / "elsewhere")["per_input"]["RMC"] == {"pgd10-eps0.1": "1100"}
